@@ -1,0 +1,90 @@
+//! The `refblk` command line: one binary, one subcommand per job.
+
+use std::fmt;
+
+use clap::{Parser, Subcommand};
+
+pub mod demo;
+pub mod pool;
+pub mod serve;
+pub mod sim;
+
+/// A command's failure: a message for the administrator and the exit code.
+#[derive(Debug)]
+pub struct CliError {
+    /// Process exit code (1 = operation failed, 2 = usage/bad input; commands may
+    /// document more specific codes).
+    pub code: i32,
+    /// What went wrong, naming the file and the cause.
+    pub msg: String,
+}
+
+impl CliError {
+    /// A failure with exit code 1.
+    pub fn failed(msg: impl Into<String>) -> Self {
+        CliError {
+            code: 1,
+            msg: msg.into(),
+        }
+    }
+    /// Bad input with exit code 2.
+    pub fn usage(msg: impl Into<String>) -> Self {
+        CliError {
+            code: 2,
+            msg: msg.into(),
+        }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for CliError {}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        CliError::failed(e.to_string())
+    }
+}
+
+/// Result of a subcommand.
+pub type CliResult = Result<(), CliError>;
+
+/// refblk: a userspace Xen block backend for file images, with a reflink pool.
+#[derive(Parser, Debug)]
+#[command(name = "refblk", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the simulated Xen (xenstored, grant tables, event channels) in a directory.
+    Sim(sim::SimArgs),
+    /// Serve blkif devices to guests (the dom0 daemon).
+    Serve(serve::ServeArgs),
+    /// Show a simulated guest using a disk served by refblk.
+    Demo(demo::DemoArgs),
+    /// Manage reflink pools.
+    #[command(subcommand)]
+    Pool(pool::PoolCommand),
+    /// Manage volumes in a reflink pool.
+    #[command(subcommand)]
+    Volume(pool::VolumeCommand),
+}
+
+/// Run the parsed command line.
+pub fn run(cli: Cli) -> CliResult {
+    match cli.command {
+        Command::Sim(a) => sim::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Demo(a) => demo::run(a),
+        Command::Pool(c) => pool::run_pool(c),
+        Command::Volume(c) => pool::run_volume(c),
+    }
+}

@@ -1,0 +1,1 @@
+//! The real Xen platform (to be written).

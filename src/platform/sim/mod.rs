@@ -1,0 +1,1 @@
+//! The simulated Xen (to be written).

@@ -1,0 +1,4 @@
+//! xenstore client (to be written).
+
+/// A xenstore connection.
+pub struct XsClient {}
