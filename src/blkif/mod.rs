@@ -8,8 +8,10 @@
 //! 1. [`Abi::from_protocol`] on the frontend's `protocol` key (absent = x86_32).
 //! 2. [`BackRing::new`] with the mapping of the `ring-ref`s (1..16 pages).
 //! 3. Loop: [`BackRing::next_request`] copies one slot out **once** into a
-//!    [`RawRequest`]; `Err(RingError::Overflow)` means the frontend's producer
-//!    index is more than a ring ahead — stop the ring, disconnect the device.
+//!    [`RawRequest`]. An `Err` means the frontend's producer index is bogus
+//!    (`Overflow`: more than a ring ahead of our responses, as Linux blkback's
+//!    `RING_REQUEST_PROD_OVERFLOW`; `ProducerBehindConsumer`: moved backwards)
+//!    — stop the ring, log the error, disconnect the device.
 //! 4. [`parse_request`] validates the copy against the [`DiskInfo`] and yields a
 //!    [`Request`] or a [`Rejection`] (id, operation to echo, status
 //!    `BLKIF_RSP_ERROR`/`BLKIF_RSP_EOPNOTSUPP`, reason for the log).
@@ -27,7 +29,11 @@
 //! 6. [`BackRing::push_responses_and_check_notify`] publishes them; notify the
 //!    event channel when it returns `true`.
 //! 7. Before sleeping, [`BackRing::final_check_for_requests`]; sleep only when
-//!    it returns `false`.
+//!    it returns `false` (and with `outstanding() > 0`, also wake on I/O
+//!    completions: a full ring yields no request until responses free slots).
+//!
+//! [`BackRing`] is `Send`: one thread per ring (queue) owns it; nothing in it
+//! blocks.
 //!
 //! The validation rules and where Linux blkback applies the same ones are in
 //! `docs/protocol.md`.

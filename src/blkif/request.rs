@@ -274,8 +274,9 @@ pub struct Features {
 pub struct DiskInfo {
     /// Size in 512-byte sectors (the `sectors` key).
     pub sectors: u64,
-    /// Logical sector size in bytes (`sector-size`): 512 or 4096. Requests are
-    /// still in 512-byte units but must be aligned to this.
+    /// Logical sector size in bytes (`sector-size`): a power of two from 512
+    /// to 4096 (512 and 4096 in practice). Requests are still in 512-byte
+    /// units but must be aligned to this.
     pub logical_sector_size: u32,
     /// Opened read-only (`mode` = `r`).
     pub read_only: bool,
@@ -338,7 +339,9 @@ pub struct IndirectRequest {
 impl IndirectRequest {
     /// Indirect pages holding the segment list: ceil(nr_segments / 512).
     pub fn nr_pages(&self) -> usize {
-        usize::from(self.nr_segments).div_ceil(BLKIF_SEGMENTS_PER_INDIRECT_PAGE)
+        usize::from(self.nr_segments)
+            .div_ceil(BLKIF_SEGMENTS_PER_INDIRECT_PAGE)
+            .min(BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST)
     }
 
     /// The grant refs of the indirect pages to copy.
@@ -359,6 +362,14 @@ impl IndirectRequest {
     /// data transfer, or a rejection to answer.
     pub fn complete(&self, pages: &[u8], disk: &DiskInfo) -> Result<RwRequest, Rejection> {
         let reject = |reason| Rejection::new(self.id, self.response_op(), reason);
+        // `parse_request` checked this against what we advertised; the fields
+        // are public, so keep the 8-page bound here too.
+        if u32::from(self.nr_segments) > MAX_INDIRECT_SEGMENTS || self.nr_segments == 0 {
+            return Err(reject(RejectReason::BadSegmentCount {
+                nr_segments: u32::from(self.nr_segments),
+                max: MAX_INDIRECT_SEGMENTS,
+            }));
+        }
         let segs = parse_indirect_segments(pages, self.nr_segments).map_err(reject)?;
         build_rw(
             self.id,

@@ -30,8 +30,8 @@ const _: () = {
     assert!(offset_of!(R32, status) == RSP_STATUS && RSP_STATUS == 10);
 };
 
-/// Errors of a ring. `Overflow` means the frontend is broken or hostile: stop
-/// using this ring and disconnect the device.
+/// Errors of a ring. `Overflow` and `ProducerBehindConsumer` mean the frontend
+/// is broken or hostile: stop using this ring and disconnect the device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RingError {
     /// The mapping is not 1, 2, 4, 8 or 16 whole pages, or not 8-byte aligned.
@@ -42,6 +42,11 @@ pub enum RingError {
         req_prod: RING_IDX,
         rsp_prod_pvt: RING_IDX,
         size: u32,
+    },
+    /// The frontend moved `req_prod` back behind requests we already consumed.
+    ProducerBehindConsumer {
+        req_prod: RING_IDX,
+        req_cons: RING_IDX,
     },
     /// `push_response` with no consumed request left to answer (a backend bug).
     NoOutstandingRequest,
@@ -62,6 +67,10 @@ impl fmt::Display for RingError {
                 f,
                 "frontend provided bogus ring requests: req_prod {req_prod} is {} past rsp_prod {rsp_prod_pvt}, ring size {size}",
                 req_prod.wrapping_sub(*rsp_prod_pvt)
+            ),
+            RingError::ProducerBehindConsumer { req_prod, req_cons } => write!(
+                f,
+                "frontend moved req_prod back to {req_prod}, behind our req_cons {req_cons}"
             ),
             RingError::NoOutstandingRequest => write!(f, "response pushed with no outstanding request"),
         }
@@ -93,7 +102,9 @@ impl Shm {
 
     /// Copy `out.len()` bytes (a multiple of 4) from 4-aligned `off`.
     fn read_words(&self, off: usize, out: &mut [u8]) {
-        assert!(off.is_multiple_of(4) && out.len().is_multiple_of(4) && off + out.len() <= self.len());
+        assert!(
+            off.is_multiple_of(4) && out.len().is_multiple_of(4) && off + out.len() <= self.len()
+        );
         for (i, chunk) in out.chunks_exact_mut(4).enumerate() {
             // SAFETY: in bounds and 4-aligned (asserted above; the base is
             // 8-aligned). Volatile: the guest may change the bytes at any time;
@@ -234,6 +245,13 @@ impl BackRing {
                 size: self.size,
             });
         }
+        // Both in the frame of rsp_prod_pvt: req_cons is at most a ring ahead.
+        if req_prod.wrapping_sub(self.rsp_prod_pvt) < self.outstanding() {
+            return Err(RingError::ProducerBehindConsumer {
+                req_prod,
+                req_cons: self.req_cons,
+            });
+        }
         Ok(req_prod)
     }
 
@@ -247,8 +265,9 @@ impl BackRing {
     }
 
     /// Copy the next request out of the ring, once. `Ok(None)` when the ring is
-    /// empty (or every slot awaits its response). `Err(Overflow)` when the
-    /// frontend's index is bogus: stop using the ring and disconnect.
+    /// empty (or every slot awaits its response). `Err(Overflow)` or
+    /// `Err(ProducerBehindConsumer)` when the frontend's index is bogus: stop
+    /// using the ring and disconnect.
     pub fn next_request(&mut self) -> Result<Option<RawRequest>, RingError> {
         let req_prod = self.req_prod()?;
         if req_prod == self.req_cons || self.outstanding() >= self.size {

@@ -452,6 +452,39 @@ fn bogus_producer_index_is_overflow() {
 }
 
 #[test]
+fn producer_index_moving_backwards_is_an_error() {
+    for abi in ABIS {
+        let (mut r, mut f) = ring(abi, 1);
+        for i in 0..10 {
+            f.queue(&Slot::rw(abi, BLKIF_OP_READ, i, 0, &[(1, 0, 0)]));
+        }
+        f.push();
+        for _ in 0..10 {
+            r.next_request().unwrap().unwrap();
+        }
+        for i in 0..4 {
+            r.push_response(i, BLKIF_OP_READ, BLKIF_RSP_OKAY).unwrap();
+        }
+        // rsp_prod_pvt 4, req_cons 10: req_prod 7 is within a ring of the
+        // responses but behind what we consumed.
+        f.mem.set_u32(REQ_PROD, 7);
+        let e = r.next_request().unwrap_err();
+        assert_eq!(
+            e,
+            RingError::ProducerBehindConsumer {
+                req_prod: 7,
+                req_cons: 10
+            }
+        );
+        assert!(r.final_check_for_requests());
+        // Back at 10 the ring is simply empty.
+        f.mem.set_u32(REQ_PROD, 10);
+        assert!(r.next_request().unwrap().is_none());
+        assert!(!r.final_check_for_requests());
+    }
+}
+
+#[test]
 fn no_response_without_a_request() {
     for abi in ABIS {
         let (mut r, mut f) = ring(abi, 1);
@@ -965,6 +998,14 @@ fn indirect_segment_list_is_validated() {
             last_sect: 2
         }]
     );
+    // A hand-made header beyond 8 pages is refused, not sliced out of bounds.
+    let huge = IndirectRequest {
+        nr_segments: u16::MAX,
+        ..ind.clone()
+    };
+    assert_eq!(huge.page_grefs().len(), 8);
+    let e = huge.complete(&[], &d).unwrap_err();
+    assert!(matches!(e.reason, RejectReason::BadSegmentCount { .. }));
     // 4096-byte sectors: partial pages in the list are misaligned.
     let d4 = DiskInfo {
         logical_sector_size: 4096,
