@@ -550,13 +550,21 @@ pub fn parse_request(raw: &RawRequest, disk: &DiskInfo) -> Result<Request, Rejec
                     max: BLKIF_MAX_SEGMENTS_PER_REQUEST as u32,
                 }));
             }
-            let segs: Vec<Segment> = (0..usize::from(nr)).map(|i| raw.segment(i)).collect();
+            let mut segs = [Segment {
+                gref: 0,
+                first_sect: 0,
+                last_sect: 0,
+            }; BLKIF_MAX_SEGMENTS_PER_REQUEST];
+            let segs = &mut segs[..usize::from(nr)];
+            for (i, s) in segs.iter_mut().enumerate() {
+                *s = raw.segment(i);
+            }
             let rw = if op == BLKIF_OP_READ {
                 RwOp::Read
             } else {
                 RwOp::Write
             };
-            build_rw(id, rw, barrier, op, raw.u64_at(l.sector), &segs, disk).map(Request::Rw)
+            build_rw(id, rw, barrier, op, raw.u64_at(l.sector), segs, disk).map(Request::Rw)
         }
         BLKIF_OP_FLUSH_DISKCACHE => {
             if !disk.features.flush {

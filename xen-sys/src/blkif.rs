@@ -80,6 +80,7 @@ pub struct blkif_request_segment {
 /// The native 64-bit ABI (`"x86_64-abi"`), identical to the public header
 /// compiled for x86_64.
 pub mod x86_64 {
+    pub use super::blkif_request_segment;
     use super::*;
 
     /// `struct blkif_request` (READ, WRITE, WRITE_BARRIER, FLUSH_DISKCACHE).
@@ -145,6 +146,7 @@ pub mod x86_64 {
 
 /// The i386 ABI (`"x86_32-abi"`): `u64` fields 4-aligned.
 pub mod x86_32 {
+    pub use super::blkif_request_segment;
     use super::*;
 
     /// `struct blkif_x86_32_request`

@@ -306,11 +306,20 @@ fn skip_or_fail(msg: &str) {
     }
 }
 
-fn workdir(name: &str) -> PathBuf {
+/// A scratch directory under the target dir, removed when dropped.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+fn workdir(name: &str) -> WorkDir {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("c_layout-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
-    d
+    WorkDir(d)
 }
 
 fn headers_missing(stderr: &str) -> bool {
@@ -321,8 +330,8 @@ fn headers_missing(stderr: &str) -> bool {
 fn native_layout_matches_c_headers() {
     let items = x86_64_items();
     let dir = workdir("native");
-    let src = dir.join("layout.c");
-    let exe = dir.join("layout");
+    let src = dir.0.join("layout.c");
+    let exe = dir.0.join("layout");
     std::fs::write(&src, c_source(&items)).unwrap();
     let out = match Command::new(cc()).arg("-o").arg(&exe).arg(&src).output() {
         Ok(o) => o,
@@ -346,14 +355,13 @@ fn native_layout_matches_c_headers() {
     assert!(run.status.success(), "layout program failed");
     let c = parse(&String::from_utf8_lossy(&run.stdout));
     compare("x86_64", &items, &c);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn x86_32_layout_matches_c_headers_compiled_for_i386() {
     let items = x86_32_items();
     let dir = workdir("x86_32");
-    let src = dir.join("layout.c");
+    let src = dir.0.join("layout.c");
     std::fs::write(&src, c_source(&items)).unwrap();
     let out = match Command::new(cc())
         .args(["-m32", "-ffreestanding", "-DLAYOUT_ASM", "-S", "-o", "-"])
@@ -385,5 +393,4 @@ fn x86_32_layout_matches_c_headers_compiled_for_i386() {
     }
     let c = parse(&String::from_utf8_lossy(&out.stdout));
     compare("x86_32", &items, &c);
-    std::fs::remove_dir_all(&dir).ok();
 }
