@@ -1,1 +1,464 @@
-//! (to be written)
+//! The backend daemon: watches `backend/vbd` in xenstore, claims the devices
+//! whose hotplug script is refblk's, runs each device's xenbus state machine and
+//! serves its rings (see [`queue`] for the request path).
+//!
+//! Threading: one control thread (this module's [`Backend::run`]) owns the
+//! xenstore connection and every [`device::Device`]; each connected queue has
+//! one thread with its own io_uring, which sleeps in `io_uring_enter` and never
+//! touches xenstore. Queue threads report their exit over a channel; the control
+//! thread stops them through an eventfd and joins them.
+
+pub mod control;
+pub mod device;
+pub mod queue;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
+use log::{debug, info, warn};
+
+pub use device::{AttachOptions, DeviceStatus};
+
+use crate::engine::EngineConfig;
+use crate::platform::{DomId, Platform};
+use crate::xenstore::XsClient;
+use device::Device;
+use xen_sys::xenbus::XenbusState;
+
+/// A device: (frontend domain, device id).
+pub type DevKey = (DomId, u32);
+
+/// Daemon settings.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    /// Our own domain (0 in dom0; a storage driver domain otherwise).
+    pub backend_domid: DomId,
+    /// Claim devices whose `script` node ends with this.
+    pub script_match: String,
+    /// Largest `ring-page-order` we accept (0..=4).
+    pub max_ring_page_order: u32,
+    /// Most queues a frontend may use.
+    pub max_queues: u32,
+    /// `feature-max-indirect-segments`.
+    pub max_indirect_segments: u32,
+    /// io_uring engine settings for every queue.
+    pub engine: EngineConfig,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            backend_domid: 0,
+            script_match: "block-refblk".into(),
+            max_ring_page_order: 4,
+            max_queues: 4,
+            max_indirect_segments: 256,
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// Messages to the control thread.
+pub(crate) enum Event {
+    QueueExit {
+        key: DevKey,
+        result: Result<(), String>,
+    },
+}
+
+enum Command {
+    Attach {
+        backend_path: String,
+        image: PathBuf,
+        opts: AttachOptions,
+        reply: Sender<Result<(), String>>,
+    },
+    Resize {
+        reply: Sender<Result<Vec<(String, u64)>, String>>,
+    },
+    Status {
+        reply: Sender<Vec<DeviceStatus>>,
+    },
+    Stop,
+}
+
+/// A handle to a running backend (cheap to clone, usable from any thread).
+#[derive(Clone)]
+pub struct BackendHandle {
+    tx: Sender<Command>,
+}
+
+impl BackendHandle {
+    /// Give the device at `backend_path` its image (the hotplug `add` step).
+    pub fn attach(
+        &self,
+        backend_path: &str,
+        image: impl Into<PathBuf>,
+        opts: AttachOptions,
+    ) -> Result<(), String> {
+        let (reply, rx) = bounded(1);
+        self.tx
+            .send(Command::Attach {
+                backend_path: backend_path.to_string(),
+                image: image.into(),
+                opts,
+                reply,
+            })
+            .map_err(|_| "backend is not running".to_string())?;
+        rx.recv()
+            .map_err(|_| "backend stopped".to_string())
+            .and_then(|r| r)
+    }
+
+    /// Re-read every connected image's size and announce changes.
+    pub fn resize(&self) -> Result<Vec<(String, u64)>, String> {
+        let (reply, rx) = bounded(1);
+        self.tx
+            .send(Command::Resize { reply })
+            .map_err(|_| "backend is not running".to_string())?;
+        rx.recv()
+            .map_err(|_| "backend stopped".to_string())
+            .and_then(|r| r)
+    }
+
+    /// Status of every claimed device.
+    pub fn status(&self) -> Vec<DeviceStatus> {
+        let (reply, rx) = bounded(1);
+        if self.tx.send(Command::Status { reply }).is_err() {
+            return Vec::new();
+        }
+        rx.recv().unwrap_or_default()
+    }
+
+    /// Ask the backend to disconnect everything and return from `run`.
+    pub fn stop(&self) {
+        let _ = self.tx.send(Command::Stop);
+    }
+}
+
+/// The backend daemon.
+pub struct Backend {
+    platform: Arc<dyn Platform>,
+    cfg: BackendConfig,
+    xs: XsClient,
+    base: String,
+    devices: BTreeMap<DevKey, Device>,
+    cmd_tx: Sender<Command>,
+    cmd_rx: Receiver<Command>,
+    ev_tx: Sender<Event>,
+    ev_rx: Receiver<Event>,
+}
+
+const TOKEN_BACKEND: &str = "refblk:be";
+const TOKEN_RELEASE: &str = "refblk:release";
+
+impl Backend {
+    /// Connect to xenstore and set the watches.
+    pub fn new(platform: Arc<dyn Platform>, cfg: BackendConfig) -> io::Result<Backend> {
+        let xs = platform.xenstore()?;
+        let base = format!("/local/domain/{}/backend/vbd", cfg.backend_domid);
+        xs.watch(&base, TOKEN_BACKEND)
+            .map_err(|e| io::Error::other(format!("xenstore watch {base}: {e}")))?;
+        xs.watch("@releaseDomain", TOKEN_RELEASE)
+            .map_err(|e| io::Error::other(format!("xenstore watch @releaseDomain: {e}")))?;
+        let (cmd_tx, cmd_rx) = unbounded();
+        let (ev_tx, ev_rx) = unbounded();
+        info!("watching {base} on {} xen", platform.name());
+        Ok(Backend {
+            platform,
+            cfg,
+            xs,
+            base,
+            devices: BTreeMap::new(),
+            cmd_tx,
+            cmd_rx,
+            ev_tx,
+            ev_rx,
+        })
+    }
+
+    /// A handle for commands (attach, resize, status, stop).
+    pub fn handle(&self) -> BackendHandle {
+        BackendHandle {
+            tx: self.cmd_tx.clone(),
+        }
+    }
+
+    /// Start a backend on its own thread.
+    pub fn spawn(
+        platform: Arc<dyn Platform>,
+        cfg: BackendConfig,
+    ) -> io::Result<(BackendHandle, JoinHandle<io::Result<()>>)> {
+        let b = Backend::new(platform, cfg)?;
+        let h = b.handle();
+        let t = std::thread::Builder::new()
+            .name("refblk-control".into())
+            .spawn(move || b.run())?;
+        Ok((h, t))
+    }
+
+    /// Serve until [`BackendHandle::stop`].
+    pub fn run(mut self) -> io::Result<()> {
+        let events = self.xs.events().clone();
+        loop {
+            select! {
+                recv(events) -> ev => {
+                    let ev = ev.map_err(|_| io::Error::other("xenstore connection lost"))?;
+                    self.on_watch(&ev.path, &ev.token);
+                }
+                recv(self.cmd_rx) -> cmd => {
+                    match cmd {
+                        Ok(Command::Stop) | Err(_) => break,
+                        Ok(c) => self.on_command(c),
+                    }
+                }
+                recv(self.ev_rx) -> ev => {
+                    if let Ok(Event::QueueExit { key, result }) = ev {
+                        if let Err(e) = result {
+                            warn!("vbd {}/{}: {e}; disconnecting the device", key.0, key.1);
+                        }
+                        self.reconcile(key);
+                    }
+                }
+                default(Duration::from_millis(500)) => {
+                    // Domains can vanish without @releaseDomain (simulator, lost events).
+                    let keys: Vec<DevKey> = self.devices.keys().copied().collect();
+                    for k in keys { self.reconcile(k); }
+                }
+            }
+        }
+        info!("stopping: disconnecting {} device(s)", self.devices.len());
+        let keys: Vec<DevKey> = self.devices.keys().copied().collect();
+        for k in keys {
+            if let Some(mut d) = self.devices.remove(&k) {
+                d.disconnect();
+                if let Some((p, t)) = d.fe_watch.take() {
+                    let _ = self.xs.unwatch(&p, &t);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_command(&mut self, c: Command) {
+        match c {
+            Command::Attach {
+                backend_path,
+                image,
+                opts,
+                reply,
+            } => {
+                let r = self.attach(&backend_path, image, &opts);
+                let _ = reply.send(r);
+            }
+            Command::Resize { reply } => {
+                let mut out = Vec::new();
+                let mut errs = Vec::new();
+                for d in self.devices.values_mut() {
+                    match d.resize(&self.xs) {
+                        Ok(Some(s)) => out.push((d.be.clone(), s)),
+                        Ok(None) => {}
+                        Err(e) => errs.push(e.to_string()),
+                    }
+                }
+                let _ = reply.send(if errs.is_empty() {
+                    Ok(out)
+                } else {
+                    Err(errs.join("; "))
+                });
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.devices.values().map(|d| d.status()).collect());
+            }
+            Command::Stop => {}
+        }
+    }
+
+    fn attach(
+        &mut self,
+        be: &str,
+        image: PathBuf,
+        opts: &AttachOptions,
+    ) -> Result<(), String> {
+        let key = self
+            .key_of(be)
+            .ok_or_else(|| format!("{be}: not a vbd backend path under {}", self.base))?;
+        if !self.devices.contains_key(&key) {
+            self.reconcile(key);
+        }
+        let d = self
+            .devices
+            .get_mut(&key)
+            .ok_or_else(|| format!("{be}: no such device, or its script is not refblk's"))?;
+        d.attach(&self.xs, image, opts).map_err(|e| e.to_string())?;
+        self.reconcile(key);
+        Ok(())
+    }
+
+    /// `<base>/<domid>/<devid>[/...]` → key.
+    fn key_of(&self, path: &str) -> Option<DevKey> {
+        let rest = path.strip_prefix(&self.base)?.strip_prefix('/')?;
+        let mut it = rest.split('/');
+        let domid = it.next()?.parse().ok()?;
+        let devid = it.next()?.parse().ok()?;
+        Some((domid, devid))
+    }
+
+    fn on_watch(&mut self, path: &str, token: &str) {
+        debug!("watch {token}: {path}");
+        match token {
+            TOKEN_BACKEND => match self.key_of(path) {
+                Some(k) => self.reconcile(k),
+                None => self.scan(),
+            },
+            TOKEN_RELEASE => {
+                let keys: Vec<DevKey> = self.devices.keys().copied().collect();
+                for k in keys {
+                    self.reconcile(k);
+                }
+            }
+            t => {
+                if let Some(k) = t.strip_prefix("refblk:fe:").and_then(parse_key) {
+                    self.reconcile(k);
+                }
+            }
+        }
+    }
+
+    /// Look at every device under the base path.
+    fn scan(&mut self) {
+        let doms = self.xs.directory(0, &self.base).unwrap_or_default();
+        let mut keys: Vec<DevKey> = Vec::new();
+        for d in doms {
+            let Ok(domid) = d.parse::<DomId>() else {
+                continue;
+            };
+            for dev in self
+                .xs
+                .directory(0, &format!("{}/{d}", self.base))
+                .unwrap_or_default()
+            {
+                if let Ok(devid) = dev.parse::<u32>() {
+                    keys.push((domid, devid));
+                }
+            }
+        }
+        keys.extend(self.devices.keys().copied());
+        keys.sort();
+        keys.dedup();
+        for k in keys {
+            self.reconcile(k);
+        }
+    }
+
+    /// Move one device a step towards what xenstore says it should be.
+    fn reconcile(&mut self, key: DevKey) {
+        if let Err(e) = self.reconcile_inner(key) {
+            warn!("vbd {}/{}: {e}", key.0, key.1);
+            // A device we cannot drive is closed, so the toolstack and the guest see it.
+            if let Some(d) = self.devices.get_mut(&key) {
+                d.disconnect();
+                if d.state != XenbusState::Closed {
+                    let _ = d.switch_state(&self.xs, XenbusState::Closing);
+                }
+            }
+        }
+    }
+
+    fn reconcile_inner(&mut self, key: DevKey) -> io::Result<()> {
+        let be = format!("{}/{}/{}", self.base, key.0, key.1);
+        let xs = &self.xs;
+        let exists = device::read_opt(xs, &format!("{be}/frontend-id"))?.is_some()
+            || device::read_opt(xs, &format!("{be}/script"))?.is_some();
+        if !exists {
+            if let Some(mut d) = self.devices.remove(&key) {
+                info!("vbd {}/{}: backend removed", key.0, key.1);
+                d.disconnect();
+                if let Some((p, t)) = d.fe_watch.take() {
+                    let _ = xs.unwatch(&p, &t);
+                }
+            }
+            return Ok(());
+        }
+        if !self.devices.contains_key(&key) {
+            let script = device::read_opt(xs, &format!("{be}/script"))?.unwrap_or_default();
+            if !script.ends_with(&self.cfg.script_match) {
+                return Ok(()); // someone else's device
+            }
+            let mut d = Device::new(key, be.clone());
+            d.probe(xs, &self.cfg)?;
+            self.devices.insert(key, d);
+        }
+        let d = self.devices.get_mut(&key).expect("inserted above");
+        if d.fe.is_none() {
+            if let Some(fe) = device::read_opt(xs, &format!("{be}/frontend"))? {
+                let token = format!("refblk:fe:{}:{}", key.0, key.1);
+                let p = format!("{fe}/state");
+                xs.watch(&p, &token)
+                    .map_err(|e| io::Error::other(format!("watch {p}: {e}")))?;
+                d.fe_watch = Some((p, token));
+                d.fe = Some(fe);
+            }
+        }
+        let online = device::online(xs, &be)?;
+        let alive = self.platform.domain_exists(key.0)?;
+        let fe_state = match &d.fe {
+            Some(fe) if alive => device::frontend_state(xs, fe)?,
+            _ => XenbusState::Unknown,
+        };
+        use XenbusState as S;
+        match d.state {
+            S::InitWait => {
+                if !online || !alive {
+                    d.switch_state(xs, S::Closed)?;
+                } else if d.image.is_some() && matches!(fe_state, S::Initialised | S::Connected)
+                {
+                    if let Err(e) = d.connect(xs, &self.platform, &self.cfg, &self.ev_tx) {
+                        warn!("vbd {}/{}: cannot connect: {e}", key.0, key.1);
+                        d.switch_state(xs, S::Closing)?;
+                    }
+                }
+            }
+            S::Connected => {
+                let failed = d.queue_failed();
+                if failed
+                    || !online
+                    || !alive
+                    || matches!(fe_state, S::Closing | S::Closed | S::Unknown)
+                {
+                    d.disconnect();
+                    let next = if !alive || matches!(fe_state, S::Closed | S::Unknown) {
+                        S::Closed
+                    } else {
+                        S::Closing
+                    };
+                    d.switch_state(xs, next)?;
+                }
+            }
+            S::Closing => {
+                d.disconnect();
+                if !alive || matches!(fe_state, S::Closed | S::Unknown) {
+                    d.switch_state(xs, S::Closed)?;
+                }
+            }
+            S::Closed => {
+                if online && alive && fe_state == S::Initialising {
+                    info!("vbd {}/{}: frontend reconnecting", key.0, key.1);
+                    d.switch_state(xs, S::InitWait)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn parse_key(s: &str) -> Option<DevKey> {
+    let (a, b) = s.split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}

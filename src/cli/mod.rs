@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 pub mod demo;
 pub mod pool;
 pub mod serve;
+pub mod signals;
 pub mod sim;
 
 /// A command's failure: a message for the administrator and the exit code.
@@ -68,6 +69,8 @@ pub enum Command {
     Sim(sim::SimArgs),
     /// Serve blkif devices to guests (the dom0 daemon).
     Serve(serve::ServeArgs),
+    /// Talk to a running `refblk serve` (attach, resize, status).
+    Ctl(serve::CtlArgs),
     /// Show a simulated guest using a disk served by refblk.
     Demo(demo::DemoArgs),
     /// Manage reflink pools.
@@ -83,6 +86,7 @@ pub fn run(cli: Cli) -> CliResult {
     match cli.command {
         Command::Sim(a) => sim::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Ctl(a) => serve::run_ctl(a),
         Command::Demo(a) => demo::run(a),
         Command::Pool(c) => pool::run_pool(c),
         Command::Volume(c) => pool::run_volume(c),

@@ -1,12 +1,196 @@
-//! `refblk serve` (to be written).
+//! `refblk serve` (the daemon) and `refblk ctl` (talk to it).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use log::info;
 
 use super::{CliError, CliResult};
+use crate::backend::control::{self, ControlServer};
+use crate::backend::{Backend, BackendConfig};
+use crate::engine::DirectPolicy;
+use crate::platform::real::RealXen;
+use crate::platform::sim::SimPlatform;
+use crate::platform::Platform;
+
+/// Default control socket of the daemon on a real dom0.
+pub const DEFAULT_CONTROL: &str = "/run/refblk/control.sock";
 
 /// Arguments of `refblk serve`.
 #[derive(clap::Args, Debug)]
-pub struct ServeArgs {}
+pub struct ServeArgs {
+    /// Serve on the simulated Xen in DIR (see `refblk sim`) instead of real Xen.
+    #[arg(long, value_name = "DIR")]
+    pub sim: Option<PathBuf>,
+    /// Control socket (hotplug script, `refblk ctl`). Default:
+    /// /run/refblk/control.sock, or DIR/refblk.sock with --sim.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Our domain id (0 in dom0; set it in a storage driver domain).
+    #[arg(long, default_value_t = 0)]
+    pub backend_domid: u16,
+    /// Most queues offered to a frontend (multi-queue-max-queues).
+    #[arg(long, default_value_t = 4)]
+    pub max_queues: u32,
+    /// Largest ring-page-order accepted (0..=4).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=4))]
+    pub max_ring_page_order: u32,
+    /// feature-max-indirect-segments offered (0 disables INDIRECT).
+    #[arg(long, default_value_t = 256)]
+    pub max_indirect_segments: u32,
+    /// Never use O_DIRECT on images (use the page cache).
+    #[arg(long)]
+    pub buffered: bool,
+    /// Start even if the kernel's xen-blkback is loaded (it claims every vbd).
+    #[arg(long)]
+    pub allow_blkback: bool,
+}
 
 /// Run `refblk serve`.
-pub fn run(_args: ServeArgs) -> CliResult {
-    Err(CliError::failed("refblk serve: not built yet"))
+pub fn run(a: ServeArgs) -> CliResult {
+    super::signals::block_terminate()
+        .map_err(|e| CliError::failed(format!("blocking signals: {e}")))?;
+    let platform: Arc<dyn Platform> = match &a.sim {
+        Some(dir) => Arc::new(SimPlatform::new(dir).map_err(|e| {
+            CliError::failed(format!(
+                "simulated Xen in {}: {e} (start it with `refblk sim --dir {}`)",
+                dir.display(),
+                dir.display()
+            ))
+        })?),
+        None => {
+            if !a.allow_blkback && Path::new("/sys/module/xen_blkback").exists() {
+                return Err(CliError::failed(
+                    "the kernel's xen-blkback module is loaded and would claim every \
+                     backend/vbd device: unload it (`modprobe -r xen-blkback`, and \
+                     blacklist it), run refblk in a storage driver domain, or pass \
+                     --allow-blkback if you know the toolstack only gives refblk's \
+                     devices to this domain",
+                ));
+            }
+            Arc::new(RealXen::open().map_err(|e| CliError::failed(format!("real Xen: {e}")))?)
+        }
+    };
+    let control = a.control.clone().unwrap_or_else(|| match &a.sim {
+        Some(dir) => dir.join("refblk.sock"),
+        None => PathBuf::from(DEFAULT_CONTROL),
+    });
+    let mut cfg = BackendConfig {
+        backend_domid: a.backend_domid,
+        max_queues: a.max_queues.max(1),
+        max_ring_page_order: a.max_ring_page_order,
+        max_indirect_segments: a.max_indirect_segments,
+        ..BackendConfig::default()
+    };
+    if a.buffered {
+        cfg.engine.direct = DirectPolicy::Never;
+    }
+    let backend = Backend::new(platform, cfg).map_err(|e| CliError::failed(e.to_string()))?;
+    let handle = backend.handle();
+    let _ctl = ControlServer::spawn(&control, handle.clone())
+        .map_err(|e| CliError::failed(format!("control socket: {e}")))?;
+    let h2 = handle.clone();
+    super::signals::on_terminate(move || h2.stop())
+        .map_err(|e| CliError::failed(format!("signal handler: {e}")))?;
+    info!("refblk serve: ready");
+    backend.run().map_err(|e| CliError::failed(e.to_string()))?;
+    info!("refblk serve: stopped");
+    Ok(())
+}
+
+/// Arguments of `refblk ctl`.
+#[derive(clap::Args, Debug)]
+pub struct CtlArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL)]
+    pub control: PathBuf,
+    #[command(subcommand)]
+    pub cmd: CtlCommand,
+}
+
+/// What to ask the daemon.
+#[derive(clap::Subcommand, Debug)]
+pub enum CtlCommand {
+    /// Give a claimed device its image (the hotplug script's `add`).
+    Attach {
+        /// xenstore backend path, e.g. /local/domain/0/backend/vbd/5/51712.
+        backend_path: String,
+        /// The image file to serve.
+        image: PathBuf,
+        /// Serve read-only.
+        #[arg(long)]
+        ro: bool,
+        /// Logical sector size (512 or 4096).
+        #[arg(long, default_value_t = 512)]
+        sector_size: u32,
+    },
+    /// Re-read image sizes and announce grown disks to the guests.
+    Resize,
+    /// Show every device the daemon serves.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Run `refblk ctl`.
+pub fn run_ctl(a: CtlArgs) -> CliResult {
+    let line = match &a.cmd {
+        CtlCommand::Attach {
+            backend_path,
+            image,
+            ro,
+            sector_size,
+        } => {
+            let img = image.to_str().filter(|s| !s.contains(char::is_whitespace));
+            let Some(img) = img else {
+                return Err(CliError::usage(format!(
+                    "{}: image paths with white space are not supported",
+                    image.display()
+                )));
+            };
+            format!(
+                "attach {backend_path} {img}{} sector-size={sector_size}",
+                if *ro { " ro" } else { "" }
+            )
+        }
+        CtlCommand::Resize => "resize".into(),
+        CtlCommand::Status { .. } => "status".into(),
+    };
+    let v = control::request(&a.control, &line)?;
+    if v["ok"] != serde_json::Value::Bool(true) {
+        return Err(CliError::failed(
+            v["error"].as_str().unwrap_or("unknown error").to_string(),
+        ));
+    }
+    match a.cmd {
+        CtlCommand::Status { json: true } => println!("{v}"),
+        CtlCommand::Status { json: false } => {
+            println!(
+                "{:>5} {:>6} {:<12} {:>9} {:>9} {:>7} {:>7} IMAGE",
+                "DOMID", "DEVID", "STATE", "READS", "WRITES", "FLUSH", "ERRORS"
+            );
+            for d in v["devices"].as_array().into_iter().flatten() {
+                println!(
+                    "{:>5} {:>6} {:<12} {:>9} {:>9} {:>7} {:>7} {}",
+                    d["domid"],
+                    d["devid"],
+                    d["state"].as_str().unwrap_or("?"),
+                    d["reads"],
+                    d["writes"],
+                    d["flushes"],
+                    d["errors"],
+                    d["image"].as_str().unwrap_or("-")
+                );
+            }
+        }
+        CtlCommand::Resize => {
+            for r in v["resized"].as_array().into_iter().flatten() {
+                println!("{}: {} sectors", r["backend"].as_str().unwrap_or("?"), r["sectors"]);
+            }
+        }
+        CtlCommand::Attach { .. } => {}
+    }
+    Ok(())
 }

@@ -1,0 +1,195 @@
+//! The daemon's control socket: one text line per request, one JSON line per
+//! answer, so that the hotplug script (and administrators) get a failure as an
+//! exit code with a message.
+//!
+//! Requests:
+//! - `attach <backend-path> <image> [ro] [sector-size=512|4096]`
+//! - `resize`
+//! - `status`
+//!
+//! Answers: `{"ok":true, ...}` or `{"ok":false,"error":"..."}`.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{info, warn};
+use serde_json::{json, Value};
+
+use super::{AttachOptions, BackendHandle, DeviceStatus};
+
+/// Longest request line accepted.
+const MAX_LINE: usize = 8192;
+
+/// A listening control socket; removed when dropped.
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Listen on `path` (a stale socket file is replaced).
+    pub fn spawn(path: &Path, backend: BackendHandle) -> io::Result<ControlServer> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+        }
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{}: another refblk serve is running", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        info!("control socket {}", path.display());
+        let thread = std::thread::Builder::new()
+            .name("refblk-ctl".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Acquire) {
+                    match listener.accept() {
+                        Ok((s, _)) => {
+                            let b = backend.clone();
+                            let _ = std::thread::Builder::new()
+                                .name("refblk-ctl-conn".into())
+                                .spawn(move || serve_conn(s, b));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(50))
+                        }
+                        Err(e) => {
+                            warn!("control socket: {e}");
+                            std::thread::sleep(Duration::from_millis(50))
+                        }
+                    }
+                }
+            })?;
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve_conn(s: UnixStream, backend: BackendHandle) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    let Ok(mut w) = s.try_clone() else { return };
+    let mut r = BufReader::new(s).take(MAX_LINE as u64 * 16);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(n) if n > MAX_LINE => {
+                let _ = writeln!(w, "{}", json!({"ok": false, "error": "request too long"}));
+                return;
+            }
+            Ok(_) => {}
+        }
+        let answer = handle_line(line.trim_end(), &backend);
+        if writeln!(w, "{answer}").is_err() {
+            return;
+        }
+    }
+}
+
+fn status_json(s: &DeviceStatus) -> Value {
+    json!({
+        "domid": s.domid,
+        "devid": s.devid,
+        "backend": s.backend_path,
+        "image": s.image.as_ref().map(|p| p.display().to_string()),
+        "state": format!("{:?}", s.state),
+        "queues": s.queues,
+        "protocol": s.protocol,
+        "requests": s.requests,
+        "reads": s.reads,
+        "writes": s.writes,
+        "flushes": s.flushes,
+        "discards": s.discards,
+        "errors": s.errors,
+        "fdatasyncs": s.fdatasyncs,
+        "bytes_read": s.bytes_read,
+        "bytes_written": s.bytes_written,
+    })
+}
+
+/// Answer one request line.
+pub fn handle_line(line: &str, backend: &BackendHandle) -> Value {
+    let mut words = line.split_whitespace();
+    let fail = |e: String| json!({"ok": false, "error": e});
+    match words.next() {
+        Some("attach") => {
+            let (Some(be), Some(img)) = (words.next(), words.next()) else {
+                return fail("usage: attach <backend-path> <image> [ro] [sector-size=N]".into());
+            };
+            let mut opts = AttachOptions::default();
+            for w in words {
+                match w {
+                    "ro" => opts.read_only = true,
+                    _ => match w.strip_prefix("sector-size=").map(str::parse::<u32>) {
+                        Some(Ok(n)) => opts.sector_size = n,
+                        _ => return fail(format!("attach: unknown option {w:?}")),
+                    },
+                }
+            }
+            match backend.attach(be, img, opts) {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => fail(e),
+            }
+        }
+        Some("resize") => match backend.resize() {
+            Ok(v) => json!({"ok": true, "resized": v.iter().map(|(p, s)| json!({"backend": p, "sectors": s})).collect::<Vec<_>>()}),
+            Err(e) => fail(e),
+        },
+        Some("status") => {
+            let devs: Vec<Value> = backend.status().iter().map(status_json).collect();
+            json!({"ok": true, "devices": devs})
+        }
+        Some(other) => fail(format!("unknown request {other:?}")),
+        None => fail("empty request".into()),
+    }
+}
+
+/// Send one request to a daemon's control socket and return its answer.
+pub fn request(path: &Path, line: &str) -> io::Result<Value> {
+    let mut s = UnixStream::connect(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("{}: {e} (is `refblk serve` running?)", path.display()),
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    writeln!(s, "{line}")?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer)?;
+    serde_json::from_str(&answer).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: bad answer {answer:?}: {e}", path.display()),
+        )
+    })
+}

@@ -1,0 +1,535 @@
+//! One vbd device: the xenbus state machine of the backend side, as Linux
+//! blkback runs it, driven level-triggered: every watch event re-reads the
+//! relevant keys and moves the device one step towards where it should be.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::Sender;
+use log::{info, warn};
+use nix::sys::eventfd::EventFd;
+
+use super::queue::{self, QueueCtx, QueueStats};
+use super::{BackendConfig, DevKey, Event};
+use crate::blkif::{Abi, BackRing, DiskInfo, Features};
+use crate::engine::{Engine, EngineConfig};
+use crate::platform::{DomId, GrantRef, Platform, Port};
+use crate::xenstore::XsClient;
+use xen_sys::xenbus::XenbusState;
+
+/// Per-attach settings from the hotplug path.
+#[derive(Debug, Clone)]
+pub struct AttachOptions {
+    /// Serve read-only even if the toolstack's `mode` says `w`.
+    pub read_only: bool,
+    /// Logical sector size advertised (512 or 4096).
+    pub sector_size: u32,
+}
+
+impl Default for AttachOptions {
+    fn default() -> Self {
+        AttachOptions {
+            read_only: false,
+            sector_size: 512,
+        }
+    }
+}
+
+/// The image a device serves.
+pub(crate) struct Image {
+    pub path: PathBuf,
+    pub file: File,
+    pub read_only: bool,
+    pub sector_size: u32,
+}
+
+struct QueueHandle {
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<QueueStats>,
+    finished: Arc<AtomicBool>,
+}
+
+struct Connection {
+    queues: Vec<QueueHandle>,
+    sectors: Arc<AtomicU64>,
+    abi: Abi,
+}
+
+/// A snapshot of a device for `status`.
+#[derive(Debug, Clone)]
+pub struct DeviceStatus {
+    pub domid: DomId,
+    pub devid: u32,
+    pub backend_path: String,
+    pub image: Option<PathBuf>,
+    pub state: XenbusState,
+    pub queues: usize,
+    pub protocol: Option<&'static str>,
+    pub requests: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub discards: u64,
+    pub errors: u64,
+    pub fdatasyncs: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+pub(crate) struct Device {
+    pub key: DevKey,
+    pub be: String,
+    pub fe: Option<String>,
+    pub state: XenbusState,
+    pub image: Option<Image>,
+    conn: Option<Connection>,
+    /// Token of our watch on the frontend's state, if set.
+    pub fe_watch: Option<(String, String)>,
+    /// Counters of queues of earlier connections, so status survives reconnects.
+    retired: Vec<Arc<QueueStats>>,
+}
+
+fn parse_uint(s: &str) -> Option<u64> {
+    let s = s.trim_end_matches('\0');
+    if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn err(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Read a key; `Ok(None)` if it does not exist.
+pub(crate) fn read_opt(xs: &XsClient, path: &str) -> io::Result<Option<String>> {
+    xs.try_read_string(0, path)
+        .map_err(|e| io::Error::other(format!("xenstore read {path}: {e}")))
+}
+
+/// Read an unsigned number a frontend wrote; hostile input gets a clear error.
+fn read_uint(xs: &XsClient, path: &str, max: u64) -> io::Result<Option<u64>> {
+    match read_opt(xs, path)? {
+        None => Ok(None),
+        Some(s) => match parse_uint(&s) {
+            Some(v) if v <= max => Ok(Some(v)),
+            _ => Err(err(format!(
+                "{path}: bad value {:?} (expected 0..={max})",
+                s.chars().take(32).collect::<String>()
+            ))),
+        },
+    }
+}
+
+fn state_of(xs: &XsClient, path: &str) -> io::Result<XenbusState> {
+    Ok(read_opt(xs, path)?
+        .and_then(|s| parse_uint(&s))
+        .and_then(|v| u32::try_from(v).ok())
+        .and_then(XenbusState::from_u32)
+        .unwrap_or(XenbusState::Unknown))
+}
+
+fn write(xs: &XsClient, tx: u32, path: &str, v: &str) -> io::Result<()> {
+    xs.write(tx, path, v.as_bytes())
+        .map_err(|e| io::Error::other(format!("xenstore write {path}: {e}")))
+}
+
+impl Device {
+    pub fn new(key: DevKey, be: String) -> Device {
+        Device {
+            key,
+            be,
+            fe: None,
+            state: XenbusState::Unknown,
+            image: None,
+            conn: None,
+            fe_watch: None,
+            retired: Vec::new(),
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("vbd {}/{}", self.key.0, self.key.1)
+    }
+
+    pub fn switch_state(&mut self, xs: &XsClient, s: XenbusState) -> io::Result<()> {
+        if self.state != s {
+            info!("{}: state {:?} -> {:?}", self.name(), self.state, s);
+        }
+        self.state = s;
+        write(xs, 0, &format!("{}/state", self.be), &(s as u32).to_string())
+    }
+
+    /// Claim the device: publish what we support and move to InitWait.
+    pub fn probe(&mut self, xs: &XsClient, cfg: &BackendConfig) -> io::Result<()> {
+        let be = &self.be;
+        xs.transaction(|tx| {
+            let w = |k: &str, v: String| xs.write(tx, &format!("{be}/{k}"), v.as_bytes());
+            w(
+                "feature-max-indirect-segments",
+                cfg.max_indirect_segments.to_string(),
+            )?;
+            w("multi-queue-max-queues", cfg.max_queues.to_string())?;
+            w("max-ring-page-order", cfg.max_ring_page_order.to_string())?;
+            w("feature-flush-cache", "1".into())?;
+            w("feature-barrier", "1".into())?;
+            w("state", (XenbusState::InitWait as u32).to_string())
+        })
+        .map_err(|e| io::Error::other(format!("{be}: probe: {e}")))?;
+        info!("{}: claimed, state InitWait", self.name());
+        self.state = XenbusState::InitWait;
+        Ok(())
+    }
+
+    /// Open the image the hotplug script resolved.
+    pub fn attach(
+        &mut self,
+        xs: &XsClient,
+        path: PathBuf,
+        opts: &AttachOptions,
+    ) -> io::Result<()> {
+        if self.conn.is_some() {
+            return Err(io::Error::other(format!(
+                "{}: already connected to {}",
+                self.name(),
+                self.image
+                    .as_ref()
+                    .map_or("?".into(), |i| i.path.display().to_string())
+            )));
+        }
+        if opts.sector_size != 512 && opts.sector_size != 4096 {
+            return Err(err(format!(
+                "sector size {} not supported (512 or 4096)",
+                opts.sector_size
+            )));
+        }
+        let mode = read_opt(xs, &format!("{}/mode", self.be))?;
+        let read_only = opts.read_only || mode.as_deref().is_some_and(|m| !m.contains('w'));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let md = file.metadata()?;
+        if !md.is_file() {
+            return Err(err(format!("{}: not a regular file", path.display())));
+        }
+        if md.len() < u64::from(opts.sector_size) {
+            return Err(err(format!(
+                "{}: image is smaller than one sector",
+                path.display()
+            )));
+        }
+        info!(
+            "{}: image {} ({} bytes, {})",
+            self.name(),
+            path.display(),
+            md.len(),
+            if read_only { "read-only" } else { "read-write" }
+        );
+        write(xs, 0, &format!("{}/refblk-image", self.be), &path.to_string_lossy())?;
+        self.image = Some(Image {
+            path,
+            file,
+            read_only,
+            sector_size: opts.sector_size,
+        });
+        Ok(())
+    }
+
+    fn sectors_of(img: &Image) -> io::Result<u64> {
+        let len = img.file.metadata()?.len();
+        let per = u64::from(img.sector_size / 512);
+        Ok(len / 512 / per * per)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// Whether any queue thread has exited (ring violation, I/O failure).
+    pub fn queue_failed(&self) -> bool {
+        self.conn
+            .as_ref()
+            .is_some_and(|c| c.queues.iter().any(|q| q.finished.load(Ordering::Acquire)))
+    }
+
+    /// Map the rings, bind the channels, advertise the disk, go Connected.
+    pub fn connect(
+        &mut self,
+        xs: &XsClient,
+        platform: &Arc<dyn Platform>,
+        cfg: &BackendConfig,
+        events: &Sender<Event>,
+    ) -> io::Result<()> {
+        let fe = self
+            .fe
+            .clone()
+            .ok_or_else(|| err("no frontend path".to_string()))?;
+        let img = self
+            .image
+            .as_ref()
+            .ok_or_else(|| err("no image attached".to_string()))?;
+        let domid = self.key.0;
+        let abi = Abi::from_protocol(read_opt(xs, &format!("{fe}/protocol"))?.as_deref())
+            .map_err(|e| err(format!("{fe}/protocol: {e:?}")))?;
+        let nq = read_uint(
+            xs,
+            &format!("{fe}/multi-queue-num-queues"),
+            u64::from(cfg.max_queues),
+        )?
+        .unwrap_or(1);
+        if nq == 0 {
+            return Err(err(format!("{fe}/multi-queue-num-queues: 0")));
+        }
+        let sectors = Self::sectors_of(img)?;
+        let mut ecfg: EngineConfig = cfg.engine.clone();
+        ecfg.read_only = img.read_only;
+        let fd_path = PathBuf::from(format!("/proc/self/fd/{}", img.file.as_raw_fd()));
+
+        let mut prepared = Vec::new();
+        for q in 0..nq {
+            let qp = if nq == 1 {
+                fe.clone()
+            } else {
+                format!("{fe}/queue-{q}")
+            };
+            let refs = read_ring_refs(xs, &qp, cfg.max_ring_page_order)?;
+            let port = read_uint(xs, &format!("{qp}/event-channel"), u64::from(u32::MAX))?
+                .ok_or_else(|| err(format!("{qp}/event-channel missing")))?
+                as Port;
+            let map = platform.map_grant_refs(domid, &refs, true).map_err(|e| {
+                io::Error::new(e.kind(), format!("map ring {refs:?} of dom{domid}: {e}"))
+            })?;
+            let ring = BackRing::new(map, abi).map_err(|e| err(format!("ring: {e:?}")))?;
+            let evtchn = platform.bind_interdomain(domid, port).map_err(|e| {
+                io::Error::new(e.kind(), format!("bind port {port} of dom{domid}: {e}"))
+            })?;
+            let engine = Engine::open(&fd_path, &ecfg)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", img.path.display())))?;
+            prepared.push((ring, evtchn, engine));
+        }
+        let caps = prepared[0].2.info().fs.clone();
+        let discard = caps.punch_hole && !img.read_only;
+        let secure = discard && caps.zero_range;
+        let disk = DiskInfo {
+            sectors,
+            logical_sector_size: img.sector_size,
+            read_only: img.read_only,
+            max_indirect_segments: cfg.max_indirect_segments,
+            features: Features {
+                flush: true,
+                barrier: true,
+                discard,
+                discard_secure: secure,
+            },
+        };
+        let be = self.be.clone();
+        let info = if img.read_only {
+            xen_sys::blkif::VDISK_READONLY
+        } else {
+            0
+        };
+        xs.transaction(|tx| {
+            let w = |k: &str, v: String| xs.write(tx, &format!("{be}/{k}"), v.as_bytes());
+            w("sectors", sectors.to_string())?;
+            w("sector-size", img.sector_size.to_string())?;
+            w("physical-sector-size", "4096".into())?;
+            w("info", info.to_string())?;
+            w("feature-flush-cache", "1".into())?;
+            w("feature-barrier", "1".into())?;
+            w("feature-discard", u8::from(discard).to_string())?;
+            if discard {
+                w("discard-granularity", "4096".into())?;
+                w("discard-alignment", "0".into())?;
+                w("discard-secure", u8::from(secure).to_string())?;
+            }
+            w("feature-persistent", "0".into())?;
+            w("state", (XenbusState::Connected as u32).to_string())
+        })
+        .map_err(|e| io::Error::other(format!("{be}: connect: {e}")))?;
+
+        let sectors_shared = Arc::new(AtomicU64::new(sectors));
+        let mut queues = Vec::new();
+        for (i, (ring, evtchn, engine)) in prepared.into_iter().enumerate() {
+            let stop = Arc::new(queue::stop_fd()?);
+            let stats = Arc::new(QueueStats::default());
+            let finished = Arc::new(AtomicBool::new(false));
+            let ctx = QueueCtx {
+                name: format!("{}/q{i}", self.name()),
+                platform: platform.clone(),
+                domid,
+                ring,
+                evtchn,
+                engine,
+                disk,
+                sectors: sectors_shared.clone(),
+                stop: stop.clone(),
+                stats: stats.clone(),
+                finished: finished.clone(),
+            };
+            let tx = events.clone();
+            let key = self.key;
+            let thread = std::thread::Builder::new()
+                .name(format!("vbd{}.{}q{i}", key.0, key.1))
+                .spawn(move || {
+                    let r = queue::run(ctx);
+                    let _ = tx.send(Event::QueueExit { key, result: r });
+                })?;
+            queues.push(QueueHandle {
+                stop,
+                thread: Some(thread),
+                stats,
+                finished,
+            });
+        }
+        info!(
+            "{}: connected ({} queue(s), {}, {} sectors of {} bytes{}{})",
+            self.name(),
+            nq,
+            abi.protocol_name(),
+            sectors,
+            img.sector_size,
+            if img.read_only { ", read-only" } else { "" },
+            if discard { ", discard" } else { "" },
+        );
+        self.state = XenbusState::Connected;
+        self.conn = Some(Connection {
+            queues,
+            sectors: sectors_shared,
+            abi,
+        });
+        Ok(())
+    }
+
+    /// Stop the queues (in-flight I/O is finished and answered), unmap, unbind.
+    pub fn disconnect(&mut self) {
+        let Some(mut c) = self.conn.take() else {
+            return;
+        };
+        for q in &c.queues {
+            let _ = q.stop.write(1);
+        }
+        for q in &mut c.queues {
+            if let Some(t) = q.thread.take() {
+                let _ = t.join();
+            }
+            self.retired.push(q.stats.clone());
+        }
+        info!("{}: disconnected", self.name());
+    }
+
+    /// Re-read the image size; if it changed, announce it (sectors + state in
+    /// one transaction, as blkback does). Returns the new size in sectors.
+    pub fn resize(&mut self, xs: &XsClient) -> io::Result<Option<u64>> {
+        let (Some(c), Some(img)) = (self.conn.as_ref(), self.image.as_ref()) else {
+            return Ok(None);
+        };
+        let sectors = Self::sectors_of(img)?;
+        if sectors == c.sectors.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let be = self.be.clone();
+        xs.transaction(|tx| {
+            xs.write(tx, &format!("{be}/sectors"), sectors.to_string().as_bytes())?;
+            xs.write(
+                tx,
+                &format!("{be}/state"),
+                (XenbusState::Connected as u32).to_string().as_bytes(),
+            )
+        })
+        .map_err(|e| io::Error::other(format!("{be}: resize: {e}")))?;
+        c.sectors.store(sectors, Ordering::Release);
+        info!("{}: resized to {sectors} sectors", self.name());
+        Ok(Some(sectors))
+    }
+
+    pub fn status(&self) -> DeviceStatus {
+        let mut st = DeviceStatus {
+            domid: self.key.0,
+            devid: self.key.1,
+            backend_path: self.be.clone(),
+            image: self.image.as_ref().map(|i| i.path.clone()),
+            state: self.state,
+            queues: self.conn.as_ref().map_or(0, |c| c.queues.len()),
+            protocol: self.conn.as_ref().map(|c| c.abi.protocol_name()),
+            requests: 0,
+            reads: 0,
+            writes: 0,
+            flushes: 0,
+            discards: 0,
+            errors: 0,
+            fdatasyncs: 0,
+            bytes_read: 0,
+            bytes_written: 0,
+        };
+        let live = self.conn.iter().flat_map(|c| c.queues.iter().map(|q| &q.stats));
+        for s in live.chain(self.retired.iter()) {
+            let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            st.requests += g(&s.requests);
+            st.reads += g(&s.reads);
+            st.writes += g(&s.writes);
+            st.flushes += g(&s.flushes);
+            st.discards += g(&s.discards);
+            st.errors += g(&s.errors);
+            st.fdatasyncs += g(&s.fdatasyncs);
+            st.bytes_read += g(&s.bytes_read);
+            st.bytes_written += g(&s.bytes_written);
+        }
+        st
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.disconnect();
+    }
+}
+
+/// `ring-page-order` + `ring-ref%u`, or the single-page `ring-ref`.
+fn read_ring_refs(xs: &XsClient, qp: &str, max_order: u32) -> io::Result<Vec<GrantRef>> {
+    let order = read_uint(xs, &format!("{qp}/ring-page-order"), u64::from(max_order))?;
+    let read_ref = |k: String| -> io::Result<GrantRef> {
+        read_uint(xs, &k, u64::from(u32::MAX))?
+            .map(|v| v as GrantRef)
+            .ok_or_else(|| err(format!("{k} missing")))
+    };
+    match order {
+        None => Ok(vec![read_ref(format!("{qp}/ring-ref"))?]),
+        Some(o) => (0..(1u32 << o))
+            .map(|i| read_ref(format!("{qp}/ring-ref{i}")))
+            .collect(),
+    }
+}
+
+/// The frontend state for a device, `Unknown` if the key or the frontend is gone.
+pub(crate) fn frontend_state(xs: &XsClient, fe: &str) -> io::Result<XenbusState> {
+    state_of(xs, &format!("{fe}/state"))
+}
+
+/// Whether the toolstack wants the device (`online` missing counts as 1).
+pub(crate) fn online(xs: &XsClient, be: &str) -> io::Result<bool> {
+    Ok(read_opt(xs, &format!("{be}/online"))?
+        .map(|s| s.trim_end_matches('\0') != "0")
+        .unwrap_or(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_uint;
+
+    #[test]
+    fn frontend_numbers_are_parsed_strictly() {
+        assert_eq!(parse_uint("0"), Some(0));
+        assert_eq!(parse_uint("4294967295"), Some(u32::MAX as u64));
+        for bad in ["", "-1", "+1", " 1", "1 ", "0x10", "1e3", "99999999999999999999999"] {
+            assert_eq!(parse_uint(bad), None, "{bad:?}");
+        }
+    }
+}

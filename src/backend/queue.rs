@@ -1,0 +1,631 @@
+//! One blkif ring (queue) served by one thread with its own io_uring engine.
+//!
+//! The request path, per batch:
+//! 1. **parse**: [`BackRing::next_request`] copies each new slot out of the shared
+//!    page once; [`parse_request`] validates the copy. Rejections are answered at
+//!    once.
+//! 2. **start** (FIFO): a read/write gets a registered-buffer region; for a write
+//!    the guest's pages are grant-copied into it; then the op is queued on the
+//!    engine. FLUSH drains (waits for every earlier I/O) and then queues an
+//!    fdatasync; WRITE_BARRIER drains, writes, then fdatasyncs; DISCARD becomes a
+//!    punch hole (or zero-range when secure).
+//! 3. **submit** once for the whole batch and sleep in `io_uring_enter`; the event
+//!    channel and the stop eventfd are one-shot polls on the same ring, so the
+//!    thread sleeps in exactly one place.
+//! 4. **complete**: reads are grant-copied out to the guest's pages; every
+//!    request gets exactly one response.
+//! 5. **respond**: responses are published together and the frontend is notified
+//!    only if it asked (`rsp_event`); before sleeping, the ring.h final check.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use log::{debug, info, warn};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::blkif::{
+    parse_request, BackRing, DiskInfo, IndirectRequest, Piece, Request, RwOp, RwRequest,
+};
+use crate::engine::{BufRegion, Completion, Engine, Op};
+use crate::platform::{CopySeg, DomId, EventChannel, GrantStatus, Platform, PAGE_SIZE};
+use xen_sys::blkif::{BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY};
+
+/// user_data of the event channel poll.
+const TAG_EVTCHN: u64 = u64::MAX;
+/// user_data of the stop eventfd poll.
+const TAG_STOP: u64 = u64::MAX - 1;
+/// At most this many parsed requests wait for buffers before we stop consuming.
+const MAX_PENDING: usize = 64;
+
+/// Counters of one queue, shared with the device for status and tests.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    pub requests: AtomicU64,
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub discards: AtomicU64,
+    pub errors: AtomicU64,
+    pub rejected: AtomicU64,
+    pub fdatasyncs: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+/// Everything a queue thread needs; moved into the thread.
+pub(crate) struct QueueCtx {
+    pub name: String,
+    pub platform: Arc<dyn Platform>,
+    pub domid: DomId,
+    pub ring: BackRing,
+    pub evtchn: Box<dyn EventChannel>,
+    pub engine: Engine,
+    pub disk: DiskInfo,
+    /// The device size in sectors, updated on resize.
+    pub sectors: Arc<AtomicU64>,
+    pub stop: Arc<EventFd>,
+    pub stats: Arc<QueueStats>,
+    /// Set when the thread exits (for whatever reason).
+    pub finished: Arc<AtomicBool>,
+}
+
+/// What a started request is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Read,
+    Write,
+    /// WRITE_BARRIER: the write is in flight; a flush follows.
+    BarrierWrite,
+    /// FLUSH or the flush of a barrier.
+    Flush,
+    Discard,
+}
+
+#[derive(Debug)]
+struct Inflight {
+    id: u64,
+    op: u8,
+    stage: Stage,
+    pieces: Vec<Piece>,
+    len: u64,
+}
+
+/// A parsed request that has not been started yet.
+#[derive(Debug)]
+enum Pending {
+    Rw(RwRequest),
+    Indirect(IndirectRequest),
+    Flush { id: u64, op: u8 },
+    Discard { id: u64, op: u8, offset: u64, len: u64, secure: bool },
+}
+
+impl Pending {
+    /// Must every earlier request be finished before this one starts?
+    fn needs_drain(&self) -> bool {
+        match self {
+            Pending::Rw(r) => r.barrier,
+            Pending::Flush { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+struct Queue {
+    ctx: QueueCtx,
+    slots: Vec<Option<Inflight>>,
+    free_slots: Vec<usize>,
+    pending: VecDeque<Pending>,
+    /// A barrier is in progress: nothing else starts until it is answered.
+    barrier_active: bool,
+    stopping: bool,
+    indirect_buf: Vec<u8>,
+    completions: Vec<Completion>,
+    responses_pushed: bool,
+    copy_status: Vec<GrantStatus>,
+}
+
+/// Run a queue until stopped or until the frontend breaks the ring protocol.
+/// `Err` carries the reason to disconnect the device.
+pub(crate) fn run(ctx: QueueCtx) -> Result<(), String> {
+    let finished = ctx.finished.clone();
+    let name = ctx.name.clone();
+    let nslots = ctx.ring.size() as usize;
+    let mut q = Queue {
+        ctx,
+        slots: (0..nslots).map(|_| None).collect(),
+        free_slots: (0..nslots).rev().collect(),
+        pending: VecDeque::new(),
+        barrier_active: false,
+        stopping: false,
+        indirect_buf: vec![0u8; xen_sys::blkif::BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST * PAGE_SIZE],
+        completions: Vec::with_capacity(nslots + 4),
+        responses_pushed: false,
+        copy_status: Vec::with_capacity(64),
+    };
+    let r = q.run();
+    match &r {
+        Ok(()) => info!("{name}: queue stopped"),
+        Err(e) => warn!("{name}: queue failed: {e}"),
+    }
+    finished.store(true, Ordering::Release);
+    r
+}
+
+impl Queue {
+    fn run(&mut self) -> Result<(), String> {
+        let evfd = self.ctx.evtchn.fd();
+        let stopfd = self.ctx.stop.as_fd().as_raw_fd();
+        self.push_op(TAG_EVTCHN, Op::PollAdd { fd: evfd })?;
+        self.push_op(TAG_STOP, Op::PollAdd { fd: stopfd })?;
+        loop {
+            self.refresh_disk();
+            if !self.stopping {
+                self.consume()?;
+            }
+            self.start_pending();
+            self.publish_responses();
+            if self.stopping && self.in_flight_requests() == 0 && self.pending.is_empty() {
+                return Ok(());
+            }
+            // The ring.h final check: re-arm req_event and look again before sleeping.
+            if !self.stopping
+                && self.can_consume()
+                && self.ctx.ring.final_check_for_requests()
+            {
+                continue;
+            }
+            self.ctx
+                .engine
+                .submit_and_wait(1)
+                .map_err(|e| format!("io_uring wait: {e}"))?;
+            let mut comps = std::mem::take(&mut self.completions);
+            self.ctx.engine.reap(&mut comps);
+            for c in comps.drain(..) {
+                self.complete(c)?;
+            }
+            self.completions = comps;
+        }
+    }
+
+    fn refresh_disk(&mut self) {
+        let s = self.ctx.sectors.load(Ordering::Acquire);
+        if s != self.ctx.disk.sectors {
+            info!("{}: disk is now {} sectors", self.ctx.name, s);
+            self.ctx.disk.sectors = s;
+        }
+    }
+
+    fn push_op(&mut self, tag: u64, op: Op) -> Result<(), String> {
+        self.ctx
+            .engine
+            .push(tag, op)
+            .map_err(|r| format!("io_uring push: {}", r.into_io_error()))
+    }
+
+    fn in_flight_requests(&self) -> usize {
+        self.slots.len() - self.free_slots.len()
+    }
+
+    fn can_consume(&self) -> bool {
+        // Every consumed request holds a ring slot until answered (outstanding()).
+        self.ctx.ring.outstanding() < self.ctx.ring.size() && self.pending.len() < MAX_PENDING
+    }
+
+    /// Take every available request off the ring.
+    fn consume(&mut self) -> Result<(), String> {
+        while self.can_consume() {
+            let raw = match self.ctx.ring.next_request() {
+                Ok(Some(raw)) => raw,
+                Ok(None) => break,
+                Err(e) => return Err(format!("ring protocol violation: {e}")),
+            };
+            self.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+            match parse_request(&raw, &self.ctx.disk) {
+                Ok(req) => self.enqueue(req),
+                Err(rej) => {
+                    debug!("{}: rejected request: {rej}", self.ctx.name);
+                    self.ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    self.respond(rej.id, rej.operation, rej.status);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn enqueue(&mut self, req: Request) {
+        let op = req.response_op();
+        let p = match req {
+            Request::Rw(r) => Pending::Rw(r),
+            Request::Indirect(r) => Pending::Indirect(r),
+            Request::Flush { id } => Pending::Flush { id, op },
+            Request::Discard {
+                id,
+                sector,
+                nr_sectors,
+                secure,
+            } => Pending::Discard {
+                id,
+                op,
+                offset: sector * 512,
+                len: nr_sectors * 512,
+                secure,
+            },
+        };
+        self.pending.push_back(p);
+    }
+
+    /// Start pending requests in order until one cannot start yet.
+    fn start_pending(&mut self) {
+        while let Some(p) = self.pending.front() {
+            if self.barrier_active {
+                return;
+            }
+            if p.needs_drain() && self.in_flight_requests() > 0 {
+                return;
+            }
+            let Some(slot) = self.free_slots.last().copied() else {
+                return;
+            };
+            let need = match p {
+                Pending::Rw(r) => r.len as usize,
+                _ => 0,
+            };
+            let region = if need > 0 {
+                match self.ctx.engine.alloc(need) {
+                    Some(r) => Some(r),
+                    None if self.in_flight_requests() > 0 => return, // wait for buffers
+                    None => {
+                        // Nothing in flight and still no room: the slab is smaller
+                        // than one request. Refuse it rather than stall the ring.
+                        let p = self.pending.pop_front().expect("front exists");
+                        if let Pending::Rw(r) = p {
+                            warn!(
+                                "{}: request of {} bytes exceeds the buffer slab",
+                                self.ctx.name, r.len
+                            );
+                            self.respond(r.id, r.response_op, BLKIF_RSP_ERROR);
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            let p = self.pending.pop_front().expect("front exists");
+            self.free_slots.pop();
+            self.start(slot, p, region);
+        }
+    }
+
+    fn start(&mut self, slot: usize, p: Pending, region: Option<BufRegion>) {
+        match p {
+            Pending::Indirect(ind) => {
+                // Fetch the segment list, then treat it as a plain read/write.
+                self.free_slots.push(slot);
+                match self.fetch_indirect(&ind) {
+                    Ok(rw) => self.pending.push_front(Pending::Rw(rw)),
+                    Err((status, why)) => {
+                        debug!("{}: indirect request refused: {why}", self.ctx.name);
+                        self.ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                        self.respond(ind.id, ind.response_op(), status);
+                    }
+                }
+            }
+            Pending::Rw(r) => self.start_rw(slot, r, region),
+            Pending::Flush { id, op } => {
+                self.ctx.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                self.slots[slot] = Some(Inflight {
+                    id,
+                    op,
+                    stage: Stage::Flush,
+                    pieces: Vec::new(),
+                    len: 0,
+                });
+                self.submit_or_fail(slot, Op::Fdatasync);
+            }
+            Pending::Discard {
+                id,
+                op,
+                offset,
+                len,
+                secure,
+            } => {
+                self.ctx.stats.discards.fetch_add(1, Ordering::Relaxed);
+                self.slots[slot] = Some(Inflight {
+                    id,
+                    op,
+                    stage: Stage::Discard,
+                    pieces: Vec::new(),
+                    len,
+                });
+                let op = if secure {
+                    Op::ZeroRange { offset, len }
+                } else {
+                    Op::Discard { offset, len }
+                };
+                self.submit_or_fail(slot, op);
+            }
+        }
+    }
+
+    fn start_rw(&mut self, slot: usize, r: RwRequest, region: Option<BufRegion>) {
+        if r.barrier {
+            self.barrier_active = true;
+        }
+        let stage = match (r.op, r.barrier) {
+            (RwOp::Read, _) => Stage::Read,
+            (RwOp::Write, false) => Stage::Write,
+            (RwOp::Write, true) => Stage::BarrierWrite,
+        };
+        self.slots[slot] = Some(Inflight {
+            id: r.id,
+            op: r.response_op,
+            stage,
+            pieces: r.pieces,
+            len: r.len,
+        });
+        let Some(region) = region else {
+            // A barrier without data: just the flush.
+            self.set_stage(slot, Stage::Flush);
+            self.submit_or_fail(slot, Op::Fdatasync);
+            return;
+        };
+        match r.op {
+            RwOp::Read => {
+                self.ctx.stats.reads.fetch_add(1, Ordering::Relaxed);
+                self.submit_or_fail(
+                    slot,
+                    Op::Read {
+                        offset: r.offset,
+                        region,
+                    },
+                );
+            }
+            RwOp::Write => {
+                self.ctx.stats.writes.fetch_add(1, Ordering::Relaxed);
+                if let Err(st) = self.copy_from_guest(slot, &region) {
+                    debug!("{}: grant copy from guest failed: {st:?}", self.ctx.name);
+                    self.ctx.engine.free(region);
+                    self.finish(slot, BLKIF_RSP_ERROR);
+                    return;
+                }
+                self.submit_or_fail(
+                    slot,
+                    Op::Write {
+                        offset: r.offset,
+                        region,
+                    },
+                );
+            }
+        }
+    }
+
+    fn set_stage(&mut self, slot: usize, stage: Stage) {
+        if let Some(i) = self.slots[slot].as_mut() {
+            i.stage = stage;
+        }
+    }
+
+    /// Queue `op` for `slot`; if the engine refuses it, answer the request.
+    fn submit_or_fail(&mut self, slot: usize, op: Op) {
+        if let Err(rej) = self.ctx.engine.push(slot as u64, op) {
+            let e = rej.into_io_error();
+            warn!("{}: cannot queue I/O: {e}", self.ctx.name);
+            self.finish(slot, BLKIF_RSP_ERROR);
+        }
+    }
+
+    fn fetch_indirect(&mut self, ind: &IndirectRequest) -> Result<RwRequest, (i16, String)> {
+        let grefs = ind.page_grefs();
+        let n = grefs.len();
+        let buf = &mut self.indirect_buf[..n * PAGE_SIZE];
+        let mut segs: Vec<CopySeg<'_>> = buf
+            .chunks_mut(PAGE_SIZE)
+            .zip(grefs)
+            .map(|(dst, &gref)| CopySeg::FromGuest {
+                gref,
+                offset: 0,
+                dst,
+            })
+            .collect();
+        self.copy_status.clear();
+        self.copy_status.resize(n, GrantStatus::GeneralError);
+        let res = self
+            .ctx
+            .platform
+            .grant_copy(self.ctx.domid, &mut segs, &mut self.copy_status);
+        drop(segs);
+        if let Err(e) = res {
+            return Err((BLKIF_RSP_ERROR, format!("grant copy: {e}")));
+        }
+        if let Some(bad) = self.copy_status.iter().find(|s| **s != GrantStatus::Okay) {
+            return Err((BLKIF_RSP_ERROR, format!("indirect page: {bad:?}")));
+        }
+        ind.complete(&self.indirect_buf[..n * PAGE_SIZE], &self.ctx.disk)
+            .map_err(|rej| (rej.status, rej.to_string()))
+    }
+
+    /// Copy a write's data from the guest's pages into `region`.
+    fn copy_from_guest(&mut self, slot: usize, region: &BufRegion) -> Result<(), GrantStatus> {
+        let pieces = &self.slots[slot].as_ref().expect("slot in use").pieces;
+        let mut rest: &mut [u8] = self.ctx.engine.buf_mut(region);
+        let mut segs = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(usize::from(p.len));
+            rest = tail;
+            segs.push(CopySeg::FromGuest {
+                gref: p.gref,
+                offset: p.offset,
+                dst,
+            });
+        }
+        self.copy_status.clear();
+        self.copy_status.resize(segs.len(), GrantStatus::GeneralError);
+        self.ctx
+            .platform
+            .grant_copy(self.ctx.domid, &mut segs, &mut self.copy_status)
+            .map_err(|_| GrantStatus::GeneralError)?;
+        match self.copy_status.iter().find(|s| **s != GrantStatus::Okay) {
+            Some(bad) => Err(*bad),
+            None => Ok(()),
+        }
+    }
+
+    /// Copy a read's data from `region` out to the guest's pages.
+    fn copy_to_guest(&mut self, slot: usize, region: &BufRegion) -> Result<(), GrantStatus> {
+        let pieces = &self.slots[slot].as_ref().expect("slot in use").pieces;
+        let mut rest: &[u8] = self.ctx.engine.buf(region);
+        let mut segs = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            let (src, tail) = rest.split_at(usize::from(p.len));
+            rest = tail;
+            segs.push(CopySeg::ToGuest {
+                gref: p.gref,
+                offset: p.offset,
+                src,
+            });
+        }
+        self.copy_status.clear();
+        self.copy_status.resize(segs.len(), GrantStatus::GeneralError);
+        self.ctx
+            .platform
+            .grant_copy(self.ctx.domid, &mut segs, &mut self.copy_status)
+            .map_err(|_| GrantStatus::GeneralError)?;
+        match self.copy_status.iter().find(|s| **s != GrantStatus::Okay) {
+            Some(bad) => Err(*bad),
+            None => Ok(()),
+        }
+    }
+
+    fn complete(&mut self, c: Completion) -> Result<(), String> {
+        match c.user_data {
+            TAG_EVTCHN => {
+                if let Err(e) = self.ctx.evtchn.ack() {
+                    return Err(format!("event channel: {e}"));
+                }
+                if c.result < 0 {
+                    return Err(format!(
+                        "event channel poll failed: {}",
+                        io::Error::from_raw_os_error(-c.result)
+                    ));
+                }
+                if !self.stopping {
+                    let fd = self.ctx.evtchn.fd();
+                    self.push_op(TAG_EVTCHN, Op::PollAdd { fd })?;
+                }
+                return Ok(());
+            }
+            TAG_STOP => {
+                self.stopping = true;
+                return Ok(());
+            }
+            _ => {}
+        }
+        let slot = c.user_data as usize;
+        let Some(stage) = self.slots.get(slot).and_then(|s| s.as_ref()).map(|i| i.stage) else {
+            warn!("{}: completion for unknown slot {slot}", self.ctx.name);
+            if let Some(r) = c.region {
+                self.ctx.engine.free(r);
+            }
+            return Ok(());
+        };
+        if c.result < 0 {
+            let e = io::Error::from_raw_os_error(-c.result);
+            warn!("{}: {stage:?} failed: {e}", self.ctx.name);
+            if let Some(r) = c.region {
+                self.ctx.engine.free(r);
+            }
+            let status = if c.result == -libc::EOPNOTSUPP && stage == Stage::Discard {
+                BLKIF_RSP_EOPNOTSUPP
+            } else {
+                BLKIF_RSP_ERROR
+            };
+            self.finish(slot, status);
+            return Ok(());
+        }
+        match stage {
+            Stage::Read => {
+                let region = c.region.expect("read has a region");
+                let len = self.slots[slot].as_ref().map_or(0, |i| i.len);
+                let ok = self.copy_to_guest(slot, &region);
+                self.ctx.engine.free(region);
+                match ok {
+                    Ok(()) => {
+                        self.ctx.stats.bytes_read.fetch_add(len, Ordering::Relaxed);
+                        self.finish(slot, BLKIF_RSP_OKAY);
+                    }
+                    Err(st) => {
+                        debug!("{}: grant copy to guest failed: {st:?}", self.ctx.name);
+                        self.finish(slot, BLKIF_RSP_ERROR);
+                    }
+                }
+            }
+            Stage::Write => {
+                if let Some(r) = c.region {
+                    self.ctx.engine.free(r);
+                }
+                let len = self.slots[slot].as_ref().map_or(0, |i| i.len);
+                self.ctx.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+                self.finish(slot, BLKIF_RSP_OKAY);
+            }
+            Stage::BarrierWrite => {
+                if let Some(r) = c.region {
+                    self.ctx.engine.free(r);
+                }
+                let len = self.slots[slot].as_ref().map_or(0, |i| i.len);
+                self.ctx.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+                self.set_stage(slot, Stage::Flush);
+                self.submit_or_fail(slot, Op::Fdatasync);
+            }
+            Stage::Flush => {
+                self.ctx.stats.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+                self.finish(slot, BLKIF_RSP_OKAY);
+            }
+            Stage::Discard => self.finish(slot, BLKIF_RSP_OKAY),
+        }
+        Ok(())
+    }
+
+    /// Answer the request in `slot` and free the slot.
+    fn finish(&mut self, slot: usize, status: i16) {
+        let Some(i) = self.slots[slot].take() else {
+            return;
+        };
+        self.free_slots.push(slot);
+        // While a barrier is active it is the only request in flight (it started
+        // after a drain and blocks everything behind it), so this answer ends it.
+        self.barrier_active = false;
+        if status != BLKIF_RSP_OKAY {
+            self.ctx.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.respond(i.id, i.op, status);
+    }
+
+    fn respond(&mut self, id: u64, op: u8, status: i16) {
+        match self.ctx.ring.push_response(id, op, status) {
+            Ok(()) => self.responses_pushed = true,
+            Err(e) => warn!("{}: cannot answer request {id}: {e}", self.ctx.name),
+        }
+    }
+
+    fn publish_responses(&mut self) {
+        if !self.responses_pushed {
+            return;
+        }
+        self.responses_pushed = false;
+        if self.ctx.ring.push_responses_and_check_notify() {
+            if let Err(e) = self.ctx.evtchn.notify() {
+                warn!("{}: notify failed: {e}", self.ctx.name);
+            }
+        }
+    }
+}
+
+/// A stop signal for a queue thread.
+pub(crate) fn stop_fd() -> io::Result<EventFd> {
+    EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+        .map_err(io::Error::from)
+}
