@@ -115,14 +115,24 @@ fn write_read_list_ls_rm_exists() {
     let sock = xs.path();
     let c = xs.client().unwrap();
     // xenstore-write does its writes in a transaction.
-    ok(sock, "xenstore-write", &["/vm/a/name", "guest-a", "/vm/a/mem", "512"]);
+    ok(
+        sock,
+        "xenstore-write",
+        &["/vm/a/name", "guest-a", "/vm/a/mem", "512"],
+    );
     assert_eq!(c.read_string(XBT_NULL, "/vm/a/name").unwrap(), "guest-a");
     assert_eq!(c.read_string(XBT_NULL, "/vm/a/mem").unwrap(), "512");
     // And our writes are visible to the tools.
     c.write(XBT_NULL, "/vm/b/name", b"guest b").unwrap();
     assert_eq!(ok(sock, "xenstore-read", &["/vm/b/name"]), "guest b\n");
-    assert_eq!(ok(sock, "xenstore-read", &["/vm/a/name", "/vm/a/mem"]), "guest-a\n512\n");
-    assert!(!run(sock, "xenstore-read", &["/vm/none"]).0, "reading a missing node fails");
+    assert_eq!(
+        ok(sock, "xenstore-read", &["/vm/a/name", "/vm/a/mem"]),
+        "guest-a\n512\n"
+    );
+    assert!(
+        !run(sock, "xenstore-read", &["/vm/none"]).0,
+        "reading a missing node fails"
+    );
     assert_eq!(ok(sock, "xenstore-list", &["/vm"]), "a\nb\n");
     assert_eq!(ok(sock, "xenstore-list", &["/vm/a"]), "name\nmem\n");
     let ls = ok(sock, "xenstore-ls", &["/vm"]);
@@ -132,7 +142,10 @@ fn write_read_list_ls_rm_exists() {
     );
     // Whole store from the root, including xenstored's own nodes.
     let all = ok(sock, "xenstore-ls", &[]);
-    assert!(all.contains("tool = \"\"") && all.contains("vm = \"\""), "{all}");
+    assert!(
+        all.contains("tool = \"\"") && all.contains("vm = \"\""),
+        "{all}"
+    );
     assert!(ok(sock, "xenstore-exists", &["/vm/a"]).is_empty());
     assert!(!run(sock, "xenstore-exists", &["/vm/zzz"]).0);
     ok(sock, "xenstore-rm", &["/vm/a"]);

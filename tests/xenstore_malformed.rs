@@ -370,7 +370,7 @@ impl Lcg {
 fn garbage_never_kills_the_daemon() {
     let (_d, xs) = daemon();
     let mut rng = Lcg(0x5eed);
-    for round in 0..40 {
+    for round in 0..40u32 {
         let mut s = raw(xs.path());
         s.set_read_timeout(Some(Duration::from_millis(300)))
             .unwrap();
@@ -378,14 +378,14 @@ fn garbage_never_kills_the_daemon() {
         // Mostly plausible headers with random types/lengths/payloads, some
         // pure noise.
         for _ in 0..(rng.next() % 8 + 1) {
-            if round % 4 == 0 {
+            if round.is_multiple_of(4) {
                 for _ in 0..(rng.next() % 64) {
                     buf.push(rng.next() as u8);
                 }
                 continue;
             }
             let ty = rng.next() % 26;
-            let len = if rng.next() % 10 == 0 {
+            let len = if rng.next().is_multiple_of(10) {
                 rng.next()
             } else {
                 rng.next() % 64
@@ -393,7 +393,7 @@ fn garbage_never_kills_the_daemon() {
             let h = Header {
                 ty,
                 req_id: rng.next(),
-                tx_id: if rng.next() % 3 == 0 {
+                tx_id: if rng.next().is_multiple_of(3) {
                     rng.next() % 4
                 } else {
                     0
