@@ -249,3 +249,64 @@ fn concurrent_tool_writes_and_client_transactions() {
     assert_eq!(ok(&sock, "xenstore-read", &["/race/n"]), "50\n");
     assert_eq!(ok(&sock, "xenstore-read", &["/race/tool"]), "19\n");
 }
+
+#[test]
+fn long_directory_through_directory_part() {
+    if !tools_available() {
+        return;
+    }
+    let (_d, xs) = daemon();
+    let sock = xs.path();
+    let c = xs.client().unwrap();
+    let names: Vec<String> = (0..300)
+        .map(|i| format!("a-rather-long-child-name-{i:05}"))
+        .collect();
+    c.transaction(|tx| {
+        for n in &names {
+            c.write(tx, &format!("/many/{n}"), b"v")?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    // 300 * 31 bytes does not fit one reply: libxenstore gets E2BIG from
+    // DIRECTORY and pages with DIRECTORY_PART.
+    let listed = ok(sock, "xenstore-list", &["/many"]);
+    let got: Vec<&str> = listed.lines().collect();
+    assert_eq!(got, names);
+}
+
+#[test]
+fn watch_tool_on_special_paths() {
+    if !tools_available() {
+        return;
+    }
+    let (_d, xs) = daemon();
+    let sock = xs.path();
+    let c = xs.client().unwrap();
+    let child = cmd(sock, "xenstore-watch", &["-n", "2", "@introduceDomain"])
+        .spawn()
+        .expect("run xenstore-watch");
+    // Introduce until the tool has seen its initial event and ours (its
+    // watch may be registered after our first introduce).
+    let t0 = Instant::now();
+    let mut domid = 10;
+    let mut child = Some(child);
+    let out = loop {
+        let ch = child.as_mut().unwrap();
+        if let Ok(Some(_)) = ch.try_wait() {
+            break wait_limited(child.take().unwrap(), "xenstore-watch @introduceDomain");
+        }
+        assert!(
+            t0.elapsed() < LIMIT,
+            "xenstore-watch never saw @introduceDomain"
+        );
+        c.introduce(domid, 1, 1).unwrap();
+        domid += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "@introduceDomain\n@introduceDomain\n"
+    );
+}
