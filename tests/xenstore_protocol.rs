@@ -590,3 +590,11 @@ fn spawn_replaces_stale_socket_and_drop_removes_it() {
     let xs = Xenstored::spawn(&sock).unwrap();
     xs.client().unwrap().write(XBT_NULL, "/ok", b"").unwrap();
 }
+
+#[test]
+fn client_and_daemon_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<XsClient>();
+    check::<Xenstored>();
+    check::<XsError>();
+}
