@@ -457,3 +457,39 @@ fn domu_cannot_escalate_on_the_wire() {
     // /local/domain/5 does not exist and "/" is not writable for domain 5.
     expect_error(&mut s, 50, "EACCES");
 }
+
+#[test]
+fn stopping_the_daemon_never_hangs_on_stuck_clients() {
+    let (_d, xs) = daemon();
+    // One client pipelines requests and never reads the replies (its queue
+    // and socket fill up, its reader thread blocks), another is half-way
+    // through a header.
+    let mut stuck = raw(xs.path());
+    stuck
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let req = wire::encode(abi::XS_READ, 1, 0, b"/tool\0").unwrap();
+    let mut batch = Vec::new();
+    for _ in 0..2000 {
+        batch.extend_from_slice(&req);
+    }
+    for _ in 0..20 {
+        if stuck.write_all(&batch).is_err() {
+            break; // the daemon stopped reading us: we are stuck for real
+        }
+    }
+    let mut half = raw(xs.path());
+    half.write_all(&[1, 2, 3]).unwrap();
+    let c = xs.client().unwrap();
+    c.watch("/", "t").unwrap();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        drop(xs);
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .expect("dropping Xenstored returned");
+    // Its clients see the end.
+    assert!(c.read(XBT_NULL, "/").unwrap_err().is_connection_error());
+    expect_closed(&mut half);
+}

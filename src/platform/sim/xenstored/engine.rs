@@ -422,9 +422,8 @@ impl Engine {
                 )
             }
         };
-        // Events generated for the caller itself come after its reply, except
-        // for a write's own events which xenstored queues first; either order
-        // is allowed by the protocol, replies first keeps clients simple.
+        // The reply goes first, then the events the request caused (the
+        // caller's own included: WATCH's initial event must follow its OK).
         if let Ok(m) = reply {
             out.insert(0, (id, m));
         }
