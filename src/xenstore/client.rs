@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::eventfd::EventFd;
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use xen_sys::xs_wire as abi;
 
 use super::wire::{self, Header, Permissions, ReadError};
@@ -357,7 +357,8 @@ impl XsClient {
         let reader = stream
             .try_clone()
             .map_err(|e| io_err("duplicating the stream", e))?;
-        let wake = EventFd::new().map_err(|e| io_err("creating an eventfd", e.into()))?;
+        let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)
+            .map_err(|e| io_err("creating an eventfd", e.into()))?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 pending: HashMap::new(),
