@@ -137,20 +137,19 @@ fn event_frame(path: &str, token: &[u8]) -> Option<Vec<u8>> {
 /// errno for a node that does not exist: ENOENT if the caller has `need` on
 /// the nearest existing ancestor, else EACCES (don't reveal existence).
 fn errno_from_parents(t: &mut Tree, c: &Caller, path: &str, need_write: bool) -> i32 {
-    match t.existing_ancestor(path) {
-        Some(a) => {
-            let r = rights(
-                c,
-                &t.get(&a)
-                    .map(|n| n.perms.clone())
-                    .unwrap_or_else(|| Permissions::new(0, wire::Access::None)),
-            );
+    let ancestor_perms = t
+        .existing_ancestor(path)
+        .and_then(|a| t.get(&a).map(|n| n.perms.clone()));
+    match ancestor_perms {
+        Some(p) => {
+            let r = rights(c, &p);
             if (need_write && r.write) || (!need_write && r.read) {
                 libc::ENOENT
             } else {
                 libc::EACCES
             }
         }
+        // Only "/" has no ancestor, and it always exists.
         None => libc::ENOENT,
     }
 }
