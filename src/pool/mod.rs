@@ -212,6 +212,7 @@ impl Pool {
             let ok = reflink_supported(dir)
                 .doing(|| format!("test reflink support in {}", dir.display()))?;
             if !ok {
+                let fs_name = fs_type_name(dir);
                 if created {
                     let _ = ops.remove_empty_dir(dir);
                 }
@@ -221,7 +222,7 @@ impl Pool {
                         "the file system of {} ({}) cannot reflink (FICLONE); every start and commit would copy whole images. \
                          Use btrfs or XFS (mkfs.xfs -m reflink=1), or pass --no-setup-check to accept the slow copy fallback",
                         dir.display(),
-                        fs_type_name(dir)
+                        fs_name
                     ),
                 ));
             }
