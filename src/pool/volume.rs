@@ -385,15 +385,51 @@ impl Volume {
     }
 
     fn not_found_image(&self, p: &Path) -> PoolError {
+        let hint = if self.interrupted_create().unwrap_or(false) {
+            " (its create was interrupted: run `refblk volume create` again, or `refblk pool check --repair`)"
+        } else {
+            ""
+        };
         PoolError::new(
             ErrorKind::NotFound,
-            format!("volume {}: missing image file {}", self.vid, p.display()),
+            format!(
+                "volume {}: missing image file {}{hint}",
+                self.vid,
+                p.display()
+            ),
         )
+    }
+
+    /// Temporary files of our sidecar/start record (`.refblk/volumes/<vid>.json~*`).
+    fn meta_temps(&self) -> Vec<PathBuf> {
+        let sp = self.sidecar_path();
+        let Some(dir) = sp.parent() else {
+            return Vec::new();
+        };
+        let n = &self.paths.name;
+        let (a, b) = (format!("{n}.json~"), format!("{n}.running~"));
+        let mut v: Vec<PathBuf> = fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| {
+                        e.file_name()
+                            .to_str()
+                            .is_some_and(|f| f.starts_with(&a) || f.starts_with(&b))
+                    })
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
     }
 
     /// Remove temporary files and an interrupted import.
     fn remove_incomplete(&self) -> Result<()> {
         let ops = self.ops();
+        for t in self.meta_temps() {
+            self.io(ops.remove_file(&t), "remove temporary file")?;
+        }
         if let Ok(rd) = fs::read_dir(&self.paths.dir) {
             let mut temps: Vec<PathBuf> = rd
                 .filter_map(|e| e.ok())
@@ -502,6 +538,22 @@ impl Volume {
             || !self.revisions()?.is_empty())
     }
 
+    /// An origin with settings but no image, revision or precache: a create that
+    /// was interrupted before its image appeared.
+    fn interrupted_create(&self) -> Result<bool> {
+        let p = &self.paths;
+        let Ok(cfg) = self.config() else {
+            return Ok(false);
+        };
+        Ok(cfg.kind.save_on_stop()
+            && !cfg.kind.snap_on_start()
+            && self.has_sidecar()
+            && !exists(&p.clean)
+            && !exists(&p.dirty)
+            && !exists(&p.precache)
+            && self.revisions()?.is_empty())
+    }
+
     fn refuse_running(&self, what: &str) -> Result<()> {
         if exists(&self.paths.dirty) {
             let st = self.state();
@@ -523,7 +575,9 @@ impl Volume {
             .map_err(|m| PoolError::new(ErrorKind::InvalidInput, format!("volume {vid}: {m}")))?;
         let v = Volume::open(pool, vid, Overrides::default())?;
         let _l = v.lock()?;
-        if v.exists()? {
+        if v.interrupted_create()? {
+            log::warn!("volume {vid}: redoing an interrupted create");
+        } else if v.exists()? {
             return Err(PoolError::new(
                 ErrorKind::AlreadyExists,
                 format!("volume {vid} already exists in {}", pool.dir().display()),
@@ -998,6 +1052,13 @@ impl Volume {
                 }
             }
         }
+        for path in self.meta_temps() {
+            item(
+                format!("leftover temporary file {} (remove it)", path.display()),
+                true,
+                &mut || self.io(ops.remove_file(&path).map(|_| ()), "remove temp"),
+            )?;
+        }
         if exists(&p.import) {
             item(
                 format!(
@@ -1062,7 +1123,18 @@ impl Volume {
                 &mut || self.io(ops.remove_file(&p.clean).map(|_| ()), "remove snapshot"),
             )?;
         }
-        if cfg.kind.save_on_stop() && !cfg.kind.snap_on_start() && !exists(&p.clean) && !dirty {
+        let origin = cfg.kind.save_on_stop() && !cfg.kind.snap_on_start();
+        if self.interrupted_create()? {
+            let sc = self.sidecar_path();
+            item(
+                format!(
+                    "interrupted create: settings {} without any image (remove them; create the volume again)",
+                    sc.display()
+                ),
+                true,
+                &mut || self.io(ops.remove_file(&sc).map(|_| ()), "remove settings"),
+            )?;
+        } else if origin && !exists(&p.clean) && !dirty {
             item(
                 format!(
                     "missing image file {} (restore it, or revert to a revision)",
