@@ -71,7 +71,7 @@ impl PoolError {
             _ => ErrorKind::Io,
         };
         let hint = if kind == ErrorKind::NoSpace {
-            " (the file system is full; the committed data is unchanged — free space and retry)"
+            " (the file system is full; committed data is intact — free space and retry)"
         } else {
             ""
         };
