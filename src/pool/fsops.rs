@@ -153,7 +153,7 @@ impl<'a> Ops<'a> {
             Err(e) => return Err(ctx(e, "mkdir", path)),
         }
         self.fsync_path(p)?;
-        log::info!("created directory {}", path.display());
+        log::debug!("created directory {}", path.display());
         Ok(true)
     }
 
@@ -163,7 +163,7 @@ impl<'a> Ops<'a> {
         match fs::remove_dir(path) {
             Ok(()) => {
                 self.fsync_path(parent(path))?;
-                log::info!("removed empty directory {}", path.display());
+                log::debug!("removed empty directory {}", path.display());
                 Ok(true)
             }
             Err(e)
@@ -185,7 +185,7 @@ impl<'a> Ops<'a> {
         match fs::remove_file(path) {
             Ok(()) => {
                 self.fsync_path(parent(path))?;
-                log::info!("removed {}", path.display());
+                log::debug!("removed {}", path.display());
                 Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -202,7 +202,7 @@ impl<'a> Ops<'a> {
         if parent(src) != parent(dst) {
             self.fsync_path(parent(src))?;
         }
-        log::info!("renamed {} -> {}", src.display(), dst.display());
+        log::debug!("renamed {} -> {}", src.display(), dst.display());
         Ok(())
     }
 
@@ -213,7 +213,7 @@ impl<'a> Ops<'a> {
         fs::hard_link(src, dst)
             .map_err(|e| ctx(e, &format!("hardlink from {}: link", src.display()), dst))?;
         self.fsync_path(parent(dst))?;
-        log::info!("hardlinked {} -> {}", src.display(), dst.display());
+        log::debug!("hardlinked {} -> {}", src.display(), dst.display());
         Ok(())
     }
 
@@ -286,7 +286,7 @@ impl<'a> Ops<'a> {
             self.step("truncate", tmp)?;
             f.set_len(size).map_err(|e| ctx(e, "truncate", tmp))
         })?;
-        log::info!("created sparse file {} ({size} bytes)", dst.display());
+        log::debug!("created sparse file {} ({size} bytes)", dst.display());
         Ok(())
     }
 
@@ -309,7 +309,7 @@ impl<'a> Ops<'a> {
                     ctx(e, &format!("reflink from {}: FICLONE", src.display()), tmp)
                 })?;
                 if !reflinked {
-                    log::info!(
+                    log::debug!(
                         "copying {} -> {} (no reflink)",
                         src.display(),
                         tmp.display()
@@ -330,7 +330,7 @@ impl<'a> Ops<'a> {
             Ok(reflinked)
         })?;
         if reflinked {
-            log::info!("reflinked {} -> {}", src.display(), dst.display());
+            log::debug!("reflinked {} -> {}", src.display(), dst.display());
         }
         Ok(reflinked)
     }

@@ -526,6 +526,26 @@ impl Volume {
         self.update_precache(|| self.io(ops.rename(from, &self.paths.clean), "commit"))
     }
 
+    /// Write the settings in effect (sidecar or defaults, with this handle's
+    /// overrides) to the volume's sidecar, under the lock. Returns them.
+    pub fn save_settings(&self) -> Result<VolumeConfig> {
+        let _l = self.lock()?;
+        if !self.exists()? && !self.config()?.kind.snap_on_start() {
+            if self.config()?.kind.save_on_stop() {
+                return Err(PoolError::new(
+                    ErrorKind::NotFound,
+                    format!("volume {} does not exist; use `volume create`", self.vid),
+                ));
+            }
+        }
+        let mut c = self.config()?;
+        if c.size.is_none() {
+            c.size = self.size()?;
+        }
+        self.save_config(&c)?;
+        Ok(c)
+    }
+
     fn save_config(&self, cfg: &VolumeConfig) -> Result<()> {
         write_json(&self.ops(), &self.sidecar_path(), &cfg.to_json())
     }
