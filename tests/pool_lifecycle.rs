@@ -115,6 +115,11 @@ fn origin_lifecycle(root: &Path, kind: FsKind) {
     assert!(e.msg.contains("already running"), "{e}");
     let a = pattern(1, 256 * 1024);
     write_at(&dirty, MIB, &a);
+    // a restarted daemon takes the running volume over, data as it is
+    let dirty_ino = ino(&dirty);
+    assert_eq!(v.resume().unwrap(), dirty);
+    assert_eq!(ino(&dirty), dirty_ino);
+    assert_eq!(read(&dirty)[MIB as usize..MIB as usize + a.len()], a[..]);
 
     // commit: revision 1 named after the old clean's mtime, precache refreshed
     let old_mtime = mtime_ns(&clean).0;
@@ -268,6 +273,12 @@ fn origin_lifecycle(root: &Path, kind: FsKind) {
     assert_eq!(read(&clean), image_with(2 * MIB, 0, &e2));
     assert!(temps(&dir).is_empty(), "{:?}", temps(&dir));
     assert!(!exists(&dir.join("appvms/work/private-import.img")));
+
+    // import into a volume that does not exist: refused, nothing created
+    let none = pool.volume("appvms/none/private").unwrap();
+    let e = none.import(ImportSource::File(&src), None).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+    assert!(!dir.join("appvms/none").exists());
 
     // clone to a new volume, then into an existing one
     let c = pool.volume("appvms/copy/private").unwrap();

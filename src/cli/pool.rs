@@ -233,6 +233,10 @@ pub enum VolumeCommand {
         pool: PoolArg,
         /// Volume id.
         vid: String,
+        /// Serve a volume recorded as running again instead of refusing (after the
+        /// serving daemon died while the guest kept running).
+        #[arg(long)]
+        takeover: bool,
         #[command(flatten)]
         ov: OverrideArgs,
     },
@@ -559,9 +563,15 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             println!("resized {} to {}", v.vid(), format_size(size));
             Ok(())
         }
-        VolumeCommand::Start { pool, vid, ov } => {
+        VolumeCommand::Start {
+            pool,
+            vid,
+            takeover,
+            ov,
+        } => {
             let v = open_volume(&pool, &vid, &ov)?;
-            println!("{}", v.start()?.display());
+            let path = if takeover { v.resume()? } else { v.start()? };
+            println!("{}", path.display());
             Ok(())
         }
         VolumeCommand::Stop {

@@ -530,13 +530,12 @@ impl Volume {
     /// overrides) to the volume's sidecar, under the lock. Returns them.
     pub fn save_settings(&self) -> Result<VolumeConfig> {
         let _l = self.lock()?;
-        if !self.exists()? && !self.config()?.kind.snap_on_start() {
-            if self.config()?.kind.save_on_stop() {
-                return Err(PoolError::new(
-                    ErrorKind::NotFound,
-                    format!("volume {} does not exist; use `volume create`", self.vid),
-                ));
-            }
+        let kind = self.config()?.kind;
+        if !self.exists()? && kind.save_on_stop() && !kind.snap_on_start() {
+            return Err(PoolError::new(
+                ErrorKind::NotFound,
+                format!("volume {} does not exist; use `volume create`", self.vid),
+            ));
         }
         let mut c = self.config()?;
         if c.size.is_none() {
@@ -631,11 +630,28 @@ impl Volume {
     /// Refused if the volume is already running; a dirty image left by a crash is
     /// reused.
     pub fn start(&self) -> Result<PathBuf> {
+        self.start_inner(false)
+    }
+
+    /// Like [`Volume::start`], but a volume recorded as running in this boot is taken
+    /// over instead of refused: its dirty image is served again as it is. For a daemon
+    /// that restarts after a crash while its guests kept running (`start --takeover`).
+    pub fn resume(&self) -> Result<PathBuf> {
+        self.start_inner(true)
+    }
+
+    fn start_inner(&self, takeover: bool) -> Result<PathBuf> {
         let _l = self.lock()?;
         let cfg = self.config()?;
         let p = &self.paths;
         let ops = self.ops();
-        if self.state() == VolumeState::Running {
+        if self.state() == VolumeState::Running && takeover {
+            log::warn!(
+                "volume {}: taking over the running {}",
+                self.vid,
+                p.dirty.display()
+            );
+        } else if self.state() == VolumeState::Running {
             let m = read_json_file(&self.marker_path()).ok().flatten();
             let who = m
                 .map(|m| format!(" by pid {} at {}", m["pid"], m["started"]))
@@ -650,7 +666,9 @@ impl Volume {
             ));
         }
         self.remove_incomplete()?;
-        if cfg.kind.save_on_stop() && exists(&p.dirty) {
+        if takeover && exists(&p.dirty) {
+            // served as it is, whatever the kind
+        } else if cfg.kind.save_on_stop() && exists(&p.dirty) {
             log::warn!(
                 "volume {}: reusing {} left by an interrupted run",
                 self.vid,
@@ -891,6 +909,16 @@ impl Volume {
     /// `size`: the new volume size (default: the source's length).
     pub fn import(&self, src: ImportSource<'_>, size: Option<u64>) -> Result<()> {
         let _l = self.lock()?;
+        if !self.exists()? {
+            return Err(PoolError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "volume {} does not exist in {}; create it first",
+                    self.vid,
+                    self.pool.dir().display()
+                ),
+            ));
+        }
         self.import_locked(src, size)
     }
 

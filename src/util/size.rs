@@ -77,7 +77,7 @@ pub fn format_size(n: u64) -> String {
     }
     for (u, shift) in UNITS {
         let m = 1u64 << shift;
-        if n % m == 0 {
+        if n.is_multiple_of(m) {
             return format!("{}{}", n / m, u);
         }
     }
