@@ -84,6 +84,44 @@ fn cli_lifecycle_and_exit_codes() {
     let e = fails(&["pool", "init", e4.to_str().unwrap()], 8);
     assert!(e.contains("ext4") && e.contains("--no-setup-check"), "{e}");
     ok(&["pool", "init", "--no-setup-check", e4.to_str().unwrap()]);
+    // a large (sparse) image copied without reflink reports progress on stderr
+    let e4s = e4.to_str().unwrap();
+    ok(&[
+        "volume",
+        "create",
+        "-p",
+        e4s,
+        "appvms/big/private",
+        "--size",
+        "1M",
+    ]);
+    let big = ext.path().join("big.img");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(1 << 30).unwrap();
+    drop(f);
+    for off in [0u64, 300 << 20, (1 << 30) - MIB] {
+        write_at(&big, off, &pattern(off as u8, MIB as usize));
+    }
+    let o = refblk(&[
+        "volume",
+        "import",
+        "-p",
+        e4s,
+        "appvms/big/private",
+        big.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("refblk: copying") && err.contains("%"),
+        "{err}"
+    );
+    assert!(err.contains("refblk: copied"), "{err}");
+    let clean = e4.join("appvms/big/private.img");
+    assert_eq!(std::fs::metadata(&clean).unwrap().len(), 1 << 30);
+    assert!(blocks(&clean) * 512 < 16 * MIB, "sparse copy is not sparse");
+    ok(&["volume", "remove", "-p", e4s, "appvms/big/private"]);
+    std::fs::remove_file(&big).unwrap();
 
     let dir = fs.path().join("pool");
     let d = dir.to_str().unwrap();
@@ -163,7 +201,9 @@ fn cli_lifecycle_and_exit_codes() {
     assert_eq!(o.stdout, read(&out));
     let mut child = Command::new(env!("CARGO_BIN_EXE_refblk"))
         .args(["volume", "import", "-p", d, "appvms/w/private", "-"])
+        .env("RUST_LOG", "warn")
         .stdin(Stdio::piped())
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     {

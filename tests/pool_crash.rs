@@ -344,5 +344,92 @@ fn enospc_at_every_step_ext4() {
     run(FsKind::Ext4, "enospc");
 }
 
-#[allow(dead_code)]
-fn unused(_: &Path, _: VolumeKind) {}
+/// Snapshot and volatile volumes killed at every step of start and stop: the source
+/// (template) is never touched, and the next start serves a correct fresh image.
+fn snapshot_kinds(kind: FsKind) {
+    let Some(fs) = scratch(kind) else { return };
+    let faults = Arc::new(Faults::new());
+    let pool = pool(fs.path(), "snap", kind).with_faults(faults.clone());
+    let t = committed(&pool, "vm-templates/t/root", 1, 5);
+    let t_ino = ino(t.clean_path());
+    let snap = VolumeConfig {
+        kind: VolumeKind::Snapshot,
+        source: Some("vm-templates/t/root".into()),
+        revisions_to_keep: 0,
+        size: None,
+        rw: true,
+    };
+    let vola = VolumeConfig {
+        kind: VolumeKind::Volatile,
+        ..VolumeConfig::origin(0)
+    };
+    for (name, cfg, expect) in [
+        ("snapshot", snap, content(5)),
+        ("volatile", vola, vec![0u8; SIZE as usize]),
+    ] {
+        for stop in [false, true] {
+            let prep = |vid: &str| {
+                faults.disarm();
+                let v = pool.create_volume(vid, cfg.clone(), SIZE).unwrap();
+                if stop {
+                    put(&v.start().unwrap(), 9);
+                }
+                v
+            };
+            let op = |v: &Volume| {
+                if stop {
+                    v.stop().map(|_| ())
+                } else {
+                    v.start().map(|_| ())
+                }
+            };
+            let v = prep(&format!("appvms/{name}-{stop}-count/root"));
+            faults.disarm();
+            op(&v).unwrap();
+            let steps = faults.count();
+            for n in 1..=steps {
+                let v = prep(&format!("appvms/{name}-{stop}-{n}/root"));
+                faults.arm(n, FaultMode::Crash);
+                let r = op(&v);
+                faults.disarm();
+                let label = format!("{kind} {name} stop={stop} step {n}/{steps}");
+                assert!(r.is_err(), "{label}: did not fail");
+                assert_eq!(ino(t.clean_path()), t_ino, "{label}: template replaced");
+                assert_eq!(
+                    read(t.clean_path()),
+                    content(5),
+                    "{label}: template changed"
+                );
+                if n % 2 == 0 {
+                    pool.check(true).unwrap();
+                }
+                if v.state() == VolumeState::Running {
+                    v.stop().unwrap();
+                }
+                let d = v
+                    .start()
+                    .unwrap_or_else(|e| panic!("{label}: recovery start: {e}"));
+                assert_eq!(read(&d), expect, "{label}: recovered image");
+                v.stop().unwrap();
+                assert!(!exists(v.dirty_path()), "{label}");
+                assert!(!exists(v.clean_path()), "{label}");
+                assert!(
+                    temps(pool.dir()).is_empty(),
+                    "{label}: {:?}",
+                    temps(pool.dir())
+                );
+            }
+            eprintln!("{kind} {name} stop={stop}: {steps} steps ok");
+        }
+    }
+}
+
+#[test]
+fn crash_snapshot_and_volatile_btrfs() {
+    snapshot_kinds(FsKind::Btrfs);
+}
+
+#[test]
+fn crash_snapshot_and_volatile_ext4() {
+    snapshot_kinds(FsKind::Ext4);
+}

@@ -384,6 +384,12 @@ fn snapshot_and_volatile(root: &Path, kind: FsKind) {
     ox[MIB as usize..MIB as usize + x.len()].copy_from_slice(&x);
     assert_eq!(read(os.clean_path()), ox);
     assert_ne!(ino(os.clean_path()), ino(t.clean_path()));
+    assert!(!exists(os.precache_path()));
+    assert!(
+        pool.check(false).unwrap().is_empty(),
+        "{:?}",
+        pool.check(false)
+    );
     assert_eq!(read(t.clean_path()), tt, "template changed by a snapshot");
 
     // volatile: a fresh sparse image each start, nothing kept

@@ -523,6 +523,11 @@ impl Volume {
         self.add_revision(cfg)?;
         self.prune_revisions(cfg.revisions_to_keep.max(0) as usize)?;
         self.io(ops.fsync_file(from), "fsync image")?;
+        if cfg.kind.snap_on_start() {
+            // origin+snapshot starts from the source, never from a precache
+            self.io(ops.remove_file(&self.paths.precache), "remove precache")?;
+            return self.io(ops.rename(from, &self.paths.clean), "commit");
+        }
         self.update_precache(|| self.io(ops.rename(from, &self.paths.clean), "commit"))
     }
 
