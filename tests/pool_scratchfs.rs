@@ -46,3 +46,52 @@ fn scratch_fs_lifecycle_all_kinds() {
         );
     }
 }
+
+/// A scratch mount whose owner process died (no Drop ran) is unmounted and its loop
+/// device detached by the next ScratchFs::new.
+#[test]
+fn leaked_scratch_mount_is_cleaned_up() {
+    use std::process::Command;
+    if !refblk::util::scratchfs::require_root_or_skip("mounting a leaked scratch fs") {
+        return;
+    }
+    // a pid that no longer exists
+    let mut child = Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let base = std::env::temp_dir().join(format!("refblk-scratch.{dead}.77"));
+    let _ = fs::remove_dir_all(&base);
+    let mnt = base.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let img = base.join("fs.img");
+    fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
+    let run = |c: &str, a: &[&str]| {
+        let o = Command::new(c).args(a).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{c} {a:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    run("mkfs.ext4", &["-q", "-F", img.to_str().unwrap()]);
+    let dev = run("losetup", &["--find", "--show", img.to_str().unwrap()]);
+    // (no "is mounted" assertion here: a parallel test's ScratchFs::new may already
+    // clean it up, which is the behaviour under test)
+    run("mount", &[&dev, mnt.to_str().unwrap()]);
+    let Some(fs2) = ScratchFs::new_or_skip(FsKind::Ext4, 16 << 20) else {
+        return;
+    };
+    assert!(!mounted(&mnt), "leaked mount {} not cleaned", mnt.display());
+    assert!(!base.exists(), "leaked dir {} not removed", base.display());
+    let backing = fs::read_to_string(format!(
+        "/sys/block/{}/loop/backing_file",
+        dev.trim_start_matches("/dev/")
+    ))
+    .unwrap_or_default();
+    assert!(
+        !backing.contains(&format!("refblk-scratch.{dead}.77")),
+        "{dev} still attached to the leaked image"
+    );
+    drop(fs2);
+}
