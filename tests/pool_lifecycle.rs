@@ -33,6 +33,41 @@ fn run_all(kind: FsKind) {
     snapshot_and_volatile(root, kind);
     revisions_variants(root, kind);
     bad_input(root, kind);
+    copies_share_blocks(root, kind);
+}
+
+fn free_bytes(p: &Path) -> u64 {
+    nix::unistd::sync();
+    let st = nix::sys::statvfs::statvfs(p).unwrap();
+    st.blocks_free() * st.fragment_size()
+}
+
+/// On btrfs/XFS a start without precache and a commit's revision are reflinks (no
+/// new data blocks); on ext4 they are real (sparse) copies.
+fn copies_share_blocks(root: &Path, kind: FsKind) {
+    let pool = pool(root, "p5", kind);
+    let size = 16 * MIB;
+    let v = pool
+        .create_volume("appvms/r/private", VolumeConfig::origin(1), size)
+        .unwrap();
+    write_at(&v.start().unwrap(), 0, &pattern(1, size as usize));
+    v.stop().unwrap();
+    std::fs::remove_file(v.precache_path()).unwrap();
+    let before = free_bytes(root);
+    v.start().unwrap(); // copies clean -> dirty
+    let used = before.saturating_sub(free_bytes(root));
+    if kind.supports_reflink() {
+        assert!(
+            used < 4 * MIB,
+            "{kind}: start used {used} bytes: not a reflink"
+        );
+    } else {
+        assert!(
+            used >= 15 * MIB,
+            "{kind}: start used only {used} bytes for a copy"
+        );
+    }
+    v.discard().unwrap();
 }
 
 #[test]
