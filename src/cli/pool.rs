@@ -1,21 +1,719 @@
-//! `refblk pool` and `refblk volume` (to be written).
+//! `refblk pool ...` and `refblk volume ...`: the reflink pool from the command line,
+//! in the spirit of Qubes' `qvm-pool` / `qvm-volume`.
+//!
+//! Exit codes (stable, for scripts): 0 success; 1 I/O failure; 2 bad input or usage;
+//! 3 not found (volume, image, revision, pool); 4 volume already exists; 5 busy (the
+//! volume is running); 6 wrong volume kind or state for the operation; 7 file system
+//! full; 8 file system cannot reflink (`pool init` without `--no-setup-check`);
+//! 9 `pool check` found problems it did not repair.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
 
 use super::{CliError, CliResult};
+use crate::pool::{
+    ImportSource, InitOptions, Overrides, Pool, PoolError, StopOutcome, Volume, VolumeConfig,
+    VolumeInfo, VolumeKind,
+};
+use crate::util::size::{format_size, parse_size};
+
+const EXIT_CODES: &str = "Exit codes: 0 ok, 1 I/O failure, 2 bad input/usage, 3 not found, \
+4 already exists, 5 busy (volume running), 6 wrong kind/state, 7 file system full, \
+8 no reflink support, 9 check found unrepaired problems.";
+
+impl From<PoolError> for CliError {
+    fn from(e: PoolError) -> Self {
+        CliError {
+            code: e.kind.exit_code(),
+            msg: e.msg,
+        }
+    }
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn kind_arg(s: &str) -> Result<VolumeKind, String> {
+    s.parse()
+}
 
 /// `refblk pool ...`
-#[derive(clap::Subcommand, Debug)]
-pub enum PoolCommand {}
+#[derive(Subcommand, Debug)]
+#[command(after_help = EXIT_CODES)]
+pub enum PoolCommand {
+    /// Create (or adopt) a pool directory: check reflink support, make appvms/,
+    /// vm-templates/ and .refblk/pool.json.
+    #[command(after_help = EXIT_CODES)]
+    Init {
+        /// The pool directory (created if missing).
+        dir: PathBuf,
+        /// Accept a file system without reflinks (every start/commit copies the image).
+        #[arg(long)]
+        no_setup_check: bool,
+        /// Default number of revisions kept per volume.
+        #[arg(long, default_value_t = 1)]
+        revisions_to_keep: i64,
+    },
+    /// Show the pool's file system, space and settings.
+    #[command(after_help = EXIT_CODES)]
+    Info {
+        /// The pool directory.
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Look for leftovers of interrupted operations (temporary files, interrupted
+    /// imports, stale precaches and start records); --repair removes them.
+    #[command(after_help = EXIT_CODES)]
+    Check {
+        /// The pool directory.
+        dir: PathBuf,
+        /// Fix what can be fixed without touching committed data.
+        #[arg(long)]
+        repair: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which pool (`--pool DIR` or `$REFBLK_POOL`).
+#[derive(Args, Debug, Clone)]
+pub struct PoolArg {
+    /// The pool directory [default: $REFBLK_POOL].
+    #[arg(short, long, value_name = "DIR")]
+    pub pool: Option<PathBuf>,
+}
+
+impl PoolArg {
+    fn dir(&self) -> Result<PathBuf, CliError> {
+        match &self.pool {
+            Some(p) => Ok(p.clone()),
+            None => std::env::var_os("REFBLK_POOL")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .ok_or_else(|| {
+                    CliError::usage("no pool given: pass --pool DIR or set REFBLK_POOL")
+                }),
+        }
+    }
+
+    fn open(&self) -> Result<Pool, CliError> {
+        Ok(Pool::open(&self.dir()?)?)
+    }
+}
+
+/// Settings for volumes without a sidecar (e.g. laid out by Qubes), or to override it.
+#[derive(Args, Debug, Clone, Default)]
+pub struct OverrideArgs {
+    /// Volume kind: origin, snapshot, origin+snapshot, volatile.
+    #[arg(long, value_parser = kind_arg)]
+    pub kind: Option<VolumeKind>,
+    /// Source volume of a snapshot kind (same pool).
+    #[arg(long, value_name = "VID")]
+    pub source: Option<String>,
+    /// Revisions kept at commit (-1 on an origin: no snapshots, rename in place).
+    #[arg(long, allow_hyphen_values = true)]
+    pub revisions_to_keep: Option<i64>,
+    /// Size of a volatile volume without a sidecar (e.g. 10G).
+    #[arg(long, value_parser = size_arg, value_name = "SIZE")]
+    pub volatile_size: Option<u64>,
+}
+
+impl OverrideArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            kind: self.kind,
+            source: self.source.clone(),
+            revisions_to_keep: self.revisions_to_keep,
+            size: self.volatile_size,
+        }
+    }
+}
 
 /// `refblk volume ...`
-#[derive(clap::Subcommand, Debug)]
-pub enum VolumeCommand {}
+#[derive(Subcommand, Debug)]
+#[command(after_help = EXIT_CODES)]
+pub enum VolumeCommand {
+    /// Create a volume (origin: an empty sparse image of --size).
+    #[command(after_help = EXIT_CODES)]
+    Create {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Volume id, e.g. appvms/work/private.
+        vid: String,
+        /// Size, e.g. 10G, 512M, 4096.
+        #[arg(long, value_parser = size_arg)]
+        size: u64,
+        /// Volume kind: origin, snapshot, origin+snapshot, volatile.
+        #[arg(long, value_parser = kind_arg, default_value = "origin")]
+        kind: VolumeKind,
+        /// Source volume for snapshot kinds.
+        #[arg(long, value_name = "VID")]
+        source: Option<String>,
+        /// Revisions kept (default: the pool's; -1 on an origin: no snapshots).
+        #[arg(long, allow_hyphen_values = true)]
+        revisions_to_keep: Option<i64>,
+        /// Refuse resizing.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Replace a volume's data with FILE (or stdin for '-'); the old data becomes a
+    /// revision. A failed import leaves the old data.
+    #[command(after_help = EXIT_CODES)]
+    Import {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Volume id.
+        vid: String,
+        /// Image file, or '-' for stdin.
+        file: PathBuf,
+        /// New volume size (default: the file's length / bytes read).
+        #[arg(long, value_parser = size_arg)]
+        size: Option<u64>,
+        #[command(flatten)]
+        ov: OverrideArgs,
+    },
+    /// Print the clean image's path, or copy it (reflink when possible) to DEST, or
+    /// to stdout for '-'.
+    #[command(after_help = EXIT_CODES)]
+    Export {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Volume id.
+        vid: String,
+        /// Destination file, or '-' for stdout.
+        dest: Option<PathBuf>,
+        #[command(flatten)]
+        ov: OverrideArgs,
+    },
+    /// Copy SRC's committed data into DST (a new origin volume, or an existing one
+    /// whose old data becomes a revision); --src-pool clones across pools.
+    #[command(after_help = EXIT_CODES)]
+    Clone {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Source volume id.
+        src: String,
+        /// Destination volume id.
+        dst: String,
+        /// Pool of the source (default: the same pool).
+        #[arg(long, value_name = "DIR")]
+        src_pool: Option<PathBuf>,
+        /// Revisions kept by a new destination volume.
+        #[arg(long, allow_hyphen_values = true)]
+        revisions_to_keep: Option<i64>,
+    },
+    /// Resize a volume (grow only unless --allow-shrink); a running volume's backend is
+    /// told the new size.
+    #[command(after_help = EXIT_CODES)]
+    Resize {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Volume id.
+        vid: String,
+        /// New size, e.g. 20G.
+        #[arg(value_parser = size_arg)]
+        size: u64,
+        /// Allow shrinking (data beyond the new end is lost).
+        #[arg(long)]
+        allow_shrink: bool,
+        #[command(flatten)]
+        ov: OverrideArgs,
+    },
+    /// Start: snapshot the volume to its -dirty.img and print that path.
+    #[command(after_help = EXIT_CODES)]
+    Start {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Volume id.
+        vid: String,
+        /// Serve a volume recorded as running again instead of refusing (after the
+        /// serving daemon died while the guest kept running).
+        #[arg(long)]
+        takeover: bool,
+        #[command(flatten)]
+        ov: OverrideArgs,
+    },
+    /// Stop: commit an origin's changes (or --discard them); snapshot and volatile
+    /// volumes are thrown away.
+    #[command(after_help = EXIT_CODES)]
+    Stop {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Volume id.
+        vid: String,
+        /// Throw the changes away instead of committing.
+        #[arg(long)]
+        discard: bool,
+        #[command(flatten)]
+        ov: OverrideArgs,
+    },
+    /// Revert a stopped volume to REVISION (N or N@TIMESTAMPZ; default the newest);
+    /// the current data becomes a revision.
+    #[command(after_help = EXIT_CODES)]
+    Revert {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Volume id.
+        vid: String,
+        /// Revision (see `volume revisions`).
+        revision: Option<String>,
+        #[command(flatten)]
+        ov: OverrideArgs,
+    },
+    /// List a volume's revisions, oldest first.
+    #[command(after_help = EXIT_CODES)]
+    Revisions {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Volume id.
+        vid: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a volume's settings, state, size and revisions.
+    #[command(after_help = EXIT_CODES)]
+    Info {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Volume id.
+        vid: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        ov: OverrideArgs,
+    },
+    /// List the volumes of a pool.
+    #[command(after_help = EXIT_CODES)]
+    List {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a volume: all images, revisions and settings.
+    #[command(after_help = EXIT_CODES)]
+    Remove {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Volume id.
+        vid: String,
+        /// Remove even if it is running.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Store settings for an existing volume (e.g. one laid out by Qubes) in its
+    /// sidecar .refblk/volumes/VID.json, without touching images.
+    #[command(after_help = EXIT_CODES)]
+    Config {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Volume id.
+        vid: String,
+        #[command(flatten)]
+        ov: OverrideArgs,
+    },
+}
+
+fn print_json(v: &serde_json::Value) -> CliResult {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{v:#}")?;
+    Ok(())
+}
 
 /// Run a pool command.
-pub fn run_pool(_c: PoolCommand) -> CliResult {
-    Err(CliError::failed("not built yet"))
+pub fn run_pool(c: PoolCommand) -> CliResult {
+    match c {
+        PoolCommand::Init {
+            dir,
+            no_setup_check,
+            revisions_to_keep,
+        } => {
+            let p = Pool::init(
+                &dir,
+                &InitOptions {
+                    setup_check: !no_setup_check,
+                    revisions_to_keep,
+                },
+            )?;
+            println!("initialized pool {}", p.dir().display());
+            Ok(())
+        }
+        PoolCommand::Info { dir, json } => {
+            let p = Pool::open(&dir)?;
+            let i = p.info()?;
+            if json {
+                return print_json(&json!({
+                    "dir": i.dir,
+                    "driver": "file-reflink",
+                    "fs_type": i.fs_type,
+                    "reflink": i.reflink,
+                    "size": i.size,
+                    "usage": i.usage,
+                    "revisions_to_keep": i.config.revisions_to_keep,
+                    "setup_check": i.config.setup_check,
+                    "initialized": i.initialized,
+                    "volumes": i.volumes,
+                }));
+            }
+            println!("dir               {}", i.dir.display());
+            println!("driver            file-reflink");
+            println!("file system       {}", i.fs_type);
+            println!(
+                "reflink           {}",
+                if i.reflink {
+                    "yes"
+                } else {
+                    "no (copy fallback)"
+                }
+            );
+            println!("size              {}", format_size(i.size));
+            println!("usage             {}", format_size(i.usage));
+            println!("revisions_to_keep {}", i.config.revisions_to_keep);
+            println!(
+                "initialized       {}",
+                if i.initialized {
+                    "yes"
+                } else {
+                    "no (.refblk/pool.json missing; defaults used)"
+                }
+            );
+            println!("volumes           {}", i.volumes);
+            Ok(())
+        }
+        PoolCommand::Check { dir, repair, json } => {
+            let p = Pool::open(&dir)?;
+            let items = p.check(repair)?;
+            let open: Vec<_> = items.iter().filter(|i| !i.repaired).collect();
+            if json {
+                print_json(&json!({
+                    "ok": open.is_empty(),
+                    "items": items.iter().map(|i| json!({
+                        "vid": i.vid,
+                        "problem": i.problem,
+                        "repaired": i.repaired,
+                        "needs_admin": i.fatal,
+                    })).collect::<Vec<_>>(),
+                }))?;
+            } else {
+                for i in &items {
+                    let tag = if i.repaired {
+                        "repaired"
+                    } else if i.fatal {
+                        "ATTENTION"
+                    } else {
+                        "found"
+                    };
+                    println!("{tag}: {}: {}", i.vid, i.problem);
+                }
+                if items.is_empty() {
+                    println!("pool {} is clean", p.dir().display());
+                }
+            }
+            if open.is_empty() {
+                Ok(())
+            } else {
+                Err(CliError {
+                    code: 9,
+                    msg: format!(
+                        "{} problem(s) in pool {} not repaired{}",
+                        open.len(),
+                        p.dir().display(),
+                        if repair { "" } else { " (run with --repair)" }
+                    ),
+                })
+            }
+        }
+    }
+}
+
+fn open_volume(pool: &PoolArg, vid: &str, ov: &OverrideArgs) -> Result<Volume, CliError> {
+    let p = pool.open()?;
+    Ok(p.volume_with(vid, ov.overrides())?)
+}
+
+fn info_line(i: &VolumeInfo) -> String {
+    format!(
+        "{:<40} {:<16} {:<11} {:>8} {:>9}{}",
+        i.vid,
+        i.config.kind.as_str(),
+        i.state.as_str(),
+        i.size.map(format_size).unwrap_or_else(|| "-".into()),
+        i.revisions.len(),
+        if i.outdated { "  outdated" } else { "" }
+    )
 }
 
 /// Run a volume command.
-pub fn run_volume(_c: VolumeCommand) -> CliResult {
-    Err(CliError::failed("not built yet"))
+pub fn run_volume(c: VolumeCommand) -> CliResult {
+    match c {
+        VolumeCommand::Create {
+            pool,
+            vid,
+            size,
+            kind,
+            source,
+            revisions_to_keep,
+            read_only,
+        } => {
+            let p = pool.open()?;
+            let cfg = VolumeConfig {
+                kind,
+                source,
+                revisions_to_keep: revisions_to_keep.unwrap_or(if kind.save_on_stop() {
+                    p.config().revisions_to_keep
+                } else {
+                    0
+                }),
+                size: Some(size),
+                rw: !read_only,
+            };
+            let v = p.create_volume(&vid, cfg, size)?;
+            println!("created {} ({} {})", v.vid(), kind, format_size(size));
+            Ok(())
+        }
+        VolumeCommand::Import {
+            pool,
+            vid,
+            file,
+            size,
+            ov,
+        } => {
+            let v = open_volume(&pool, &vid, &ov)?;
+            if file.as_os_str() == "-" {
+                let stdin = io::stdin();
+                let mut lock = stdin.lock();
+                v.import(ImportSource::Reader(&mut lock, "stdin"), size)?;
+            } else {
+                v.import(ImportSource::File(&file), size)?;
+            }
+            println!("imported {} into {}", file.display(), v.vid());
+            Ok(())
+        }
+        VolumeCommand::Export {
+            pool,
+            vid,
+            dest,
+            ov,
+        } => {
+            let v = open_volume(&pool, &vid, &ov)?;
+            match dest {
+                None => println!("{}", v.export(None)?.display()),
+                Some(d) if d.as_os_str() == "-" => {
+                    let path = v.export(None)?;
+                    let mut f = std::fs::File::open(&path)
+                        .map_err(|e| CliError::failed(format!("open {}: {e}", path.display())))?;
+                    let mut out = io::stdout().lock();
+                    match io::copy(&mut f, &mut out).and_then(|_| out.flush()) {
+                        Ok(()) => {}
+                        // the reader went away (e.g. `| head`): not our failure
+                        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+                        Err(e) => {
+                            return Err(CliError::failed(format!(
+                                "export {} to stdout: {e}",
+                                path.display()
+                            )))
+                        }
+                    }
+                }
+                Some(d) => {
+                    v.export(Some(&d))?;
+                    println!("exported {} to {}", v.vid(), d.display());
+                }
+            }
+            Ok(())
+        }
+        VolumeCommand::Clone {
+            pool,
+            src,
+            dst,
+            src_pool,
+            revisions_to_keep,
+        } => {
+            let p = pool.open()?;
+            let sp = match &src_pool {
+                Some(d) => Pool::open(d)?,
+                None => p.clone(),
+            };
+            let s = sp.volume(&src)?;
+            let d = p.volume(&dst)?;
+            let cfg = revisions_to_keep.map(VolumeConfig::origin);
+            d.clone_from(&s, cfg)?;
+            println!("cloned {} to {}", s.vid(), d.vid());
+            Ok(())
+        }
+        VolumeCommand::Resize {
+            pool,
+            vid,
+            size,
+            allow_shrink,
+            ov,
+        } => {
+            let v = open_volume(&pool, &vid, &ov)?;
+            v.resize(size, allow_shrink)?;
+            println!("resized {} to {}", v.vid(), format_size(size));
+            Ok(())
+        }
+        VolumeCommand::Start {
+            pool,
+            vid,
+            takeover,
+            ov,
+        } => {
+            let v = open_volume(&pool, &vid, &ov)?;
+            let path = if takeover { v.resume()? } else { v.start()? };
+            println!("{}", path.display());
+            Ok(())
+        }
+        VolumeCommand::Stop {
+            pool,
+            vid,
+            discard,
+            ov,
+        } => {
+            let v = open_volume(&pool, &vid, &ov)?;
+            let o = if discard { v.discard()? } else { v.stop()? };
+            println!(
+                "{}: {}",
+                v.vid(),
+                match o {
+                    StopOutcome::Committed => "committed",
+                    StopOutcome::Discarded => "discarded",
+                    StopOutcome::NotRunning => "was not running",
+                }
+            );
+            Ok(())
+        }
+        VolumeCommand::Revert {
+            pool,
+            vid,
+            revision,
+            ov,
+        } => {
+            let v = open_volume(&pool, &vid, &ov)?;
+            let r = v.revert(revision.as_deref())?;
+            println!("reverted {} to revision {}@{}Z", v.vid(), r.n, r.timestamp);
+            Ok(())
+        }
+        VolumeCommand::Revisions { pool, vid, json } => {
+            let v = open_volume(&pool, &vid, &OverrideArgs::default())?;
+            let revs = v.revisions()?;
+            if json {
+                return print_json(&json!(revs
+                    .iter()
+                    .map(|r| json!({
+                        "revision": r.n.to_string(),
+                        "timestamp": format!("{}Z", r.timestamp),
+                        "path": r.path,
+                    }))
+                    .collect::<Vec<_>>()));
+            }
+            for r in revs {
+                println!("{:<6} {}Z", r.n, r.timestamp);
+            }
+            Ok(())
+        }
+        VolumeCommand::Info {
+            pool,
+            vid,
+            json,
+            ov,
+        } => {
+            let v = open_volume(&pool, &vid, &ov)?;
+            let i = v.info()?;
+            if !i.clean_exists && !v.exists()? && i.config.kind.save_on_stop() {
+                return Err(CliError {
+                    code: 3,
+                    msg: format!("volume {vid} does not exist in {}", pool.dir()?.display()),
+                });
+            }
+            if json {
+                return print_json(&i.to_json());
+            }
+            println!("vid               {}", i.vid);
+            println!("kind              {}", i.config.kind);
+            if let Some(s) = &i.config.source {
+                println!("source            {s}");
+            }
+            println!("revisions_to_keep {}", i.config.revisions_to_keep);
+            println!("rw                {}", i.config.rw);
+            println!(
+                "settings          {}",
+                if i.has_sidecar {
+                    "sidecar"
+                } else {
+                    "defaults (no sidecar)"
+                }
+            );
+            println!("state             {}", i.state.as_str());
+            println!(
+                "size              {}",
+                i.size.map(format_size).unwrap_or_else(|| "-".into())
+            );
+            println!("usage             {}", format_size(i.usage));
+            println!("path              {}", i.dirty.display());
+            println!(
+                "clean             {}{}",
+                i.clean.display(),
+                if i.clean_exists { "" } else { " (missing)" }
+            );
+            if i.config.kind.snap_on_start() {
+                println!("outdated          {}", i.outdated);
+            }
+            for r in &i.revisions {
+                println!("revision          {}@{}Z", r.n, r.timestamp);
+            }
+            Ok(())
+        }
+        VolumeCommand::List { pool, json } => {
+            let p = pool.open()?;
+            let mut infos = Vec::new();
+            for vid in p.list()? {
+                infos.push(p.volume(&vid)?.info()?);
+            }
+            if json {
+                return print_json(&json!(infos
+                    .iter()
+                    .map(VolumeInfo::to_json)
+                    .collect::<Vec<_>>()));
+            }
+            println!(
+                "{:<40} {:<16} {:<11} {:>8} {:>9}",
+                "VID", "KIND", "STATE", "SIZE", "REVISIONS"
+            );
+            for i in &infos {
+                println!("{}", info_line(i));
+            }
+            Ok(())
+        }
+        VolumeCommand::Remove { pool, vid, force } => {
+            let v = open_volume(&pool, &vid, &OverrideArgs::default())?;
+            v.remove(force)?;
+            println!("removed {}", v.vid());
+            Ok(())
+        }
+        VolumeCommand::Config { pool, vid, ov } => {
+            let v = open_volume(&pool, &vid, &ov)?;
+            let cfg = v.save_settings()?;
+            println!(
+                "{}: {} revisions_to_keep={}{}",
+                v.vid(),
+                cfg.kind,
+                cfg.revisions_to_keep,
+                cfg.source
+                    .map(|s| format!(" source={s}"))
+                    .unwrap_or_default()
+            );
+            Ok(())
+        }
+    }
 }
