@@ -145,8 +145,59 @@ pub trait Platform: Send + Sync {
         status: &mut [GrantStatus],
     ) -> io::Result<()>;
     /// Bind to `remote_port` of `domid`.
-    fn bind_interdomain(&self, domid: DomId, remote_port: Port)
-        -> io::Result<Box<dyn EventChannel>>;
+    fn bind_interdomain(
+        &self,
+        domid: DomId,
+        remote_port: Port,
+    ) -> io::Result<Box<dyn EventChannel>>;
     /// Whether `domid` still exists (used to notice dead guests).
     fn domain_exists(&self, domid: DomId) -> io::Result<bool>;
 }
+
+/// Why mapping a grant failed, carried inside the `io::Error` returned by
+/// [`Platform::map_grant_refs`] (`io::Error::get_ref` + `downcast_ref`), so callers
+/// and tests can tell a bad ref from a permission problem. The real platform only
+/// learns an errno from the kernel and reports [`GrantStatus::GeneralError`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantMapError {
+    /// The granting domain.
+    pub domid: DomId,
+    /// The first reference that failed.
+    pub gref: GrantRef,
+    /// What Xen (or the simulation) said.
+    pub status: GrantStatus,
+    /// Details for the log.
+    pub detail: String,
+}
+
+impl GrantMapError {
+    /// The status inside `e`, if `e` came from a failed grant map.
+    pub fn status_of(e: &io::Error) -> Option<GrantStatus> {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<GrantMapError>())
+            .map(|g| g.status)
+    }
+
+    /// Wrap into an `io::Error` with a matching kind.
+    pub fn into_io(self) -> io::Error {
+        let kind = match self.status {
+            GrantStatus::BadDomain => io::ErrorKind::NotFound,
+            GrantStatus::PermissionDenied => io::ErrorKind::PermissionDenied,
+            GrantStatus::BadGntref | GrantStatus::BadCopyArg => io::ErrorKind::InvalidInput,
+            GrantStatus::Okay | GrantStatus::GeneralError => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, self)
+    }
+}
+
+impl std::fmt::Display for GrantMapError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "mapping grant ref {} of domain {} failed: {:?} ({})",
+            self.gref, self.domid, self.status, self.detail
+        )
+    }
+}
+
+impl std::error::Error for GrantMapError {}
