@@ -108,6 +108,7 @@ struct RealMapping {
     len: usize,
     index: u64,
     count: u32,
+    writable: bool,
 }
 
 // SAFETY: only raw pointers are handed out; the mapping lives until drop.
@@ -119,6 +120,9 @@ impl ForeignMapping for RealMapping {
     }
     fn len(&self) -> usize {
         self.len
+    }
+    fn is_writable(&self) -> bool {
+        self.writable
     }
 }
 
@@ -322,6 +326,7 @@ impl Platform for RealXen {
             len,
             index,
             count: refs.len() as u32,
+            writable,
         }))
     }
 

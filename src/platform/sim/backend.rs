@@ -125,6 +125,7 @@ fn open_xenstore(sock: &Path) -> io::Result<XsClient> {
 struct SimMapping {
     /// Always Some until drop.
     map: Option<FrameMap>,
+    writable: bool,
     dom: Arc<Domain>,
     refs: Vec<GrantRef>,
 }
@@ -137,6 +138,9 @@ impl ForeignMapping for SimMapping {
     }
     fn len(&self) -> usize {
         self.map.as_ref().map_or(0, |m| m.len())
+    }
+    fn is_writable(&self) -> bool {
+        self.writable
     }
 }
 
@@ -239,6 +243,7 @@ impl Platform for SimPlatform {
                 Ok(map) => {
                     return Ok(Box::new(SimMapping {
                         map: Some(map),
+                        writable,
                         dom,
                         refs: held,
                     }))
