@@ -207,8 +207,8 @@ fn copy_moves_data_both_ways() {
     );
     assert_eq!(
         unhex(&g.cmd(&format!("read {page} 4095 1"))),
-        pattern(42)[4095..],
-        "no write past the page"
+        payload[299..],
+        "failed segment wrote nothing at the page end"
     );
 
     // Mismatched status slice is a call error.
