@@ -164,3 +164,127 @@ const _: () = {
     assert!(IOCTL_GNTDEV_SET_UNMAP_NOTIFY == 0x0010_4707);
     assert!(IOCTL_GNTDEV_GRANT_COPY == 0x0010_4708);
 };
+
+/// Compare our numbers and sizes with Debian's `libxen-dev` copies of the Linux
+/// uapi headers (`/usr/include/xen/sys/{gntdev,evtchn}.h`) by compiling a small C
+/// program.
+#[cfg(test)]
+mod c_header_check {
+    use super::*;
+    use crate::evtchn::*;
+    use std::process::Command;
+
+    const PROGRAM: &str = r#"
+#include <stdio.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
+typedef uint16_t domid_t;
+#include <xen/sys/gntdev.h>
+#include <xen/sys/evtchn.h>
+#define P(x) printf(#x " %lu\n", (unsigned long)(x))
+int main(void) {
+    P(IOCTL_GNTDEV_MAP_GRANT_REF); P(IOCTL_GNTDEV_UNMAP_GRANT_REF);
+    P(IOCTL_GNTDEV_SET_UNMAP_NOTIFY); P(IOCTL_GNTDEV_GRANT_COPY);
+    P(UNMAP_NOTIFY_CLEAR_BYTE); P(UNMAP_NOTIFY_SEND_EVENT);
+    P(sizeof(struct ioctl_gntdev_grant_copy_segment));
+    P(offsetof(struct ioctl_gntdev_grant_copy_segment, len));
+    P(offsetof(struct ioctl_gntdev_grant_copy_segment, status));
+    P(offsetof(struct ioctl_gntdev_grant_copy, segments));
+    P(IOCTL_EVTCHN_BIND_VIRQ); P(IOCTL_EVTCHN_BIND_INTERDOMAIN);
+    P(IOCTL_EVTCHN_BIND_UNBOUND_PORT); P(IOCTL_EVTCHN_UNBIND);
+    P(IOCTL_EVTCHN_NOTIFY); P(IOCTL_EVTCHN_RESET);
+    return 0;
+}
+"#;
+
+    #[test]
+    fn numbers_match_the_c_headers() {
+        let header = std::path::Path::new("/usr/include/xen/sys/gntdev.h");
+        if !header.exists() {
+            let msg = "no /usr/include/xen/sys/gntdev.h: install libxen-dev (scripts/test does)";
+            if std::env::var("REFBLK_ALLOW_SKIP").as_deref() == Ok("1") {
+                println!("SKIP: {msg}");
+                return;
+            }
+            panic!("{msg}");
+        }
+        let dir = std::env::temp_dir().join(format!("xen-sys-ioctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let src = dir.join("ioctl.c");
+        let exe = dir.join("ioctl");
+        std::fs::write(&src, PROGRAM).expect("write C program");
+        let cc = Command::new("cc")
+            .arg("-o")
+            .arg(&exe)
+            .arg(&src)
+            .output()
+            .expect("run cc");
+        assert!(
+            cc.status.success(),
+            "cc failed: {}",
+            String::from_utf8_lossy(&cc.stderr)
+        );
+        let out = Command::new(&exe).output().expect("run C program");
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = String::from_utf8(out.stdout).expect("utf8");
+        let got: std::collections::HashMap<&str, u64> = text
+            .lines()
+            .filter_map(|l| l.rsplit_once(" "))
+            .map(|(k, v)| (k, v.parse().expect("number")))
+            .collect();
+        let want: &[(&str, u64)] = &[
+            (
+                "IOCTL_GNTDEV_MAP_GRANT_REF",
+                IOCTL_GNTDEV_MAP_GRANT_REF.into(),
+            ),
+            (
+                "IOCTL_GNTDEV_UNMAP_GRANT_REF",
+                IOCTL_GNTDEV_UNMAP_GRANT_REF.into(),
+            ),
+            (
+                "IOCTL_GNTDEV_SET_UNMAP_NOTIFY",
+                IOCTL_GNTDEV_SET_UNMAP_NOTIFY.into(),
+            ),
+            ("IOCTL_GNTDEV_GRANT_COPY", IOCTL_GNTDEV_GRANT_COPY.into()),
+            ("UNMAP_NOTIFY_CLEAR_BYTE", UNMAP_NOTIFY_CLEAR_BYTE.into()),
+            ("UNMAP_NOTIFY_SEND_EVENT", UNMAP_NOTIFY_SEND_EVENT.into()),
+            (
+                "sizeof(struct ioctl_gntdev_grant_copy_segment)",
+                size_of::<ioctl_gntdev_grant_copy_segment>() as u64,
+            ),
+            (
+                "offsetof(struct ioctl_gntdev_grant_copy_segment, len)",
+                offset_of!(ioctl_gntdev_grant_copy_segment, len) as u64,
+            ),
+            (
+                "offsetof(struct ioctl_gntdev_grant_copy_segment, status)",
+                offset_of!(ioctl_gntdev_grant_copy_segment, status) as u64,
+            ),
+            (
+                "offsetof(struct ioctl_gntdev_grant_copy, segments)",
+                offset_of!(ioctl_gntdev_grant_copy, segments) as u64,
+            ),
+            ("IOCTL_EVTCHN_BIND_VIRQ", IOCTL_EVTCHN_BIND_VIRQ.into()),
+            (
+                "IOCTL_EVTCHN_BIND_INTERDOMAIN",
+                IOCTL_EVTCHN_BIND_INTERDOMAIN.into(),
+            ),
+            (
+                "IOCTL_EVTCHN_BIND_UNBOUND_PORT",
+                IOCTL_EVTCHN_BIND_UNBOUND_PORT.into(),
+            ),
+            ("IOCTL_EVTCHN_UNBIND", IOCTL_EVTCHN_UNBIND.into()),
+            ("IOCTL_EVTCHN_NOTIFY", IOCTL_EVTCHN_NOTIFY.into()),
+            ("IOCTL_EVTCHN_RESET", IOCTL_EVTCHN_RESET.into()),
+        ];
+        for (name, value) in want {
+            assert_eq!(
+                got.get(name),
+                Some(value),
+                "{name}: C says {:?}, we say {value}",
+                got.get(name)
+            );
+        }
+    }
+}
