@@ -420,3 +420,76 @@ fn guest_api_rejects_bad_arguments() {
     guest.destroy().unwrap();
     assert!(!dir.path().join("dom/3").exists());
 }
+
+#[test]
+fn grants_and_revokes_race_safely_with_the_backend() {
+    let (_dir, mut g, p) = setup(8);
+    let page = g.num("alloc 1");
+    g.cmd(&format!("pattern {page} 77"));
+    let want = pattern(77);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let caught = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let caught2 = caught.clone();
+    // The guest grants and ends refs of one page in a loop while this thread
+    // maps and copies every ref the churn can use. Every result must be a clean
+    // success with the right bytes or a clean refusal.
+    let backend = std::thread::spawn(move || {
+        let (mut ok_copies, mut ok_maps, mut writes) = (0u32, 0u32, 0u32);
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            for r in 8..12u32 {
+                let (st, data) = copy_from(&p, DOM, r, 100, 64);
+                match st {
+                    GrantStatus::Okay => {
+                        assert_eq!(data, want[100..164]);
+                        ok_copies += 1;
+                        caught2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    GrantStatus::BadGntref => {}
+                    other => panic!("copy from ref {r}: {other:?}"),
+                }
+                // Write back the same bytes: allowed only while granted rw.
+                match copy_to(&p, DOM, r, 200, &want[200..216]) {
+                    GrantStatus::Okay => writes += 1,
+                    GrantStatus::BadGntref | GrantStatus::PermissionDenied => {}
+                    other => panic!("copy to ref {r}: {other:?}"),
+                }
+                match p.map_grant_refs(DOM, &[r], false) {
+                    Ok(m) => {
+                        let mut b = vec![0u8; PAGE_SIZE];
+                        m.copy_out(0, &mut b).unwrap();
+                        assert_eq!(b, want);
+                        ok_maps += 1;
+                    }
+                    Err(e) => assert_eq!(
+                        GrantMapError::status_of(&e),
+                        Some(GrantStatus::BadGntref),
+                        "{e}"
+                    ),
+                }
+            }
+        }
+        (ok_copies, ok_maps, writes)
+    });
+    // Churn until the backend has caught live grants a few times (it may start
+    // late on a loaded machine).
+    let mut refused = 0u32;
+    for _ in 0..50 {
+        refused += g.num(&format!("churn {page} 3000"));
+        if caught.load(std::sync::atomic::Ordering::Relaxed) >= 20 {
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (copies, maps, writes) = backend.join().expect("backend thread");
+    println!("churn: {copies} copies, {maps} maps, {writes} writes, {refused} refused ends");
+    assert!(copies + maps > 0, "the backend never caught a live grant");
+    // Nothing left mapped or granted: the page can be granted and ended at once.
+    let r = g.num(&format!("grant {page} 0 rw"));
+    assert_eq!(g.cmd(&format!("end {r}")), "true");
+    assert_eq!(
+        unhex(&g.cmd(&format!("read {page} 0 4096"))),
+        pattern(77),
+        "page intact"
+    );
+}

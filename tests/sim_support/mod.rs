@@ -231,6 +231,20 @@ fn guest_cmd(
             chans.insert(p, c);
             Ok(p.to_string())
         }
+        "churn" => {
+            // Grant `page` (alternately rw/ro) and end it again, n times; count
+            // the end_access calls refused because the backend had it mapped.
+            let (page, n) = (n(1), n(2));
+            let mut refused = 0u32;
+            for i in 0..n {
+                let r = gs.grant(page, 0, i % 2 == 1).map_err(e)?;
+                while !gs.end_access(r).map_err(e)? {
+                    refused += 1;
+                    std::thread::yield_now();
+                }
+            }
+            Ok(refused.to_string())
+        }
         "destroy" => Err("destroy".into()),
         _ => chan_cmd(chans, w, n),
     }
