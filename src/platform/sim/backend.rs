@@ -95,8 +95,10 @@ impl SimPlatform {
             if d.shm.alive() {
                 return Ok(Some(d.clone()));
             }
-            doms.remove(&domid);
         }
+        // Drop every destroyed domain we still hold (files and mappings), not
+        // just this one: dead guests must not pin backend memory or fds.
+        doms.retain(|_, d| d.shm.alive());
         let Some(shm) = DomainShm::open(&self.dir, domid)? else {
             return Ok(None);
         };
@@ -319,15 +321,10 @@ impl Platform for SimPlatform {
     }
 
     fn domain_exists(&self, domid: DomId) -> io::Result<bool> {
-        if let Some(d) = self
-            .domains
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&domid)
-        {
-            if !d.shm.alive() {
-                return Ok(false);
-            }
+        let mut doms = self.domains.lock().unwrap_or_else(|p| p.into_inner());
+        doms.retain(|_, d| d.shm.alive());
+        if doms.contains_key(&domid) {
+            return Ok(true);
         }
         Ok(domain_dir(&self.dir, domid).join("gnttab").exists())
     }

@@ -5,13 +5,13 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use xen_sys::gntdev::{GTF_permit_access, GTF_readonly, GNTTAB_NR_RESERVED_ENTRIES};
 
 use super::domain::{domain_dir, DomainShm};
 use super::evtchn::{self, SimEventChannel};
-use crate::platform::{DomId, EventChannel, GrantRef, PAGE_SIZE};
+use crate::platform::{DomId, EventChannel, ForeignMapping, GrantRef, PAGE_SIZE};
 
 /// Default number of grant entries of a new domain (Linux guests default to
 /// 32 grant frames = 16384 v1 entries).
@@ -27,7 +27,7 @@ struct Alloc {
 pub struct SimGuest {
     dir: PathBuf,
     domid: DomId,
-    shm: DomainShm,
+    shm: Arc<DomainShm>,
     alloc: Mutex<Alloc>,
     destroyed: bool,
 }
@@ -103,7 +103,7 @@ impl SimGuest {
                 free_refs: (GNTTAB_NR_RESERVED_ENTRIES..nr_grants).rev().collect(),
                 used_refs: vec![false; nr_grants as usize],
             }),
-            shm,
+            shm: Arc::new(shm),
             destroyed: false,
         })
     }
@@ -211,6 +211,22 @@ impl SimGuest {
             .mem
             .ptr_at(off, n as usize * PAGE_SIZE)
             .ok_or_else(|| inval("out of range".into()))
+    }
+
+    /// `n` contiguous pages starting at `first` as a [`ForeignMapping`] (the
+    /// guest's own view, always writable): safe `copy_in`/`copy_out` for a
+    /// frontend's shared ring. Stays valid after the domain is destroyed.
+    pub fn pages(&self, first: u32, n: u32) -> io::Result<GuestPages> {
+        let len = n as usize * PAGE_SIZE;
+        let off = self.page_off(first, 0, len)?;
+        if n == 0 {
+            return Err(inval("pages(_, 0)".into()));
+        }
+        Ok(GuestPages {
+            shm: self.shm.clone(),
+            off,
+            len,
+        })
     }
 
     /// Copy bytes into a page (may continue into the following pages).
@@ -342,5 +358,27 @@ impl Drop for SimGuest {
         if let Err(e) = self.do_destroy() {
             log::warn!("{e}");
         }
+    }
+}
+
+/// A guest's view of some of its own pages (see [`SimGuest::pages`]).
+pub struct GuestPages {
+    shm: Arc<DomainShm>,
+    off: usize,
+    len: usize,
+}
+
+impl ForeignMapping for GuestPages {
+    fn as_ptr(&self) -> *mut u8 {
+        self.shm
+            .mem
+            .ptr_at(self.off, self.len)
+            .expect("range checked at creation")
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn is_writable(&self) -> bool {
+        true
     }
 }

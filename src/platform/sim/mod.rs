@@ -20,7 +20,7 @@ pub mod xenstored;
 
 pub use backend::{SimPlatform, MAX_MAP_REFS};
 pub use evtchn::{EvtchnBroker, SimEventChannel};
-pub use guest::{SimGuest, DEFAULT_GRANT_ENTRIES};
+pub use guest::{GuestPages, SimGuest, DEFAULT_GRANT_ENTRIES};
 
 use crate::platform::DomId;
 use xenstored::Xenstored;
