@@ -493,3 +493,13 @@ fn grants_and_revokes_race_safely_with_the_backend() {
         "page intact"
     );
 }
+
+#[test]
+fn real_platform_without_xen_is_a_clear_error() {
+    // The real platform mirrors this one; on a machine without Xen it must fail
+    // to open with a message naming the device, not panic.
+    match refblk::platform::real::RealXen::open() {
+        Ok(x) => assert_eq!(x.name(), "xen", "running on a real dom0"),
+        Err(e) => assert!(e.to_string().contains("/dev/xen/gntdev"), "{e}"),
+    }
+}
