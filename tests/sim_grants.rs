@@ -22,7 +22,10 @@ fn peer_process_entry() {
 }
 
 fn setup(pages: u32) -> (tempfile::TempDir, Peer, SimPlatform) {
-    let dir = machine_dir();
+    setup_in(machine_dir(), pages)
+}
+
+fn setup_in(dir: tempfile::TempDir, pages: u32) -> (tempfile::TempDir, Peer, SimPlatform) {
     let mut g = Peer::spawn(dir.path(), ENTRY);
     g.cmd(&format!("create {DOM} {pages}"));
     let p = SimPlatform::new(dir.path()).expect("platform");
@@ -232,7 +235,8 @@ fn copy_moves_data_both_ways() {
 
 #[test]
 fn ring_maps_of_1_to_16_scattered_pages_keep_order() {
-    let (_dir, mut g, p) = setup(128);
+    // On a regular file system rather than tmpfs.
+    let (_dir, mut g, p) = setup_in(sim_support::machine_dir_on_disk(), 128);
     // Allocate everything, then use a scattered, descending set of frames.
     let base = g.num("alloc 100");
     for n in [1usize, 2, 4, 8, 16] {

@@ -54,6 +54,15 @@ pub fn machine_dir() -> tempfile::TempDir {
         .expect("temp dir")
 }
 
+/// A machine directory on the file system of the build's target directory
+/// (normally not tmpfs): the simulation must work there too.
+pub fn machine_dir_on_disk() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("refblk-sim-test")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("temp dir in CARGO_TARGET_TMPDIR")
+}
+
 /// The scripted peer process.
 pub struct Peer {
     child: Child,
