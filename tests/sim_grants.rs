@@ -507,3 +507,45 @@ fn real_platform_without_xen_is_a_clear_error() {
         Err(e) => assert!(e.to_string().contains("/dev/xen/gntdev"), "{e}"),
     }
 }
+
+#[test]
+fn guest_holding_its_grant_entry_lock_cannot_hang_a_map() {
+    use nix::fcntl::{fcntl, FcntlArg};
+    use std::os::fd::AsFd;
+    let dir = machine_dir();
+    let guest = SimGuest::create(dir.path(), DOM, 4).expect("guest");
+    let page = guest.alloc_page().unwrap();
+    let gref = guest.grant(page, 0, false).unwrap();
+    let p = SimPlatform::new(dir.path()).unwrap();
+    // A hostile guest process write-locks the entry itself (as end_access does,
+    // but forever).
+    let gnttab = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.path().join(format!("dom/{DOM}/gnttab")))
+        .unwrap();
+    let lock = |ty: i32| libc::flock {
+        l_type: ty as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: (4096 + 8 * gref) as libc::off_t,
+        l_len: 8,
+        l_pid: 0,
+    };
+    fcntl(gnttab.as_fd(), FcntlArg::F_OFD_SETLK(&lock(libc::F_WRLCK))).expect("lock");
+    let e = p
+        .map_grant_refs(DOM, &[gref], true)
+        .err()
+        .expect("map refused");
+    assert_eq!(
+        GrantMapError::status_of(&e),
+        Some(GrantStatus::GeneralError),
+        "{e}"
+    );
+    fcntl(gnttab.as_fd(), FcntlArg::F_OFD_SETLK(&lock(libc::F_UNLCK))).expect("unlock");
+    let m = p
+        .map_grant_refs(DOM, &[gref], true)
+        .expect("map after unlock");
+    assert_eq!(m.len(), PAGE_SIZE);
+    drop(m);
+    assert!(guest.end_access(gref).unwrap());
+}

@@ -225,10 +225,7 @@ impl Platform for SimPlatform {
             // Take the map lock first, then check: a concurrent end_access either
             // finished before (we see the entry cleared) or fails.
             if let Err(e) = dom.map_ref(r) {
-                failure = Some(io::Error::new(
-                    e.kind(),
-                    format!("domain {domid} ref {r}: map lock: {e}"),
-                ));
+                failure = Some(map_err(domid, r, GrantStatus::GeneralError, e.to_string()));
                 break;
             }
             held.push(r);

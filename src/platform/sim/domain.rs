@@ -256,7 +256,9 @@ impl DomainShm {
         Ok(frame)
     }
 
-    fn entry_lock(&self, gref: GrantRef, ty: libc::c_short, wait: bool) -> io::Result<bool> {
+    /// Try to set (or release) an OFD lock on `gref`'s entry without waiting.
+    /// Ok(false) if another open file holds a conflicting lock.
+    fn entry_lock(&self, gref: GrantRef, ty: libc::c_short) -> io::Result<bool> {
         let fl = libc::flock {
             l_type: ty,
             l_whence: libc::SEEK_SET as libc::c_short,
@@ -265,39 +267,54 @@ impl DomainShm {
             l_pid: 0,
         };
         loop {
-            let arg = if wait {
-                FcntlArg::F_OFD_SETLKW(&fl)
-            } else {
-                FcntlArg::F_OFD_SETLK(&fl)
-            };
-            match fcntl(self.gnttab_file.as_fd(), arg) {
+            match fcntl(self.gnttab_file.as_fd(), FcntlArg::F_OFD_SETLK(&fl)) {
                 Ok(_) => return Ok(true),
                 Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) | Err(Errno::EACCES) if !wait => return Ok(false),
+                Err(Errno::EAGAIN) | Err(Errno::EACCES) => return Ok(false),
                 Err(e) => return Err(io::Error::from(e)),
             }
         }
     }
 
     /// Backend: mark `gref` mapped (shared lock; waits out a concurrent end_access).
+    ///
+    /// Never waits long: a guest holds the write lock only for the instant of an
+    /// end_access, and a hostile guest process that holds it forever must not
+    /// hang the backend (Xen never lets a guest block a map), so after ~50 ms the
+    /// map fails with `WouldBlock`.
     pub fn lock_mapped(&self, gref: GrantRef) -> io::Result<()> {
-        self.entry_lock(gref, libc::F_RDLCK as libc::c_short, true)
-            .map(|_| ())
+        for attempt in 0..1000u32 {
+            if self.entry_lock(gref, libc::F_RDLCK as libc::c_short)? {
+                return Ok(());
+            }
+            if attempt < 10 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(50));
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!(
+                "grant ref {gref} of domain {} is locked by the guest",
+                self.domid
+            ),
+        ))
     }
 
     /// Backend: mark `gref` no longer mapped by this process.
     pub fn unlock_mapped(&self, gref: GrantRef) -> io::Result<()> {
-        self.entry_lock(gref, libc::F_UNLCK as libc::c_short, false)
+        self.entry_lock(gref, libc::F_UNLCK as libc::c_short)
             .map(|_| ())
     }
 
     /// Guest: run `f` while no backend maps `gref`. Returns None if it is mapped.
     pub fn with_unmapped<T>(&self, gref: GrantRef, f: impl FnOnce() -> T) -> io::Result<Option<T>> {
-        if !self.entry_lock(gref, libc::F_WRLCK as libc::c_short, false)? {
+        if !self.entry_lock(gref, libc::F_WRLCK as libc::c_short)? {
             return Ok(None);
         }
         let r = f();
-        self.entry_lock(gref, libc::F_UNLCK as libc::c_short, false)?;
+        self.entry_lock(gref, libc::F_UNLCK as libc::c_short)?;
         Ok(Some(r))
     }
 }
