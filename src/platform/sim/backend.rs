@@ -114,9 +114,9 @@ impl SimPlatform {
     }
 }
 
-/// This line is where the xenstore client gets connected.
-// LEAD: once `XsClient` has a constructor, replace the body with e.g.
-// `XsClient::connect(sock)` (unix socket path `DIR/xenstored.sock`).
+// LEAD: the xenstore client gets connected here (and only here). Once `XsClient`
+// has a constructor, replace the body with e.g. `XsClient::connect(sock)` (unix
+// socket path `DIR/xenstored.sock`).
 fn open_xenstore(sock: &Path) -> io::Result<XsClient> {
     Err(io::Error::new(
         io::ErrorKind::Unsupported,
