@@ -601,9 +601,9 @@ impl Engine {
                         mem_align,
                     } => {
                         let oa = offset_align as u64;
-                        if pos % oa == 0
-                            && len as u64 % oa == 0
-                            && (ptr as usize) % mem_align as usize == 0
+                        if pos.is_multiple_of(oa)
+                            && (len as u64).is_multiple_of(oa)
+                            && (ptr as usize).is_multiple_of(mem_align as usize)
                         {
                             FIXED_PRIMARY
                         } else {

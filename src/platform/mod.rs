@@ -145,8 +145,11 @@ pub trait Platform: Send + Sync {
         status: &mut [GrantStatus],
     ) -> io::Result<()>;
     /// Bind to `remote_port` of `domid`.
-    fn bind_interdomain(&self, domid: DomId, remote_port: Port)
-        -> io::Result<Box<dyn EventChannel>>;
+    fn bind_interdomain(
+        &self,
+        domid: DomId,
+        remote_port: Port,
+    ) -> io::Result<Box<dyn EventChannel>>;
     /// Whether `domid` still exists (used to notice dead guests).
     fn domain_exists(&self, domid: DomId) -> io::Result<bool>;
 }
