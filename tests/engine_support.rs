@@ -190,6 +190,7 @@ pub struct ScratchFs {
     pub mnt: PathBuf,
     pub fstype: &'static str,
     mounted: bool,
+    loop_dev: Option<String>,
 }
 
 impl ScratchFs {
@@ -197,6 +198,16 @@ impl ScratchFs {
     /// SKIP) when not root or the tools are missing and skipping is allowed; panics
     /// otherwise.
     pub fn new(fstype: &'static str, mkfs_args: &[&str]) -> Option<ScratchFs> {
+        Self::with_sector_size(fstype, mkfs_args, None)
+    }
+
+    /// Like `new`, on a loop device with the given logical sector size (e.g. 4096, so
+    /// O_DIRECT needs 4096-byte alignment).
+    pub fn with_sector_size(
+        fstype: &'static str,
+        mkfs_args: &[&str],
+        sector_size: Option<u32>,
+    ) -> Option<ScratchFs> {
         if !nix::unistd::geteuid().is_root() {
             skip_or_fail(&format!("{fstype} scratch file system needs root to mount"));
             return None;
@@ -208,6 +219,7 @@ impl ScratchFs {
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
         let mut mount = Command::new("mount");
+        let mut loop_dev = None;
         if fstype == "ramfs" {
             mount.args(["-t", "ramfs", "ramfs"]).arg(&mnt);
         } else {
@@ -215,25 +227,56 @@ impl ScratchFs {
             let f = std::fs::File::create(&img).unwrap();
             f.set_len(512 << 20).unwrap();
             drop(f);
+            let mut target = img.clone();
+            if let Some(ss) = sector_size {
+                let out = Command::new("losetup")
+                    .args(["-f", "--show", "--sector-size", &ss.to_string()])
+                    .arg(&img)
+                    .output()
+                    .expect("run losetup");
+                if !out.status.success() {
+                    skip_or_fail(&format!(
+                        "losetup failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
+                    return None;
+                }
+                let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                target = PathBuf::from(&dev);
+                loop_dev = Some(dev);
+            }
+            let detach = |dev: &Option<String>| {
+                if let Some(d) = dev {
+                    let _ = Command::new("losetup").args(["-d", d]).status();
+                }
+            };
             let mkfs = format!("mkfs.{fstype}");
-            let out = match Command::new(&mkfs).args(mkfs_args).arg(&img).output() {
+            let out = match Command::new(&mkfs).args(mkfs_args).arg(&target).output() {
                 Ok(o) => o,
                 Err(e) => {
+                    detach(&loop_dev);
                     skip_or_fail(&format!("cannot run {mkfs}: {e}"));
                     return None;
                 }
             };
             if !out.status.success() {
+                detach(&loop_dev);
                 skip_or_fail(&format!(
                     "{mkfs} failed: {}",
                     String::from_utf8_lossy(&out.stderr)
                 ));
                 return None;
             }
-            mount.args(["-o", "loop"]).arg(&img).arg(&mnt);
+            if loop_dev.is_none() {
+                mount.args(["-o", "loop"]);
+            }
+            mount.arg(&target).arg(&mnt);
         }
         let out = mount.output().expect("run mount");
         if !out.status.success() {
+            if let Some(d) = &loop_dev {
+                let _ = Command::new("losetup").args(["-d", d]).status();
+            }
             skip_or_fail(&format!(
                 "mount of scratch {fstype} failed: {}",
                 String::from_utf8_lossy(&out.stderr)
@@ -245,6 +288,7 @@ impl ScratchFs {
             mnt,
             fstype,
             mounted: true,
+            loop_dev,
         })
     }
 }
@@ -272,6 +316,9 @@ impl Drop for ScratchFs {
                 let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
             }
             self.mounted = false;
+        }
+        if let Some(d) = self.loop_dev.take() {
+            let _ = Command::new("losetup").args(["-d", &d]).status();
         }
     }
 }
