@@ -30,6 +30,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
@@ -131,6 +132,9 @@ pub enum Op {
     /// One-shot poll for POLLIN on any fd (event channel, control eventfd). Completes
     /// with the returned poll mask. Not counted as I/O for draining.
     PollAdd { fd: RawFd },
+    /// One-shot timer: completes with -ETIME after `after` (a wake-up for timed work,
+    /// e.g. rate limiting, without a second place to sleep). Not counted as I/O.
+    Timeout { after: Duration },
 }
 
 /// Operation kinds, for counters.
@@ -142,6 +146,14 @@ pub enum OpKind {
     Discard,
     ZeroRange,
     PollAdd,
+    Timeout,
+}
+
+impl OpKind {
+    /// PollAdd and Timeout wait for events rather than doing I/O.
+    pub fn is_wait(self) -> bool {
+        matches!(self, OpKind::PollAdd | OpKind::Timeout)
+    }
 }
 
 impl Op {
@@ -153,6 +165,7 @@ impl Op {
             Op::Discard { .. } => OpKind::Discard,
             Op::ZeroRange { .. } => OpKind::ZeroRange,
             Op::PollAdd { .. } => OpKind::PollAdd,
+            Op::Timeout { .. } => OpKind::Timeout,
         }
     }
     /// Take the buffer region back out of a rejected op.
@@ -170,7 +183,8 @@ pub struct Completion {
     /// The caller's tag from [`Engine::push`].
     pub user_data: u64,
     /// Negative errno, or: bytes transferred (Read/Write, always the full length on
-    /// success), 0 (Fdatasync/Discard/ZeroRange), the poll mask (PollAdd).
+    /// success), 0 (Fdatasync/Discard/ZeroRange), the poll mask (PollAdd). A Timeout
+    /// that fired completes with -ETIME (not counted as an error).
     pub result: i32,
     /// The buffer region of a Read/Write, handed back to the caller.
     pub region: Option<BufRegion>,
@@ -185,6 +199,7 @@ pub struct OpCounts {
     pub discard: u64,
     pub zero_range: u64,
     pub poll: u64,
+    pub timeout: u64,
 }
 
 impl OpCounts {
@@ -196,10 +211,17 @@ impl OpCounts {
             OpKind::Discard => self.discard += 1,
             OpKind::ZeroRange => self.zero_range += 1,
             OpKind::PollAdd => self.poll += 1,
+            OpKind::Timeout => self.timeout += 1,
         }
     }
     pub fn total(&self) -> u64 {
-        self.read + self.write + self.fdatasync + self.discard + self.zero_range + self.poll
+        self.read
+            + self.write
+            + self.fdatasync
+            + self.discard
+            + self.zero_range
+            + self.poll
+            + self.timeout
     }
 }
 
@@ -270,6 +292,9 @@ struct Slot {
     done: usize,
     region: Option<BufRegion>,
     poll_fd: RawFd,
+    /// Timeout duration; the kernel reads it while the SQE is submitted, so it lives in
+    /// the slot (slots never move: the Vec is allocated once).
+    ts: types::Timespec,
 }
 
 impl Slot {
@@ -283,6 +308,7 @@ impl Slot {
             done: 0,
             region: None,
             poll_fd: -1,
+            ts: types::Timespec::new(),
         }
     }
 }
@@ -301,7 +327,7 @@ pub struct Engine {
     slots: Vec<Slot>,
     free_slots: Vec<u32>,
     in_flight: usize,
-    in_flight_polls: usize,
+    in_flight_waits: usize,
     enabled: bool,
     info: ImageInfo,
     stats: EngineStats,
@@ -442,7 +468,7 @@ impl Engine {
             slots,
             free_slots,
             in_flight: 0,
-            in_flight_polls: 0,
+            in_flight_waits: 0,
             enabled: !setup.r_disabled,
             info,
             stats: EngineStats::default(),
@@ -471,10 +497,10 @@ impl Engine {
         self.in_flight
     }
 
-    /// I/O ops in flight, i.e. excluding PollAdd. The backend implements WRITE_BARRIER
+    /// I/O ops in flight, i.e. excluding PollAdd and Timeout. The backend implements WRITE_BARRIER
     /// by waiting until this is 0 before pushing the write (see docs/engine.md).
     pub fn in_flight_io(&self) -> usize {
-        self.in_flight - self.in_flight_polls
+        self.in_flight - self.in_flight_waits
     }
 
     /// How many more ops `push` accepts right now.
@@ -540,6 +566,10 @@ impl Engine {
                 slot.len = len;
             }
             Op::PollAdd { fd } => slot.poll_fd = fd,
+            Op::Timeout { after } => {
+                slot.ts = after.into();
+                slot.len = after.as_nanos().min(u64::MAX as u128) as u64;
+            }
             Op::Fdatasync => {}
         }
         if let Err(e) = self.queue_slot(idx) {
@@ -550,8 +580,8 @@ impl Engine {
             });
         }
         self.in_flight += 1;
-        if kind == OpKind::PollAdd {
-            self.in_flight_polls += 1;
+        if kind.is_wait() {
+            self.in_flight_waits += 1;
         }
         self.stats.submitted.bump(kind);
         Ok(())
@@ -580,6 +610,9 @@ impl Engine {
                 len: s.len,
             },
             OpKind::PollAdd => Op::PollAdd { fd: s.poll_fd },
+            OpKind::Timeout => Op::Timeout {
+                after: Duration::from_nanos(s.len),
+            },
         };
         self.free_slots.push(idx);
         op
@@ -638,6 +671,7 @@ impl Engine {
             OpKind::PollAdd => {
                 opcode::PollAdd::new(types::Fd(s.poll_fd), libc::POLLIN as u32).build()
             }
+            OpKind::Timeout => opcode::Timeout::new(&s.ts as *const types::Timespec).build(),
         };
         e.user_data(idx as u64)
     }
@@ -646,12 +680,7 @@ impl Engine {
     fn queue_slot(&mut self, idx: u32) -> io::Result<()> {
         let sqe = self.sqe_for(idx);
         for _ in 0..2 {
-            // SAFETY: the SQE references (a) a fixed file registered for the ring's
-            // lifetime, (b) memory inside the registered slab, which outlives the ring
-            // (field drop order) and is owned by this slot's region until the CQE is
-            // reaped, or (c) a caller fd that the kernel looks up at submission.
-            let pushed = unsafe { self.ring.submission().push(&sqe) };
-            if pushed.is_ok() {
+            if self.push_sqe(&sqe) {
                 return Ok(());
             }
             self.enter(0)?;
@@ -663,6 +692,16 @@ impl Engine {
                 self.info.path.display()
             ),
         ))
+    }
+
+    /// The one place SQEs enter the ring. False if the submission queue is full.
+    fn push_sqe(&mut self, sqe: &squeue::Entry) -> bool {
+        // SAFETY: every SQE built by this engine references only (a) fixed files
+        // registered for the ring's lifetime, (b) memory inside the registered slab, which
+        // outlives the ring (field drop order) and belongs to the op's region until its
+        // CQE is reaped, (c) a slot's Timespec, which lives in the never-reallocated slot
+        // table, or (d) a caller fd that the kernel resolves at submission.
+        unsafe { self.ring.submission().push(sqe) }.is_ok()
     }
 
     fn ensure_enabled(&mut self) -> io::Result<()> {
@@ -711,6 +750,36 @@ impl Engine {
     /// on the fds that should wake it.
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<usize> {
         self.enter(want)
+    }
+
+    /// Like [`submit_and_wait`](Self::submit_and_wait), but return after `timeout` even
+    /// if fewer completions arrived (Ok(0) then).
+    pub fn submit_and_wait_timeout(&mut self, want: usize, timeout: Duration) -> io::Result<usize> {
+        self.ensure_enabled()?;
+        if !self.ring.params().is_feature_ext_arg() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring_enter with a timeout needs IORING_FEAT_EXT_ARG (Linux 5.11)",
+            ));
+        }
+        let want = want.min(self.in_flight);
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        loop {
+            self.stats.enter_calls += 1;
+            match self.ring.submitter().submit_with_args(want, &args) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => return Ok(0),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    return Err(ctx_err(
+                        &self.info.path,
+                        &format!("io_uring_enter (wait {want}, timeout {timeout:?})"),
+                        e,
+                    ))
+                }
+            }
+        }
     }
 
     /// Move every available completion into `out` (which keeps its capacity, so steady
@@ -808,7 +877,8 @@ impl Engine {
             OpKind::Fdatasync if res >= 0 => self.stats.fdatasyncs += 1,
             _ => {}
         }
-        if result < 0 {
+        let is_error = result < 0 && !(kind == OpKind::Timeout && result == -libc::ETIME);
+        if is_error {
             self.stats.errors += 1;
         }
         let s = &mut self.slots[idx];
@@ -821,11 +891,64 @@ impl Engine {
         });
         self.free_slots.push(idx as u32);
         self.in_flight -= 1;
-        if kind == OpKind::PollAdd {
-            self.in_flight_polls -= 1;
+        if kind.is_wait() {
+            self.in_flight_waits -= 1;
         }
         self.stats.completed.bump(kind);
         false
+    }
+}
+
+/// Tag of the cancel-all SQE issued by Drop (never a slot index).
+const CANCEL_TAG: u64 = u64::MAX;
+
+impl Drop for Engine {
+    /// Cancel what can be cancelled (polls, timeouts, queued work) and wait, bounded to
+    /// about two seconds, for in-flight I/O, so that after the drop the kernel no longer
+    /// uses the image or the buffers. Regions of unfinished ops are simply forgotten.
+    fn drop(&mut self) {
+        if self.in_flight == 0 {
+            return;
+        }
+        if self.ensure_enabled().is_err() {
+            return;
+        }
+        let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(CANCEL_TAG);
+        if !self.push_sqe(&cancel) {
+            let _ = self.ring.submit();
+            let _ = self.push_sqe(&cancel);
+        }
+        let ts = types::Timespec::from(Duration::from_millis(200));
+        for _ in 0..10 {
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+                Err(e) => {
+                    log::debug!("{}: draining at drop: {e}", self.info.path.display());
+                    return;
+                }
+            }
+            let mut finished = 0;
+            for cqe in self.ring.completion() {
+                let idx = cqe.user_data() as usize;
+                if idx < self.slots.len() && self.slots[idx].active {
+                    self.slots[idx].active = false;
+                    finished += 1;
+                }
+            }
+            self.in_flight -= finished;
+            if self.in_flight == 0 {
+                return;
+            }
+        }
+        log::warn!(
+            "{}: engine dropped with {} ops still in flight",
+            self.info.path.display(),
+            self.in_flight
+        );
     }
 }
 
