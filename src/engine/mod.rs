@@ -434,6 +434,33 @@ impl Engine {
         if !ring.params().is_feature_nodrop() {
             log::warn!("io_uring without IORING_FEAT_NODROP; the in-flight bound keeps the CQ from overflowing");
         }
+        let mut fs = fs;
+        let mut probe = io_uring::Probe::new();
+        ring.submitter()
+            .register_probe(&mut probe)
+            .map_err(|e| ctx_err(path, "io_uring register probe", e))?;
+        for (code, name) in [
+            (opcode::ReadFixed::CODE, "READ_FIXED"),
+            (opcode::WriteFixed::CODE, "WRITE_FIXED"),
+            (opcode::Fsync::CODE, "FSYNC"),
+            (opcode::PollAdd::CODE, "POLL_ADD"),
+        ] {
+            if !probe.is_supported(code) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "{}: this kernel's io_uring lacks IORING_OP_{name}",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        if !probe.is_supported(opcode::Fallocate::CODE) {
+            // Discard ops would fail with -EINVAL: do not let the backend advertise them.
+            log::info!("io_uring lacks IORING_OP_FALLOCATE; reporting no discard support");
+            fs.punch_hole = false;
+            fs.zero_range = false;
+        }
         let mut fds = vec![opened.primary.as_raw_fd()];
         if let Some(b) = &opened.buffered {
             fds.push(b.as_raw_fd());
