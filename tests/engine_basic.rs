@@ -403,6 +403,8 @@ fn read_only_write_completes_with_ebadf() {
     };
     let mut e = Engine::open(&p, &cfg).unwrap();
     assert!(e.info().read_only);
+    let fs = &e.info().fs;
+    assert!(!fs.punch_hole && !fs.zero_range && fs.probed_by == "read-only image");
     let r = e.alloc(4096).unwrap();
     let c = run_one(
         &mut e,

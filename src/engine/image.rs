@@ -178,7 +178,8 @@ pub struct FsCaps {
     pub punch_hole: bool,
     /// fallocate(ZERO_RANGE|KEEP_SIZE) works here.
     pub zero_range: bool,
-    /// How the two booleans were found: "tmpfile probe" or "file system type".
+    /// How the two booleans were found: "tmpfile probe", "file system type", or why
+    /// nothing was probed ("read-only image", "not a regular file": both false).
     pub probed_by: &'static str,
 }
 
@@ -242,9 +243,30 @@ fn tmpfile_probe(dir: &Path) -> Option<(bool, bool)> {
     Some((punch, zero))
 }
 
-pub(crate) fn probe_fs_caps(path: &Path, f: &File) -> io::Result<FsCaps> {
+pub(crate) fn probe_fs_caps(path: &Path, f: &File, read_only: bool) -> io::Result<FsCaps> {
     let st = nix::sys::statfs::fstatfs(f).map_err(|e| ctx_err(path, "fstatfs", e.into()))?;
     let magic = st.filesystem_type().0 as u64;
+    let is_file = f
+        .metadata()
+        .map_err(|e| ctx_err(path, "fstat", e))?
+        .file_type()
+        .is_file();
+    let skip = if !is_file {
+        Some("not a regular file")
+    } else if read_only {
+        Some("read-only image")
+    } else {
+        None
+    };
+    if let Some(why) = skip {
+        return Ok(FsCaps {
+            fs_magic: magic,
+            fs_name: fs_name(magic),
+            punch_hole: false,
+            zero_range: false,
+            probed_by: why,
+        });
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

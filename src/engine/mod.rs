@@ -408,7 +408,7 @@ impl Engine {
         slab.free(probe);
         let opened = opened?;
         let size = image::image_size(path, &opened.primary)?;
-        let fs = image::probe_fs_caps(path, &opened.primary)?;
+        let fs = image::probe_fs_caps(path, &opened.primary, cfg.read_only)?;
 
         let mut last_err = None;
         let mut built = None;
@@ -542,7 +542,8 @@ impl Engine {
         self.slab.alloc(len)
     }
 
-    /// Return a region to the slab.
+    /// Return a region to the slab. Panics if `r` came from another engine (a caller
+    /// bug, never a kernel or guest input).
     pub fn free(&mut self, r: BufRegion) {
         self.slab.free(r)
     }
@@ -552,7 +553,7 @@ impl Engine {
         self.slab.free_bytes()
     }
 
-    /// A region's bytes.
+    /// A region's bytes. Panics like `free` on a foreign region.
     pub fn buf(&self, r: &BufRegion) -> &[u8] {
         self.slab.buf(r)
     }
