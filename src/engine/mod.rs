@@ -989,3 +989,26 @@ impl std::fmt::Debug for Engine {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setup_fallback_chain_prefers_defer_and_never_pairs_it_with_sqpoll() {
+        let chain = setup_attempts(&EngineConfig::default());
+        assert!(chain[0].single_issuer && chain[0].defer_taskrun && chain[0].r_disabled);
+        assert_eq!(chain.last().unwrap(), &SetupFlags::default());
+        let coop = setup_attempts(&EngineConfig {
+            task_run: TaskRun::Coop,
+            ..Default::default()
+        });
+        assert!(coop.iter().all(|f| !f.defer_taskrun));
+        assert!(coop[0].coop_taskrun && coop[0].single_issuer);
+        let sq = setup_attempts(&EngineConfig {
+            sqpoll_idle_ms: Some(5),
+            ..Default::default()
+        });
+        assert!(sq.iter().all(|f| f.sqpoll && !f.defer_taskrun));
+    }
+}
