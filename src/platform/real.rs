@@ -34,6 +34,8 @@ pub struct RealXen {
     gntdev: Arc<File>,
     evtchn_path: PathBuf,
     xenstore_path: PathBuf,
+    /// A connection kept for `domain_exists`, opened on first use.
+    xs_cached: std::sync::Mutex<Option<XsClient>>,
 }
 
 fn open_dev(path: &Path) -> io::Result<File> {
@@ -53,23 +55,21 @@ fn open_dev(path: &Path) -> io::Result<File> {
         })
 }
 
-// LEAD: the xenstore client gets connected here (and only here). Replace the body
-// with the XsClient constructor, e.g. `XsClient::connect(path)`.
+/// Connect to xenstored: `$XENSTORED_PATH`, the standard socket, then
+/// `/dev/xen/xenbus` (see [`XsClient::open_default`]).
 fn open_xenstore(path: &Path) -> io::Result<XsClient> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        format!("{}: xenstore client not linked", path.display()),
-    ))
+    XsClient::open_default().map_err(|e| {
+        io::Error::other(format!(
+            "xenstore ({} or /dev/xen/xenbus): {e}",
+            path.display()
+        ))
+    })
 }
 
-// LEAD: replace the body with a xenstore read of `/local/domain/<domid>`
-// (exists -> true, ENOENT -> false) once XsClient has `read`.
+/// A domain exists while the toolstack keeps `/local/domain/<domid>`.
 fn xs_domain_exists(xs: &XsClient, domid: DomId) -> io::Result<bool> {
-    let _ = xs;
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        format!("domain {domid}: xenstore client not linked"),
-    ))
+    xs.exists(0, &format!("/local/domain/{domid}"))
+        .map_err(|e| io::Error::other(format!("xenstore: domain {domid}: {e}")))
 }
 
 impl RealXen {
@@ -79,6 +79,7 @@ impl RealXen {
             gntdev: Arc::new(open_dev(Path::new(GNTDEV_PATH))?),
             evtchn_path: PathBuf::from(EVTCHN_PATH),
             xenstore_path: PathBuf::from(XENSTORED_SOCKET),
+            xs_cached: std::sync::Mutex::new(None),
         })
     }
 
@@ -440,6 +441,15 @@ impl Platform for RealXen {
     }
 
     fn domain_exists(&self, domid: DomId) -> io::Result<bool> {
-        xs_domain_exists(&self.xenstore()?, domid)
+        let mut cached = self.xs_cached.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.is_none() {
+            *cached = Some(self.xenstore()?);
+        }
+        let xs = cached.as_ref().expect("set above");
+        let r = xs_domain_exists(xs, domid);
+        if r.is_err() {
+            *cached = None; // reconnect next time
+        }
+        r
     }
 }

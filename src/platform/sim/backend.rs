@@ -114,14 +114,9 @@ impl SimPlatform {
     }
 }
 
-// LEAD: the xenstore client gets connected here (and only here). Once `XsClient`
-// has a constructor, replace the body with e.g. `XsClient::connect(sock)` (unix
-// socket path `DIR/xenstored.sock`).
+/// Connect to the simulated xenstored as dom0.
 fn open_xenstore(sock: &Path) -> io::Result<XsClient> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        format!("{}: xenstore client not linked", sock.display()),
-    ))
+    XsClient::connect_unix(sock).map_err(|e| io::Error::other(format!("{}: {e}", sock.display())))
 }
 
 struct SimMapping {
