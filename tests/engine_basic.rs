@@ -723,3 +723,49 @@ fn drop_cancels_pending_waits_promptly() {
     drop(e);
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 }
+
+#[test]
+fn one_thread_sleeps_on_two_engines_via_poll_on_the_ring_fd() {
+    // The polled engine must use COOP_TASKRUN: with DEFER_TASKRUN its completions are
+    // only posted when its own thread enters the kernel, so its fd never polls ready.
+    let d = tmpdir();
+    let pa = image(d.path(), "a.img", 1 << 20);
+    let pb = image(d.path(), "b.img", 1 << 20);
+    let mut a = Engine::open(&pa, &EngineConfig::default()).unwrap();
+    let coop = EngineConfig {
+        task_run: TaskRun::Coop,
+        ..Default::default()
+    };
+    let mut b = Engine::open(&pb, &coop).unwrap();
+    a.push(7, Op::PollAdd { fd: b.as_raw_fd() }).unwrap();
+    a.submit().unwrap();
+    let mut done = Vec::new();
+    assert_eq!(a.reap(&mut done), 0);
+    let r = b.alloc(4096).unwrap();
+    b.push(
+        1,
+        Op::Write {
+            offset: 0,
+            region: r,
+        },
+    )
+    .unwrap();
+    b.submit().unwrap();
+    // Sleep on engine a only; b's completion must wake it (bounded, so a regression
+    // fails instead of hanging).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while done.is_empty() && Instant::now() < deadline {
+        a.submit_and_wait_timeout(1, Duration::from_millis(500))
+            .unwrap();
+        a.reap(&mut done);
+    }
+    let c = done
+        .pop()
+        .expect("engine a was not woken by engine b's completion");
+    assert_eq!(c.user_data, 7);
+    assert!(c.result & libc::POLLIN as i32 != 0, "{}", c.result);
+    let mut bdone = Vec::new();
+    let c = wait_one(&mut b, &mut bdone);
+    assert_eq!((c.user_data, c.result), (1, 4096));
+    b.free(c.region.unwrap());
+}

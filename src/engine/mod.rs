@@ -927,6 +927,17 @@ impl Engine {
     }
 }
 
+impl AsRawFd for Engine {
+    /// The io_uring fd. With `TaskRun::Coop` it polls readable when completions are
+    /// pending, so a thread serving several engines can arm a `PollAdd` on the others'
+    /// fds and still sleep in one `submit_and_wait`. With `TaskRun::Defer` (the default)
+    /// completions are posted only when the owner enters the kernel, so such an fd never
+    /// becomes ready: engines that are polled this way must be built with `Coop`.
+    fn as_raw_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
 /// Tag of the cancel-all SQE issued by Drop (never a slot index).
 const CANCEL_TAG: u64 = u64::MAX;
 
