@@ -194,7 +194,10 @@ where
     }
 
     let max_order = limits.max_ring_page_order.min(MAX_RING_PAGE_ORDER);
-    let mut queues = Vec::with_capacity(nq as usize);
+    // Not `with_capacity(nq)`: the count is the guest's, and a backend
+    // configured with a huge `max_queues` must not allocate for it up front
+    // (found by the fekeys fuzz target: 49 GB for 890 million queues).
+    let mut queues = Vec::new();
     for q in 0..nq {
         let path = if nq == 1 {
             fe.to_string()
