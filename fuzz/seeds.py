@@ -125,3 +125,37 @@ out("xenstored", "domu-tx", op(1, XS["TSTART"], [b""]) + op(1, XS["WRITE"], [b"d
 out("xenstored", "domu-perms", op(1, XS["SET_PERMS"], [b"/local/domain/7", b"n0"]) + op(1, XS["SET_PERMS"], [b"data", b"n7", b"r0"]) + op(1, XS["GET_PERMS"], [b"/secret"]) + op(1, XS["WATCH"], [b"/secret", b"tok"]))
 out("xenstored", "domu-priv", op(1, XS["INTRODUCE"], [b"8", b"1", b"1"]) + op(1, XS["CONTROL"], [b"sim-as-domain", b"0"]) + op(1, XS["SET_TARGET"], [b"7", b"0"]) + op(1, XS["RM"], [b"/"]))
 out("xenstored", "dom0-mix", op(0, XS["INTRODUCE"], [b"8", b"1", b"1"]) + op(0, XS["SET_TARGET"], [b"7", b"0"]) + op(1, XS["READ"], [b"/local/domain/0"]) + op(0, XS["RELEASE"], [b"8"]) + op(0, XS["DPART"], [b"/local", b"0"]))
+
+# ---------------------------------------------------------------- ring
+def r_sector(sec):
+    return bytes([4]) + struct.pack("<H", sec)
+
+def r_rw(op, sec, segs):  # op class: 0 read, 8 write, 16 barrier
+    b = bytes([(op << 3) | 1]) + r_sector(sec) + bytes([1, len(segs) - 1 if segs else 255])
+    for sel in segs:
+        b += bytes([sel, 2])
+    return b
+
+def r_flush():
+    return bytes([(18 << 3) | 1]) + r_sector(0)
+
+def r_discard(sec, n):
+    return bytes([(20 << 3) | 1]) + r_sector(sec) + bytes([0, 2, n - 1])
+
+def r_indirect(write, sec, nr):
+    return bytes([(22 << 3) | 1]) + r_sector(sec) + bytes([1 if write else 4, 3, nr - 1]) + bytes([1] * 8)
+
+def r_batch(slots, runs=((64, 0),), mode=0):
+    b = bytes([mode, len(slots), len(runs)])
+    for count, sel in runs:
+        b += bytes([count - 1, sel, 1])
+    return b + b"".join(slots)
+
+for dev in range(3):
+    d = bytes([dev])
+    out("ring", f"rw-{dev}", d + r_batch([r_rw(8, 0, [0, 1]), r_rw(0, 64, [0, 1, 2]), r_flush()]) + r_batch([r_rw(0, 0, [3, 4])]))
+    out("ring", f"indirect-{dev}", d + r_batch([r_indirect(True, 128, 40), r_indirect(False, 128, 40)], runs=((40, 3),)))
+    out("ring", f"discard-barrier-{dev}", d + r_batch([r_discard(16, 8), r_rw(16, 16, [1]), r_rw(16, 0, [])]))
+    out("ring", f"full-{dev}", d + r_batch([r_rw(0, 8 * i, [i % 8]) for i in range(32)]))
+    out("ring", f"overflow-{dev}", d + r_batch([r_rw(0, 0, [0])], mode=251) + r_batch([r_rw(0, 0, [0])]))
+    out("ring", f"behind-{dev}", d + r_batch([], mode=252) + r_batch([r_flush()]))

@@ -119,3 +119,9 @@ fn fuzz_xs_wire() {
 fn fuzz_xenstored() {
     short_run("xenstored", harness::xenstored::run, 5_000, 4096);
 }
+
+#[test]
+fn fuzz_ring() {
+    short_run("ring", harness::ring::run, 120, 4096);
+    harness::ring::shutdown();
+}

@@ -20,14 +20,14 @@ const RSP_ERROR: i16 = -1;
 const RSP_EOPNOTSUPP: i16 = -2;
 
 /// Offsets from blkif.h (docs/protocol.md table), typed in independently.
-struct Off {
-    slot: usize,
-    id: usize,
-    sector: usize,
-    seg: usize,
-    discard_nr: usize,
-    ind_nr: usize,
-    ind_grefs: usize,
+pub struct Off {
+    pub slot: usize,
+    pub id: usize,
+    pub sector: usize,
+    pub seg: usize,
+    pub discard_nr: usize,
+    pub ind_nr: usize,
+    pub ind_grefs: usize,
 }
 
 const OFF_64: Off = Off {
@@ -49,7 +49,7 @@ const OFF_32: Off = Off {
     ind_grefs: 24,
 };
 
-fn off(abi: Abi) -> &'static Off {
+pub fn off(abi: Abi) -> &'static Off {
     match abi {
         Abi::X86_64 => &OFF_64,
         Abi::X86_32 => &OFF_32,

@@ -8,3 +8,4 @@ pub mod fekeys;
 pub mod input;
 pub mod xenstored;
 pub mod xs_wire;
+pub mod ring;
