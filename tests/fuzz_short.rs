@@ -79,7 +79,7 @@ fn short_run(target: &str, body: fn(&[u8]), iters: u64, max_len: usize) {
         let name = p.file_name().unwrap().to_string_lossy().to_string();
         run_one(target, &name, body, data);
     }
-    let seed = env_u64("REFBLK_FUZZ_SEED", 0x5eed_0f_7ef0_b1c);
+    let seed = env_u64("REFBLK_FUZZ_SEED", 0x0005_eed0_f7ef_0b1c);
     let iters = iters * env_u64("REFBLK_FUZZ_ITERS", 1);
     let mut rng = Rng::new(seed ^ target.len() as u64);
     let all: Vec<&[u8]> = corpus

@@ -171,15 +171,13 @@ where
     let key = format!("{fe}/protocol");
     let abi = match r.get(&key)? {
         None => Abi::X86_32,
-        Some(p) => {
-            Abi::from_protocol(Some(p.trim_end_matches('\0'))).map_err(|_| {
-                FeKeyError::BadValue {
-                    key,
-                    value: quote(&p),
-                    expected: "\"x86_64-abi\" or \"x86_32-abi\"".into(),
-                }
-            })?
-        }
+        Some(p) => Abi::from_protocol(Some(p.trim_end_matches('\0'))).map_err(|_| {
+            FeKeyError::BadValue {
+                key,
+                value: quote(&p),
+                expected: "\"x86_64-abi\" or \"x86_32-abi\"".into(),
+            }
+        })?,
     };
 
     let key = format!("{fe}/multi-queue-num-queues");
@@ -336,8 +334,8 @@ mod tests {
 
     #[test]
     fn lookup_errors_and_silly_limits() {
-        let e = parse_frontend_keys(FE, &LIMITS, |_| Err::<Option<String>, _>("EACCES"))
-            .unwrap_err();
+        let e =
+            parse_frontend_keys(FE, &LIMITS, |_| Err::<Option<String>, _>("EACCES")).unwrap_err();
         assert!(matches!(e, FeKeyError::Lookup { .. }));
         // A backend configured with an order above 4 still never accepts 5.
         let limits = Limits {
@@ -348,8 +346,8 @@ mod tests {
             .iter()
             .map(|(k, v)| (format!("{FE}/{k}"), v.to_string()))
             .collect();
-        let e = parse_frontend_keys(FE, &limits, |k| Ok::<_, String>(m.get(k).cloned()))
-            .unwrap_err();
+        let e =
+            parse_frontend_keys(FE, &limits, |k| Ok::<_, String>(m.get(k).cloned())).unwrap_err();
         assert!(matches!(e, FeKeyError::BadValue { .. }), "{e}");
     }
 }

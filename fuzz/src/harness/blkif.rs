@@ -250,7 +250,10 @@ pub fn check_rw(r: &RwRequest, d: &DiskInfo) {
             assert_eq!(u64::from(p.len) % lss, 0, "piece not whole logical sectors");
         }
     } else {
-        assert!(r.barrier, "an empty transfer that is not a pure barrier: {r:?}");
+        assert!(
+            r.barrier,
+            "an empty transfer that is not a pure barrier: {r:?}"
+        );
     }
     if d.read_only {
         assert_eq!(r.op, RwOp::Read, "write accepted on a read-only disk");
@@ -272,7 +275,10 @@ fn same_rw(r: &RwRequest, e: &Expect) -> bool {
         return false;
     };
     let got: Vec<(u32, u16, u16)> = r.pieces.iter().map(|p| (p.gref, p.offset, p.len)).collect();
-    (r.op == RwOp::Write) == *write && r.barrier == *barrier && r.sector == *sector && &got == pieces
+    (r.op == RwOp::Write) == *write
+        && r.barrier == *barrier
+        && r.sector == *sector
+        && &got == pieces
 }
 
 /// A disk description drawn from the input, biased to edge cases.
@@ -405,7 +411,10 @@ pub fn run(data: &[u8]) {
             assert_eq!(segs.len(), usize::from(nr));
             for (i, s) in segs.iter().enumerate() {
                 assert_eq!(s.gref, le32(pages, 8 * i));
-                assert_eq!((s.first_sect, s.last_sect), (pages[8 * i + 4], pages[8 * i + 5]));
+                assert_eq!(
+                    (s.first_sect, s.last_sect),
+                    (pages[8 * i + 4], pages[8 * i + 5])
+                );
             }
         }
         Err(_) => assert!(pages.len() < usize::from(nr) * 8),

@@ -103,7 +103,14 @@ pub fn run(data: &[u8]) {
         max_queues: inp.pick(&[0, 1, 2, 4, 4, 16, 255, u32::MAX]),
     };
     let mut map: HashMap<String, Result<String, String>> = HashMap::new();
-    let dirs = ["", "queue-0/", "queue-1/", "queue-2/", "queue-3/", "queue-17/"];
+    let dirs = [
+        "",
+        "queue-0/",
+        "queue-1/",
+        "queue-2/",
+        "queue-3/",
+        "queue-17/",
+    ];
     while !inp.is_empty() && map.len() < 64 {
         let dir = inp.pick(&dirs);
         let key = inp.pick(KEYS);
@@ -113,7 +120,10 @@ pub fn run(data: &[u8]) {
     let mut lookups = 0usize;
     let res = parse_frontend_keys(FE, &limits, |k: &str| {
         lookups += 1;
-        assert!(k.starts_with(FE) && k.len() > FE.len(), "lookup outside the frontend: {k}");
+        assert!(
+            k.starts_with(FE) && k.len() > FE.len(),
+            "lookup outside the frontend: {k}"
+        );
         match map.get(k) {
             None => Ok(None),
             Some(Ok(v)) => Ok(Some(v.clone())),
@@ -166,7 +176,10 @@ pub fn run(data: &[u8]) {
                     let v = get(&refkey(j)).expect("ref key present").as_ref().unwrap();
                     assert_eq!(reference_uint(v), Some(u64::from(*r)));
                 }
-                let ev = get(&format!("{dir}event-channel")).unwrap().as_ref().unwrap();
+                let ev = get(&format!("{dir}event-channel"))
+                    .unwrap()
+                    .as_ref()
+                    .unwrap();
                 assert_eq!(reference_uint(ev), Some(u64::from(q.event_channel)));
             }
             let want_persistent = matches!(get("feature-persistent"),

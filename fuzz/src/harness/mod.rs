@@ -6,6 +6,6 @@
 pub mod blkif;
 pub mod fekeys;
 pub mod input;
+pub mod ring;
 pub mod xenstored;
 pub mod xs_wire;
-pub mod ring;

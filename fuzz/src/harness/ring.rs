@@ -102,7 +102,9 @@ impl Platform for Checked {
                     CopySeg::ToGuest { gref, offset, src } => (*gref, *offset, src.len()),
                 };
                 if usize::from(offset) + len > PAGE || len == 0 {
-                    v.push(format!("grant copy outside a page: ref {gref} +{offset} len {len}"));
+                    v.push(format!(
+                        "grant copy outside a page: ref {gref} +{offset} len {len}"
+                    ));
                 }
             }
         }
@@ -196,7 +198,10 @@ impl Drop for Rig {
 fn tempdir() -> tempfile::TempDir {
     let shm = std::path::Path::new("/dev/shm");
     if shm.is_dir() {
-        if let Ok(d) = tempfile::Builder::new().prefix("refblk-fuzz-ring").tempdir_in(shm) {
+        if let Ok(d) = tempfile::Builder::new()
+            .prefix("refblk-fuzz-ring")
+            .tempdir_in(shm)
+        {
             return d;
         }
     }
@@ -258,7 +263,11 @@ impl Rig {
             let nr = 1usize << order.unwrap_or(0);
             let ring_first = guest.alloc_pages(nr as u32).expect("ring pages");
             let ring_refs = (0..nr)
-                .map(|i| guest.grant(ring_first + i as u32, 0, false).expect("grant ring"))
+                .map(|i| {
+                    guest
+                        .grant(ring_first + i as u32, 0, false)
+                        .expect("grant ring")
+                })
                 .collect();
             devs.push(Dev {
                 devid,
@@ -394,12 +403,22 @@ impl Rig {
                 }
             }
         }
-        self.w(&format!("{fe}/event-channel"), &evtchn.local_port().to_string());
+        self.w(
+            &format!("{fe}/event-channel"),
+            &evtchn.local_port().to_string(),
+        );
         self.w(&format!("{fe}/state"), "3");
         self.wait_state(i, &[4], "connect");
         let be = d.be();
-        let key = |k: &str| self.xs.try_read_string(0, &format!("{be}/{k}")).ok().flatten();
-        let sectors: u64 = key("sectors").and_then(|s| s.parse().ok()).expect("sectors");
+        let key = |k: &str| {
+            self.xs
+                .try_read_string(0, &format!("{be}/{k}"))
+                .ok()
+                .flatten()
+        };
+        let sectors: u64 = key("sectors")
+            .and_then(|s| s.parse().ok())
+            .expect("sectors");
         let discard = key("feature-discard").as_deref() == Some("1");
         let secure = key("discard-secure").as_deref() == Some("1");
         assert_eq!(key("feature-flush-cache").as_deref(), Some("1"));
@@ -470,7 +489,7 @@ fn put(b: &mut [u8], at: usize, v: &[u8]) {
 fn make_slot(rig: &Rig, d: &Dev, inp: &mut Input, id: u64) -> Vec<u8> {
     let o = off(d.abi);
     let kind = inp.u8();
-    if kind % 8 == 0 {
+    if kind.is_multiple_of(8) {
         return inp.bytes(o.slot);
     }
     let mut s = vec![0u8; o.slot];
@@ -526,7 +545,7 @@ fn make_slot(rig: &Rig, d: &Dev, inp: &mut Input, id: u64) -> Vec<u8> {
                 // Reads take their segment list from indirect pages 0..,
                 // writes from 4.. (see fill_indirect).
                 let first = if s[1] == OP_WRITE { 4 } else { 0 };
-                let g = if inp.u8() % 8 == 0 {
+                let g = if inp.u8().is_multiple_of(8) {
                     gref_from(rig, inp.u8(), inp)
                 } else {
                     rig.ind_refs[(first + k) % NR_IND]
@@ -589,7 +608,11 @@ fn fill_indirect(rig: &Rig, inp: &mut Input) {
             0 => (inp.u8() % 10, inp.u8() % 10),
             _ => (0, 7),
         };
-        let odd = if sel >= 32 { Some(gref_from(rig, sel, inp)) } else { None };
+        let odd = if sel >= 32 {
+            Some(gref_from(rig, sel, inp))
+        } else {
+            None
+        };
         for c in 0..count {
             if at + 8 > half {
                 break;
@@ -609,6 +632,9 @@ fn fill_indirect(rig: &Rig, inp: &mut Input) {
 }
 
 // ------------------------------------------------------------ one batch
+
+/// (gref, byte offset in the page, byte length) of a transfer's pieces.
+type Pieces = Vec<(u32, u16, u16)>;
 
 struct Sent {
     id: u64,
@@ -671,7 +697,10 @@ fn expected(
                 Some(_) => write,
                 None => false,
             });
-            (Some(vec![if ok { 0 } else { -1 }]), Some((write, sector, pieces)))
+            (
+                Some(vec![if ok { 0 } else { -1 }]),
+                Some((write, sector, pieces)),
+            )
         }
         Expect::Indirect { .. } => unreachable!("resolved above"),
     }
@@ -722,7 +751,11 @@ fn batch(rig: &mut Rig, i: usize, inp: &mut Input) {
         let idx = req_prod0.wrapping_add(n);
         let at = 64 + (idx & (size - 1)) as usize * o.slot;
         d.conn.as_ref().unwrap().pages.copy_in(at, &bytes).unwrap();
-        let echo = if bytes[0] == OP_INDIRECT { bytes[1] } else { bytes[0] };
+        let echo = if bytes[0] == OP_INDIRECT {
+            bytes[1]
+        } else {
+            bytes[0]
+        };
         let id = u64::from_le_bytes(bytes[o.id..o.id + 8].try_into().unwrap());
         sent.push(Sent { id, echo, bytes });
     }
@@ -793,7 +826,11 @@ fn batch(rig: &mut Rig, i: usize, inp: &mut Input) {
                 continue;
             }
         }
-        if conn.evtchn.wait_pending(Some(Duration::from_millis(2))).unwrap_or(false) {
+        if conn
+            .evtchn
+            .wait_pending(Some(Duration::from_millis(2)))
+            .unwrap_or(false)
+        {
             let _ = conn.evtchn.ack();
         }
     }
@@ -836,7 +873,11 @@ fn batch(rig: &mut Rig, i: usize, inp: &mut Input) {
         assert_eq!(slot[9], 0, "response padding byte 9 not zero");
         let st = i16::from_le_bytes([slot[10], slot[11]]);
         if rsp_size == 16 {
-            assert_eq!(&slot[12..16], &[0, 0, 0, 0], "response padding 12..16 not zero");
+            assert_eq!(
+                &slot[12..16],
+                &[0, 0, 0, 0],
+                "response padding 12..16 not zero"
+            );
         }
         assert_eq!(
             &slot[rsp_size..],
@@ -875,10 +916,10 @@ fn batch(rig: &mut Rig, i: usize, inp: &mut Input) {
     let mut pool: Vec<Option<(u64, u8, i16)>> = answers.into_iter().map(Some).collect();
     let mut writes: Vec<(u64, Vec<u8>)> = Vec::new(); // (sector, data) of OKAY writes
     let mut discards: Vec<(u64, u64)> = Vec::new();
-    let mut reads: Vec<(bool, u64, Vec<(u32, u16, u16)>)> = Vec::new(); // (ok, sector, pieces)
-    // A guest page both read into and written from in one batch (only when
-    // the input insists): the written data is then unknowable; the
-    // structural checks above and the statuses still apply.
+    let mut reads: Vec<(bool, u64, Pieces)> = Vec::new(); // (ok, sector, pieces)
+                                                          // A guest page both read into and written from in one batch (only when
+                                                          // the input insists): the written data is then unknowable; the
+                                                          // structural checks above and the statuses still apply.
     let mut read_pages = std::collections::HashSet::new();
     let mut write_pages = std::collections::HashSet::new();
     for s in &sent {
@@ -928,7 +969,8 @@ fn batch(rig: &mut Rig, i: usize, inp: &mut Input) {
         if s.bytes[0] == OP_DISCARD && st == 0 {
             let o = off(d.abi);
             let sector = u64::from_le_bytes(s.bytes[o.sector..o.sector + 8].try_into().unwrap());
-            let nr = u64::from_le_bytes(s.bytes[o.discard_nr..o.discard_nr + 8].try_into().unwrap());
+            let nr =
+                u64::from_le_bytes(s.bytes[o.discard_nr..o.discard_nr + 8].try_into().unwrap());
             discards.push((sector, nr));
         }
     }
@@ -957,7 +999,11 @@ fn batch(rig: &mut Rig, i: usize, inp: &mut Input) {
             cands.entry(s as usize).or_default().push(vec![0u8; SECTOR]);
         }
     }
-    let zero_ok = |s: usize| discards.iter().any(|(a, n)| (*a..a + n).contains(&(s as u64)));
+    let zero_ok = |s: usize| {
+        discards
+            .iter()
+            .any(|(a, n)| (*a..a + n).contains(&(s as u64)))
+    };
     for s in 0..IMAGE_BYTES / SECTOR {
         let now = &post[s * SECTOR..(s + 1) * SECTOR];
         let was = &pre[s * SECTOR..(s + 1) * SECTOR];
@@ -970,7 +1016,11 @@ fn batch(rig: &mut Rig, i: usize, inp: &mut Input) {
         // An answered write with no competitor must have landed.
         if let Some(c) = c {
             if c.len() == 1 && !zero_ok(s) {
-                assert_eq!(now, &c[0][..], "device {i}: answered write to sector {s} not on disk");
+                assert_eq!(
+                    now,
+                    &c[0][..],
+                    "device {i}: answered write to sector {s} not on disk"
+                );
             }
         }
     }
@@ -1009,7 +1059,9 @@ fn batch(rig: &mut Rig, i: usize, inp: &mut Input) {
             let targets = dest.get(&(p, q));
             if now != was {
                 let t = targets.unwrap_or_else(|| {
-                    panic!("device {i}: guest page {p} sector {q} changed but no read pointed there")
+                    panic!(
+                        "device {i}: guest page {p} sector {q} changed but no read pointed there"
+                    )
                 });
                 assert!(
                     t.iter().any(|(ds, _)| image_ok(*ds, now)),

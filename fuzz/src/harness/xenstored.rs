@@ -100,10 +100,17 @@ impl Daemon {
             if i == 0 {
                 assert_eq!(*to, from, "first message is not the caller's reply");
                 assert_eq!((h.req_id, h.tx_id), (req_id, tx_id), "reply ids");
-                assert!(h.ty == ty || h.ty == abi::XS_ERROR, "reply type {} to {ty}", h.ty);
+                assert!(
+                    h.ty == ty || h.ty == abi::XS_ERROR,
+                    "reply type {} to {ty}",
+                    h.ty
+                );
                 if h.ty == abi::XS_ERROR && ty != abi::XS_ERROR {
                     let (parts, tail) = split_strings(body);
-                    assert!(tail.is_empty() && parts.len() == 1, "error payload {body:?}");
+                    assert!(
+                        tail.is_empty() && parts.len() == 1,
+                        "error payload {body:?}"
+                    );
                     let name = std::str::from_utf8(parts[0]).expect("error name");
                     assert!(wire::errno_for_name(name).is_some(), "unknown error {name}");
                 }
@@ -121,14 +128,23 @@ impl Daemon {
     fn ok(&mut self, from: u64, ty: u32, p: &[u8]) -> Vec<u8> {
         self.req += 1;
         let (t, body) = self.send(from, ty, self.req, 0, p);
-        assert_eq!(t, ty, "setup request {ty} failed: {:?}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            t,
+            ty,
+            "setup request {ty} failed: {:?}",
+            String::from_utf8_lossy(&body)
+        );
         body
     }
 
     fn connect_domu(&mut self) -> u64 {
         let c = self.d.connect();
         self.domu = c; // before sending, so its replies are checked as the domU's
-        self.ok(c, abi::XS_CONTROL, &wire::join_strings(&["sim-as-domain", "7"]));
+        self.ok(
+            c,
+            abi::XS_CONTROL,
+            &wire::join_strings(&["sim-as-domain", "7"]),
+        );
         c
     }
 }
@@ -169,7 +185,7 @@ fn payload(inp: &mut Input) -> Vec<u8> {
             }
         }
         // Usually terminated; the last one sometimes not (a WRITE value).
-        if i + 1 < n || inp.u8() % 4 != 0 {
+        if i + 1 < n || !inp.u8().is_multiple_of(4) {
             p.push(0);
         }
     }
@@ -197,7 +213,7 @@ pub fn run(data: &[u8]) {
             s.tx[1] = 0;
             continue;
         }
-        let from_domu = sel % 4 != 0;
+        let from_domu = !sel.is_multiple_of(4);
         let who = if from_domu { s.domu } else { s.dom0 };
         let ty = match inp.u8() % 16 {
             15 => inp.u32(),
@@ -205,7 +221,11 @@ pub fn run(data: &[u8]) {
             _ => u32::from(inp.u8() % 24),
         };
         s.req = s.req.wrapping_add(1);
-        let req_id = if inp.u8() % 8 == 0 { inp.u32() } else { s.req };
+        let req_id = if inp.u8().is_multiple_of(8) {
+            inp.u32()
+        } else {
+            s.req
+        };
         let tx_id = match inp.u8() % 8 {
             0..=4 => 0,
             5 | 6 => s.tx[usize::from(from_domu)],
@@ -225,7 +245,10 @@ pub fn run(data: &[u8]) {
         let (rty, body) = s.send(who, ty, req_id, tx_id, &p);
         if ty == abi::XS_TRANSACTION_START && rty == ty {
             let (parts, _) = split_strings(&body);
-            let id: u32 = std::str::from_utf8(parts[0]).unwrap().parse().expect("tx id");
+            let id: u32 = std::str::from_utf8(parts[0])
+                .unwrap()
+                .parse()
+                .expect("tx id");
             assert_ne!(id, 0);
             s.tx[usize::from(from_domu)] = id;
         }
@@ -234,7 +257,10 @@ pub fn run(data: &[u8]) {
     let v = s.ok(s.dom0, abi::XS_READ, b"/secret\0");
     assert_eq!(v, SECRET, "dom0's private node was changed");
     let perms = s.ok(s.dom0, abi::XS_GET_PERMS, b"/secret\0");
-    assert_eq!(perms, b"n0\0", "dom0's private node's permissions were changed");
+    assert_eq!(
+        perms, b"n0\0",
+        "dom0's private node's permissions were changed"
+    );
     s.req += 1;
     let (t, body) = s.send(s.domu, abi::XS_READ, s.req, 0, b"/secret\0");
     assert_eq!(t, abi::XS_ERROR, "domU read the secret: {body:?}");

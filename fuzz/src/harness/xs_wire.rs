@@ -11,7 +11,7 @@
 use std::io::{self, Read};
 
 use refblk::xenstore::wire::{
-    self, encode, error_name, errno_for_name, join_strings, read_message, split_strings, Header,
+    self, encode, errno_for_name, error_name, join_strings, read_message, split_strings, Header,
     ReadError, HEADER_LEN, PAYLOAD_MAX,
 };
 use refblk::xenstore::{Perm, Permissions};
@@ -30,7 +30,11 @@ struct Chunked<'a> {
 impl Read for Chunked<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.i += 1;
-        let s = self.sizes.get(self.i % self.sizes.len().max(1)).copied().unwrap_or(255);
+        let s = self
+            .sizes
+            .get(self.i % self.sizes.len().max(1))
+            .copied()
+            .unwrap_or(255);
         if s == 0 && self.interrupts > 0 {
             self.interrupts -= 1;
             return Err(io::Error::from(io::ErrorKind::Interrupted));
@@ -74,9 +78,8 @@ pub fn run(data: &[u8]) {
             }
             Err(ReadError::TooBig(h)) => {
                 assert!(h.len as usize > PAYLOAD_MAX);
-                let hb: [u8; HEADER_LEN] = stream[consumed..consumed + HEADER_LEN]
-                    .try_into()
-                    .unwrap();
+                let hb: [u8; HEADER_LEN] =
+                    stream[consumed..consumed + HEADER_LEN].try_into().unwrap();
                 assert_eq!(Header::from_bytes(&hb), h);
                 break;
             }
@@ -122,5 +125,10 @@ fn check_payload(p: &[u8]) {
         let errno = i32::from_le_bytes([p[0], p[1], p[2], p[3]]);
         assert!(errno_for_name(error_name(errno)).is_some());
     }
-    let _ = wire::type_name(u32::from_le_bytes([p.first().copied().unwrap_or(0), 0, 0, 0]));
+    let _ = wire::type_name(u32::from_le_bytes([
+        p.first().copied().unwrap_or(0),
+        0,
+        0,
+        0,
+    ]));
 }
