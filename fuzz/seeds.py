@@ -146,7 +146,7 @@ def r_indirect(write, sec, nr):
     return bytes([(22 << 3) | 1]) + r_sector(sec) + bytes([1 if write else 4, 3, nr - 1]) + bytes([1] * 8)
 
 def r_batch(slots, runs=((64, 0),), mode=0):
-    b = bytes([mode, len(slots), len(runs)])
+    b = bytes([mode]) + (bytes([0]) if 251 <= mode <= 253 else b"") + bytes([len(slots), len(runs)])
     for count, sel in runs:
         b += bytes([count - 1, sel, 1])
     return b + b"".join(slots)

@@ -122,6 +122,6 @@ fn fuzz_xenstored() {
 
 #[test]
 fn fuzz_ring() {
-    short_run("ring", harness::ring::run, 120, 4096);
+    short_run("ring", harness::ring::run, 300, 4096);
     harness::ring::shutdown();
 }
