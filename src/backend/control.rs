@@ -195,3 +195,43 @@ pub fn request(path: &Path, line: &str) -> io::Result<Value> {
         )
     })
 }
+
+/// Tells a running `refblk serve` that a volume it may be serving was resized
+/// (used by `refblk volume resize`). Without a daemon on the socket there is
+/// nobody to tell, which is not an error.
+#[derive(Debug, Clone)]
+pub struct DaemonNotifier {
+    socket: PathBuf,
+}
+
+impl DaemonNotifier {
+    /// Notify the daemon listening on `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> DaemonNotifier {
+        DaemonNotifier {
+            socket: socket.into(),
+        }
+    }
+}
+
+impl crate::pool::ResizeNotifier for DaemonNotifier {
+    fn volume_resized(&self, vid: &str, path: &Path, new_size: u64) -> io::Result<()> {
+        if !self.socket.exists() {
+            info!(
+                "volume {vid} ({}) is now {new_size} bytes; no refblk daemon at {}",
+                path.display(),
+                self.socket.display()
+            );
+            return Ok(());
+        }
+        let v = request(&self.socket, "resize")?;
+        if v["ok"] != Value::Bool(true) {
+            return Err(io::Error::other(format!(
+                "{}: resize: {}",
+                self.socket.display(),
+                v["error"].as_str().unwrap_or("unknown error")
+            )));
+        }
+        info!("volume {vid}: daemon announced the new size {new_size}");
+        Ok(())
+    }
+}
