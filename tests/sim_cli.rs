@@ -31,7 +31,10 @@ fn start_sim(dir: &Path) -> Sim {
     let sim = Sim(child);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !(dir.join("xenstored.sock").exists() && dir.join("evtchn.sock").exists()) {
-        assert!(Instant::now() < deadline, "refblk sim did not create its sockets");
+        assert!(
+            Instant::now() < deadline,
+            "refblk sim did not create its sockets"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     sim
