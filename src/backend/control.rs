@@ -4,6 +4,8 @@
 //!
 //! Requests:
 //! - `attach <backend-path> <image> [ro] [sector-size=512|4096]`
+//! - `attach-volume <backend-path> <pool-dir> <vid> [ro] [sector-size=N]`
+//! - `detach <backend-path>`
 //! - `resize`
 //! - `status`
 //!
@@ -141,23 +143,50 @@ fn status_json(s: &DeviceStatus) -> Value {
 pub fn handle_line(line: &str, backend: &BackendHandle) -> Value {
     let mut words = line.split_whitespace();
     let fail = |e: String| json!({"ok": false, "error": e});
+    let options = |words: std::str::SplitWhitespace<'_>| -> Result<AttachOptions, String> {
+        let mut opts = AttachOptions::default();
+        for w in words {
+            match w {
+                "ro" => opts.read_only = true,
+                _ => match w.strip_prefix("sector-size=").map(str::parse::<u32>) {
+                    Some(Ok(n)) => opts.sector_size = n,
+                    _ => return Err(format!("unknown option {w:?}")),
+                },
+            }
+        }
+        Ok(opts)
+    };
     match words.next() {
         Some("attach") => {
             let (Some(be), Some(img)) = (words.next(), words.next()) else {
                 return fail("usage: attach <backend-path> <image> [ro] [sector-size=N]".into());
             };
-            let mut opts = AttachOptions::default();
-            for w in words {
-                match w {
-                    "ro" => opts.read_only = true,
-                    _ => match w.strip_prefix("sector-size=").map(str::parse::<u32>) {
-                        Some(Ok(n)) => opts.sector_size = n,
-                        _ => return fail(format!("attach: unknown option {w:?}")),
-                    },
-                }
+            let r = options(words).and_then(|opts| backend.attach(be, img, opts));
+            match r {
+                Ok(()) => json!({"ok": true, "image": img}),
+                Err(e) => fail(e),
             }
-            match backend.attach(be, img, opts) {
-                Ok(()) => json!({"ok": true}),
+        }
+        Some("attach-volume") => {
+            let (Some(be), Some(pool), Some(vid)) = (words.next(), words.next(), words.next())
+            else {
+                return fail(
+                    "usage: attach-volume <backend-path> <pool-dir> <vid> [ro] [sector-size=N]"
+                        .into(),
+                );
+            };
+            let r = options(words).and_then(|opts| backend.attach_volume(be, pool, vid, opts));
+            match r {
+                Ok(p) => json!({"ok": true, "image": p.display().to_string()}),
+                Err(e) => fail(e),
+            }
+        }
+        Some("detach") => {
+            let Some(be) = words.next() else {
+                return fail("usage: detach <backend-path>".into());
+            };
+            match backend.detach(be) {
+                Ok(what) => json!({"ok": true, "result": what}),
                 Err(e) => fail(e),
             }
         }

@@ -93,6 +93,12 @@ pub(crate) struct Device {
     pub fe_watch: Option<(String, String)>,
     /// Counters of queues of earlier connections, so status survives reconnects.
     retired: Vec<Arc<QueueStats>>,
+    /// The pool volume whose dirty image is served, if the disk line named one:
+    /// committed (or discarded, by its kind) when the device is released.
+    pub volume: Option<crate::pool::Volume>,
+    /// The hotplug `remove` ran: the device stays quiet until its backend
+    /// directory disappears.
+    pub detached: bool,
 }
 
 fn parse_uint(s: &str) -> Option<u64> {
@@ -151,6 +157,8 @@ impl Device {
             conn: None,
             fe_watch: None,
             retired: Vec::new(),
+            volume: None,
+            detached: false,
         }
     }
 
@@ -424,6 +432,26 @@ impl Device {
             self.retired.push(q.stats.clone());
         }
         info!("{}: disconnected", self.name());
+    }
+
+    /// Let go of the image: disconnect, close the file, and stop (commit or
+    /// discard, by its kind) the pool volume if there is one.
+    pub fn release(&mut self) -> Result<String, String> {
+        self.disconnect();
+        let img = self.image.take();
+        drop(img);
+        match self.volume.take() {
+            None => Ok("released".into()),
+            Some(v) => {
+                let vid = v.vid().to_string();
+                v.stop()
+                    .map(|o| {
+                        info!("{}: volume {vid}: {o:?}", self.name());
+                        format!("volume {vid}: {o:?}")
+                    })
+                    .map_err(|e| format!("volume {vid}: stop: {e}"))
+            }
+        }
     }
 
     /// Re-read the image size; if it changed, announce it (sectors + state in
