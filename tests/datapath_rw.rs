@@ -14,7 +14,15 @@ use refblk::util::scratchfs::{FsKind, ScratchFs};
 
 const MIB: u64 = 1 << 20;
 
-fn run_config(rig: &Rig, domid: u16, image_dir: &std::path::Path, opts: FrontendOptions, seed: u64, qd: usize, max_sectors: u64) {
+fn run_config(
+    rig: &Rig,
+    domid: u16,
+    image_dir: &std::path::Path,
+    opts: FrontendOptions,
+    seed: u64,
+    qd: usize,
+    max_sectors: u64,
+) {
     let name = format!("d{domid}.img");
     let image = make_image(image_dir, &name, 8 * MIB);
     let guest = rig.guest(domid, 16384);
@@ -26,13 +34,23 @@ fn run_config(rig: &Rig, domid: u16, image_dir: &std::path::Path, opts: Frontend
     assert_eq!(info.ring_pages, 1 << opts.ring_page_order);
     assert_eq!(info.queues, opts.queues as usize);
     if opts.indirect {
-        assert!(info.segments_per_request > 11, "indirect not negotiated: {info:?}");
+        assert!(
+            info.segments_per_request > 11,
+            "indirect not negotiated: {info:?}"
+        );
     } else {
         assert_eq!(info.segments_per_request, 11);
     }
-    let reqs = random_rw(&mut fe, seed, 120, qd, max_sectors, 8 * MIB);
+    let (reqs, model) = random_rw(&mut fe, seed, 120, qd, max_sectors, 8 * MIB);
     assert!(reqs >= 120);
+    // The image file itself holds what the guest wrote.
+    let on_disk = std::fs::read(&image).expect("read image");
+    assert!(on_disk == model, "image file differs from the model");
     let st = rig.status(domid, XVDA);
+    assert!(
+        st.writes > 0 && st.reads > 0 && st.bytes_written > 0,
+        "{st:?}"
+    );
     assert_eq!(st.queues, opts.queues as usize);
     assert_eq!(st.protocol, Some(opts.protocol.abi().protocol()));
     assert_eq!(st.errors, 0, "backend counted errors: {st:?}");

@@ -353,8 +353,12 @@ impl Frontend {
         opts: FrontendOptions,
     ) -> io::Result<Frontend> {
         let domid = guest.domid();
-        let xs = XsClient::connect_as_domain(xenstored, domid)
-            .map_err(|e| xs_err(&format!("{}: xenstore as dom{domid}", xenstored.display()), e))?;
+        let xs = XsClient::connect_as_domain(xenstored, domid).map_err(|e| {
+            xs_err(
+                &format!("{}: xenstore as dom{domid}", xenstored.display()),
+                e,
+            )
+        })?;
         let fe_path = format!("/local/domain/{domid}/device/vbd/{devid}");
         let be_path = xs
             .read_string(0, &format!("{fe_path}/backend"))
@@ -496,7 +500,10 @@ impl Frontend {
                 self.teardown_queues();
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
-                    format!("{}: backend went {other:?} instead of Connected", self.be_path),
+                    format!(
+                        "{}: backend went {other:?} instead of Connected",
+                        self.be_path
+                    ),
                 ));
             }
             Err(e) => {
@@ -506,10 +513,7 @@ impl Frontend {
             }
         }
         let info = self.read_disk_info(nr_pages as usize, abi)?;
-        debug!(
-            "dom{} vbd {}: connected: {info:?}",
-            self.domid, self.devid
-        );
+        debug!("dom{} vbd {}: connected: {info:?}", self.domid, self.devid);
         self.info = Some(info);
         self.switch_state(S::Connected)
     }
@@ -912,9 +916,15 @@ impl Frontend {
             IoRequest::Read { sector, len } => {
                 self.submit_rw(q, tag, wire::OP_READ, sector, None, len, &disk)
             }
-            IoRequest::Write { sector, data } => {
-                self.submit_rw(q, tag, wire::OP_WRITE, sector, Some(data), data.len(), &disk)
-            }
+            IoRequest::Write { sector, data } => self.submit_rw(
+                q,
+                tag,
+                wire::OP_WRITE,
+                sector,
+                Some(data),
+                data.len(),
+                &disk,
+            ),
             IoRequest::Barrier { sector, data } => {
                 if data.len() > wire::MAX_SEGMENTS_PER_REQUEST * 4096 {
                     Err(io::Error::new(
@@ -946,7 +956,15 @@ impl Frontend {
                     0,
                     &[],
                 );
-                self.post(q, id, slot, Some(tag), wire::OP_FLUSH_DISKCACHE, vec![], vec![])
+                self.post(
+                    q,
+                    id,
+                    slot,
+                    Some(tag),
+                    wire::OP_FLUSH_DISKCACHE,
+                    vec![],
+                    vec![],
+                )
             }
             IoRequest::Discard {
                 sector,
@@ -1145,10 +1163,7 @@ impl Frontend {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(timed_out(format!(
-                    "{}: ring {q} stayed full",
-                    self.fe_path
-                )));
+                return Err(timed_out(format!("{}: ring {q} stayed full", self.fe_path)));
             }
             self.wait_event(left.min(Duration::from_millis(100)))?;
         }
@@ -1294,7 +1309,10 @@ impl Frontend {
             .map(|f| PollFd::new(*f, PollFlags::POLLIN))
             .collect();
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        match poll(&mut pfds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
+        match poll(
+            &mut pfds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        ) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(io::Error::other(format!("poll event channels: {e}"))),
         }
@@ -1526,7 +1544,8 @@ impl Frontend {
     /// `guest().end_access(gref)`).
     pub fn raw_grant_page(&mut self, data: &[u8], readonly: bool) -> io::Result<(u32, GrantRef)> {
         let frame = self.alloc_page()?;
-        self.guest.write_page(frame, 0, &data[..data.len().min(4096)])?;
+        self.guest
+            .write_page(frame, 0, &data[..data.len().min(4096)])?;
         let gref = self.guest.grant(frame, self.backend_id, readonly)?;
         Ok((frame, gref))
     }

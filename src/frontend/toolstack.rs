@@ -166,8 +166,10 @@ impl Toolstack {
         self.xs
             .transaction(|tx| {
                 let xs = &self.xs;
-                xs.rm(tx, &be).or_else(|e| if e.is_enoent() { Ok(()) } else { Err(e) })?;
-                xs.rm(tx, &fe).or_else(|e| if e.is_enoent() { Ok(()) } else { Err(e) })?;
+                xs.rm(tx, &be)
+                    .or_else(|e| if e.is_enoent() { Ok(()) } else { Err(e) })?;
+                xs.rm(tx, &fe)
+                    .or_else(|e| if e.is_enoent() { Ok(()) } else { Err(e) })?;
                 xs.mkdir(tx, &be)?;
                 xs.set_perms(tx, &be, &be_perms)?;
                 xs.mkdir(tx, &fe)?;
@@ -284,7 +286,9 @@ impl Toolstack {
             .map_err(|e| xs_err(&format!("remove vbd {be}"), e))?;
         let closed = present
             && self
-                .wait_state(be, |s| matches!(s, XenbusState::Closed | XenbusState::Unknown))
+                .wait_state(be, |s| {
+                    matches!(s, XenbusState::Closed | XenbusState::Unknown)
+                })
                 .is_ok();
         self.xs
             .transaction(|tx| {

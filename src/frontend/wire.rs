@@ -219,7 +219,11 @@ pub fn encode_discard(
     put(slot, 2, &handle.to_le_bytes());
     put(slot, abi.id_offset(), &id.to_le_bytes());
     put(slot, abi.sector_offset(), &sector.to_le_bytes());
-    put(slot, abi.discard_nr_sectors_offset(), &nr_sectors.to_le_bytes());
+    put(
+        slot,
+        abi.discard_nr_sectors_offset(),
+        &nr_sectors.to_le_bytes(),
+    );
 }
 
 /// Encode an INDIRECT request; `grefs` (at most 8) are the indirect pages.

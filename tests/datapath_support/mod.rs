@@ -70,7 +70,14 @@ impl Rig {
     }
 
     /// Create the vbd and attach `image` (the hotplug step).
-    pub fn attach(&self, domid: u16, devid: u32, image: &Path, mode: &str, opts: AttachOptions) -> Vbd {
+    pub fn attach(
+        &self,
+        domid: u16,
+        devid: u32,
+        image: &Path,
+        mode: &str,
+        opts: AttachOptions,
+    ) -> Vbd {
         let mut spec = VbdSpec::new(domid, devid, image);
         spec.mode = mode.into();
         spec.attach = opts;
@@ -146,8 +153,16 @@ impl Rng {
 /// Run `ops` random reads and writes, up to `qd` in flight, of up to
 /// `max_sectors` each, over the first `disk_bytes` of the disk, checking
 /// every read against an in-memory model. Writes and reads in flight never
-/// overlap, so the model is exact. Returns the number of ring requests.
-pub fn random_rw(fe: &mut Frontend, seed: u64, ops: usize, qd: usize, max_sectors: u64, disk_bytes: u64) -> usize {
+/// overlap, so the model is exact. Returns the number of ring requests and
+/// the model (what the disk must hold).
+pub fn random_rw(
+    fe: &mut Frontend,
+    seed: u64,
+    ops: usize,
+    qd: usize,
+    max_sectors: u64,
+    disk_bytes: u64,
+) -> (usize, Vec<u8>) {
     use refblk::frontend::IoRequest;
     use std::collections::HashMap;
     let mut rng = Rng::new(seed);
@@ -186,7 +201,13 @@ pub fn random_rw(fe: &mut Frontend, seed: u64, ops: usize, qd: usize, max_sector
                 let mut data = vec![0u8; len];
                 rng.fill(&mut data);
                 let t = fe
-                    .submit(q, IoRequest::Write { sector: s, data: &data })
+                    .submit(
+                        q,
+                        IoRequest::Write {
+                            sector: s,
+                            data: &data,
+                        },
+                    )
                     .expect("submit write");
                 model[(s * 512) as usize..(s * 512) as usize + len].copy_from_slice(&data);
                 inflight.insert(t.0, (s, len, false));
@@ -219,8 +240,11 @@ pub fn random_rw(fe: &mut Frontend, seed: u64, ops: usize, qd: usize, max_sector
     while off < model.len() {
         let n = chunk.min(model.len() - off);
         let d = fe.read((off / 512) as u64, n).expect("final read");
-        assert!(d == model[off..off + n], "final read at byte {off} differs from the model");
+        assert!(
+            d == model[off..off + n],
+            "final read at byte {off} differs from the model"
+        );
         off += n;
     }
-    ring_requests
+    (ring_requests, model)
 }
