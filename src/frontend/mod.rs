@@ -393,7 +393,7 @@ impl Frontend {
             raw_responses: Vec::new(),
             next_queue: 0,
         };
-        fe.talk_to_backend()?;
+        fe.talk_to_backend(false)?;
         Ok(fe)
     }
 
@@ -426,11 +426,15 @@ impl Frontend {
         Ok(())
     }
 
-    /// The backend's current state.
+    /// The backend's current state (`Unknown` once the toolstack removed the
+    /// directory, which a guest may no longer be allowed to look at).
     pub fn backend_state(&self) -> io::Result<XenbusState> {
-        Ok(parse_state(
-            self.read_opt(&format!("{}/state", self.be_path))?,
-        ))
+        let p = format!("{}/state", self.be_path);
+        match self.xs.try_read_string(0, &p) {
+            Ok(v) => Ok(parse_state(v)),
+            Err(e) if e.is_eacces() || e.is_enoent() => Ok(XenbusState::Unknown),
+            Err(e) => Err(xs_err(&format!("read {p}"), e)),
+        }
     }
 
     /// Wait until the backend's state satisfies `pred` (or `timeout`).
@@ -461,10 +465,12 @@ impl Frontend {
     }
 
     /// blkfront's `talk_to_blkback` + `blkfront_connect`.
-    fn talk_to_backend(&mut self) -> io::Result<()> {
+    /// `reconnecting`: the backend is still Closed from the last connection
+    /// until it notices our Initialising; wait through that.
+    fn talk_to_backend(&mut self, reconnecting: bool) -> io::Result<()> {
         use XenbusState as S;
         let s = self.wait_backend_state(
-            |s| matches!(s, S::InitWait | S::Closing | S::Closed),
+            |s| matches!(s, S::InitWait | S::Closing) || (s == S::Closed && !reconnecting),
             self.opts.timeout,
         )?;
         if s != S::InitWait {
@@ -732,7 +738,7 @@ impl Frontend {
             )));
         }
         self.switch_state(XenbusState::Initialising)?;
-        self.talk_to_backend()
+        self.talk_to_backend(true)
     }
 
     // ------------------------------------------------------------- accessors
