@@ -43,10 +43,8 @@ fn settle(fd_base: usize, thread_base: usize) -> (usize, usize) {
 
 fn cycle(rig: &Rig, image: &std::path::Path, i: u32) {
     let domid = 100 + (i % 7) as u16;
-    let t0 = Instant::now();
     let guest = rig.guest(domid, 256);
     let vbd = rig.attach(domid, XVDA, image, "w", AttachOptions::default());
-    eprintln!("PHASE attach {:?}", t0.elapsed());
     let opts = FrontendOptions {
         protocol: if i % 2 == 0 {
             Protocol::X86_64
@@ -57,9 +55,7 @@ fn cycle(rig: &Rig, image: &std::path::Path, i: u32) {
         queues: 1 + i % 2,
         ..Default::default()
     };
-    let t0 = Instant::now();
     let mut fe = rig.connect(&guest, XVDA, opts);
-    eprintln!("PHASE connect {:?}", t0.elapsed());
     let data = vec![(i % 251) as u8; 8192];
     fe.write(8 * u64::from(i % 64), &data).unwrap();
     assert!(fe.read(8 * u64::from(i % 64), 8192).unwrap() == data);
@@ -84,16 +80,12 @@ fn cycle(rig: &Rig, image: &std::path::Path, i: u32) {
         );
         drop(t.join().unwrap());
     } else {
-        let t0 = Instant::now();
         fe.disconnect().unwrap();
-        eprintln!("PHASE disconnect {:?}", t0.elapsed());
         assert_eq!(fe.backend_state().unwrap(), XenbusState::Closed);
-        let t0 = Instant::now();
         assert!(
             rig.ts.remove_vbd(&vbd).unwrap(),
             "cycle {i}: backend did not close"
         );
-        eprintln!("PHASE remove {:?}", t0.elapsed());
         drop(fe);
     }
     drop(guest);
