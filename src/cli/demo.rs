@@ -50,7 +50,7 @@ fn allocated(p: &Path) -> io::Result<u64> {
 
 /// Run `refblk demo`.
 pub fn run(a: DemoArgs) -> CliResult {
-    if a.size < 4 << 20 || a.size % 4096 != 0 {
+    if a.size < 4 << 20 || !a.size.is_multiple_of(4096) {
         return Err(CliError::usage(
             "demo: --size must be a multiple of 4096 and at least 4M",
         ));
