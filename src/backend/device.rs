@@ -297,6 +297,10 @@ impl Device {
         if nq == 0 {
             return Err(err(format!("{fe}/multi-queue-num-queues: 0")));
         }
+        let persistent = cfg.persistent_grants
+            && read_opt(xs, &format!("{fe}/feature-persistent"))?
+                .and_then(|v| parse_uint(&v))
+                .is_some_and(|v| v != 0);
         let sectors = Self::sectors_of(img)?;
         let mut ecfg: EngineConfig = cfg.engine.clone();
         ecfg.read_only = img.read_only;
@@ -366,7 +370,7 @@ impl Device {
                 w("discard-alignment", "0".into())?;
                 w("discard-secure", u8::from(secure).to_string())?;
             }
-            w("feature-persistent", "0".into())?;
+            w("feature-persistent", u8::from(persistent).to_string())?;
             w("state", (XenbusState::Connected as u32).to_string())
         })
         .map_err(|e| io::Error::other(format!("{be}: connect: {e}")))?;
@@ -389,6 +393,13 @@ impl Device {
                 stop: stop.clone(),
                 stats: stats.clone(),
                 finished: finished.clone(),
+                persistent: persistent.then(|| {
+                    super::pgrants::PersistentGrants::new(
+                        platform.clone(),
+                        domid,
+                        cfg.max_persistent_grants,
+                    )
+                }),
             };
             let tx = events.clone();
             let key = self.key;
@@ -406,7 +417,7 @@ impl Device {
             });
         }
         info!(
-            "{}: connected ({} queue(s), {}, {} sectors of {} bytes{}{})",
+            "{}: connected ({} queue(s), {}, {} sectors of {} bytes{}{}{})",
             self.name(),
             nq,
             abi.protocol_name(),
@@ -414,6 +425,11 @@ impl Device {
             img.sector_size,
             if img.read_only { ", read-only" } else { "" },
             if discard { ", discard" } else { "" },
+            if persistent {
+                ", persistent grants"
+            } else {
+                ""
+            },
         );
         self.state = XenbusState::Connected;
         self.conn = Some(Connection {

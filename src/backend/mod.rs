@@ -47,6 +47,11 @@ pub struct BackendConfig {
     pub max_queues: u32,
     /// `feature-max-indirect-segments`.
     pub max_indirect_segments: u32,
+    /// Accept `feature-persistent` from frontends that offer it (map data pages
+    /// once and memcpy, instead of a grant copy per request).
+    pub persistent_grants: bool,
+    /// Most persistently mapped pages per queue (LRU beyond that).
+    pub max_persistent_grants: usize,
     /// io_uring engine settings for every queue.
     pub engine: EngineConfig,
 }
@@ -59,6 +64,8 @@ impl Default for BackendConfig {
             max_ring_page_order: 4,
             max_queues: 4,
             max_indirect_segments: 256,
+            persistent_grants: false,
+            max_persistent_grants: pgrants::DEFAULT_MAX_PERSISTENT,
             engine: EngineConfig::default(),
         }
     }

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use log::{debug, info, warn};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use super::pgrants::PersistentGrants;
 use crate::blkif::{
     parse_request, BackRing, DiskInfo, IndirectRequest, Piece, Request, RwOp, RwRequest,
 };
@@ -70,6 +71,9 @@ pub(crate) struct QueueCtx {
     pub stats: Arc<QueueStats>,
     /// Set when the thread exits (for whatever reason).
     pub finished: Arc<AtomicBool>,
+    /// Persistent grants negotiated: data pages are mapped once and copied with
+    /// memcpy instead of a grant copy per request.
+    pub persistent: Option<PersistentGrants>,
 }
 
 /// What a started request is waiting for.
@@ -428,6 +432,15 @@ impl Queue {
         let grefs = ind.page_grefs();
         let n = grefs.len();
         let buf = &mut self.indirect_buf[..n * PAGE_SIZE];
+        if let Some(pg) = self.ctx.persistent.as_mut() {
+            for (dst, &gref) in buf.chunks_mut(PAGE_SIZE).zip(grefs) {
+                pg.copy_from(gref, 0, dst)
+                    .map_err(|st| (BLKIF_RSP_ERROR, format!("indirect page: {st:?}")))?;
+            }
+            return ind
+                .complete(&self.indirect_buf[..n * PAGE_SIZE], &self.ctx.disk)
+                .map_err(|rej| (rej.status, rej.to_string()));
+        }
         let mut segs: Vec<CopySeg<'_>> = buf
             .chunks_mut(PAGE_SIZE)
             .zip(grefs)
@@ -458,6 +471,14 @@ impl Queue {
     fn copy_from_guest(&mut self, slot: usize, region: &BufRegion) -> Result<(), GrantStatus> {
         let pieces = &self.slots[slot].as_ref().expect("slot in use").pieces;
         let mut rest: &mut [u8] = self.ctx.engine.buf_mut(region);
+        if let Some(pg) = self.ctx.persistent.as_mut() {
+            for p in pieces {
+                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(usize::from(p.len));
+                rest = tail;
+                pg.copy_from(p.gref, p.offset, dst)?;
+            }
+            return Ok(());
+        }
         let mut segs = Vec::with_capacity(pieces.len());
         for p in pieces {
             let (dst, tail) = std::mem::take(&mut rest).split_at_mut(usize::from(p.len));
@@ -485,6 +506,14 @@ impl Queue {
     fn copy_to_guest(&mut self, slot: usize, region: &BufRegion) -> Result<(), GrantStatus> {
         let pieces = &self.slots[slot].as_ref().expect("slot in use").pieces;
         let mut rest: &[u8] = self.ctx.engine.buf(region);
+        if let Some(pg) = self.ctx.persistent.as_mut() {
+            for p in pieces {
+                let (src, tail) = rest.split_at(usize::from(p.len));
+                rest = tail;
+                pg.copy_to(p.gref, p.offset, src)?;
+            }
+            return Ok(());
+        }
         let mut segs = Vec::with_capacity(pieces.len());
         for p in pieces {
             let (src, tail) = rest.split_at(usize::from(p.len));
