@@ -38,6 +38,8 @@ use xen_sys::blkif::{BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY};
 const TAG_EVTCHN: u64 = u64::MAX;
 /// user_data of the stop eventfd poll.
 const TAG_STOP: u64 = u64::MAX - 1;
+/// Engine op slots kept free for poll re-arms and a barrier's flush.
+const ENGINE_RESERVE: usize = 3;
 /// At most this many parsed requests wait for buffers before we stop consuming.
 const MAX_PENDING: usize = 64;
 
@@ -271,6 +273,12 @@ impl Queue {
     fn start_pending(&mut self) {
         while let Some(p) = self.pending.front() {
             if self.barrier_active {
+                return;
+            }
+            // Keep room in the engine for the two polls to be re-armed and a
+            // barrier's flush: a deep ring (16 pages = 512 slots) can have more
+            // requests than the engine takes ops; the rest wait here.
+            if self.ctx.engine.free_slots() <= ENGINE_RESERVE {
                 return;
             }
             if p.needs_drain() && self.in_flight_requests() > 0 {
