@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod device;
+pub mod fekeys;
 pub mod pgrants;
 pub mod queue;
 

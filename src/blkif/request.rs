@@ -668,9 +668,13 @@ pub fn parse_indirect_segments(
         .collect())
 }
 
+/// The range must end inside the disk, and its end in bytes must fit a `u64`:
+/// `DiskInfo` is a plain struct, and a `sectors` above `u64::MAX / 512` would
+/// otherwise let `sector * 512` wrap to a byte offset near 0 (found by the
+/// `blkif_request` fuzz target; real images are far smaller).
 fn check_range(sector: u64, nr_sectors: u64, disk: &DiskInfo) -> Result<(), RejectReason> {
     match sector.checked_add(nr_sectors) {
-        Some(end) if end <= disk.sectors => Ok(()),
+        Some(end) if end <= disk.sectors && end <= u64::MAX / SECTOR_SIZE => Ok(()),
         _ => Err(RejectReason::OutOfRange {
             sector,
             nr_sectors,
@@ -731,8 +735,9 @@ fn build_rw(
         barrier,
         response_op,
         sector,
-        // Cannot overflow: sector + nr_sectors <= disk.sectors was checked, or
-        // there are no pieces, in which case offset is only informative.
+        // Cannot overflow: sector + nr_sectors <= u64::MAX / 512 was checked
+        // (check_range), or there are no pieces, in which case offset is only
+        // informative.
         offset: sector.wrapping_mul(SECTOR_SIZE),
         len: nr_sectors * SECTOR_SIZE,
         pieces,

@@ -736,6 +736,27 @@ fn range_checks() {
         // Exactly to the end is fine.
         let s = Slot::discard(abi, 1, d.sectors - 10, 10, 0);
         assert!(parse_request(&s.raw(), &d).is_ok());
+        // A disk description larger than a u64 of bytes: the byte offset
+        // must not wrap (sector 2^55 * 512 = 2^64 would become offset 0).
+        let huge = DiskInfo {
+            sectors: u64::MAX,
+            ..d
+        };
+        let s = Slot::rw(abi, BLKIF_OP_WRITE, 1, 1 << 55, &[(1, 0, 7)]);
+        assert!(matches!(
+            rejected(abi, &s, &huge).reason,
+            RejectReason::OutOfRange { .. }
+        ));
+        let s = Slot::discard(abi, 1, 1 << 55, 8, 0);
+        assert!(matches!(
+            rejected(abi, &s, &huge).reason,
+            RejectReason::OutOfRange { .. }
+        ));
+        let s = Slot::rw(abi, BLKIF_OP_READ, 1, u64::MAX / 512 - 8, &[(1, 0, 7)]);
+        match parse_request(&s.raw(), &huge) {
+            Ok(Request::Rw(r)) => assert_eq!(r.offset, (u64::MAX / 512 - 8) * 512),
+            other => panic!("last representable sectors refused: {other:?}"),
+        }
     }
 }
 
