@@ -68,6 +68,9 @@ use crate::xenstore::XsClient;
 use ring::FrontRing;
 use wire::Seg;
 
+/// Guest pages taken from the guest's allocator at once for data.
+const DATA_PAGE_BATCH: u32 = 64;
+
 /// Which `protocol` key the frontend writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -326,6 +329,7 @@ pub struct Frontend {
     anomalies: Anomalies,
     raw_responses: Vec<RawResponse>,
     next_queue: usize,
+    plugged: bool,
 }
 
 fn xs_err(what: &str, e: impl std::fmt::Display) -> io::Error {
@@ -392,6 +396,7 @@ impl Frontend {
             anomalies: Anomalies::default(),
             raw_responses: Vec::new(),
             next_queue: 0,
+            plugged: false,
         };
         fe.talk_to_backend(false)?;
         Ok(fe)
@@ -802,9 +807,18 @@ impl Frontend {
     // -------------------------------------------------------------- data I/O
 
     fn alloc_page(&mut self) -> io::Result<u32> {
-        match self.free_pages.pop() {
-            Some(p) => Ok(p),
-            None => self.guest.alloc_page(),
+        if let Some(p) = self.free_pages.pop() {
+            return Ok(p);
+        }
+        // Take guest pages 64 at a time: the guest's allocator scans its
+        // memory on every call.
+        match self.guest.alloc_pages(DATA_PAGE_BATCH) {
+            Ok(first) => {
+                self.free_pages
+                    .extend((first + 1..first + DATA_PAGE_BATCH).rev());
+                Ok(first)
+            }
+            Err(_) => self.guest.alloc_page(),
         }
     }
 
@@ -992,7 +1006,11 @@ impl Frontend {
                 self.post(q, id, slot, Some(tag), wire::OP_DISCARD, vec![], vec![])
             }
         };
-        let published = self.publish_requests(q);
+        let published = if self.plugged {
+            Ok(())
+        } else {
+            self.publish_requests(q)
+        };
         if let Err(e) = r {
             // Parts already on the ring complete normally; the rest never will.
             if let Some(op) = self.ops.get_mut(&tag) {
@@ -1006,6 +1024,23 @@ impl Frontend {
         }
         published?;
         Ok(Tag(tag))
+    }
+
+    /// Plug: [`submit`](Self::submit) puts requests on the rings without
+    /// publishing them, until [`unplug`](Self::unplug) publishes every ring
+    /// at once (blk-mq's batch commit). A full ring is still published.
+    pub fn plug(&mut self) {
+        self.plugged = true;
+    }
+
+    /// Publish what was queued while plugged, kicking the backend where it
+    /// asked for it.
+    pub fn unplug(&mut self) -> io::Result<()> {
+        self.plugged = false;
+        for q in 0..self.queues.len() {
+            self.publish_requests(q)?;
+        }
+        Ok(())
     }
 
     fn handle(&self) -> u16 {

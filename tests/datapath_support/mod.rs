@@ -47,7 +47,10 @@ impl Rig {
     }
 
     pub fn with_config(cfg: BackendConfig) -> Rig {
-        let _ = env_logger::builder().is_test(true).try_init();
+        let _ = env_logger::builder()
+            .is_test(true)
+            .format_timestamp_millis()
+            .try_init();
         let dir = machine_dir();
         let sim = SimXen::start(dir.path()).expect("start the simulated Xen");
         let platform = Arc::new(sim.platform().expect("sim platform"));
