@@ -277,6 +277,19 @@ fn barrage(fe: &mut Frontend, image: &Path) {
         OP_READ,
         |a, s, id| encode_indirect(a, s, OP_READ, 20, 0, id, u64::MAX - 8, &[ind_ok]),
     );
+    // FLUSH_DISKCACHE carrying a data segment (Linux blkback would write it,
+    // then flush): never OKAY without the data on the disk.
+    let (_, flush_data) = r.fe.raw_grant_page(&[0x3c; 4096], true).unwrap();
+    let fr = r.send("flush with data", |a, s, id| {
+        rw(a, s, OP_FLUSH_DISKCACHE, id, 2048, &[seg(flush_data, 0, 7)])
+    });
+    assert_eq!(fr.operation, OP_FLUSH_DISKCACHE);
+    let on_disk = r.fe.read(2048, 4096).unwrap();
+    assert!(
+        fr.status == RSP_ERROR || (fr.status == RSP_OKAY && on_disk == vec![0x3c; 4096]),
+        "FLUSH_DISKCACHE with a data segment answered {} but the data is not on the disk",
+        fr.status
+    );
     // Flush and discard that are fine, in the junk-filled slots.
     r.expect("flush", RSP_OKAY, OP_FLUSH_DISKCACHE, |a, s, id| {
         rw(a, s, OP_FLUSH_DISKCACHE, id, 0, &[])
