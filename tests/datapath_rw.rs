@@ -86,6 +86,91 @@ fn protocol_matrix_on_tmpfs() {
 }
 
 #[test]
+fn persistent_grants_offered_to_a_backend_without_them() {
+    // feature-persistent=1 from us, 0 from refblk: plain grants, still correct.
+    let rig = Rig::new();
+    let images = machine_dir();
+    let opts = FrontendOptions {
+        persistent: true,
+        ring_page_order: 1,
+        ..Default::default()
+    };
+    run_config(&rig, 31, images.path(), opts, 31, 16, 512);
+    rig.shutdown();
+}
+
+#[test]
+fn two_disks_of_one_guest() {
+    let rig = Rig::new();
+    let d = machine_dir();
+    let a = make_image(d.path(), "a.img", 4 * MIB);
+    let b = make_image(d.path(), "b.img", 4 * MIB);
+    let guest = rig.guest(32, 8192);
+    rig.attach(32, XVDA, &a, "w", AttachOptions::default());
+    let mut spec = refblk::frontend::VbdSpec::new(32, XVDA + 16, &b);
+    spec.vdev = "xvdb".into();
+    rig.ts.add_vbd(&spec).unwrap();
+    let mut fa = rig.connect(&guest, XVDA, FrontendOptions::default());
+    let mut fb = rig.connect(&guest, XVDA + 16, FrontendOptions::default());
+    let t = std::thread::spawn(move || {
+        let (_, m) = random_rw(&mut fb, 2, 100, 8, 128, 4 * MIB);
+        (fb, m)
+    });
+    let (_, ma) = random_rw(&mut fa, 1, 100, 8, 128, 4 * MIB);
+    let (mut fb, mb) = t.join().unwrap();
+    fa.disconnect().unwrap();
+    fb.disconnect().unwrap();
+    assert!(std::fs::read(&a).unwrap() == ma, "xvda image differs");
+    assert!(std::fs::read(&b).unwrap() == mb, "xvdb image differs");
+    drop((fa, fb));
+    rig.shutdown();
+}
+
+#[test]
+fn online_resize_is_announced() {
+    let rig = Rig::new();
+    let d = machine_dir();
+    let image = make_image(d.path(), "grow.img", 2 * MIB);
+    let guest = rig.guest(33, 1024);
+    rig.attach(33, XVDA, &image, "w", AttachOptions::default());
+    let mut fe = rig.connect(&guest, XVDA, FrontendOptions::default());
+    let end = 2 * MIB / 512;
+    let t = fe
+        .submit(
+            None,
+            refblk::frontend::IoRequest::Write {
+                sector: end,
+                data: &[1u8; 4096],
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        fe.wait_for(t, LONG).unwrap().status,
+        refblk::frontend::wire::RSP_ERROR
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let changed = rig.backend.resize().unwrap();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert_eq!(changed[0].1, 4 * MIB / 512);
+    assert_eq!(fe.refresh_size().unwrap(), Some(4 * MIB / 512));
+    // The new space is usable at once.
+    fe.write(end, &[2u8; 4096]).unwrap();
+    assert!(fe.read(end, 4096).unwrap() == vec![2u8; 4096]);
+    assert_eq!(
+        fe.backend_state().unwrap(),
+        xen_sys::xenbus::XenbusState::Connected
+    );
+    fe.disconnect().unwrap();
+    drop(fe);
+    rig.shutdown();
+}
+
+#[test]
 fn small_random_io_deep_queue() {
     // Many small requests in flight: more than a one-page ring holds.
     let rig = Rig::new();

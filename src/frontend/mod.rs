@@ -746,6 +746,25 @@ impl Frontend {
         self.talk_to_backend(true)
     }
 
+    /// Re-read the backend's `sectors`, as blkfront does when the backend
+    /// rewrites its state while connected (an online resize). Returns the
+    /// new size when it changed.
+    pub fn refresh_size(&mut self) -> io::Result<Option<u64>> {
+        let sectors = self.read_be_uint("sectors", 0)?;
+        let Some(info) = self.info.as_mut() else {
+            return Ok(None);
+        };
+        if sectors == info.sectors {
+            return Ok(None);
+        }
+        debug!(
+            "dom{} vbd {}: resized from {} to {sectors} sectors",
+            self.domid, self.devid, info.sectors
+        );
+        info.sectors = sectors;
+        Ok(Some(sectors))
+    }
+
     // ------------------------------------------------------------- accessors
 
     /// The negotiated disk, once connected.
