@@ -440,11 +440,9 @@ impl Backend {
                     d.switch_state(xs, S::Closed)?;
                 }
             }
-            S::Closed => {
-                if online && alive && fe_state == S::Initialising {
-                    info!("vbd {}/{}: frontend reconnecting", key.0, key.1);
-                    d.switch_state(xs, S::InitWait)?;
-                }
+            S::Closed if online && alive && fe_state == S::Initialising => {
+                info!("vbd {}/{}: frontend reconnecting", key.0, key.1);
+                d.switch_state(xs, S::InitWait)?;
             }
             _ => {}
         }
