@@ -46,7 +46,7 @@ fn cycle(rig: &Rig, image: &std::path::Path, i: u32) {
     let guest = rig.guest(domid, 256);
     let vbd = rig.attach(domid, XVDA, image, "w", AttachOptions::default());
     let opts = FrontendOptions {
-        protocol: if i % 2 == 0 {
+        protocol: if i.is_multiple_of(2) {
             Protocol::X86_64
         } else {
             Protocol::X86_32

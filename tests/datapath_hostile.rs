@@ -428,7 +428,8 @@ fn hostile_xenstore_values_are_refused() {
     let rig = Rig::new();
     let d = machine_dir();
     let image = make_image(d.path(), "xs.img", DISK);
-    let cases: Vec<(&str, u32, Vec<(&str, Option<&str>)>)> = vec![
+    type Overrides<'a> = Vec<(&'a str, Option<&'a str>)>;
+    let cases: Vec<(&str, u32, Overrides)> = vec![
         (
             "ring-ref not a number",
             0,

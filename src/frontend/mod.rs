@@ -633,9 +633,10 @@ impl Frontend {
         let info = self.read_be_uint("info", 0)? as u32;
         let be_ind = self.read_be_uint("feature-max-indirect-segments", 0)? as u32;
         let seg_cap = if self.opts.indirect && be_ind > 0 {
-            (be_ind.min(self.opts.max_indirect_segments) as usize)
-                .min(wire::MAX_INDIRECT_PAGES * wire::SEGMENTS_PER_INDIRECT_PAGE)
-                .max(wire::MAX_SEGMENTS_PER_REQUEST)
+            (be_ind.min(self.opts.max_indirect_segments) as usize).clamp(
+                wire::MAX_SEGMENTS_PER_REQUEST,
+                wire::MAX_INDIRECT_PAGES * wire::SEGMENTS_PER_INDIRECT_PAGE,
+            )
         } else {
             wire::MAX_SEGMENTS_PER_REQUEST
         };

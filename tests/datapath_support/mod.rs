@@ -199,7 +199,7 @@ pub fn random_rw(
                 break;
             }
             let len = (n * 512) as usize;
-            let q = Some((issued % nq) as usize);
+            let q = Some(issued % nq);
             let tag = if rng.below(2) == 0 {
                 let mut data = vec![0u8; len];
                 rng.fill(&mut data);
