@@ -548,3 +548,58 @@ fn a_hostile_guest_does_not_disturb_another() {
     drop((good, bad));
     rig.shutdown();
 }
+
+#[test]
+fn closing_with_io_in_flight_answers_every_consumed_request() {
+    let rig = Rig::new();
+    let d = machine_dir();
+    let image = make_image(d.path(), "closing.img", 64 * MIB);
+    let guest = rig.guest(80, 16384);
+    rig.attach(80, XVDA, &image, "w", AttachOptions::default());
+    let mut fe = rig.connect(
+        &guest,
+        XVDA,
+        FrontendOptions {
+            ring_page_order: 2,
+            ..Default::default()
+        },
+    );
+    fe.write(0, &[1u8; 4096]).unwrap();
+    let before = rig.status(80, XVDA).requests;
+    let data = vec![0x42u8; 256 * 1024];
+    fe.plug();
+    for i in 0..96u64 {
+        let req = if i % 3 == 0 {
+            IoRequest::Read {
+                sector: 512 * i,
+                len: data.len(),
+            }
+        } else {
+            IoRequest::Write {
+                sector: 512 * i,
+                data: &data,
+            }
+        };
+        fe.submit(None, req).unwrap();
+    }
+    // The guest goes Closing as it publishes them, without waiting for
+    // them: the backend stops somewhere in the middle.
+    let state = format!("{}/state", fe.frontend_path());
+    fe.xs().write(0, &state, b"5").unwrap();
+    fe.unplug().unwrap();
+    wait_disconnected(&fe);
+    // The queue answered everything it consumed before it stopped.
+    let consumed = rig.status(80, XVDA).requests - before;
+    let answered = fe.poll();
+    assert_eq!(
+        answered.len() as u64,
+        consumed,
+        "{consumed} requests consumed, {} answered",
+        answered.len()
+    );
+    eprintln!("consumed {consumed} of 96");
+    assert!(answered.iter().all(|c| c.status == wire::RSP_OKAY));
+    assert!(fe.anomalies().is_clean(), "{:?}", fe.anomalies());
+    drop(fe);
+    rig.shutdown();
+}
