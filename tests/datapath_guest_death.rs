@@ -42,8 +42,18 @@ fn settle(ok: impl Fn() -> bool) -> bool {
     ok()
 }
 
-/// One guest life; `die` destroys it with I/O in flight instead of closing.
-fn life(rig: &Rig, image: &std::path::Path, domid: u16, die: bool) {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum End {
+    /// The guest closes the device.
+    Clean,
+    /// The domain is destroyed with I/O in flight.
+    Die,
+    /// The toolstack removes the device's directories with I/O in flight.
+    ForceRemove,
+}
+
+/// One guest life, ending as `end` says.
+fn life(rig: &Rig, image: &std::path::Path, domid: u16, end: End) {
     let guest = rig.guest(domid, 16384);
     let vbd = rig.attach(domid, XVDA, image, "w", AttachOptions::default());
     let mut fe = rig.connect(
@@ -57,7 +67,7 @@ fn life(rig: &Rig, image: &std::path::Path, domid: u16, die: bool) {
     );
     let data = vec![0x77u8; 128 * 1024];
     fe.write(0, &data).unwrap();
-    if !die {
+    if end == End::Clean {
         fe.disconnect().unwrap();
         assert!(rig.ts.remove_vbd(&vbd).unwrap());
         drop(fe);
@@ -83,8 +93,22 @@ fn life(rig: &Rig, image: &std::path::Path, domid: u16, die: bool) {
         fe.submit(None, req).unwrap();
     }
     assert_eq!(fe.in_flight(), 96);
-    // All of it reaches the backend at once, and the domain dies at once.
+    // All of it reaches the backend at once, and the end comes at once.
     fe.unplug().unwrap();
+    if end == End::ForceRemove {
+        rig.ts.force_remove_vbd(&vbd).unwrap();
+        assert!(
+            settle(|| rig.backend.status().iter().all(|s| s.domid != domid)),
+            "the backend did not drop the removed device"
+        );
+        let answered = fe.poll().len();
+        eprintln!("dom{domid} removed with {answered} of 96 requests answered");
+        assert!(fe.anomalies().is_clean(), "{:?}", fe.anomalies());
+        drop(fe);
+        drop(guest);
+        rig.ts.destroy_domain(domid).unwrap();
+        return;
+    }
     drop(fe);
     drop(guest); // the last reference: SimGuest::drop destroys the domain
     let st = rig.status(domid, XVDA);
@@ -119,7 +143,7 @@ fn destroyed_guest_leaves_nothing_behind() {
     rig.attach(49, XVDA, &witness_img, "w", AttachOptions::default());
     let mut wfe = rig.connect(&witness, XVDA, FrontendOptions::default());
     // Warm up with a clean life, then take the baseline.
-    life(&rig, &image, 50, false);
+    life(&rig, &image, 50, End::Clean);
     assert!(settle(|| rig.backend.status().len() == 1));
     assert!(
         settle(|| dead_maps(rig.dir.path()).is_empty()),
@@ -127,25 +151,33 @@ fn destroyed_guest_leaves_nothing_behind() {
     );
     let fd_base = fds();
     let thread_base = threads();
-    for (i, domid) in [51u16, 52, 51].into_iter().enumerate() {
-        life(&rig, &image, domid, true);
+    for (i, (domid, end)) in [
+        (51u16, End::Die),
+        (52, End::ForceRemove),
+        (52, End::Die),
+        (51, End::ForceRemove),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        life(&rig, &image, domid, end);
         assert!(
             settle(|| rig.backend.status().len() == 1),
-            "death {i}: the backend still holds the device"
+            "{end:?} {i}: the backend still holds the device"
         );
         assert!(
             settle(|| dead_maps(rig.dir.path()).is_empty()),
-            "death {i}: mappings of dead guest memory left:\n{}",
+            "{end:?} {i}: mappings of dead guest memory left:\n{}",
             dead_maps(rig.dir.path()).join("\n")
         );
         assert!(
             settle(|| fds() <= fd_base),
-            "death {i}: fds grew from {fd_base} to {}",
+            "{end:?} {i}: fds grew from {fd_base} to {}",
             fds()
         );
         assert!(
             settle(|| threads() <= thread_base),
-            "death {i}: threads grew from {thread_base} to {}",
+            "{end:?} {i}: threads grew from {thread_base} to {}",
             threads()
         );
     }
@@ -153,7 +185,7 @@ fn destroyed_guest_leaves_nothing_behind() {
     wfe.write(0, &[5u8; 4096]).unwrap();
     assert!(wfe.read(0, 4096).unwrap() == vec![5u8; 4096]);
     assert!(wfe.anomalies().is_clean());
-    life(&rig, &image, 53, false);
+    life(&rig, &image, 53, End::Clean);
     wfe.disconnect().unwrap();
     drop(wfe);
     rig.shutdown();

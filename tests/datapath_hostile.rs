@@ -429,50 +429,84 @@ fn hostile_xenstore_values_are_refused() {
     let d = machine_dir();
     let image = make_image(d.path(), "xs.img", DISK);
     type Overrides<'a> = Vec<(&'a str, Option<&'a str>)>;
-    let cases: Vec<(&str, u32, Overrides)> = vec![
+    let cases: Vec<(&str, u32, u32, Overrides)> = vec![
         (
             "ring-ref not a number",
             0,
+            1,
             vec![("ring-ref", Some("banana"))],
         ),
-        ("ring-ref not granted", 0, vec![("ring-ref", Some("12345"))]),
-        ("ring-ref negative", 0, vec![("ring-ref", Some("-1"))]),
-        ("ring-ref missing", 0, vec![("ring-ref", None)]),
+        (
+            "ring-ref not granted",
+            0,
+            1,
+            vec![("ring-ref", Some("12345"))],
+        ),
+        ("ring-ref negative", 0, 1, vec![("ring-ref", Some("-1"))]),
+        ("ring-ref missing", 0, 1, vec![("ring-ref", None)]),
         (
             "event channel not ours",
             0,
+            1,
             vec![("event-channel", Some("4000"))],
         ),
         (
             "event channel huge",
             0,
+            1,
             vec![("event-channel", Some("99999999999999999999"))],
         ),
-        ("unknown protocol", 0, vec![("protocol", Some("ppc64-abi"))]),
-        ("ring order 9", 1, vec![("ring-page-order", Some("9"))]),
+        (
+            "unknown protocol",
+            0,
+            1,
+            vec![("protocol", Some("ppc64-abi"))],
+        ),
+        ("ring order 9", 1, 1, vec![("ring-page-order", Some("9"))]),
         (
             "ring order without refs",
             0,
+            1,
             vec![("ring-page-order", Some("2"))],
         ),
         (
             "1000 queues",
             0,
+            1,
             vec![("multi-queue-num-queues", Some("1000"))],
         ),
-        ("0 queues", 0, vec![("multi-queue-num-queues", Some("0"))]),
+        (
+            "0 queues",
+            0,
+            1,
+            vec![("multi-queue-num-queues", Some("0"))],
+        ),
         (
             "2 queues, keys of 1",
             0,
+            1,
             vec![("multi-queue-num-queues", Some("2"))],
         ),
+        (
+            "second queue's ring not granted",
+            0,
+            2,
+            vec![("queue-1/ring-ref", Some("12345"))],
+        ),
+        (
+            "second queue's event channel bogus",
+            1,
+            2,
+            vec![("queue-1/event-channel", Some("77777"))],
+        ),
     ];
-    for (i, (what, order, overrides)) in cases.into_iter().enumerate() {
+    for (i, (what, order, queues, overrides)) in cases.into_iter().enumerate() {
         let domid = 30 + i as u16;
         let guest = rig.guest(domid, 256);
         let vbd = rig.attach(domid, XVDA, &image, "w", AttachOptions::default());
         let opts = FrontendOptions {
             ring_page_order: order,
+            queues,
             timeout: Duration::from_secs(10),
             xenstore_overrides: overrides
                 .iter()

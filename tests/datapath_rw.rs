@@ -213,3 +213,43 @@ fn random_io_on_btrfs() {
 fn random_io_on_xfs() {
     on_fs(FsKind::Xfs);
 }
+
+#[test]
+fn frontend_initialised_before_the_hotplug_step() {
+    // The guest may reach Initialised before the hotplug script has given
+    // the backend its image; the backend connects once it has both.
+    let rig = Rig::new();
+    let d = machine_dir();
+    let image = make_image(d.path(), "late.img", 2 * MIB);
+    let guest = rig.guest(34, 1024);
+    let spec = refblk::frontend::VbdSpec::new(34, XVDA, &image);
+    let vbd = rig.ts.create_vbd_nodes(&spec).unwrap();
+    let sock = rig.sim.xenstored_path();
+    let g = guest.clone();
+    let t = std::thread::spawn(move || {
+        refblk::frontend::Frontend::connect(&sock, g, XVDA, FrontendOptions::default())
+    });
+    // Wait until the frontend published its rings and is Initialised.
+    let fe_state = format!("{}/state", vbd.frontend_path);
+    let deadline = std::time::Instant::now() + LONG;
+    while rig.ts.xs().read_string(0, &fe_state).unwrap() != "3" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "frontend never Initialised"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(
+        rig.ts.backend_state(&vbd).unwrap(),
+        xen_sys::xenbus::XenbusState::InitWait
+    );
+    rig.ts.hotplug_add(&vbd, &spec).unwrap();
+    let mut fe = t.join().unwrap().expect("connect after the hotplug step");
+    fe.write(0, &[6u8; 4096]).unwrap();
+    assert!(fe.read(0, 4096).unwrap() == vec![6u8; 4096]);
+    fe.disconnect().unwrap();
+    assert!(rig.ts.remove_vbd(&vbd).unwrap());
+    drop(fe);
+    rig.shutdown();
+}
