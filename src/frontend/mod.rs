@@ -308,6 +308,10 @@ struct Queue {
 }
 
 /// The guest's block frontend for one vbd. See the module docs.
+///
+/// Dropping it without [`disconnect`](Frontend::disconnect) is what a crashed
+/// guest kernel does: nothing is closed in xenstore and the grants stay in
+/// the guest's table (destroy the [`SimGuest`] to end the domain).
 pub struct Frontend {
     xs: XsClient,
     guest: Arc<SimGuest>,
@@ -727,9 +731,8 @@ impl Frontend {
         // Answers that came in while closing.
         self.process_all();
         self.teardown_queues();
-        for (_, op) in std::mem::take(&mut self.ops) {
-            let _ = op;
-        }
+        // Requests the backend never answered are gone with the rings.
+        self.ops.clear();
         self.info = None;
         r.map(|_| ())
     }
@@ -925,20 +928,17 @@ impl Frontend {
             IoRequest::Read { len, .. } => (true, len),
             _ => (false, 0),
         };
-        for (data, what) in [
-            (
-                match req {
-                    IoRequest::Write { data, .. } | IoRequest::Barrier { data, .. } => data.len(),
-                    _ => 0,
-                },
-                "data",
-            ),
-            (len, "read length"),
-        ] {
-            if data % wire::SECTOR != 0 {
+        let bytes = match req {
+            IoRequest::Read { len, .. } => Some((len, false)),
+            IoRequest::Write { data, .. } => Some((data.len(), false)),
+            IoRequest::Barrier { data, .. } => Some((data.len(), true)),
+            IoRequest::Flush | IoRequest::Discard { .. } => None,
+        };
+        if let Some((n, may_be_empty)) = bytes {
+            if n % wire::SECTOR != 0 || (n == 0 && !may_be_empty) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
-                    format!("{what} of {data} bytes is not a multiple of 512"),
+                    format!("a transfer of {n} bytes: must be a non-zero multiple of 512"),
                 ));
             }
         }
@@ -1073,12 +1073,14 @@ impl Frontend {
         id
     }
 
+    /// A slot to encode a request into: junk where no field goes (unless
+    /// `scribble` is off), varying with the ring position.
     fn blank_slot(&self, q: usize) -> Vec<u8> {
-        let abi = self.queues[q].ring.size(); // for the junk pattern only
+        let salt = self.queues[q].ring.req_prod_pvt;
         let slot_size = self.opts.protocol.abi().slot_size();
         if self.opts.scribble {
             (0..slot_size)
-                .map(|i| (0xa5u32 ^ (i as u32).wrapping_mul(29) ^ abi) as u8)
+                .map(|i| (0xa5u32 ^ (i as u32).wrapping_mul(29) ^ salt) as u8)
                 .collect()
         } else {
             vec![0u8; slot_size]
@@ -1180,7 +1182,18 @@ impl Frontend {
                             *s,
                         );
                     }
-                    let p = self.data_page(true)?;
+                    let p = match self.data_page(true) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            for d in dsegs {
+                                self.release_page(d.page, false);
+                            }
+                            for p in indirect {
+                                self.release_page(p, false);
+                            }
+                            return Err(e);
+                        }
+                    };
                     self.guest.write_page(p.frame, 0, &page)?;
                     indirect.push(p);
                 }
