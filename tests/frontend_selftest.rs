@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use datapath_support::*;
 use refblk::backend::{Backend, BackendConfig};
 use refblk::frontend::{Frontend, FrontendOptions, IoRequest, Toolstack, VbdSpec};
-use refblk::platform::{ForeignMapping, Platform};
+use refblk::platform::Platform;
 use refblk::xenstore::XsClient;
 
 fn wait_key(xs: &XsClient, path: &str, want: &str) {
