@@ -1,9 +1,14 @@
 //! `refblk demo` runs a simulated guest against refblk and says what it saw.
 
+mod datapath_support;
+
 use std::process::Command;
 
 #[test]
 fn demo_writes_reads_and_discards() {
+    if !datapath_support::require_memlock_or_skip() {
+        return;
+    }
     let out = Command::new(env!("CARGO_BIN_EXE_refblk"))
         .args(["demo", "--size", "32M", "--io", "4M"])
         .env("RUST_LOG", "warn")

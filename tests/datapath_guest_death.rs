@@ -132,7 +132,9 @@ fn life(rig: &Rig, image: &std::path::Path, domid: u16, end: End) {
 
 #[test]
 fn destroyed_guest_leaves_nothing_behind() {
-    let rig = Rig::new();
+    let Some(rig) = Rig::new() else {
+        return;
+    };
     let d = machine_dir();
     let image = make_image(d.path(), "death.img", 64 << 20);
     // A guest that stays connected all along: the daemon keeps serving (and

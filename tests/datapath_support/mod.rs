@@ -41,12 +41,39 @@ pub struct Rig {
     pub dir: tempfile::TempDir,
 }
 
+/// The backend pins io_uring registered buffers (4 MiB per queue, several
+/// devices per test): root, or a locked-memory limit of at least 256 MiB.
+/// Applies the project's skip rule otherwise; false means skip.
+pub fn require_memlock_or_skip() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .and_then(|l| l.split_whitespace().nth(3).map(str::to_string));
+    match soft.as_deref() {
+        Some("unlimited") => true,
+        Some(n) if n.parse::<u64>().is_ok_and(|n| n >= 256 << 20) => true,
+        other => refblk::util::scratchfs::skip_or_fail(&format!(
+            "the backend's io_uring registered buffers need root or RLIMIT_MEMLOCK >= 256 MiB (soft limit: {})",
+            other.unwrap_or("unknown")
+        )),
+    }
+}
+
 impl Rig {
-    pub fn new() -> Rig {
+    /// A machine with a default backend, or None when skipping (see
+    /// [`require_memlock_or_skip`]).
+    pub fn new() -> Option<Rig> {
         Rig::with_config(BackendConfig::default())
     }
 
-    pub fn with_config(cfg: BackendConfig) -> Rig {
+    pub fn with_config(cfg: BackendConfig) -> Option<Rig> {
+        if !require_memlock_or_skip() {
+            return None;
+        }
         let _ = env_logger::builder()
             .is_test(true)
             .format_timestamp_millis()
@@ -57,13 +84,13 @@ impl Rig {
         let (backend, join) = Backend::spawn(platform, cfg).expect("spawn the backend");
         let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("toolstack xenstore");
         let ts = Toolstack::new(xs, backend.clone());
-        Rig {
+        Some(Rig {
             ts,
             backend,
             join: Some(join),
             sim,
             dir,
-        }
+        })
     }
 
     /// A guest domain with `pages` pages of memory and its xenstore directory.
