@@ -41,7 +41,8 @@ fn run_config(
     } else {
         assert_eq!(info.segments_per_request, 11);
     }
-    let (reqs, model) = random_rw(&mut fe, seed, 120, qd, max_sectors, 8 * MIB);
+    let mixed = seed % 2 == 1;
+    let (reqs, model) = random_io(&mut fe, seed, 120, qd, max_sectors, 8 * MIB, mixed);
     assert!(reqs >= 120);
     // The image file itself holds what the guest wrote.
     let on_disk = std::fs::read(&image).expect("read image");
@@ -77,6 +78,8 @@ fn protocol_matrix_on_tmpfs() {
                 ring_page_order: order,
                 queues,
                 indirect,
+                // Linux's default cap: big requests become several INDIRECT ones.
+                max_indirect_segments: if order == 3 { 32 } else { 256 },
                 ..Default::default()
             };
             let qd = if order == 0 { 1 } else { 8 << order.min(3) };

@@ -193,6 +193,20 @@ pub fn random_rw(
     max_sectors: u64,
     disk_bytes: u64,
 ) -> (usize, Vec<u8>) {
+    random_io(fe, seed, ops, qd, max_sectors, disk_bytes, false)
+}
+
+/// Like [`random_rw`], with discards (which must read back as zeros) and
+/// flushes mixed in.
+pub fn random_io(
+    fe: &mut Frontend,
+    seed: u64,
+    ops: usize,
+    qd: usize,
+    max_sectors: u64,
+    disk_bytes: u64,
+    mixed: bool,
+) -> (usize, Vec<u8>) {
     use refblk::frontend::IoRequest;
     use std::collections::HashMap;
     let mut rng = Rng::new(seed);
@@ -227,7 +241,35 @@ pub fn random_rw(
             }
             let len = (n * 512) as usize;
             let q = Some(issued % nq);
-            let tag = if rng.below(2) == 0 {
+            let roll = if mixed {
+                rng.below(20)
+            } else {
+                10 + rng.below(2)
+            };
+            let can_discard = fe.info().is_some_and(|i| i.discard);
+            if roll < 2 && can_discard {
+                let t = fe
+                    .submit(
+                        q,
+                        IoRequest::Discard {
+                            sector: s,
+                            nr_sectors: n,
+                            secure: false,
+                        },
+                    )
+                    .expect("submit discard");
+                model[(s * 512) as usize..(s * 512) as usize + len].fill(0);
+                inflight.insert(t.0, (s, len, false));
+                issued += 1;
+                continue;
+            }
+            if roll == 2 {
+                let t = fe.submit(q, IoRequest::Flush).expect("submit flush");
+                inflight.insert(t.0, (0, 0, false));
+                issued += 1;
+                continue;
+            }
+            let tag = if roll % 2 == 0 {
                 let mut data = vec![0u8; len];
                 rng.fill(&mut data);
                 let t = fe
