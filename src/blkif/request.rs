@@ -570,6 +570,16 @@ pub fn parse_request(raw: &RawRequest, disk: &DiskInfo) -> Result<Request, Rejec
             if !disk.features.flush {
                 return Err(reject(RejectReason::FeatureDisabled("feature-flush-cache")));
             }
+            // A flush carrying data segments would be a write (Linux blkback
+            // writes them after a preflush); we only flush, so refuse it
+            // rather than answer OKAY for data never written.
+            let nr = raw.u8_at(1);
+            if nr != 0 {
+                return Err(reject(RejectReason::BadSegmentCount {
+                    nr_segments: u32::from(nr),
+                    max: 0,
+                }));
+            }
             Ok(Request::Flush { id })
         }
         BLKIF_OP_DISCARD => {

@@ -642,6 +642,13 @@ fn valid_requests_both_abis() {
         let req = parse_request(&s.raw(), &d).unwrap();
         assert_eq!(req, Request::Flush { id: 4 });
         assert_eq!(req.response_op(), BLKIF_OP_FLUSH_DISKCACHE);
+        // A flush with data segments is refused, not answered without writing.
+        let s = Slot::rw(abi, BLKIF_OP_FLUSH_DISKCACHE, 6, 0, &[(1, 0, 7)]);
+        let r = rejected(abi, &s, &d);
+        assert_eq!(
+            (r.id, r.operation, r.status),
+            (6, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_RSP_ERROR)
+        );
 
         let s = Slot::discard(abi, 5, 100, 50, 0);
         let req = parse_request(&s.raw(), &d).unwrap();
