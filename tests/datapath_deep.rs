@@ -11,13 +11,15 @@ use refblk::frontend::FrontendOptions;
 
 #[test]
 fn full_order4_ring_with_a_small_engine_queue() {
-    let rig = Rig::with_config(BackendConfig {
+    let Some(rig) = Rig::with_config(BackendConfig {
         engine: EngineConfig {
             queue_depth: 32, // 64 ops in flight at most, far below 512 slots
             ..EngineConfig::default()
         },
         ..BackendConfig::default()
-    });
+    }) else {
+        return;
+    };
     let image = make_image(rig.dir.path(), "deep.img", 16 << 20);
     let guest = rig.guest(21, 32768);
     let vbd = rig.attach(21, XVDA, &image, "w", AttachOptions::default());
