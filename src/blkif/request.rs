@@ -570,17 +570,39 @@ pub fn parse_request(raw: &RawRequest, disk: &DiskInfo) -> Result<Request, Rejec
             if !disk.features.flush {
                 return Err(reject(RejectReason::FeatureDisabled("feature-flush-cache")));
             }
-            // A flush carrying data segments would be a write (Linux blkback
-            // writes them after a preflush); we only flush, so refuse it
-            // rather than answer OKAY for data never written.
             let nr = raw.u8_at(1);
-            if nr != 0 {
+            if nr == 0 {
+                return Ok(Request::Flush { id });
+            }
+            // A flush carrying data: Linux blkfront sends FUA/PREFLUSH writes this
+            // way when the backend offers no barrier, and Linux blkback writes the
+            // data after a preflush. We run it as a barrier (drain, write,
+            // fdatasync), which covers both the preflush and the FUA meaning.
+            if usize::from(nr) > BLKIF_MAX_SEGMENTS_PER_REQUEST {
                 return Err(reject(RejectReason::BadSegmentCount {
                     nr_segments: u32::from(nr),
-                    max: 0,
+                    max: BLKIF_MAX_SEGMENTS_PER_REQUEST as u32,
                 }));
             }
-            Ok(Request::Flush { id })
+            let mut segs = [Segment {
+                gref: 0,
+                first_sect: 0,
+                last_sect: 0,
+            }; BLKIF_MAX_SEGMENTS_PER_REQUEST];
+            let segs = &mut segs[..usize::from(nr)];
+            for (i, s) in segs.iter_mut().enumerate() {
+                *s = raw.segment(i);
+            }
+            build_rw(
+                id,
+                RwOp::Write,
+                true,
+                BLKIF_OP_FLUSH_DISKCACHE,
+                raw.u64_at(l.sector),
+                segs,
+                disk,
+            )
+            .map(Request::Rw)
         }
         BLKIF_OP_DISCARD => {
             if !disk.features.discard {
