@@ -159,3 +159,15 @@ for dev in range(3):
     out("ring", f"full-{dev}", d + r_batch([r_rw(0, 8 * i, [i % 8]) for i in range(32)]))
     out("ring", f"overflow-{dev}", d + r_batch([r_rw(0, 0, [0])], mode=251) + r_batch([r_rw(0, 0, [0])]))
     out("ring", f"behind-{dev}", d + r_batch([], mode=252) + r_batch([r_flush()]))
+
+# ---------------------------------------------------------------- xs_client
+def xc_act(sel, body=b""):
+    assert len(body) % 4 == 0 and len(body) <= 64
+    return bytes([sel, len(body) // 4]) + body
+
+out("xs_client", "read-ok", bytes([0, 1, 2, 3]) + xc_act(0, b"valu") + xc_act(0, b"a\0b\0") + xc_act(0, b"n0\0\0") + xc_act(0, b"12\0\0"))
+out("xs_client", "errors", bytes([0, 6, 4, 5]) + xc_act(6, b"ENOENT\0\0") + xc_act(6, b"EACC") + xc_act(9, b"/d\0tok\0\0") + xc_act(0) + xc_act(6, b"EAGAIN\0\0"))
+out("xs_client", "wrong-id", bytes([0, 0, 0, 0]) + xc_act(7, b"xxxx") + b"\x07\x00\x00\x00" + xc_act(0))
+out("xs_client", "toobig", bytes([1, 0, 0, 0]) + xc_act(11))
+out("xs_client", "truncated", bytes([2, 0, 0, 0]) + xc_act(12))
+out("xs_client", "close", bytes([3, 0, 0, 0]) + xc_act(14))

@@ -125,3 +125,8 @@ fn fuzz_ring() {
     short_run("ring", harness::ring::run, 300, 4096);
     harness::ring::shutdown();
 }
+
+#[test]
+fn fuzz_xs_client() {
+    short_run("xs_client", harness::xs_client::run, 1_000, 2048);
+}

@@ -8,4 +8,5 @@ pub mod fekeys;
 pub mod input;
 pub mod ring;
 pub mod xenstored;
+pub mod xs_client;
 pub mod xs_wire;
