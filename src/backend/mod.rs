@@ -553,8 +553,11 @@ impl Backend {
         use XenbusState as S;
         match d.state {
             S::InitWait => {
-                if !online || !alive {
+                if !online || !alive || fe_state == S::Closed {
                     d.switch_state(xs, S::Closed)?;
+                } else if fe_state == S::Closing {
+                    // As Linux blkback: follow a frontend that gives up.
+                    d.switch_state(xs, S::Closing)?;
                 } else if d.image.is_some() && matches!(fe_state, S::Initialised | S::Connected) {
                     if let Err(e) = d.connect(xs, &self.platform, &self.cfg, &self.ev_tx) {
                         warn!("vbd {}/{}: cannot connect: {e}", key.0, key.1);

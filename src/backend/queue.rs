@@ -352,6 +352,13 @@ impl Queue {
                 secure,
             } => {
                 self.ctx.stats.discards.fetch_add(1, Ordering::Relaxed);
+                if len == 0 {
+                    // Nothing to discard: done (Linux blkback answers OKAY too;
+                    // fallocate would refuse a zero length).
+                    self.free_slots.push(slot);
+                    self.respond(id, op, BLKIF_RSP_OKAY);
+                    return;
+                }
                 self.slots[slot] = Some(Inflight {
                     id,
                     op,
