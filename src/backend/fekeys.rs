@@ -195,6 +195,9 @@ where
     // Not `with_capacity(nq)`: the count is the guest's, and a backend
     // configured with a huge `max_queues` must not allocate for it up front
     // (found by the fekeys fuzz target: 49 GB for 890 million queues).
+    // `ring-page-order` is a key of the frontend directory shared by all
+    // queues (Linux blkfront writes it there; blkback reads it there).
+    let order = r.uint(&format!("{fe}/ring-page-order"), u64::from(max_order))?;
     let mut queues = Vec::new();
     for q in 0..nq {
         let path = if nq == 1 {
@@ -202,7 +205,6 @@ where
         } else {
             format!("{fe}/queue-{q}")
         };
-        let order = r.uint(&format!("{path}/ring-page-order"), u64::from(max_order))?;
         let ring_refs = match order {
             None => vec![r.required_u32(&format!("{path}/ring-ref"))?],
             Some(o) => (0..1u32 << o)
@@ -264,18 +266,21 @@ mod tests {
         let k = parse(&[
             ("protocol", "x86_64-abi\0"),
             ("multi-queue-num-queues", "2"),
-            ("queue-0/ring-page-order", "1"),
+            ("ring-page-order", "1"),
+            // Per-queue orders are not blkif: ignored.
+            ("queue-0/ring-page-order", "3"),
             ("queue-0/ring-ref0", "10"),
             ("queue-0/ring-ref1", "11"),
             ("queue-0/event-channel", "3"),
-            ("queue-1/ring-ref", "12"),
+            ("queue-1/ring-ref0", "12"),
+            ("queue-1/ring-ref1", "13"),
             ("queue-1/event-channel", "4294967295"),
             ("feature-persistent", "1"),
         ])
         .unwrap();
         assert_eq!(k.abi, Abi::X86_64);
         assert_eq!(k.queues[0].ring_refs, vec![10, 11]);
-        assert_eq!(k.queues[1].ring_refs, vec![12]);
+        assert_eq!(k.queues[1].ring_refs, vec![12, 13]);
         assert_eq!(k.queues[1].event_channel, u32::MAX);
         assert!(k.persistent);
     }

@@ -530,6 +530,40 @@ impl fmt::Display for Rejection {
     }
 }
 
+/// A request with up to 11 direct segments (at least `min_segments`).
+fn direct_rw(
+    raw: &RawRequest,
+    disk: &DiskInfo,
+    rw: RwOp,
+    barrier: bool,
+    response_op: u8,
+    min_segments: u8,
+) -> Result<Request, Rejection> {
+    let id = raw.id();
+    let nr = raw.u8_at(1);
+    if nr < min_segments || usize::from(nr) > BLKIF_MAX_SEGMENTS_PER_REQUEST {
+        return Err(Rejection::new(
+            id,
+            response_op,
+            RejectReason::BadSegmentCount {
+                nr_segments: u32::from(nr),
+                max: BLKIF_MAX_SEGMENTS_PER_REQUEST as u32,
+            },
+        ));
+    }
+    let mut segs = [Segment {
+        gref: 0,
+        first_sect: 0,
+        last_sect: 0,
+    }; BLKIF_MAX_SEGMENTS_PER_REQUEST];
+    let segs = &mut segs[..usize::from(nr)];
+    for (i, s) in segs.iter_mut().enumerate() {
+        *s = raw.segment(i);
+    }
+    let sector = raw.u64_at(raw.abi.layout().sector);
+    build_rw(id, rw, barrier, response_op, sector, segs, disk).map(Request::Rw)
+}
+
 /// Parse and validate one request against `disk`.
 pub fn parse_request(raw: &RawRequest, disk: &DiskInfo) -> Result<Request, Rejection> {
     let l = raw.abi.layout();
@@ -542,35 +576,25 @@ pub fn parse_request(raw: &RawRequest, disk: &DiskInfo) -> Result<Request, Rejec
             if barrier && !disk.features.barrier {
                 return Err(reject(RejectReason::FeatureDisabled("feature-barrier")));
             }
-            let nr = raw.u8_at(1);
-            let min = if barrier { 0 } else { 1 };
-            if nr < min || usize::from(nr) > BLKIF_MAX_SEGMENTS_PER_REQUEST {
-                return Err(reject(RejectReason::BadSegmentCount {
-                    nr_segments: u32::from(nr),
-                    max: BLKIF_MAX_SEGMENTS_PER_REQUEST as u32,
-                }));
-            }
-            let mut segs = [Segment {
-                gref: 0,
-                first_sect: 0,
-                last_sect: 0,
-            }; BLKIF_MAX_SEGMENTS_PER_REQUEST];
-            let segs = &mut segs[..usize::from(nr)];
-            for (i, s) in segs.iter_mut().enumerate() {
-                *s = raw.segment(i);
-            }
             let rw = if op == BLKIF_OP_READ {
                 RwOp::Read
             } else {
                 RwOp::Write
             };
-            build_rw(id, rw, barrier, op, raw.u64_at(l.sector), segs, disk).map(Request::Rw)
+            direct_rw(raw, disk, rw, barrier, op, if barrier { 0 } else { 1 })
         }
         BLKIF_OP_FLUSH_DISKCACHE => {
             if !disk.features.flush {
                 return Err(reject(RejectReason::FeatureDisabled("feature-flush-cache")));
             }
-            Ok(Request::Flush { id })
+            if raw.u8_at(1) == 0 {
+                return Ok(Request::Flush { id });
+            }
+            // A flush carrying data: Linux blkfront sends FUA/PREFLUSH writes this
+            // way when the backend offers no barrier, and Linux blkback writes the
+            // data after a preflush. We run it as a barrier (drain, write,
+            // fdatasync), which covers both the preflush and the FUA meaning.
+            direct_rw(raw, disk, RwOp::Write, true, BLKIF_OP_FLUSH_DISKCACHE, 1)
         }
         BLKIF_OP_DISCARD => {
             if !disk.features.discard {

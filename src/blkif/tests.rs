@@ -642,6 +642,20 @@ fn valid_requests_both_abis() {
         let req = parse_request(&s.raw(), &d).unwrap();
         assert_eq!(req, Request::Flush { id: 4 });
         assert_eq!(req.response_op(), BLKIF_OP_FLUSH_DISKCACHE);
+        // A flush with data segments is a write run as a barrier (Linux
+        // blkfront's FUA/PREFLUSH write when no barrier is offered).
+        let s = Slot::rw(abi, BLKIF_OP_FLUSH_DISKCACHE, 6, 8, &[(1, 0, 7)]);
+        let Request::Rw(rw) = parse_request(&s.raw(), &d).unwrap() else {
+            panic!("flush with data is not a write");
+        };
+        assert!(rw.barrier && rw.op == RwOp::Write && rw.len == 4096 && rw.offset == 4096);
+        assert_eq!((rw.id, rw.response_op), (6, BLKIF_OP_FLUSH_DISKCACHE));
+        let s = Slot::rw(abi, BLKIF_OP_FLUSH_DISKCACHE, 7, 0, &[(1, 3, 2)]);
+        let r = rejected(abi, &s, &d);
+        assert_eq!(
+            (r.id, r.operation, r.status),
+            (7, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_RSP_ERROR)
+        );
 
         let s = Slot::discard(abi, 5, 100, 50, 0);
         let req = parse_request(&s.raw(), &d).unwrap();

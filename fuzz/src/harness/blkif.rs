@@ -163,7 +163,23 @@ pub fn model(abi: Abi, b: &[u8], d: &DiskInfo) -> Expect {
                 .collect();
             model_segments(op != 0, barrier, le64(b, o.sector), &segs, d)
         }
-        3 if d.features.flush => Expect::Flush,
+        3 if d.features.flush => {
+            // With data: a write run as a barrier (Linux blkback: preflush + write).
+            let nr = b[1];
+            if nr == 0 {
+                return Expect::Flush;
+            }
+            if nr > 11 {
+                return Expect::Reject(RSP_ERROR);
+            }
+            let segs: Vec<(u32, u8, u8)> = (0..usize::from(nr))
+                .map(|i| {
+                    let at = o.seg + 8 * i;
+                    (le32(b, at), b[at + 4], b[at + 5])
+                })
+                .collect();
+            model_segments(true, true, le64(b, o.sector), &segs, d)
+        }
         5 if d.features.discard => {
             if d.read_only {
                 return Expect::Reject(RSP_ERROR);
@@ -259,7 +275,13 @@ pub fn check_rw(r: &RwRequest, d: &DiskInfo) {
         assert_eq!(r.op, RwOp::Read, "write accepted on a read-only disk");
     }
     if r.barrier {
-        assert!(d.features.barrier);
+        // WRITE_BARRIER needs feature-barrier; a FLUSH_DISKCACHE with data
+        // (run as a barrier) needs feature-flush-cache.
+        match r.response_op {
+            2 => assert!(d.features.barrier),
+            3 => assert!(d.features.flush && !r.pieces.is_empty()),
+            op => panic!("barrier with response op {op}"),
+        }
         assert_eq!(r.op, RwOp::Write);
     }
 }

@@ -166,7 +166,8 @@ pub fn run(data: &[u8]) {
                 assert!(n.is_power_of_two() && n <= 16);
                 assert!(n <= 1 << limits.max_ring_page_order.min(4));
                 let refkey = |j: usize| {
-                    if get(&format!("{dir}ring-page-order")).is_some() {
+                    // ring-page-order sits in the frontend directory for all queues.
+                    if get("ring-page-order").is_some() {
                         format!("{dir}ring-ref{j}")
                     } else {
                         format!("{dir}ring-ref")
