@@ -122,7 +122,7 @@ fn fuzz_xenstored() {
 
 #[test]
 fn fuzz_ring() {
-    short_run("ring", harness::ring::run, 300, 4096);
+    short_run("ring", harness::ring::run, 250, 4096);
     harness::ring::shutdown();
 }
 
