@@ -118,7 +118,15 @@ fn daemon(mut s: UnixStream, steps: Vec<Vec<Act>>) -> Vec<Vec<u8>> {
                 Act::Reply(p) => msg(h.ty, h.req_id, h.tx_id, &p),
                 Act::Error(p) => msg(abi::XS_ERROR, h.req_id, h.tx_id, &p),
                 Act::WrongId(id, p) => msg(h.ty, id, h.tx_id, &p),
-                Act::WrongType(t, p) => msg(t, h.req_id, h.tx_id, &p),
+                Act::WrongType(t, p) => {
+                    let m = msg(t, h.req_id, h.tx_id, &p);
+                    // An event is an event whatever its req_id (libxenstore
+                    // routes by type too).
+                    if t == abi::XS_WATCH_EVENT {
+                        events_sent.push(m[HEADER_LEN..].to_vec());
+                    }
+                    m
+                }
                 Act::Event(p) => {
                     let m = msg(abi::XS_WATCH_EVENT, 0, 0, &p);
                     events_sent.push(m[HEADER_LEN..].to_vec());
