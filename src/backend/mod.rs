@@ -13,6 +13,7 @@ pub mod device;
 pub mod fekeys;
 pub mod pgrants;
 pub mod queue;
+pub mod state;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -55,6 +56,10 @@ pub struct BackendConfig {
     pub max_persistent_grants: usize,
     /// io_uring engine settings for every queue.
     pub engine: EngineConfig,
+    /// Keep restart state here (one file per connected device, one journal
+    /// per queue) and take over the devices found in it on start. `None`:
+    /// no restart support (a new daemon cannot serve a live guest's rings).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for BackendConfig {
@@ -68,6 +73,7 @@ impl Default for BackendConfig {
             persistent_grants: false,
             max_persistent_grants: pgrants::DEFAULT_MAX_PERSISTENT,
             engine: EngineConfig::default(),
+            state_dir: None,
         }
     }
 }
@@ -230,7 +236,7 @@ impl Backend {
         let (cmd_tx, cmd_rx) = unbounded();
         let (ev_tx, ev_rx) = unbounded();
         info!("watching {base} on {} xen", platform.name());
-        Ok(Backend {
+        let mut b = Backend {
             platform,
             cfg,
             xs,
@@ -240,7 +246,44 @@ impl Backend {
             cmd_rx,
             ev_tx,
             ev_rx,
-        })
+        };
+        // Before any watch event is handled: a device we take over must not
+        // be probed (InitWait) like a new one.
+        b.resume_devices()?;
+        Ok(b)
+    }
+
+    /// Take over the devices a previous daemon left Connected (`state_dir`).
+    fn resume_devices(&mut self) -> io::Result<()> {
+        let Some(dir) = self.cfg.state_dir.clone() else {
+            return Ok(());
+        };
+        let sd = state::StateDir::open(&dir)?;
+        for (path, st) in sd.list() {
+            let st = match st {
+                Ok(st) => st,
+                Err(e) => {
+                    warn!("{e}: removing the stale state");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+            };
+            let key = (st.domid, st.devid);
+            match Device::resume(&st, &sd, &self.xs, &self.platform, &self.cfg, &self.ev_tx) {
+                Ok(d) => {
+                    self.devices.insert(key, d);
+                }
+                Err(e) => {
+                    warn!(
+                        "vbd {}/{}: cannot take the device over ({e}); removing its state, \
+                         handling it as a new device",
+                        key.0, key.1
+                    );
+                    sd.remove(key.0, key.1);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A handle for commands (attach, resize, status, stop).

@@ -48,6 +48,14 @@ pub struct ServeArgs {
     /// Start even if the kernel's xen-blkback is loaded (it claims every vbd).
     #[arg(long)]
     pub allow_blkback: bool,
+    /// Keep restart state (per device and per queue journal) in DIR, and on
+    /// start take over the devices a previous daemon left Connected (see
+    /// docs/restart.md). Default: /run/refblk/state, or DIR/state with --sim.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Keep no restart state: a restarted daemon cannot resume live guests.
+    #[arg(long, conflicts_with = "state_dir")]
+    pub no_state: bool,
 }
 
 /// Run `refblk serve`.
@@ -79,7 +87,16 @@ pub fn run(a: ServeArgs) -> CliResult {
         Some(dir) => dir.join("refblk.sock"),
         None => PathBuf::from(DEFAULT_CONTROL),
     });
+    let state_dir = if a.no_state {
+        None
+    } else {
+        Some(a.state_dir.clone().unwrap_or_else(|| match &a.sim {
+            Some(dir) => dir.join("state"),
+            None => PathBuf::from(crate::backend::state::DEFAULT_STATE_DIR),
+        }))
+    };
     let mut cfg = BackendConfig {
+        state_dir,
         backend_domid: a.backend_domid,
         max_queues: a.max_queues.max(1),
         max_ring_page_order: a.max_ring_page_order,
