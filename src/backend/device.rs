@@ -479,6 +479,7 @@ impl Device {
                 }),
                 journal,
                 replay,
+                observer: cfg.observer.clone(),
             };
             let tx = events.clone();
             let key = self.key;

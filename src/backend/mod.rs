@@ -60,6 +60,8 @@ pub struct BackendConfig {
     /// per queue) and take over the devices found in it on start. `None`:
     /// no restart support (a new daemon cannot serve a live guest's rings).
     pub state_dir: Option<PathBuf>,
+    /// Test hook: told about every request step of every queue.
+    pub observer: Option<queue::Observer>,
 }
 
 impl Default for BackendConfig {
@@ -74,6 +76,7 @@ impl Default for BackendConfig {
             max_persistent_grants: pgrants::DEFAULT_MAX_PERSISTENT,
             engine: EngineConfig::default(),
             state_dir: None,
+            observer: None,
         }
     }
 }

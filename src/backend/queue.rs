@@ -63,6 +63,39 @@ pub struct QueueStats {
     pub replayed: AtomicU64,
 }
 
+/// What a queue did, in the order it did it (see [`IoObserver`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoEvent {
+    /// A request was taken off the ring (or out of the journal after a
+    /// restart), in ring order.
+    Consumed { id: u64, op: u8 },
+    /// The file write of a WRITE (or of a barrier's data) completed.
+    WriteDone { id: u64 },
+    /// The fdatasync of a FLUSH or WRITE_BARRIER was handed to the kernel.
+    FsyncIssued { id: u64 },
+    /// That fdatasync completed successfully.
+    FsyncDone { id: u64 },
+    /// A response was pushed (published with the next batch).
+    Responded { id: u64, op: u8, status: i16 },
+}
+
+/// Watches what every queue does, for tests that check ordering rules (a
+/// flush is answered only after the writes it covers are durable). Called on
+/// the queue thread; keep it cheap.
+pub trait IoObserver: Send + Sync {
+    fn event(&self, queue: &str, ev: IoEvent);
+}
+
+/// An optional observer in [`super::BackendConfig`].
+#[derive(Clone)]
+pub struct Observer(pub Arc<dyn IoObserver>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
+}
+
 /// Everything a queue thread needs; moved into the thread.
 pub(crate) struct QueueCtx {
     pub name: String,
@@ -87,6 +120,8 @@ pub(crate) struct QueueCtx {
     /// Requests a previous daemon consumed and did not answer (a restart):
     /// executed first, in their original order.
     pub replay: Vec<Replay>,
+    /// Test hook: told about every step (None in production).
+    pub observer: Option<Observer>,
 }
 
 /// What a started request is waiting for.
@@ -217,6 +252,19 @@ impl Queue {
         }
     }
 
+    fn observe(&self, ev: IoEvent) {
+        if let Some(o) = &self.ctx.observer {
+            o.0.event(&self.ctx.name, ev);
+        }
+    }
+
+    fn slot_id(&self, slot: usize) -> u64 {
+        self.slots
+            .get(slot)
+            .and_then(|s| s.as_ref())
+            .map_or(u64::MAX, |i| i.id)
+    }
+
     fn refresh_disk(&mut self) {
         let s = self.ctx.sectors.load(Ordering::Acquire);
         if s != self.ctx.disk.sectors {
@@ -292,6 +340,10 @@ impl Queue {
     /// Validate one consumed request: queue it, or answer a rejection.
     fn accept(&mut self, jent: u32, raw: &RawRequest) {
         self.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.observe(IoEvent::Consumed {
+            id: raw.id(),
+            op: raw.operation(),
+        });
         match parse_request(raw, &self.ctx.disk) {
             Ok(req) => self.enqueue(jent, req),
             Err(rej) => {
@@ -494,6 +546,11 @@ impl Queue {
 
     /// Queue `op` for `slot`; if the engine refuses it, answer the request.
     fn submit_or_fail(&mut self, slot: usize, op: Op) {
+        if matches!(op, Op::Fdatasync) {
+            self.observe(IoEvent::FsyncIssued {
+                id: self.slot_id(slot),
+            });
+        }
         if let Err(rej) = self.ctx.engine.push(slot as u64, op) {
             let e = rej.into_io_error();
             warn!("{}: cannot queue I/O: {e}", self.ctx.name);
@@ -679,6 +736,9 @@ impl Queue {
                 }
             }
             Stage::Write => {
+                self.observe(IoEvent::WriteDone {
+                    id: self.slot_id(slot),
+                });
                 if let Some(r) = c.region {
                     self.ctx.engine.free(r);
                 }
@@ -690,6 +750,9 @@ impl Queue {
                 self.finish(slot, BLKIF_RSP_OKAY);
             }
             Stage::BarrierWrite => {
+                self.observe(IoEvent::WriteDone {
+                    id: self.slot_id(slot),
+                });
                 if let Some(r) = c.region {
                     self.ctx.engine.free(r);
                 }
@@ -702,6 +765,9 @@ impl Queue {
                 self.submit_or_fail(slot, Op::Fdatasync);
             }
             Stage::Flush => {
+                self.observe(IoEvent::FsyncDone {
+                    id: self.slot_id(slot),
+                });
                 self.ctx.stats.fdatasyncs.fetch_add(1, Ordering::Relaxed);
                 self.finish(slot, BLKIF_RSP_OKAY);
             }
@@ -731,6 +797,7 @@ impl Queue {
                 j.answered(jent, self.ctx.ring.rsp_prod_pvt());
             }
         }
+        self.observe(IoEvent::Responded { id, op, status });
         match self.ctx.ring.push_response(id, op, status) {
             Ok(()) => self.responses_pushed = true,
             Err(e) => warn!("{}: cannot answer request {id}: {e}", self.ctx.name),
