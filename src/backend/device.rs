@@ -460,6 +460,11 @@ impl Device {
             let finished = Arc::new(AtomicBool::new(false));
             let ctx = QueueCtx {
                 name: format!("{}/q{i}", self.name()),
+                image: self
+                    .image
+                    .as_ref()
+                    .map(|i| i.path.clone())
+                    .unwrap_or_default(),
                 platform: platform.clone(),
                 domid,
                 ring,

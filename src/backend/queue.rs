@@ -99,6 +99,8 @@ impl std::fmt::Debug for Observer {
 /// Everything a queue thread needs; moved into the thread.
 pub(crate) struct QueueCtx {
     pub name: String,
+    /// The image path (for error messages).
+    pub image: std::path::PathBuf,
     pub platform: Arc<dyn Platform>,
     pub domid: DomId,
     pub ring: BackRing,
@@ -706,7 +708,11 @@ impl Queue {
         };
         if c.result < 0 {
             let e = io::Error::from_raw_os_error(-c.result);
-            warn!("{}: {stage:?} failed: {e}", self.ctx.name);
+            warn!(
+                "{}: {stage:?} on {} failed: {e}; answering BLKIF_RSP_ERROR",
+                self.ctx.name,
+                self.ctx.image.display()
+            );
             if let Some(r) = c.region {
                 self.ctx.engine.free(r);
             }
