@@ -25,12 +25,21 @@ use refblk::xenstore::XsClient;
 const DISK: u64 = 16 << 20;
 const CYCLES: usize = 20;
 
+/// How each daemon ends.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum How {
+    /// SIGKILL in the middle of the workload (a crash).
+    Kill9,
+    /// SIGTERM with `--handover-on-exit` (an upgrade).
+    Handover,
+}
+
 struct Daemon {
     child: Child,
     log: PathBuf,
 }
 
-fn spawn_daemon(dir: &Path, n: usize) -> Daemon {
+fn spawn_daemon(dir: &Path, n: usize, how: How) -> Daemon {
     let log = dir.join(format!("serve-{n}.log"));
     let f = std::fs::File::create(&log).expect("daemon log");
     let child = Command::new(env!("CARGO_BIN_EXE_refblk"))
@@ -39,6 +48,10 @@ fn spawn_daemon(dir: &Path, n: usize) -> Daemon {
         .arg(dir)
         .arg("--state-dir")
         .arg(dir.join("state"))
+        .args(match how {
+            How::Kill9 => &[][..],
+            How::Handover => &["--handover-on-exit"][..],
+        })
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -174,6 +187,17 @@ fn workload(mut fe: Frontend, shared: Arc<Shared>) -> (Frontend, Vec<u8>, u64, u
 
 #[test]
 fn guest_survives_20_kill_9_restarts_of_the_daemon() {
+    run_cycles(How::Kill9, CYCLES);
+}
+
+/// `systemctl restart` of a daemon run with `--handover-on-exit`: the old
+/// one answers what it consumed and leaves the devices Connected.
+#[test]
+fn guest_survives_5_handover_restarts_of_the_daemon() {
+    run_cycles(How::Handover, 5);
+}
+
+fn run_cycles(how: How, cycles: usize) {
     if !require_memlock_or_skip() {
         return;
     }
@@ -182,7 +206,7 @@ fn guest_survives_20_kill_9_restarts_of_the_daemon() {
     let sim = SimXen::start(dir.path()).expect("simulated Xen");
     let sock = dir.path().join("refblk.sock");
     let image = make_image(dir.path(), "disk.img", DISK);
-    let mut daemon = spawn_daemon(dir.path(), 0);
+    let mut daemon = spawn_daemon(dir.path(), 0, how);
     let deadline = Instant::now() + Duration::from_secs(30);
     while control::request(&sock, "status").is_err() {
         assert!(Instant::now() < deadline, "control socket never came up");
@@ -221,7 +245,7 @@ fn guest_survives_20_kill_9_restarts_of_the_daemon() {
     let mut kills = Vec::new();
     let mut replayed = Vec::new();
     let mut resumes = Vec::new();
-    for cycle in 1..=CYCLES {
+    for cycle in 1..=cycles {
         // Let the guest make progress under this daemon first.
         let before = shared.completions.load(Ordering::Relaxed);
         let t0 = Instant::now();
@@ -235,15 +259,24 @@ fn guest_survives_20_kill_9_restarts_of_the_daemon() {
             assert!(!worker.is_finished(), "the guest workload died");
             std::thread::sleep(Duration::from_millis(10));
         }
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(daemon.child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .expect("kill -9");
+        let sig = match how {
+            How::Kill9 => nix::sys::signal::Signal::SIGKILL,
+            How::Handover => nix::sys::signal::Signal::SIGTERM,
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.child.id() as i32), sig)
+            .expect("signal the daemon");
         let killed = Instant::now();
-        daemon.child.wait().expect("reap the daemon");
+        let st = daemon.child.wait().expect("reap the daemon");
+        if how == How::Handover {
+            let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+            assert!(st.success(), "daemon exit after SIGTERM: {st}; log:\n{log}");
+            assert!(
+                log.contains("stay connected"),
+                "no handover in the log:\n{log}"
+            );
+        }
         kills.push(killed);
-        daemon = spawn_daemon(dir.path(), cycle);
+        daemon = spawn_daemon(dir.path(), cycle, how);
         let st = wait_serving(&sock, &mut daemon);
         resumes.push(killed.elapsed());
         replayed.push(st["replayed"].as_u64().unwrap_or(0));
@@ -300,7 +333,7 @@ fn guest_survives_20_kill_9_restarts_of_the_daemon() {
         })
         .collect();
     let ms = |d: &Duration| d.as_millis();
-    eprintln!("restart_live: {CYCLES} kill -9 cycles, {writes} writes and {reads} reads verified");
+    eprintln!("restart_live: {cycles} {how:?} cycles, {writes} writes and {reads} reads verified");
     eprintln!(
         "restart_live: daemon back serving (ms after the kill): {:?}",
         resumes.iter().map(ms).collect::<Vec<_>>()
@@ -310,14 +343,32 @@ fn guest_survives_20_kill_9_restarts_of_the_daemon() {
         pauses.iter().map(ms).collect::<Vec<_>>()
     );
     eprintln!("restart_live: requests re-executed per restart: {replayed:?}");
-    // Whether a kill catches requests consumed but not answered is timing;
-    // over 20 kills some must (typically 30-50 %).
-    assert!(
-        replayed.iter().any(|&r| r > 0),
-        "no restart hit requests in flight ({replayed:?}): the test did not exercise the journal"
-    );
+    match how {
+        // Whether a kill catches requests consumed but not answered is
+        // timing; over 20 kills some must (typically 30-50 %).
+        How::Kill9 => assert!(
+            replayed.iter().any(|&r| r > 0),
+            "no restart hit requests in flight ({replayed:?}): the test did not exercise the journal"
+        ),
+        // A handover answers everything before it exits.
+        How::Handover => assert!(
+            replayed.iter().all(|&r| r == 0),
+            "requests re-executed after a handover: {replayed:?}"
+        ),
+    }
 
     // A clean stop of the last daemon closes the device and leaves no state.
+    if how == How::Handover {
+        // (this one would hand over: replace it by a plain daemon first)
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(daemon.child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill");
+        daemon.child.wait().expect("reap");
+        daemon = spawn_daemon(dir.path(), cycles + 1, How::Kill9);
+        wait_serving(&sock, &mut daemon);
+    }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(daemon.child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

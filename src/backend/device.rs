@@ -686,6 +686,24 @@ impl Device {
         info!("{}: disconnected", self.name());
     }
 
+    /// Stop the queues (each answers and publishes what it consumed) but
+    /// leave the device Connected in xenstore and keep its restart state, so
+    /// that a successor daemon takes it over (an upgrade).
+    pub fn suspend(&mut self) {
+        let Some(mut c) = self.conn.take() else {
+            return;
+        };
+        for q in &c.queues {
+            let _ = q.stop.write(1);
+        }
+        for q in &mut c.queues {
+            if let Some(t) = q.thread.take() {
+                let _ = t.join();
+            }
+        }
+        info!("{}: suspended for a successor", self.name());
+    }
+
     /// Let go of the image: disconnect, close the file, and stop (commit or
     /// discard, by its kind) the pool volume if there is one.
     pub fn release(&mut self) -> Result<String, String> {

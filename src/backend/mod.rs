@@ -114,6 +114,8 @@ enum Command {
         reply: Sender<Vec<DeviceStatus>>,
     },
     Stop,
+    /// Stop for a successor: keep devices Connected and their state.
+    Handover,
 }
 
 /// A handle to a running backend (cheap to clone, usable from any thread).
@@ -208,6 +210,14 @@ impl BackendHandle {
     /// Ask the backend to disconnect everything and return from `run`.
     pub fn stop(&self) {
         let _ = self.tx.send(Command::Stop);
+    }
+
+    /// Ask the backend to return from `run` leaving its devices Connected for
+    /// a successor (an upgrade): every queue answers what it consumed and
+    /// stops; xenstore is not touched; the restart state stays (without a
+    /// `state_dir` this is the same as [`stop`](Self::stop)).
+    pub fn handover(&self) {
+        let _ = self.tx.send(Command::Handover);
     }
 }
 
@@ -312,6 +322,7 @@ impl Backend {
     /// Serve until [`BackendHandle::stop`].
     pub fn run(mut self) -> io::Result<()> {
         let events = self.xs.events().clone();
+        let mut handover = false;
         loop {
             select! {
                 recv(events) -> ev => {
@@ -321,6 +332,10 @@ impl Backend {
                 recv(self.cmd_rx) -> cmd => {
                     match cmd {
                         Ok(Command::Stop) | Err(_) => break,
+                        Ok(Command::Handover) => {
+                            handover = self.cfg.state_dir.is_some();
+                            break;
+                        }
                         Ok(c) => self.on_command(c),
                     }
                 }
@@ -339,11 +354,22 @@ impl Backend {
                 }
             }
         }
-        info!("stopping: disconnecting {} device(s)", self.devices.len());
+        if handover {
+            info!(
+                "stopping for a successor: {} device(s) stay connected",
+                self.devices.len()
+            );
+        } else {
+            info!("stopping: disconnecting {} device(s)", self.devices.len());
+        }
         let keys: Vec<DevKey> = self.devices.keys().copied().collect();
         for k in keys {
             if let Some(mut d) = self.devices.remove(&k) {
-                d.disconnect();
+                if handover {
+                    d.suspend();
+                } else {
+                    d.disconnect();
+                }
                 if let Some((p, t)) = d.fe_watch.take() {
                     let _ = self.xs.unwatch(&p, &t);
                 }
@@ -412,7 +438,7 @@ impl Backend {
             Command::Status { reply } => {
                 let _ = reply.send(self.devices.values().map(|d| d.status()).collect());
             }
-            Command::Stop => {}
+            Command::Stop | Command::Handover => {}
         }
     }
 

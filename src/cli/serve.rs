@@ -53,6 +53,11 @@ pub struct ServeArgs {
     /// docs/restart.md). Default: /run/refblk/state, or DIR/state with --sim.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, leave the connected devices Connected with their
+    /// restart state for the next `refblk serve` (an upgrade or
+    /// `systemctl restart`) instead of disconnecting them.
+    #[arg(long, conflicts_with = "no_state")]
+    pub handover_on_exit: bool,
     /// Keep no restart state: a restarted daemon cannot resume live guests.
     #[arg(long, conflicts_with = "state_dir")]
     pub no_state: bool,
@@ -112,7 +117,8 @@ pub fn run(a: ServeArgs) -> CliResult {
     let _ctl = ControlServer::spawn(&control, handle.clone())
         .map_err(|e| CliError::failed(format!("control socket: {e}")))?;
     let h2 = handle.clone();
-    super::signals::on_terminate(move || h2.stop())
+    let handover = a.handover_on_exit;
+    super::signals::on_terminate(move || if handover { h2.handover() } else { h2.stop() })
         .map_err(|e| CliError::failed(format!("signal handler: {e}")))?;
     info!("refblk serve: ready");
     backend.run().map_err(|e| CliError::failed(e.to_string()))?;
