@@ -97,7 +97,7 @@ fn serve_conn(s: UnixStream, backend: BackendHandle) {
     let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
     let Ok(mut w) = s.try_clone() else { return };
-    let mut r = BufReader::new(s).take(MAX_LINE as u64 * 16);
+    let mut r = BufReader::new(std::io::Read::take(s, MAX_LINE as u64 * 16));
     let mut line = String::new();
     loop {
         line.clear();
@@ -162,7 +162,9 @@ pub fn handle_line(line: &str, backend: &BackendHandle) -> Value {
             }
         }
         Some("resize") => match backend.resize() {
-            Ok(v) => json!({"ok": true, "resized": v.iter().map(|(p, s)| json!({"backend": p, "sectors": s})).collect::<Vec<_>>()}),
+            Ok(v) => {
+                json!({"ok": true, "resized": v.iter().map(|(p, s)| json!({"backend": p, "sectors": s})).collect::<Vec<_>>()})
+            }
             Err(e) => fail(e),
         },
         Some("status") => {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
-use log::{info, warn};
+use log::info;
 use nix::sys::eventfd::EventFd;
 
 use super::queue::{self, QueueCtx, QueueStats};
@@ -163,7 +163,12 @@ impl Device {
             info!("{}: state {:?} -> {:?}", self.name(), self.state, s);
         }
         self.state = s;
-        write(xs, 0, &format!("{}/state", self.be), &(s as u32).to_string())
+        write(
+            xs,
+            0,
+            &format!("{}/state", self.be),
+            &(s as u32).to_string(),
+        )
     }
 
     /// Claim the device: publish what we support and move to InitWait.
@@ -188,12 +193,7 @@ impl Device {
     }
 
     /// Open the image the hotplug script resolved.
-    pub fn attach(
-        &mut self,
-        xs: &XsClient,
-        path: PathBuf,
-        opts: &AttachOptions,
-    ) -> io::Result<()> {
+    pub fn attach(&mut self, xs: &XsClient, path: PathBuf, opts: &AttachOptions) -> io::Result<()> {
         if self.conn.is_some() {
             return Err(io::Error::other(format!(
                 "{}: already connected to {}",
@@ -233,7 +233,12 @@ impl Device {
             md.len(),
             if read_only { "read-only" } else { "read-write" }
         );
-        write(xs, 0, &format!("{}/refblk-image", self.be), &path.to_string_lossy())?;
+        write(
+            xs,
+            0,
+            &format!("{}/refblk-image", self.be),
+            &path.to_string_lossy(),
+        )?;
         self.image = Some(Image {
             path,
             file,
@@ -247,10 +252,6 @@ impl Device {
         let len = img.file.metadata()?.len();
         let per = u64::from(img.sector_size / 512);
         Ok(len / 512 / per * per)
-    }
-
-    pub fn is_connected(&self) -> bool {
-        self.conn.is_some()
     }
 
     /// Whether any queue thread has exited (ring violation, I/O failure).
@@ -469,7 +470,10 @@ impl Device {
             bytes_read: 0,
             bytes_written: 0,
         };
-        let live = self.conn.iter().flat_map(|c| c.queues.iter().map(|q| &q.stats));
+        let live = self
+            .conn
+            .iter()
+            .flat_map(|c| c.queues.iter().map(|q| &q.stats));
         for s in live.chain(self.retired.iter()) {
             let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
             st.requests += g(&s.requests);
@@ -528,7 +532,16 @@ mod tests {
     fn frontend_numbers_are_parsed_strictly() {
         assert_eq!(parse_uint("0"), Some(0));
         assert_eq!(parse_uint("4294967295"), Some(u32::MAX as u64));
-        for bad in ["", "-1", "+1", " 1", "1 ", "0x10", "1e3", "99999999999999999999999"] {
+        for bad in [
+            "",
+            "-1",
+            "+1",
+            " 1",
+            "1 ",
+            "0x10",
+            "1e3",
+            "99999999999999999999999",
+        ] {
             assert_eq!(parse_uint(bad), None, "{bad:?}");
         }
     }

@@ -279,12 +279,7 @@ impl Backend {
         }
     }
 
-    fn attach(
-        &mut self,
-        be: &str,
-        image: PathBuf,
-        opts: &AttachOptions,
-    ) -> Result<(), String> {
+    fn attach(&mut self, be: &str, image: PathBuf, opts: &AttachOptions) -> Result<(), String> {
         let key = self
             .key_of(be)
             .ok_or_else(|| format!("{be}: not a vbd backend path under {}", self.base))?;
@@ -416,8 +411,7 @@ impl Backend {
             S::InitWait => {
                 if !online || !alive {
                     d.switch_state(xs, S::Closed)?;
-                } else if d.image.is_some() && matches!(fe_state, S::Initialised | S::Connected)
-                {
+                } else if d.image.is_some() && matches!(fe_state, S::Initialised | S::Connected) {
                     if let Err(e) = d.connect(xs, &self.platform, &self.cfg, &self.ev_tx) {
                         warn!("vbd {}/{}: cannot connect: {e}", key.0, key.1);
                         d.switch_state(xs, S::Closing)?;

@@ -98,8 +98,17 @@ struct Inflight {
 enum Pending {
     Rw(RwRequest),
     Indirect(IndirectRequest),
-    Flush { id: u64, op: u8 },
-    Discard { id: u64, op: u8, offset: u64, len: u64, secure: bool },
+    Flush {
+        id: u64,
+        op: u8,
+    },
+    Discard {
+        id: u64,
+        op: u8,
+        offset: u64,
+        len: u64,
+        secure: bool,
+    },
 }
 
 impl Pending {
@@ -171,10 +180,7 @@ impl Queue {
                 return Ok(());
             }
             // The ring.h final check: re-arm req_event and look again before sleeping.
-            if !self.stopping
-                && self.can_consume()
-                && self.ctx.ring.final_check_for_requests()
-            {
+            if !self.stopping && self.can_consume() && self.ctx.ring.final_check_for_requests() {
                 continue;
             }
             self.ctx
@@ -463,7 +469,8 @@ impl Queue {
             });
         }
         self.copy_status.clear();
-        self.copy_status.resize(segs.len(), GrantStatus::GeneralError);
+        self.copy_status
+            .resize(segs.len(), GrantStatus::GeneralError);
         self.ctx
             .platform
             .grant_copy(self.ctx.domid, &mut segs, &mut self.copy_status)
@@ -489,7 +496,8 @@ impl Queue {
             });
         }
         self.copy_status.clear();
-        self.copy_status.resize(segs.len(), GrantStatus::GeneralError);
+        self.copy_status
+            .resize(segs.len(), GrantStatus::GeneralError);
         self.ctx
             .platform
             .grant_copy(self.ctx.domid, &mut segs, &mut self.copy_status)
@@ -525,7 +533,12 @@ impl Queue {
             _ => {}
         }
         let slot = c.user_data as usize;
-        let Some(stage) = self.slots.get(slot).and_then(|s| s.as_ref()).map(|i| i.stage) else {
+        let Some(stage) = self
+            .slots
+            .get(slot)
+            .and_then(|s| s.as_ref())
+            .map(|i| i.stage)
+        else {
             warn!("{}: completion for unknown slot {slot}", self.ctx.name);
             if let Some(r) = c.region {
                 self.ctx.engine.free(r);
@@ -568,7 +581,10 @@ impl Queue {
                     self.ctx.engine.free(r);
                 }
                 let len = self.slots[slot].as_ref().map_or(0, |i| i.len);
-                self.ctx.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+                self.ctx
+                    .stats
+                    .bytes_written
+                    .fetch_add(len, Ordering::Relaxed);
                 self.finish(slot, BLKIF_RSP_OKAY);
             }
             Stage::BarrierWrite => {
@@ -576,7 +592,10 @@ impl Queue {
                     self.ctx.engine.free(r);
                 }
                 let len = self.slots[slot].as_ref().map_or(0, |i| i.len);
-                self.ctx.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+                self.ctx
+                    .stats
+                    .bytes_written
+                    .fetch_add(len, Ordering::Relaxed);
                 self.set_stage(slot, Stage::Flush);
                 self.submit_or_fail(slot, Op::Fdatasync);
             }

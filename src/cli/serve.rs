@@ -187,7 +187,11 @@ pub fn run_ctl(a: CtlArgs) -> CliResult {
         }
         CtlCommand::Resize => {
             for r in v["resized"].as_array().into_iter().flatten() {
-                println!("{}: {} sectors", r["backend"].as_str().unwrap_or("?"), r["sectors"]);
+                println!(
+                    "{}: {} sectors",
+                    r["backend"].as_str().unwrap_or("?"),
+                    r["sectors"]
+                );
             }
         }
         CtlCommand::Attach { .. } => {}

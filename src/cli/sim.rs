@@ -1,12 +1,50 @@
-//! `refblk sim` (to be written).
+//! `refblk sim --dir DIR`: run the simulated Xen in the foreground.
+
+use std::path::PathBuf;
+
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
 use super::{CliError, CliResult};
+use crate::platform::sim::SimXen;
 
 /// Arguments of `refblk sim`.
 #[derive(clap::Args, Debug)]
-pub struct SimArgs {}
+#[command(
+    after_help = "Runs in the foreground until SIGINT or SIGTERM, then removes its sockets.\n\n\
+        DIR/xenstored.sock serves the xenstore wire protocol (use XENSTORED_PATH=DIR/xenstored.sock \
+        with xenstore-read/-write/-ls/-watch), DIR/evtchn.sock brokers event channels, and \
+        simulated guests keep their memory and grant tables in DIR/dom/<domid>/. \
+        Put DIR on tmpfs (e.g. /dev/shm) for speed; any directory works. \
+        See docs/platform.md."
+)]
+pub struct SimArgs {
+    /// Directory of the simulated machine (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+}
 
 /// Run `refblk sim`.
-pub fn run(_args: SimArgs) -> CliResult {
-    Err(CliError::failed("refblk sim: not built yet"))
+pub fn run(args: SimArgs) -> CliResult {
+    // Block the stop signals before any thread starts, so every thread inherits
+    // the mask and only sigwait below sees them.
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
+        .map_err(|e| CliError::failed(format!("refblk sim: blocking signals: {e}")))?;
+    let sim = SimXen::start(&args.dir)
+        .map_err(|e| CliError::failed(format!("refblk sim: {}: {e}", args.dir.display())))?;
+    log::info!(
+        "simulated Xen running in {}: xenstored {}, event channels {}, domains in {}",
+        sim.dir().display(),
+        sim.xenstored_path().display(),
+        sim.dir().join(crate::platform::sim::EVTCHN_SOCK).display(),
+        sim.dir().join("dom").display()
+    );
+    let sig = set
+        .wait()
+        .map_err(|e| CliError::failed(format!("refblk sim: waiting for signals: {e}")))?;
+    log::info!("{sig:?}: stopping the simulated Xen");
+    drop(sim);
+    Ok(())
 }

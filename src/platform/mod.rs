@@ -106,6 +106,48 @@ pub trait ForeignMapping: Send {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Whether the pages were mapped writable (`copy_in` refuses otherwise).
+    fn is_writable(&self) -> bool {
+        false
+    }
+    /// Copy `buf.len()` bytes at `offset` out of the mapping (e.g. a request
+    /// copied out of a shared ring once). The other domain may write these pages
+    /// concurrently; the copy is a plain memcpy of whatever is there.
+    fn copy_out(&self, offset: usize, buf: &mut [u8]) -> io::Result<()> {
+        check_range(offset, buf.len(), self.len())?;
+        // SAFETY: implementors guarantee as_ptr() is valid for len() bytes while
+        // `self` lives; the range was checked; `buf` is local memory that cannot
+        // alias the foreign mapping through a reference.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), buf.as_mut_ptr(), buf.len())
+        };
+        Ok(())
+    }
+    /// Copy `data` into the mapping at `offset` (needs a writable mapping).
+    fn copy_in(&self, offset: usize, data: &[u8]) -> io::Result<()> {
+        if !self.is_writable() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "copy into a read-only grant mapping",
+            ));
+        }
+        check_range(offset, data.len(), self.len())?;
+        // SAFETY: as in copy_out, and the mapping is writable.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len())
+        };
+        Ok(())
+    }
+}
+
+fn check_range(offset: usize, len: usize, size: usize) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("range {offset}+{len} outside a {size}-byte grant mapping"),
+        )),
+    }
 }
 
 /// A bound interdomain event channel. Unbound when dropped.
@@ -119,6 +161,38 @@ pub trait EventChannel: Send {
     /// Consume a pending event and unmask the port. Returns whether one was
     /// pending. Never blocks.
     fn ack(&self) -> io::Result<bool>;
+    /// Wait until an event is pending or `timeout` passes (None: forever).
+    /// Returns whether one is pending; does not consume it (see `ack`).
+    fn wait_pending(&self, timeout: Option<std::time::Duration>) -> io::Result<bool> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        // SAFETY: fd() is an open descriptor owned by `self`, which outlives this call.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd()) };
+        loop {
+            let left = match deadline {
+                None => PollTimeout::NONE,
+                Some(d) => {
+                    let ms = d
+                        .saturating_duration_since(std::time::Instant::now())
+                        .as_millis();
+                    PollTimeout::try_from(ms.min(i32::MAX as u128) as i32)
+                        .unwrap_or(PollTimeout::MAX)
+                }
+            };
+            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+            match poll(&mut fds, left) {
+                Ok(0) => return Ok(false),
+                Ok(_) => return Ok(fds[0].any().unwrap_or(false)),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("poll event channel: {e}"),
+                    ))
+                }
+            }
+        }
+    }
 }
 
 /// What a backend needs from Xen. See the module docs.
@@ -153,3 +227,51 @@ pub trait Platform: Send + Sync {
     /// Whether `domid` still exists (used to notice dead guests).
     fn domain_exists(&self, domid: DomId) -> io::Result<bool>;
 }
+
+/// Why mapping a grant failed, carried inside the `io::Error` returned by
+/// [`Platform::map_grant_refs`] (`io::Error::get_ref` + `downcast_ref`), so callers
+/// and tests can tell a bad ref from a permission problem. The real platform only
+/// learns an errno from the kernel and reports [`GrantStatus::GeneralError`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantMapError {
+    /// The granting domain.
+    pub domid: DomId,
+    /// The first reference that failed.
+    pub gref: GrantRef,
+    /// What Xen (or the simulation) said.
+    pub status: GrantStatus,
+    /// Details for the log.
+    pub detail: String,
+}
+
+impl GrantMapError {
+    /// The status inside `e`, if `e` came from a failed grant map.
+    pub fn status_of(e: &io::Error) -> Option<GrantStatus> {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<GrantMapError>())
+            .map(|g| g.status)
+    }
+
+    /// Wrap into an `io::Error` with a matching kind.
+    pub fn into_io(self) -> io::Error {
+        let kind = match self.status {
+            GrantStatus::BadDomain => io::ErrorKind::NotFound,
+            GrantStatus::PermissionDenied => io::ErrorKind::PermissionDenied,
+            GrantStatus::BadGntref | GrantStatus::BadCopyArg => io::ErrorKind::InvalidInput,
+            GrantStatus::Okay | GrantStatus::GeneralError => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, self)
+    }
+}
+
+impl std::fmt::Display for GrantMapError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "mapping grant ref {} of domain {} failed: {:?} ({})",
+            self.gref, self.domid, self.status, self.detail
+        )
+    }
+}
+
+impl std::error::Error for GrantMapError {}

@@ -1,0 +1,288 @@
+//! Opening the image file: O_DIRECT with a buffered fallback, direct-I/O alignment, and
+//! safe probes for the fallocate modes the backend maps discard requests onto.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+/// How the image's primary file descriptor does I/O.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IoMode {
+    /// Opened with O_DIRECT. Requests whose file offset and length are multiples of
+    /// `offset_align` and whose buffer address is a multiple of `mem_align` go to the
+    /// O_DIRECT fd; anything else is routed to a second, buffered fd on the same file.
+    Direct { offset_align: u32, mem_align: u32 },
+    /// Page-cache I/O only; `reason` says why O_DIRECT is not used.
+    Buffered { reason: String },
+}
+
+/// Whether to try O_DIRECT.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DirectPolicy {
+    /// Try O_DIRECT and fall back to buffered I/O if the file system refuses it.
+    #[default]
+    Auto,
+    /// Always use buffered I/O.
+    Never,
+}
+
+pub(crate) struct OpenedImage {
+    pub primary: File,
+    /// Present only in direct mode: the fd used for requests not aligned for O_DIRECT.
+    pub buffered: Option<File>,
+    pub mode: IoMode,
+}
+
+pub(crate) fn ctx_err(path: &Path, what: &str, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {what}: {e}", path.display()))
+}
+
+fn open_with(path: &Path, read_only: bool, flags: i32) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(flags | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Direct-I/O alignment the kernel reports via statx(STATX_DIOALIGN), if it does.
+/// `Some((0, 0))` means "this file does not support direct I/O".
+fn statx_dioalign(f: &File) -> Option<(u32, u32)> {
+    // SAFETY: an all-zero statx struct is a valid value (plain integers).
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, a NUL-terminated empty path with AT_EMPTY_PATH, and a pointer to a
+    // statx struct we own for the duration of the call.
+    let rc = unsafe {
+        libc::statx(
+            f.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return None;
+    }
+    Some((stx.stx_dio_offset_align, stx.stx_dio_mem_align))
+}
+
+/// Open the image. `probe_buf` is page-aligned scratch memory of at least 4096 bytes used
+/// for the O_DIRECT probe read.
+pub(crate) fn open_image(
+    path: &Path,
+    read_only: bool,
+    policy: DirectPolicy,
+    probe_buf: &mut [u8],
+) -> io::Result<OpenedImage> {
+    let open_buffered = || open_with(path, read_only, 0).map_err(|e| ctx_err(path, "open", e));
+    if policy == DirectPolicy::Never {
+        return Ok(OpenedImage {
+            primary: open_buffered()?,
+            buffered: None,
+            mode: IoMode::Buffered {
+                reason: "direct I/O disabled by configuration".into(),
+            },
+        });
+    }
+    let direct = match open_with(path, read_only, libc::O_DIRECT) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            log::info!(
+                "{}: file system refuses O_DIRECT at open ({e}); using buffered I/O",
+                path.display()
+            );
+            return Ok(OpenedImage {
+                primary: open_buffered()?,
+                buffered: None,
+                mode: IoMode::Buffered {
+                    reason: format!("open with O_DIRECT failed: {e}"),
+                },
+            });
+        }
+        Err(e) => return Err(ctx_err(path, "open (O_DIRECT)", e)),
+    };
+    let (mut offset_align, mut mem_align) = match statx_dioalign(&direct) {
+        Some((0, _)) => {
+            return Ok(OpenedImage {
+                primary: open_buffered()?,
+                buffered: None,
+                mode: IoMode::Buffered {
+                    reason: "statx reports no direct I/O support for this file".into(),
+                },
+            })
+        }
+        Some((o, m)) => (o, m.max(1)),
+        None => (512, 512),
+    };
+    // Probe with a real aligned read: some file systems accept O_DIRECT at open and
+    // refuse it at I/O time, and without STATX_DIOALIGN 512 may be too small.
+    let mut probe_ok = false;
+    let mut last_err = None;
+    for align in [offset_align, 4096] {
+        if align as usize > probe_buf.len() || !align.is_power_of_two() {
+            continue;
+        }
+        match direct.read_at(&mut probe_buf[..align as usize], 0) {
+            Ok(_) => {
+                offset_align = align;
+                mem_align = mem_align.max(1);
+                probe_ok = true;
+                break;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last_err = Some(e),
+            Err(e) => return Err(ctx_err(path, "O_DIRECT probe read", e)),
+        }
+    }
+    if !probe_ok {
+        let e = last_err.map(|e| e.to_string()).unwrap_or_default();
+        log::info!(
+            "{}: aligned O_DIRECT probe read failed ({e}); using buffered I/O",
+            path.display()
+        );
+        return Ok(OpenedImage {
+            primary: open_buffered()?,
+            buffered: None,
+            mode: IoMode::Buffered {
+                reason: format!("aligned O_DIRECT probe read failed: {e}"),
+            },
+        });
+    }
+    Ok(OpenedImage {
+        primary: direct,
+        buffered: Some(open_buffered()?),
+        mode: IoMode::Direct {
+            offset_align,
+            mem_align,
+        },
+    })
+}
+
+/// Current size of the image in bytes (works for regular files and block devices).
+pub(crate) fn image_size(path: &Path, f: &File) -> io::Result<u64> {
+    (&*f)
+        .seek(SeekFrom::End(0))
+        .map_err(|e| ctx_err(path, "seek to end (size)", e))
+}
+
+/// File system facts relevant to discard support.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsCaps {
+    /// statfs f_type magic of the file system holding the image.
+    pub fs_magic: u64,
+    /// Human name for `fs_magic` ("btrfs", "xfs", "ext4", "tmpfs", ... or "unknown").
+    pub fs_name: &'static str,
+    /// fallocate(PUNCH_HOLE|KEEP_SIZE) works here.
+    pub punch_hole: bool,
+    /// fallocate(ZERO_RANGE|KEEP_SIZE) works here.
+    pub zero_range: bool,
+    /// How the two booleans were found: "tmpfile probe", "file system type", or why
+    /// nothing was probed ("read-only image", "not a regular file": both false).
+    pub probed_by: &'static str,
+}
+
+const EXT4_MAGIC: u64 = 0xEF53;
+const XFS_MAGIC: u64 = 0x5846_5342;
+const BTRFS_MAGIC: u64 = 0x9123_683E;
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+const RAMFS_MAGIC: u64 = 0x8584_58f6;
+
+fn fs_name(magic: u64) -> &'static str {
+    match magic {
+        EXT4_MAGIC => "ext4",
+        XFS_MAGIC => "xfs",
+        BTRFS_MAGIC => "btrfs",
+        TMPFS_MAGIC => "tmpfs",
+        RAMFS_MAGIC => "ramfs",
+        _ => "unknown",
+    }
+}
+
+fn caps_by_type(magic: u64) -> (bool, bool) {
+    match magic {
+        EXT4_MAGIC | XFS_MAGIC | BTRFS_MAGIC => (true, true),
+        TMPFS_MAGIC => (true, false),
+        _ => (false, false),
+    }
+}
+
+fn fallocate(f: &File, mode: i32, off: i64, len: i64) -> io::Result<()> {
+    nix::fcntl::fallocate(
+        f,
+        nix::fcntl::FallocateFlags::from_bits_retain(mode),
+        off,
+        len,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Probe on an anonymous O_TMPFILE in the image's directory, so the image itself is never
+/// touched: write two blocks, punch one, zero-range the other. Returns None if the probe
+/// could not be run (read-only directory, no O_TMPFILE, ...).
+fn tmpfile_probe(dir: &Path) -> Option<(bool, bool)> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .open(dir)
+        .ok()?;
+    f.write_all_at(&[0x5a; 8192], 0).ok()?;
+    let keep = libc::FALLOC_FL_KEEP_SIZE;
+    let judge = |r: io::Result<()>| -> Option<bool> {
+        match r {
+            Ok(()) => Some(true),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Some(false),
+            Err(_) => None,
+        }
+    };
+    let punch = judge(fallocate(&f, libc::FALLOC_FL_PUNCH_HOLE | keep, 0, 4096))?;
+    let zero = judge(fallocate(&f, libc::FALLOC_FL_ZERO_RANGE | keep, 4096, 4096))?;
+    Some((punch, zero))
+}
+
+pub(crate) fn probe_fs_caps(path: &Path, f: &File, read_only: bool) -> io::Result<FsCaps> {
+    let st = nix::sys::statfs::fstatfs(f).map_err(|e| ctx_err(path, "fstatfs", e.into()))?;
+    let magic = st.filesystem_type().0 as u64;
+    let is_file = f
+        .metadata()
+        .map_err(|e| ctx_err(path, "fstat", e))?
+        .file_type()
+        .is_file();
+    let skip = if !is_file {
+        Some("not a regular file")
+    } else if read_only {
+        Some("read-only image")
+    } else {
+        None
+    };
+    if let Some(why) = skip {
+        return Ok(FsCaps {
+            fs_magic: magic,
+            fs_name: fs_name(magic),
+            punch_hole: false,
+            zero_range: false,
+            probed_by: why,
+        });
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let (punch_hole, zero_range, probed_by) = match tmpfile_probe(dir) {
+        Some((p, z)) => (p, z, "tmpfile probe"),
+        None => {
+            let (p, z) = caps_by_type(magic);
+            (p, z, "file system type")
+        }
+    };
+    Ok(FsCaps {
+        fs_magic: magic,
+        fs_name: fs_name(magic),
+        punch_hole,
+        zero_range,
+        probed_by,
+    })
+}
