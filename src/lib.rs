@@ -14,6 +14,7 @@ pub mod backend;
 pub mod blkif;
 pub mod cli;
 pub mod engine;
+pub mod frontend;
 pub mod platform;
 pub mod pool;
 pub mod util;

@@ -4,6 +4,8 @@
 //!
 //! Requests:
 //! - `attach <backend-path> <image> [ro] [sector-size=512|4096]`
+//! - `attach-volume <backend-path> <pool-dir> <vid> [ro] [sector-size=N]`
+//! - `detach <backend-path>`
 //! - `resize`
 //! - `status`
 //!
@@ -141,23 +143,50 @@ fn status_json(s: &DeviceStatus) -> Value {
 pub fn handle_line(line: &str, backend: &BackendHandle) -> Value {
     let mut words = line.split_whitespace();
     let fail = |e: String| json!({"ok": false, "error": e});
+    let options = |words: std::str::SplitWhitespace<'_>| -> Result<AttachOptions, String> {
+        let mut opts = AttachOptions::default();
+        for w in words {
+            match w {
+                "ro" => opts.read_only = true,
+                _ => match w.strip_prefix("sector-size=").map(str::parse::<u32>) {
+                    Some(Ok(n)) => opts.sector_size = n,
+                    _ => return Err(format!("unknown option {w:?}")),
+                },
+            }
+        }
+        Ok(opts)
+    };
     match words.next() {
         Some("attach") => {
             let (Some(be), Some(img)) = (words.next(), words.next()) else {
                 return fail("usage: attach <backend-path> <image> [ro] [sector-size=N]".into());
             };
-            let mut opts = AttachOptions::default();
-            for w in words {
-                match w {
-                    "ro" => opts.read_only = true,
-                    _ => match w.strip_prefix("sector-size=").map(str::parse::<u32>) {
-                        Some(Ok(n)) => opts.sector_size = n,
-                        _ => return fail(format!("attach: unknown option {w:?}")),
-                    },
-                }
+            let r = options(words).and_then(|opts| backend.attach(be, img, opts));
+            match r {
+                Ok(()) => json!({"ok": true, "image": img}),
+                Err(e) => fail(e),
             }
-            match backend.attach(be, img, opts) {
-                Ok(()) => json!({"ok": true}),
+        }
+        Some("attach-volume") => {
+            let (Some(be), Some(pool), Some(vid)) = (words.next(), words.next(), words.next())
+            else {
+                return fail(
+                    "usage: attach-volume <backend-path> <pool-dir> <vid> [ro] [sector-size=N]"
+                        .into(),
+                );
+            };
+            let r = options(words).and_then(|opts| backend.attach_volume(be, pool, vid, opts));
+            match r {
+                Ok(p) => json!({"ok": true, "image": p.display().to_string()}),
+                Err(e) => fail(e),
+            }
+        }
+        Some("detach") => {
+            let Some(be) = words.next() else {
+                return fail("usage: detach <backend-path>".into());
+            };
+            match backend.detach(be) {
+                Ok(what) => json!({"ok": true, "result": what}),
                 Err(e) => fail(e),
             }
         }
@@ -194,4 +223,44 @@ pub fn request(path: &Path, line: &str) -> io::Result<Value> {
             format!("{}: bad answer {answer:?}: {e}", path.display()),
         )
     })
+}
+
+/// Tells a running `refblk serve` that a volume it may be serving was resized
+/// (used by `refblk volume resize`). Without a daemon on the socket there is
+/// nobody to tell, which is not an error.
+#[derive(Debug, Clone)]
+pub struct DaemonNotifier {
+    socket: PathBuf,
+}
+
+impl DaemonNotifier {
+    /// Notify the daemon listening on `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> DaemonNotifier {
+        DaemonNotifier {
+            socket: socket.into(),
+        }
+    }
+}
+
+impl crate::pool::ResizeNotifier for DaemonNotifier {
+    fn volume_resized(&self, vid: &str, path: &Path, new_size: u64) -> io::Result<()> {
+        if !self.socket.exists() {
+            info!(
+                "volume {vid} ({}) is now {new_size} bytes; no refblk daemon at {}",
+                path.display(),
+                self.socket.display()
+            );
+            return Ok(());
+        }
+        let v = request(&self.socket, "resize")?;
+        if v["ok"] != Value::Bool(true) {
+            return Err(io::Error::other(format!(
+                "{}: resize: {}",
+                self.socket.display(),
+                v["error"].as_str().unwrap_or("unknown error")
+            )));
+        }
+        info!("volume {vid}: daemon announced the new size {new_size}");
+        Ok(())
+    }
 }

@@ -18,7 +18,7 @@ use super::queue::{self, QueueCtx, QueueStats};
 use super::{BackendConfig, DevKey, Event};
 use crate::blkif::{Abi, BackRing, DiskInfo, Features};
 use crate::engine::{Engine, EngineConfig};
-use crate::platform::{DomId, GrantRef, Platform, Port};
+use crate::platform::{DomId, Platform};
 use crate::xenstore::XsClient;
 use xen_sys::xenbus::XenbusState;
 
@@ -93,6 +93,12 @@ pub(crate) struct Device {
     pub fe_watch: Option<(String, String)>,
     /// Counters of queues of earlier connections, so status survives reconnects.
     retired: Vec<Arc<QueueStats>>,
+    /// The pool volume whose dirty image is served, if the disk line named one:
+    /// committed (or discarded, by its kind) when the device is released.
+    pub volume: Option<crate::pool::Volume>,
+    /// The hotplug `remove` ran: the device stays quiet until its backend
+    /// directory disappears.
+    pub detached: bool,
 }
 
 fn parse_uint(s: &str) -> Option<u64> {
@@ -111,20 +117,6 @@ fn err(msg: impl Into<String>) -> io::Error {
 pub(crate) fn read_opt(xs: &XsClient, path: &str) -> io::Result<Option<String>> {
     xs.try_read_string(0, path)
         .map_err(|e| io::Error::other(format!("xenstore read {path}: {e}")))
-}
-
-/// Read an unsigned number a frontend wrote; hostile input gets a clear error.
-fn read_uint(xs: &XsClient, path: &str, max: u64) -> io::Result<Option<u64>> {
-    match read_opt(xs, path)? {
-        None => Ok(None),
-        Some(s) => match parse_uint(&s) {
-            Some(v) if v <= max => Ok(Some(v)),
-            _ => Err(err(format!(
-                "{path}: bad value {:?} (expected 0..={max})",
-                s.chars().take(32).collect::<String>()
-            ))),
-        },
-    }
 }
 
 fn state_of(xs: &XsClient, path: &str) -> io::Result<XenbusState> {
@@ -151,6 +143,8 @@ impl Device {
             conn: None,
             fe_watch: None,
             retired: Vec::new(),
+            volume: None,
+            detached: false,
         }
     }
 
@@ -278,34 +272,26 @@ impl Device {
             .as_ref()
             .ok_or_else(|| err("no image attached".to_string()))?;
         let domid = self.key.0;
-        let abi = Abi::from_protocol(read_opt(xs, &format!("{fe}/protocol"))?.as_deref())
-            .map_err(|e| err(format!("{fe}/protocol: {e:?}")))?;
-        let nq = read_uint(
-            xs,
-            &format!("{fe}/multi-queue-num-queues"),
-            u64::from(cfg.max_queues),
-        )?
-        .unwrap_or(1);
-        if nq == 0 {
-            return Err(err(format!("{fe}/multi-queue-num-queues: 0")));
-        }
+        let keys = super::fekeys::parse_frontend_keys(
+            &fe,
+            &super::fekeys::Limits {
+                max_ring_page_order: cfg.max_ring_page_order,
+                max_queues: cfg.max_queues,
+            },
+            |k| read_opt(xs, k),
+        )?;
+        let abi = keys.abi;
+        let persistent = cfg.persistent_grants && keys.persistent;
         let sectors = Self::sectors_of(img)?;
         let mut ecfg: EngineConfig = cfg.engine.clone();
         ecfg.read_only = img.read_only;
         let fd_path = PathBuf::from(format!("/proc/self/fd/{}", img.file.as_raw_fd()));
 
+        let nq = keys.queues.len();
         let mut prepared = Vec::new();
-        for q in 0..nq {
-            let qp = if nq == 1 {
-                fe.clone()
-            } else {
-                format!("{fe}/queue-{q}")
-            };
-            let refs = read_ring_refs(xs, &qp, cfg.max_ring_page_order)?;
-            let port = read_uint(xs, &format!("{qp}/event-channel"), u64::from(u32::MAX))?
-                .ok_or_else(|| err(format!("{qp}/event-channel missing")))?
-                as Port;
-            let map = platform.map_grant_refs(domid, &refs, true).map_err(|e| {
+        for qk in &keys.queues {
+            let (refs, port) = (&qk.ring_refs, qk.event_channel);
+            let map = platform.map_grant_refs(domid, refs, true).map_err(|e| {
                 io::Error::new(e.kind(), format!("map ring {refs:?} of dom{domid}: {e}"))
             })?;
             let ring = BackRing::new(map, abi).map_err(|e| err(format!("ring: {e:?}")))?;
@@ -351,7 +337,7 @@ impl Device {
                 w("discard-alignment", "0".into())?;
                 w("discard-secure", u8::from(secure).to_string())?;
             }
-            w("feature-persistent", "0".into())?;
+            w("feature-persistent", u8::from(persistent).to_string())?;
             w("state", (XenbusState::Connected as u32).to_string())
         })
         .map_err(|e| io::Error::other(format!("{be}: connect: {e}")))?;
@@ -374,6 +360,13 @@ impl Device {
                 stop: stop.clone(),
                 stats: stats.clone(),
                 finished: finished.clone(),
+                persistent: persistent.then(|| {
+                    super::pgrants::PersistentGrants::new(
+                        platform.clone(),
+                        domid,
+                        cfg.max_persistent_grants,
+                    )
+                }),
             };
             let tx = events.clone();
             let key = self.key;
@@ -391,7 +384,7 @@ impl Device {
             });
         }
         info!(
-            "{}: connected ({} queue(s), {}, {} sectors of {} bytes{}{})",
+            "{}: connected ({} queue(s), {}, {} sectors of {} bytes{}{}{})",
             self.name(),
             nq,
             abi.protocol_name(),
@@ -399,6 +392,11 @@ impl Device {
             img.sector_size,
             if img.read_only { ", read-only" } else { "" },
             if discard { ", discard" } else { "" },
+            if persistent {
+                ", persistent grants"
+            } else {
+                ""
+            },
         );
         self.state = XenbusState::Connected;
         self.conn = Some(Connection {
@@ -424,6 +422,26 @@ impl Device {
             self.retired.push(q.stats.clone());
         }
         info!("{}: disconnected", self.name());
+    }
+
+    /// Let go of the image: disconnect, close the file, and stop (commit or
+    /// discard, by its kind) the pool volume if there is one.
+    pub fn release(&mut self) -> Result<String, String> {
+        self.disconnect();
+        let img = self.image.take();
+        drop(img);
+        match self.volume.take() {
+            None => Ok("released".into()),
+            Some(v) => {
+                let vid = v.vid().to_string();
+                v.stop()
+                    .map(|o| {
+                        info!("{}: volume {vid}: {o:?}", self.name());
+                        format!("volume {vid}: {o:?}")
+                    })
+                    .map_err(|e| format!("volume {vid}: stop: {e}"))
+            }
+        }
     }
 
     /// Re-read the image size; if it changed, announce it (sectors + state in
@@ -493,22 +511,6 @@ impl Device {
 impl Drop for Device {
     fn drop(&mut self) {
         self.disconnect();
-    }
-}
-
-/// `ring-page-order` + `ring-ref%u`, or the single-page `ring-ref`.
-fn read_ring_refs(xs: &XsClient, qp: &str, max_order: u32) -> io::Result<Vec<GrantRef>> {
-    let order = read_uint(xs, &format!("{qp}/ring-page-order"), u64::from(max_order))?;
-    let read_ref = |k: String| -> io::Result<GrantRef> {
-        read_uint(xs, &k, u64::from(u32::MAX))?
-            .map(|v| v as GrantRef)
-            .ok_or_else(|| err(format!("{k} missing")))
-    };
-    match order {
-        None => Ok(vec![read_ref(format!("{qp}/ring-ref"))?]),
-        Some(o) => (0..(1u32 << o))
-            .map(|i| read_ref(format!("{qp}/ring-ref{i}")))
-            .collect(),
     }
 }
 

@@ -10,6 +10,8 @@
 
 pub mod control;
 pub mod device;
+pub mod fekeys;
+pub mod pgrants;
 pub mod queue;
 
 use std::collections::BTreeMap;
@@ -46,6 +48,11 @@ pub struct BackendConfig {
     pub max_queues: u32,
     /// `feature-max-indirect-segments`.
     pub max_indirect_segments: u32,
+    /// Accept `feature-persistent` from frontends that offer it (map data pages
+    /// once and memcpy, instead of a grant copy per request).
+    pub persistent_grants: bool,
+    /// Most persistently mapped pages per queue (LRU beyond that).
+    pub max_persistent_grants: usize,
     /// io_uring engine settings for every queue.
     pub engine: EngineConfig,
 }
@@ -58,6 +65,8 @@ impl Default for BackendConfig {
             max_ring_page_order: 4,
             max_queues: 4,
             max_indirect_segments: 256,
+            persistent_grants: false,
+            max_persistent_grants: pgrants::DEFAULT_MAX_PERSISTENT,
             engine: EngineConfig::default(),
         }
     }
@@ -77,6 +86,17 @@ enum Command {
         image: PathBuf,
         opts: AttachOptions,
         reply: Sender<Result<(), String>>,
+    },
+    AttachVolume {
+        backend_path: String,
+        pool: PathBuf,
+        vid: String,
+        opts: AttachOptions,
+        reply: Sender<Result<PathBuf, String>>,
+    },
+    Detach {
+        backend_path: String,
+        reply: Sender<Result<String, String>>,
     },
     Resize {
         reply: Sender<Result<Vec<(String, u64)>, String>>,
@@ -107,6 +127,47 @@ impl BackendHandle {
                 backend_path: backend_path.to_string(),
                 image: image.into(),
                 opts,
+                reply,
+            })
+            .map_err(|_| "backend is not running".to_string())?;
+        rx.recv()
+            .map_err(|_| "backend stopped".to_string())
+            .and_then(|r| r)
+    }
+
+    /// Start the pool volume `vid` of the pool in `pool` (FICLONE clean → dirty)
+    /// and serve its dirty image on the device; the volume is committed (or
+    /// discarded, by its kind) when the device is detached or removed. Returns
+    /// the path served.
+    pub fn attach_volume(
+        &self,
+        backend_path: &str,
+        pool: impl Into<PathBuf>,
+        vid: &str,
+        opts: AttachOptions,
+    ) -> Result<PathBuf, String> {
+        let (reply, rx) = bounded(1);
+        self.tx
+            .send(Command::AttachVolume {
+                backend_path: backend_path.to_string(),
+                pool: pool.into(),
+                vid: vid.to_string(),
+                opts,
+                reply,
+            })
+            .map_err(|_| "backend is not running".to_string())?;
+        rx.recv()
+            .map_err(|_| "backend stopped".to_string())
+            .and_then(|r| r)
+    }
+
+    /// The hotplug `remove` step: disconnect the device, close its image and
+    /// stop its pool volume if it has one. Says what happened.
+    pub fn detach(&self, backend_path: &str) -> Result<String, String> {
+        let (reply, rx) = bounded(1);
+        self.tx
+            .send(Command::Detach {
+                backend_path: backend_path.to_string(),
                 reply,
             })
             .map_err(|_| "backend is not running".to_string())?;
@@ -256,6 +317,36 @@ impl Backend {
                 let r = self.attach(&backend_path, image, &opts);
                 let _ = reply.send(r);
             }
+            Command::AttachVolume {
+                backend_path,
+                pool,
+                vid,
+                opts,
+                reply,
+            } => {
+                let r = self.attach_volume(&backend_path, &pool, &vid, &opts);
+                let _ = reply.send(r);
+            }
+            Command::Detach {
+                backend_path,
+                reply,
+            } => {
+                let r = match self.key_of(&backend_path) {
+                    None => Err(format!("{backend_path}: not a vbd backend path")),
+                    Some(k) => match self.devices.get_mut(&k) {
+                        None => Err(format!("{backend_path}: no such device")),
+                        Some(d) => {
+                            d.detached = true;
+                            let r = d.release();
+                            if d.state != XenbusState::Closed {
+                                let _ = d.switch_state(&self.xs, XenbusState::Closed);
+                            }
+                            r
+                        }
+                    },
+                };
+                let _ = reply.send(r);
+            }
             Command::Resize { reply } => {
                 let mut out = Vec::new();
                 let mut errs = Vec::new();
@@ -293,6 +384,50 @@ impl Backend {
         d.attach(&self.xs, image, opts).map_err(|e| e.to_string())?;
         self.reconcile(key);
         Ok(())
+    }
+
+    fn attach_volume(
+        &mut self,
+        be: &str,
+        pool: &std::path::Path,
+        vid: &str,
+        opts: &AttachOptions,
+    ) -> Result<PathBuf, String> {
+        let key = self
+            .key_of(be)
+            .ok_or_else(|| format!("{be}: not a vbd backend path under {}", self.base))?;
+        if !self.devices.contains_key(&key) {
+            self.reconcile(key);
+        }
+        let d = self
+            .devices
+            .get_mut(&key)
+            .ok_or_else(|| format!("{be}: no such device, or its script is not refblk's"))?;
+        if d.image.is_some() {
+            return Err(format!("{be}: already has an image"));
+        }
+        let pool = crate::pool::Pool::open(pool).map_err(|e| e.to_string())?;
+        let vol = pool.volume(vid).map_err(|e| e.to_string())?;
+        let fresh = vol.state() == crate::pool::VolumeState::Stopped;
+        let path = vol.start().map_err(|e| e.to_string())?;
+        if let Err(e) = d.attach(&self.xs, path.clone(), opts) {
+            if fresh {
+                // Leave the pool as it was: the new dirty image is an unused clone.
+                if let Err(e2) = vol.discard() {
+                    warn!("{be}: volume {vid}: undoing the start failed: {e2}");
+                }
+            } else {
+                // A recovered dirty image holds a guest's uncommitted writes: keep it.
+                warn!(
+                    "{be}: volume {vid} keeps its recovered dirty image; \
+                     `refblk volume stop` commits it"
+                );
+            }
+            return Err(e.to_string());
+        }
+        d.volume = Some(vol);
+        self.reconcile(key);
+        Ok(path)
     }
 
     /// `<base>/<domid>/<devid>[/...]` → key.
@@ -373,6 +508,12 @@ impl Backend {
         if !exists {
             if let Some(mut d) = self.devices.remove(&key) {
                 info!("vbd {}/{}: backend removed", key.0, key.1);
+                if d.volume.is_some() {
+                    // No hotplug `remove` came (toolstack crash): commit anyway.
+                    if let Err(e) = d.release() {
+                        warn!("vbd {}/{}: {e}", key.0, key.1);
+                    }
+                }
                 d.disconnect();
                 if let Some((p, t)) = d.fe_watch.take() {
                     let _ = xs.unwatch(&p, &t);
@@ -390,6 +531,9 @@ impl Backend {
             self.devices.insert(key, d);
         }
         let d = self.devices.get_mut(&key).expect("inserted above");
+        if d.detached {
+            return Ok(());
+        }
         if d.fe.is_none() {
             if let Some(fe) = device::read_opt(xs, &format!("{be}/frontend"))? {
                 let token = format!("refblk:fe:{}:{}", key.0, key.1);
@@ -409,8 +553,11 @@ impl Backend {
         use XenbusState as S;
         match d.state {
             S::InitWait => {
-                if !online || !alive {
+                if !online || !alive || fe_state == S::Closed {
                     d.switch_state(xs, S::Closed)?;
+                } else if fe_state == S::Closing {
+                    // As Linux blkback: follow a frontend that gives up.
+                    d.switch_state(xs, S::Closing)?;
                 } else if d.image.is_some() && matches!(fe_state, S::Initialised | S::Connected) {
                     if let Err(e) = d.connect(xs, &self.platform, &self.cfg, &self.ev_tx) {
                         warn!("vbd {}/{}: cannot connect: {e}", key.0, key.1);
@@ -440,11 +587,9 @@ impl Backend {
                     d.switch_state(xs, S::Closed)?;
                 }
             }
-            S::Closed => {
-                if online && alive && fe_state == S::Initialising {
-                    info!("vbd {}/{}: frontend reconnecting", key.0, key.1);
-                    d.switch_state(xs, S::InitWait)?;
-                }
+            S::Closed if online && alive && fe_state == S::Initialising => {
+                info!("vbd {}/{}: frontend reconnecting", key.0, key.1);
+                d.switch_state(xs, S::InitWait)?;
             }
             _ => {}
         }

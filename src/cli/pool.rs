@@ -104,7 +104,14 @@ impl PoolArg {
     }
 
     fn open(&self) -> Result<Pool, CliError> {
-        Ok(Pool::open(&self.dir()?)?)
+        // A running volume's resize is announced by the daemon serving it.
+        let socket = std::env::var_os("REFBLK_CONTROL")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(super::serve::DEFAULT_CONTROL));
+        Ok(Pool::open(&self.dir()?)?.with_notifier(std::sync::Arc::new(
+            crate::backend::control::DaemonNotifier::new(socket),
+        )))
     }
 }
 

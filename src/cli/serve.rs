@@ -38,6 +38,10 @@ pub struct ServeArgs {
     /// feature-max-indirect-segments offered (0 disables INDIRECT).
     #[arg(long, default_value_t = 256)]
     pub max_indirect_segments: u32,
+    /// Accept persistent grants from frontends that offer them (map each data
+    /// page once, memcpy instead of a grant copy per request).
+    #[arg(long)]
+    pub persistent_grants: bool,
     /// Never use O_DIRECT on images (use the page cache).
     #[arg(long)]
     pub buffered: bool,
@@ -80,6 +84,7 @@ pub fn run(a: ServeArgs) -> CliResult {
         max_queues: a.max_queues.max(1),
         max_ring_page_order: a.max_ring_page_order,
         max_indirect_segments: a.max_indirect_segments,
+        persistent_grants: a.persistent_grants,
         ..BackendConfig::default()
     };
     if a.buffered {
@@ -124,6 +129,28 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 512)]
         sector_size: u32,
     },
+    /// Start a pool volume (FICLONE clean → dirty) and serve it on a claimed
+    /// device; it is committed or discarded (by its kind) on `detach`.
+    AttachVolume {
+        /// xenstore backend path.
+        backend_path: String,
+        /// The pool directory.
+        pool: PathBuf,
+        /// The volume id, e.g. appvms/work/private.
+        vid: String,
+        /// Serve read-only.
+        #[arg(long)]
+        ro: bool,
+        /// Logical sector size (512 or 4096).
+        #[arg(long, default_value_t = 512)]
+        sector_size: u32,
+    },
+    /// Release a device (the hotplug script's `remove`): close its image and
+    /// commit/discard its pool volume.
+    Detach {
+        /// xenstore backend path.
+        backend_path: String,
+    },
     /// Re-read image sizes and announce grown disks to the guests.
     Resize,
     /// Show every device the daemon serves.
@@ -155,6 +182,29 @@ pub fn run_ctl(a: CtlArgs) -> CliResult {
                 if *ro { " ro" } else { "" }
             )
         }
+        CtlCommand::AttachVolume {
+            backend_path,
+            pool,
+            vid,
+            ro,
+            sector_size,
+        } => {
+            let pool_s = pool.to_str().filter(|s| !s.contains(char::is_whitespace));
+            let Some(pool_s) = pool_s else {
+                return Err(CliError::usage(format!(
+                    "{}: pool paths with white space are not supported",
+                    pool.display()
+                )));
+            };
+            if vid.contains(char::is_whitespace) {
+                return Err(CliError::usage(format!("{vid:?}: bad volume id")));
+            }
+            format!(
+                "attach-volume {backend_path} {pool_s} {vid}{} sector-size={sector_size}",
+                if *ro { " ro" } else { "" }
+            )
+        }
+        CtlCommand::Detach { backend_path } => format!("detach {backend_path}"),
         CtlCommand::Resize => "resize".into(),
         CtlCommand::Status { .. } => "status".into(),
     };
@@ -195,6 +245,12 @@ pub fn run_ctl(a: CtlArgs) -> CliResult {
             }
         }
         CtlCommand::Attach { .. } => {}
+        CtlCommand::AttachVolume { .. } => {
+            println!("{}", v["image"].as_str().unwrap_or(""));
+        }
+        CtlCommand::Detach { .. } => {
+            println!("{}", v["result"].as_str().unwrap_or(""));
+        }
     }
     Ok(())
 }
