@@ -107,14 +107,17 @@ fn attach_detach_200_cycles_stay_flat() {
     for i in 10..200 {
         cycle(&rig, &image, i);
     }
-    let (f, t) = settle(fd_base, thread_base);
+    // A leak per cycle shows as 190 or more; a few descriptors of connections
+    // the simulator is still closing on a loaded machine do not.
+    const SLACK: usize = 4;
+    let (f, t) = settle(fd_base + SLACK, thread_base + SLACK);
     let rss = rss_kib();
     assert!(
-        f <= fd_base,
+        f <= fd_base + SLACK,
         "fds grew from {fd_base} to {f} over 190 cycles"
     );
     assert!(
-        t <= thread_base,
+        t <= thread_base + SLACK,
         "threads grew from {thread_base} to {t} over 190 cycles"
     );
     assert!(
