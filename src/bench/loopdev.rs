@@ -32,6 +32,18 @@ fn losetup(args: &[&str]) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Switch an attached loop device to direct I/O (`losetup --direct-io=on DEV`) and
+/// check that the kernel did.
+pub fn set_direct_io(dev: &str) -> io::Result<()> {
+    losetup(&["--direct-io=on", dev])?;
+    let name = dev.trim_start_matches("/dev/");
+    match fs::read_to_string(format!("/sys/block/{name}/loop/dio")) {
+        Ok(s) if s.trim() == "1" => Ok(()),
+        Ok(_) => Err(io::Error::other(format!("{dev}: the kernel kept buffered I/O"))),
+        Err(e) => Err(io::Error::new(e.kind(), format!("{dev}: reading loop/dio: {e}"))),
+    }
+}
+
 impl LoopDev {
     /// Attach `image` with `--direct-io=on|off` (retried: parallel processes race for
     /// free devices).

@@ -112,7 +112,13 @@ impl MetaBench<'_> {
             "{}: fragmenting the {sz} image ({} random 4 KiB writes)",
             self.label, self.frag_writes
         ));
+        // Writes fragment a file only where its blocks are shared (XFS overwrites
+        // unshared blocks in place): keep a reflink while writing, as a VM's dirty
+        // image is one.
+        let hold = self.dir.join("fragment-hold.tmp");
+        clone_or_copy(&clean, &hold)?;
         fragment(&clean, self.frag_writes, size)?;
+        fs::remove_file(&hold)?;
         drop_cache(&clean)?;
         let ext = extents(&clean);
         if snapshot {

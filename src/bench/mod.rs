@@ -222,6 +222,15 @@ fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
             let fs_size = cfg.size * 4 + meta + (1 << 30);
             let fs = ScratchFs::new(*kind, fs_size)
                 .map_err(|e| format!("cannot make a scratch {kind} file system: {e}"))?;
+            // The scratch file system sits on a loop device over a file on the root
+            // file system. Switch that loop device to direct I/O so the root's page
+            // cache does not serve our "cold" reads (storage-measurements.md does the
+            // same); a failure is reported, not fatal.
+            if let Some(dev) = fs.loop_device() {
+                if let Err(e) = loopdev::set_direct_io(dev) {
+                    log::warn!("{dev} (scratch {kind}): cannot switch to direct I/O: {e}");
+                }
+            }
             let dir = fs.path().join("refblk-bench");
             fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             Ok(Workspace {
