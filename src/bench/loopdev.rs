@@ -39,8 +39,13 @@ pub fn set_direct_io(dev: &str) -> io::Result<()> {
     let name = dev.trim_start_matches("/dev/");
     match fs::read_to_string(format!("/sys/block/{name}/loop/dio")) {
         Ok(s) if s.trim() == "1" => Ok(()),
-        Ok(_) => Err(io::Error::other(format!("{dev}: the kernel kept buffered I/O"))),
-        Err(e) => Err(io::Error::new(e.kind(), format!("{dev}: reading loop/dio: {e}"))),
+        Ok(_) => Err(io::Error::other(format!(
+            "{dev}: the kernel kept buffered I/O"
+        ))),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("{dev}: reading loop/dio: {e}"),
+        )),
     }
 }
 
