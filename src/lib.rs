@@ -15,6 +15,7 @@ pub mod bench;
 pub mod blkif;
 pub mod cli;
 pub mod engine;
+pub mod frontend;
 pub mod platform;
 pub mod pool;
 pub mod util;

@@ -302,6 +302,13 @@ impl Device {
         ecfg.read_only = img.read_only;
         let fd_path = PathBuf::from(format!("/proc/self/fd/{}", img.file.as_raw_fd()));
 
+        // ring-page-order is a key of the frontend directory, shared by all
+        // queues (blkif.h; Linux blkback reads it from the top level too).
+        let order = read_uint(
+            xs,
+            &format!("{fe}/ring-page-order"),
+            u64::from(cfg.max_ring_page_order),
+        )?;
         let mut prepared = Vec::new();
         for q in 0..nq {
             let qp = if nq == 1 {
@@ -309,7 +316,7 @@ impl Device {
             } else {
                 format!("{fe}/queue-{q}")
             };
-            let refs = read_ring_refs(xs, &qp, cfg.max_ring_page_order)?;
+            let refs = read_ring_refs(xs, &qp, order)?;
             let port = read_uint(xs, &format!("{qp}/event-channel"), u64::from(u32::MAX))?
                 .ok_or_else(|| err(format!("{qp}/event-channel missing")))?
                 as Port;
@@ -524,9 +531,9 @@ impl Drop for Device {
     }
 }
 
-/// `ring-page-order` + `ring-ref%u`, or the single-page `ring-ref`.
-fn read_ring_refs(xs: &XsClient, qp: &str, max_order: u32) -> io::Result<Vec<GrantRef>> {
-    let order = read_uint(xs, &format!("{qp}/ring-page-order"), u64::from(max_order))?;
+/// `ring-ref%u` of queue directory `qp` for a ring of 2^`order` pages, or
+/// the single-page `ring-ref` when the frontend wrote no `ring-page-order`.
+fn read_ring_refs(xs: &XsClient, qp: &str, order: Option<u64>) -> io::Result<Vec<GrantRef>> {
     let read_ref = |k: String| -> io::Result<GrantRef> {
         read_uint(xs, &k, u64::from(u32::MAX))?
             .map(|v| v as GrantRef)
