@@ -451,7 +451,9 @@ fn open_path(
             ))
         }
         PathKind::Refblk => {
-            let t = refblk::connect(image, &ws.dir, depth).map_err(|x| e("serve", x))?;
+            let t = refblk::connect_with(image, &ws.dir, depth, max_len)
+                .map(|t| Box::new(t) as Box<dyn BlockTarget>)
+                .map_err(|x| e("serve", x))?;
             let mode = t.io_mode();
             Ok((
                 Opened {
