@@ -108,12 +108,19 @@ pub fn connect_with(
         .info()
         .cloned()
         .ok_or_else(|| io::Error::other("frontend connected without disk info"))?;
-    let queue_tids = threads_named(&format!("{QUEUE_THREAD_PREFIX}{DOMID}.{XVDA}q"))
-        .into_iter()
-        .map(|(t, _)| t)
-        .collect::<Vec<_>>();
+    // The backend announces Connected before it has spawned the queue threads:
+    // give them a moment to appear.
+    let prefix = format!("{QUEUE_THREAD_PREFIX}{DOMID}.{XVDA}q");
+    let mut queue_tids = Vec::new();
+    for _ in 0..200 {
+        queue_tids = threads_named(&prefix).into_iter().map(|(t, _)| t).collect();
+        if queue_tids.len() >= info.queues {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     if queue_tids.is_empty() {
-        log::warn!("refblk bench: no backend queue thread found; serving CPU will read 0");
+        log::warn!("refblk bench: no backend queue thread {prefix}*; serving CPU will read 0");
     }
     let mut pattern = vec![0u8; max_len];
     fill_pattern(&mut pattern, 0x5eed);
