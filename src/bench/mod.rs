@@ -437,9 +437,8 @@ fn open_path(
             let t = EngineTarget::open(dev.path(), depth, max_len)
                 .map_err(|x| e(&format!("open {} over", dev.path().display()), x))?;
             let mode = format!(
-                "{} on {}, loop dio={}",
+                "{} on a loop device, loop dio={}",
                 t.io_mode(),
-                dev.path().display(),
                 u8::from(dev.dio)
             );
             Ok((
