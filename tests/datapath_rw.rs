@@ -41,7 +41,8 @@ fn run_config(
     } else {
         assert_eq!(info.segments_per_request, 11);
     }
-    let (reqs, model) = random_rw(&mut fe, seed, 120, qd, max_sectors, 8 * MIB);
+    let mixed = seed % 2 == 1;
+    let (reqs, model) = random_io(&mut fe, seed, 120, qd, max_sectors, 8 * MIB, mixed);
     assert!(reqs >= 120);
     // The image file itself holds what the guest wrote.
     let on_disk = std::fs::read(&image).expect("read image");
@@ -63,7 +64,9 @@ fn run_config(
 
 #[test]
 fn protocol_matrix_on_tmpfs() {
-    let rig = Rig::new();
+    let Some(rig) = Rig::new() else {
+        return;
+    };
     let images = machine_dir();
     let mut domid = 10;
     for protocol in [Protocol::X86_64, Protocol::X86_32, Protocol::Absent] {
@@ -75,6 +78,8 @@ fn protocol_matrix_on_tmpfs() {
                 ring_page_order: order,
                 queues,
                 indirect,
+                // Linux's default cap: big requests become several INDIRECT ones.
+                max_indirect_segments: if order == 3 { 32 } else { 256 },
                 ..Default::default()
             };
             let qd = if order == 0 { 1 } else { 8 << order.min(3) };
@@ -86,9 +91,102 @@ fn protocol_matrix_on_tmpfs() {
 }
 
 #[test]
+fn persistent_grants_offered_to_a_backend_without_them() {
+    // feature-persistent=1 from us, 0 from refblk: plain grants, still correct.
+    let Some(rig) = Rig::new() else {
+        return;
+    };
+    let images = machine_dir();
+    let opts = FrontendOptions {
+        persistent: true,
+        ring_page_order: 1,
+        ..Default::default()
+    };
+    run_config(&rig, 31, images.path(), opts, 31, 16, 512);
+    rig.shutdown();
+}
+
+#[test]
+fn two_disks_of_one_guest() {
+    let Some(rig) = Rig::new() else {
+        return;
+    };
+    let d = machine_dir();
+    let a = make_image(d.path(), "a.img", 4 * MIB);
+    let b = make_image(d.path(), "b.img", 4 * MIB);
+    let guest = rig.guest(32, 8192);
+    rig.attach(32, XVDA, &a, "w", AttachOptions::default());
+    let mut spec = refblk::frontend::VbdSpec::new(32, XVDA + 16, &b);
+    spec.vdev = "xvdb".into();
+    rig.ts.add_vbd(&spec).unwrap();
+    let mut fa = rig.connect(&guest, XVDA, FrontendOptions::default());
+    let mut fb = rig.connect(&guest, XVDA + 16, FrontendOptions::default());
+    let t = std::thread::spawn(move || {
+        let (_, m) = random_rw(&mut fb, 2, 100, 8, 128, 4 * MIB);
+        (fb, m)
+    });
+    let (_, ma) = random_rw(&mut fa, 1, 100, 8, 128, 4 * MIB);
+    let (mut fb, mb) = t.join().unwrap();
+    fa.disconnect().unwrap();
+    fb.disconnect().unwrap();
+    assert!(std::fs::read(&a).unwrap() == ma, "xvda image differs");
+    assert!(std::fs::read(&b).unwrap() == mb, "xvdb image differs");
+    drop((fa, fb));
+    rig.shutdown();
+}
+
+#[test]
+fn online_resize_is_announced() {
+    let Some(rig) = Rig::new() else {
+        return;
+    };
+    let d = machine_dir();
+    let image = make_image(d.path(), "grow.img", 2 * MIB);
+    let guest = rig.guest(33, 1024);
+    rig.attach(33, XVDA, &image, "w", AttachOptions::default());
+    let mut fe = rig.connect(&guest, XVDA, FrontendOptions::default());
+    let end = 2 * MIB / 512;
+    let t = fe
+        .submit(
+            None,
+            refblk::frontend::IoRequest::Write {
+                sector: end,
+                data: &[1u8; 4096],
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        fe.wait_for(t, LONG).unwrap().status,
+        refblk::frontend::wire::RSP_ERROR
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(4 * MIB)
+        .unwrap();
+    let changed = rig.backend.resize().unwrap();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert_eq!(changed[0].1, 4 * MIB / 512);
+    assert_eq!(fe.refresh_size().unwrap(), Some(4 * MIB / 512));
+    // The new space is usable at once.
+    fe.write(end, &[2u8; 4096]).unwrap();
+    assert!(fe.read(end, 4096).unwrap() == vec![2u8; 4096]);
+    assert_eq!(
+        fe.backend_state().unwrap(),
+        xen_sys::xenbus::XenbusState::Connected
+    );
+    fe.disconnect().unwrap();
+    drop(fe);
+    rig.shutdown();
+}
+
+#[test]
 fn small_random_io_deep_queue() {
     // Many small requests in flight: more than a one-page ring holds.
-    let rig = Rig::new();
+    let Some(rig) = Rig::new() else {
+        return;
+    };
     let images = machine_dir();
     let opts = FrontendOptions {
         ring_page_order: 0,
@@ -103,7 +201,9 @@ fn on_fs(kind: FsKind) {
     let Some(fs) = ScratchFs::new_or_skip(kind, kind.min_size()) else {
         return;
     };
-    let rig = Rig::new();
+    let Some(rig) = Rig::new() else {
+        return;
+    };
     let opts = FrontendOptions {
         ring_page_order: 2,
         queues: 2,
@@ -127,4 +227,46 @@ fn random_io_on_btrfs() {
 #[test]
 fn random_io_on_xfs() {
     on_fs(FsKind::Xfs);
+}
+
+#[test]
+fn frontend_initialised_before_the_hotplug_step() {
+    // The guest may reach Initialised before the hotplug script has given
+    // the backend its image; the backend connects once it has both.
+    let Some(rig) = Rig::new() else {
+        return;
+    };
+    let d = machine_dir();
+    let image = make_image(d.path(), "late.img", 2 * MIB);
+    let guest = rig.guest(34, 1024);
+    let spec = refblk::frontend::VbdSpec::new(34, XVDA, &image);
+    let vbd = rig.ts.create_vbd_nodes(&spec).unwrap();
+    let sock = rig.sim.xenstored_path();
+    let g = guest.clone();
+    let t = std::thread::spawn(move || {
+        refblk::frontend::Frontend::connect(&sock, g, XVDA, FrontendOptions::default())
+    });
+    // Wait until the frontend published its rings and is Initialised.
+    let fe_state = format!("{}/state", vbd.frontend_path);
+    let deadline = std::time::Instant::now() + LONG;
+    while rig.ts.xs().read_string(0, &fe_state).unwrap() != "3" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "frontend never Initialised"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(
+        rig.ts.backend_state(&vbd).unwrap(),
+        xen_sys::xenbus::XenbusState::InitWait
+    );
+    rig.ts.hotplug_add(&vbd, &spec).unwrap();
+    let mut fe = t.join().unwrap().expect("connect after the hotplug step");
+    fe.write(0, &[6u8; 4096]).unwrap();
+    assert!(fe.read(0, 4096).unwrap() == vec![6u8; 4096]);
+    fe.disconnect().unwrap();
+    assert!(rig.ts.remove_vbd(&vbd).unwrap());
+    drop(fe);
+    rig.shutdown();
 }

@@ -18,7 +18,7 @@ use super::queue::{self, QueueCtx, QueueStats};
 use super::{BackendConfig, DevKey, Event};
 use crate::blkif::{Abi, BackRing, DiskInfo, Features};
 use crate::engine::{Engine, EngineConfig};
-use crate::platform::{DomId, GrantRef, Platform, Port};
+use crate::platform::{DomId, Platform};
 use crate::xenstore::XsClient;
 use xen_sys::xenbus::XenbusState;
 
@@ -117,20 +117,6 @@ fn err(msg: impl Into<String>) -> io::Error {
 pub(crate) fn read_opt(xs: &XsClient, path: &str) -> io::Result<Option<String>> {
     xs.try_read_string(0, path)
         .map_err(|e| io::Error::other(format!("xenstore read {path}: {e}")))
-}
-
-/// Read an unsigned number a frontend wrote; hostile input gets a clear error.
-fn read_uint(xs: &XsClient, path: &str, max: u64) -> io::Result<Option<u64>> {
-    match read_opt(xs, path)? {
-        None => Ok(None),
-        Some(s) => match parse_uint(&s) {
-            Some(v) if v <= max => Ok(Some(v)),
-            _ => Err(err(format!(
-                "{path}: bad value {:?} (expected 0..={max})",
-                s.chars().take(32).collect::<String>()
-            ))),
-        },
-    }
 }
 
 fn state_of(xs: &XsClient, path: &str) -> io::Result<XenbusState> {
@@ -286,41 +272,26 @@ impl Device {
             .as_ref()
             .ok_or_else(|| err("no image attached".to_string()))?;
         let domid = self.key.0;
-        let abi = Abi::from_protocol(read_opt(xs, &format!("{fe}/protocol"))?.as_deref())
-            .map_err(|e| err(format!("{fe}/protocol: {e:?}")))?;
-        let nq = read_uint(
-            xs,
-            &format!("{fe}/multi-queue-num-queues"),
-            u64::from(cfg.max_queues),
-        )?
-        .unwrap_or(1);
-        if nq == 0 {
-            return Err(err(format!("{fe}/multi-queue-num-queues: 0")));
-        }
+        let keys = super::fekeys::parse_frontend_keys(
+            &fe,
+            &super::fekeys::Limits {
+                max_ring_page_order: cfg.max_ring_page_order,
+                max_queues: cfg.max_queues,
+            },
+            |k| read_opt(xs, k),
+        )?;
+        let abi = keys.abi;
+        let persistent = cfg.persistent_grants && keys.persistent;
         let sectors = Self::sectors_of(img)?;
         let mut ecfg: EngineConfig = cfg.engine.clone();
         ecfg.read_only = img.read_only;
         let fd_path = PathBuf::from(format!("/proc/self/fd/{}", img.file.as_raw_fd()));
 
-        // ring-page-order is a key of the frontend directory, shared by all
-        // queues (blkif.h; Linux blkback reads it from the top level too).
-        let order = read_uint(
-            xs,
-            &format!("{fe}/ring-page-order"),
-            u64::from(cfg.max_ring_page_order),
-        )?;
+        let nq = keys.queues.len();
         let mut prepared = Vec::new();
-        for q in 0..nq {
-            let qp = if nq == 1 {
-                fe.clone()
-            } else {
-                format!("{fe}/queue-{q}")
-            };
-            let refs = read_ring_refs(xs, &qp, order)?;
-            let port = read_uint(xs, &format!("{qp}/event-channel"), u64::from(u32::MAX))?
-                .ok_or_else(|| err(format!("{qp}/event-channel missing")))?
-                as Port;
-            let map = platform.map_grant_refs(domid, &refs, true).map_err(|e| {
+        for qk in &keys.queues {
+            let (refs, port) = (&qk.ring_refs, qk.event_channel);
+            let map = platform.map_grant_refs(domid, refs, true).map_err(|e| {
                 io::Error::new(e.kind(), format!("map ring {refs:?} of dom{domid}: {e}"))
             })?;
             let ring = BackRing::new(map, abi).map_err(|e| err(format!("ring: {e:?}")))?;
@@ -366,7 +337,7 @@ impl Device {
                 w("discard-alignment", "0".into())?;
                 w("discard-secure", u8::from(secure).to_string())?;
             }
-            w("feature-persistent", "0".into())?;
+            w("feature-persistent", u8::from(persistent).to_string())?;
             w("state", (XenbusState::Connected as u32).to_string())
         })
         .map_err(|e| io::Error::other(format!("{be}: connect: {e}")))?;
@@ -389,6 +360,13 @@ impl Device {
                 stop: stop.clone(),
                 stats: stats.clone(),
                 finished: finished.clone(),
+                persistent: persistent.then(|| {
+                    super::pgrants::PersistentGrants::new(
+                        platform.clone(),
+                        domid,
+                        cfg.max_persistent_grants,
+                    )
+                }),
             };
             let tx = events.clone();
             let key = self.key;
@@ -406,7 +384,7 @@ impl Device {
             });
         }
         info!(
-            "{}: connected ({} queue(s), {}, {} sectors of {} bytes{}{})",
+            "{}: connected ({} queue(s), {}, {} sectors of {} bytes{}{}{})",
             self.name(),
             nq,
             abi.protocol_name(),
@@ -414,6 +392,11 @@ impl Device {
             img.sector_size,
             if img.read_only { ", read-only" } else { "" },
             if discard { ", discard" } else { "" },
+            if persistent {
+                ", persistent grants"
+            } else {
+                ""
+            },
         );
         self.state = XenbusState::Connected;
         self.conn = Some(Connection {
@@ -528,22 +511,6 @@ impl Device {
 impl Drop for Device {
     fn drop(&mut self) {
         self.disconnect();
-    }
-}
-
-/// `ring-ref%u` of queue directory `qp` for a ring of 2^`order` pages, or
-/// the single-page `ring-ref` when the frontend wrote no `ring-page-order`.
-fn read_ring_refs(xs: &XsClient, qp: &str, order: Option<u64>) -> io::Result<Vec<GrantRef>> {
-    let read_ref = |k: String| -> io::Result<GrantRef> {
-        read_uint(xs, &k, u64::from(u32::MAX))?
-            .map(|v| v as GrantRef)
-            .ok_or_else(|| err(format!("{k} missing")))
-    };
-    match order {
-        None => Ok(vec![read_ref(format!("{qp}/ring-ref"))?]),
-        Some(o) => (0..(1u32 << o))
-            .map(|i| read_ref(format!("{qp}/ring-ref{i}")))
-            .collect(),
     }
 }
 

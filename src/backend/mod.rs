@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod device;
+pub mod fekeys;
 pub mod pgrants;
 pub mod queue;
 
@@ -47,6 +48,11 @@ pub struct BackendConfig {
     pub max_queues: u32,
     /// `feature-max-indirect-segments`.
     pub max_indirect_segments: u32,
+    /// Accept `feature-persistent` from frontends that offer it (map data pages
+    /// once and memcpy, instead of a grant copy per request).
+    pub persistent_grants: bool,
+    /// Most persistently mapped pages per queue (LRU beyond that).
+    pub max_persistent_grants: usize,
     /// io_uring engine settings for every queue.
     pub engine: EngineConfig,
 }
@@ -59,6 +65,8 @@ impl Default for BackendConfig {
             max_ring_page_order: 4,
             max_queues: 4,
             max_indirect_segments: 256,
+            persistent_grants: false,
+            max_persistent_grants: pgrants::DEFAULT_MAX_PERSISTENT,
             engine: EngineConfig::default(),
         }
     }
@@ -545,8 +553,11 @@ impl Backend {
         use XenbusState as S;
         match d.state {
             S::InitWait => {
-                if !online || !alive {
+                if !online || !alive || fe_state == S::Closed {
                     d.switch_state(xs, S::Closed)?;
+                } else if fe_state == S::Closing {
+                    // As Linux blkback: follow a frontend that gives up.
+                    d.switch_state(xs, S::Closing)?;
                 } else if d.image.is_some() && matches!(fe_state, S::Initialised | S::Connected) {
                     if let Err(e) = d.connect(xs, &self.platform, &self.cfg, &self.ev_tx) {
                         warn!("vbd {}/{}: cannot connect: {e}", key.0, key.1);

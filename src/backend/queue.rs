@@ -26,6 +26,7 @@ use std::sync::Arc;
 use log::{debug, info, warn};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use super::pgrants::PersistentGrants;
 use crate::blkif::{
     parse_request, BackRing, DiskInfo, IndirectRequest, Piece, Request, RwOp, RwRequest,
 };
@@ -37,6 +38,8 @@ use xen_sys::blkif::{BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY};
 const TAG_EVTCHN: u64 = u64::MAX;
 /// user_data of the stop eventfd poll.
 const TAG_STOP: u64 = u64::MAX - 1;
+/// Engine op slots kept free for poll re-arms and a barrier's flush.
+const ENGINE_RESERVE: usize = 3;
 /// At most this many parsed requests wait for buffers before we stop consuming.
 const MAX_PENDING: usize = 64;
 
@@ -70,6 +73,9 @@ pub(crate) struct QueueCtx {
     pub stats: Arc<QueueStats>,
     /// Set when the thread exits (for whatever reason).
     pub finished: Arc<AtomicBool>,
+    /// Persistent grants negotiated: data pages are mapped once and copied with
+    /// memcpy instead of a grant copy per request.
+    pub persistent: Option<PersistentGrants>,
 }
 
 /// What a started request is waiting for.
@@ -269,6 +275,12 @@ impl Queue {
             if self.barrier_active {
                 return;
             }
+            // Keep room in the engine for the two polls to be re-armed and a
+            // barrier's flush: a deep ring (16 pages = 512 slots) can have more
+            // requests than the engine takes ops; the rest wait here.
+            if self.ctx.engine.free_slots() <= ENGINE_RESERVE {
+                return;
+            }
             if p.needs_drain() && self.in_flight_requests() > 0 {
                 return;
             }
@@ -340,6 +352,13 @@ impl Queue {
                 secure,
             } => {
                 self.ctx.stats.discards.fetch_add(1, Ordering::Relaxed);
+                if len == 0 {
+                    // Nothing to discard: done (Linux blkback answers OKAY too;
+                    // fallocate would refuse a zero length).
+                    self.free_slots.push(slot);
+                    self.respond(id, op, BLKIF_RSP_OKAY);
+                    return;
+                }
                 self.slots[slot] = Some(Inflight {
                     id,
                     op,
@@ -428,6 +447,15 @@ impl Queue {
         let grefs = ind.page_grefs();
         let n = grefs.len();
         let buf = &mut self.indirect_buf[..n * PAGE_SIZE];
+        if let Some(pg) = self.ctx.persistent.as_mut() {
+            for (dst, &gref) in buf.chunks_mut(PAGE_SIZE).zip(grefs) {
+                pg.copy_from(gref, 0, dst)
+                    .map_err(|st| (BLKIF_RSP_ERROR, format!("indirect page: {st:?}")))?;
+            }
+            return ind
+                .complete(&self.indirect_buf[..n * PAGE_SIZE], &self.ctx.disk)
+                .map_err(|rej| (rej.status, rej.to_string()));
+        }
         let mut segs: Vec<CopySeg<'_>> = buf
             .chunks_mut(PAGE_SIZE)
             .zip(grefs)
@@ -458,6 +486,14 @@ impl Queue {
     fn copy_from_guest(&mut self, slot: usize, region: &BufRegion) -> Result<(), GrantStatus> {
         let pieces = &self.slots[slot].as_ref().expect("slot in use").pieces;
         let mut rest: &mut [u8] = self.ctx.engine.buf_mut(region);
+        if let Some(pg) = self.ctx.persistent.as_mut() {
+            for p in pieces {
+                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(usize::from(p.len));
+                rest = tail;
+                pg.copy_from(p.gref, p.offset, dst)?;
+            }
+            return Ok(());
+        }
         let mut segs = Vec::with_capacity(pieces.len());
         for p in pieces {
             let (dst, tail) = std::mem::take(&mut rest).split_at_mut(usize::from(p.len));
@@ -485,6 +521,14 @@ impl Queue {
     fn copy_to_guest(&mut self, slot: usize, region: &BufRegion) -> Result<(), GrantStatus> {
         let pieces = &self.slots[slot].as_ref().expect("slot in use").pieces;
         let mut rest: &[u8] = self.ctx.engine.buf(region);
+        if let Some(pg) = self.ctx.persistent.as_mut() {
+            for p in pieces {
+                let (src, tail) = rest.split_at(usize::from(p.len));
+                rest = tail;
+                pg.copy_to(p.gref, p.offset, src)?;
+            }
+            return Ok(());
+        }
         let mut segs = Vec::with_capacity(pieces.len());
         for p in pieces {
             let (src, tail) = rest.split_at(usize::from(p.len));

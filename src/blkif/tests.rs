@@ -642,6 +642,20 @@ fn valid_requests_both_abis() {
         let req = parse_request(&s.raw(), &d).unwrap();
         assert_eq!(req, Request::Flush { id: 4 });
         assert_eq!(req.response_op(), BLKIF_OP_FLUSH_DISKCACHE);
+        // A flush with data segments is a write run as a barrier (Linux
+        // blkfront's FUA/PREFLUSH write when no barrier is offered).
+        let s = Slot::rw(abi, BLKIF_OP_FLUSH_DISKCACHE, 6, 8, &[(1, 0, 7)]);
+        let Request::Rw(rw) = parse_request(&s.raw(), &d).unwrap() else {
+            panic!("flush with data is not a write");
+        };
+        assert!(rw.barrier && rw.op == RwOp::Write && rw.len == 4096 && rw.offset == 4096);
+        assert_eq!((rw.id, rw.response_op), (6, BLKIF_OP_FLUSH_DISKCACHE));
+        let s = Slot::rw(abi, BLKIF_OP_FLUSH_DISKCACHE, 7, 0, &[(1, 3, 2)]);
+        let r = rejected(abi, &s, &d);
+        assert_eq!(
+            (r.id, r.operation, r.status),
+            (7, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_RSP_ERROR)
+        );
 
         let s = Slot::discard(abi, 5, 100, 50, 0);
         let req = parse_request(&s.raw(), &d).unwrap();
@@ -736,6 +750,27 @@ fn range_checks() {
         // Exactly to the end is fine.
         let s = Slot::discard(abi, 1, d.sectors - 10, 10, 0);
         assert!(parse_request(&s.raw(), &d).is_ok());
+        // A disk description larger than a u64 of bytes: the byte offset
+        // must not wrap (sector 2^55 * 512 = 2^64 would become offset 0).
+        let huge = DiskInfo {
+            sectors: u64::MAX,
+            ..d
+        };
+        let s = Slot::rw(abi, BLKIF_OP_WRITE, 1, 1 << 55, &[(1, 0, 7)]);
+        assert!(matches!(
+            rejected(abi, &s, &huge).reason,
+            RejectReason::OutOfRange { .. }
+        ));
+        let s = Slot::discard(abi, 1, 1 << 55, 8, 0);
+        assert!(matches!(
+            rejected(abi, &s, &huge).reason,
+            RejectReason::OutOfRange { .. }
+        ));
+        let s = Slot::rw(abi, BLKIF_OP_READ, 1, u64::MAX / 512 - 8, &[(1, 0, 7)]);
+        match parse_request(&s.raw(), &huge) {
+            Ok(Request::Rw(r)) => assert_eq!(r.offset, (u64::MAX / 512 - 8) * 512),
+            other => panic!("last representable sectors refused: {other:?}"),
+        }
     }
 }
 

@@ -75,7 +75,7 @@ pub fn run(a: DemoArgs) -> CliResult {
     // 1. The simulated Xen, and a key written and read through its xenstored.
     let sim = SimXen::start(&dir.join("machine")).map_err(fail("start the simulated Xen"))?;
     println!(
-        "simulated Xen:   xenstored on {} (try XENSTORED_PATH=... xenstore-ls)",
+        "simulated Xen:   xenstored on {}, grant tables and event channels beside it",
         sim.xenstored_path().display()
     );
     let platform: Arc<dyn Platform> = Arc::new(sim.platform().map_err(fail("simulated platform"))?);

@@ -38,6 +38,10 @@ pub struct ServeArgs {
     /// feature-max-indirect-segments offered (0 disables INDIRECT).
     #[arg(long, default_value_t = 256)]
     pub max_indirect_segments: u32,
+    /// Accept persistent grants from frontends that offer them (map each data
+    /// page once, memcpy instead of a grant copy per request).
+    #[arg(long)]
+    pub persistent_grants: bool,
     /// Never use O_DIRECT on images (use the page cache).
     #[arg(long)]
     pub buffered: bool,
@@ -80,6 +84,7 @@ pub fn run(a: ServeArgs) -> CliResult {
         max_queues: a.max_queues.max(1),
         max_ring_page_order: a.max_ring_page_order,
         max_indirect_segments: a.max_indirect_segments,
+        persistent_grants: a.persistent_grants,
         ..BackendConfig::default()
     };
     if a.buffered {

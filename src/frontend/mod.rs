@@ -68,6 +68,9 @@ use crate::xenstore::XsClient;
 use ring::FrontRing;
 use wire::Seg;
 
+/// Guest pages taken from the guest's allocator at once for data.
+const DATA_PAGE_BATCH: u32 = 64;
+
 /// Which `protocol` key the frontend writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -305,6 +308,10 @@ struct Queue {
 }
 
 /// The guest's block frontend for one vbd. See the module docs.
+///
+/// Dropping it without [`disconnect`](Frontend::disconnect) is what a crashed
+/// guest kernel does: nothing is closed in xenstore and the grants stay in
+/// the guest's table (destroy the [`SimGuest`] to end the domain).
 pub struct Frontend {
     xs: XsClient,
     guest: Arc<SimGuest>,
@@ -326,6 +333,7 @@ pub struct Frontend {
     anomalies: Anomalies,
     raw_responses: Vec<RawResponse>,
     next_queue: usize,
+    plugged: bool,
 }
 
 fn xs_err(what: &str, e: impl std::fmt::Display) -> io::Error {
@@ -392,6 +400,7 @@ impl Frontend {
             anomalies: Anomalies::default(),
             raw_responses: Vec::new(),
             next_queue: 0,
+            plugged: false,
         };
         fe.talk_to_backend(false)?;
         Ok(fe)
@@ -628,9 +637,10 @@ impl Frontend {
         let info = self.read_be_uint("info", 0)? as u32;
         let be_ind = self.read_be_uint("feature-max-indirect-segments", 0)? as u32;
         let seg_cap = if self.opts.indirect && be_ind > 0 {
-            (be_ind.min(self.opts.max_indirect_segments) as usize)
-                .min(wire::MAX_INDIRECT_PAGES * wire::SEGMENTS_PER_INDIRECT_PAGE)
-                .max(wire::MAX_SEGMENTS_PER_REQUEST)
+            (be_ind.min(self.opts.max_indirect_segments) as usize).clamp(
+                wire::MAX_SEGMENTS_PER_REQUEST,
+                wire::MAX_INDIRECT_PAGES * wire::SEGMENTS_PER_INDIRECT_PAGE,
+            )
         } else {
             wire::MAX_SEGMENTS_PER_REQUEST
         };
@@ -721,9 +731,8 @@ impl Frontend {
         // Answers that came in while closing.
         self.process_all();
         self.teardown_queues();
-        for (_, op) in std::mem::take(&mut self.ops) {
-            let _ = op;
-        }
+        // Requests the backend never answered are gone with the rings.
+        self.ops.clear();
         self.info = None;
         r.map(|_| ())
     }
@@ -739,6 +748,25 @@ impl Frontend {
         }
         self.switch_state(XenbusState::Initialising)?;
         self.talk_to_backend(true)
+    }
+
+    /// Re-read the backend's `sectors`, as blkfront does when the backend
+    /// rewrites its state while connected (an online resize). Returns the
+    /// new size when it changed.
+    pub fn refresh_size(&mut self) -> io::Result<Option<u64>> {
+        let sectors = self.read_be_uint("sectors", 0)?;
+        let Some(info) = self.info.as_mut() else {
+            return Ok(None);
+        };
+        if sectors == info.sectors {
+            return Ok(None);
+        }
+        debug!(
+            "dom{} vbd {}: resized from {} to {sectors} sectors",
+            self.domid, self.devid, info.sectors
+        );
+        info.sectors = sectors;
+        Ok(Some(sectors))
     }
 
     // ------------------------------------------------------------- accessors
@@ -802,9 +830,18 @@ impl Frontend {
     // -------------------------------------------------------------- data I/O
 
     fn alloc_page(&mut self) -> io::Result<u32> {
-        match self.free_pages.pop() {
-            Some(p) => Ok(p),
-            None => self.guest.alloc_page(),
+        if let Some(p) = self.free_pages.pop() {
+            return Ok(p);
+        }
+        // Take guest pages 64 at a time: the guest's allocator scans its
+        // memory on every call.
+        match self.guest.alloc_pages(DATA_PAGE_BATCH) {
+            Ok(first) => {
+                self.free_pages
+                    .extend((first + 1..first + DATA_PAGE_BATCH).rev());
+                Ok(first)
+            }
+            Err(_) => self.guest.alloc_page(),
         }
     }
 
@@ -891,20 +928,17 @@ impl Frontend {
             IoRequest::Read { len, .. } => (true, len),
             _ => (false, 0),
         };
-        for (data, what) in [
-            (
-                match req {
-                    IoRequest::Write { data, .. } | IoRequest::Barrier { data, .. } => data.len(),
-                    _ => 0,
-                },
-                "data",
-            ),
-            (len, "read length"),
-        ] {
-            if data % wire::SECTOR != 0 {
+        let bytes = match req {
+            IoRequest::Read { len, .. } => Some((len, false)),
+            IoRequest::Write { data, .. } => Some((data.len(), false)),
+            IoRequest::Barrier { data, .. } => Some((data.len(), true)),
+            IoRequest::Flush | IoRequest::Discard { .. } => None,
+        };
+        if let Some((n, may_be_empty)) = bytes {
+            if n % wire::SECTOR != 0 || (n == 0 && !may_be_empty) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
-                    format!("{what} of {data} bytes is not a multiple of 512"),
+                    format!("a transfer of {n} bytes: must be a non-zero multiple of 512"),
                 ));
             }
         }
@@ -992,7 +1026,11 @@ impl Frontend {
                 self.post(q, id, slot, Some(tag), wire::OP_DISCARD, vec![], vec![])
             }
         };
-        let published = self.publish_requests(q);
+        let published = if self.plugged {
+            Ok(())
+        } else {
+            self.publish_requests(q)
+        };
         if let Err(e) = r {
             // Parts already on the ring complete normally; the rest never will.
             if let Some(op) = self.ops.get_mut(&tag) {
@@ -1008,6 +1046,23 @@ impl Frontend {
         Ok(Tag(tag))
     }
 
+    /// Plug: [`submit`](Self::submit) puts requests on the rings without
+    /// publishing them, until [`unplug`](Self::unplug) publishes every ring
+    /// at once (blk-mq's batch commit). A full ring is still published.
+    pub fn plug(&mut self) {
+        self.plugged = true;
+    }
+
+    /// Publish what was queued while plugged, kicking the backend where it
+    /// asked for it.
+    pub fn unplug(&mut self) -> io::Result<()> {
+        self.plugged = false;
+        for q in 0..self.queues.len() {
+            self.publish_requests(q)?;
+        }
+        Ok(())
+    }
+
     fn handle(&self) -> u16 {
         self.devid as u16
     }
@@ -1018,12 +1073,14 @@ impl Frontend {
         id
     }
 
+    /// A slot to encode a request into: junk where no field goes (unless
+    /// `scribble` is off), varying with the ring position.
     fn blank_slot(&self, q: usize) -> Vec<u8> {
-        let abi = self.queues[q].ring.size(); // for the junk pattern only
+        let salt = self.queues[q].ring.req_prod_pvt;
         let slot_size = self.opts.protocol.abi().slot_size();
         if self.opts.scribble {
             (0..slot_size)
-                .map(|i| (0xa5u32 ^ (i as u32).wrapping_mul(29) ^ abi) as u8)
+                .map(|i| (0xa5u32 ^ (i as u32).wrapping_mul(29) ^ salt) as u8)
                 .collect()
         } else {
             vec![0u8; slot_size]
@@ -1125,7 +1182,18 @@ impl Frontend {
                             *s,
                         );
                     }
-                    let p = self.data_page(true)?;
+                    let p = match self.data_page(true) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            for d in dsegs {
+                                self.release_page(d.page, false);
+                            }
+                            for p in indirect {
+                                self.release_page(p, false);
+                            }
+                            return Err(e);
+                        }
+                    };
                     self.guest.write_page(p.frame, 0, &page)?;
                     indirect.push(p);
                 }

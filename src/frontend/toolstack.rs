@@ -290,6 +290,15 @@ impl Toolstack {
                     matches!(s, XenbusState::Closed | XenbusState::Unknown)
                 })
                 .is_ok();
+        self.force_remove_vbd(vbd)?;
+        Ok(closed)
+    }
+
+    /// libxl's forced removal (`xl block-detach --force`, or a backend that
+    /// did not close in time): remove both directories at once, whatever
+    /// state the device is in.
+    pub fn force_remove_vbd(&self, vbd: &Vbd) -> io::Result<()> {
+        let be = &vbd.backend_path;
         self.xs
             .transaction(|tx| {
                 for p in [&vbd.frontend_path, be] {
@@ -301,7 +310,6 @@ impl Toolstack {
                 }
                 Ok(())
             })
-            .map_err(|e| xs_err(&format!("remove {be}"), e))?;
-        Ok(closed)
+            .map_err(|e| xs_err(&format!("remove {be}"), e))
     }
 }

@@ -41,26 +41,56 @@ pub struct Rig {
     pub dir: tempfile::TempDir,
 }
 
+/// The backend pins io_uring registered buffers (4 MiB per queue, several
+/// devices per test): root, or a locked-memory limit of at least 256 MiB.
+/// Applies the project's skip rule otherwise; false means skip.
+pub fn require_memlock_or_skip() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .and_then(|l| l.split_whitespace().nth(3).map(str::to_string));
+    match soft.as_deref() {
+        Some("unlimited") => true,
+        Some(n) if n.parse::<u64>().is_ok_and(|n| n >= 256 << 20) => true,
+        other => refblk::util::scratchfs::skip_or_fail(&format!(
+            "the backend's io_uring registered buffers need root or RLIMIT_MEMLOCK >= 256 MiB (soft limit: {})",
+            other.unwrap_or("unknown")
+        )),
+    }
+}
+
 impl Rig {
-    pub fn new() -> Rig {
+    /// A machine with a default backend, or None when skipping (see
+    /// [`require_memlock_or_skip`]).
+    pub fn new() -> Option<Rig> {
         Rig::with_config(BackendConfig::default())
     }
 
-    pub fn with_config(cfg: BackendConfig) -> Rig {
-        let _ = env_logger::builder().is_test(true).try_init();
+    pub fn with_config(cfg: BackendConfig) -> Option<Rig> {
+        if !require_memlock_or_skip() {
+            return None;
+        }
+        let _ = env_logger::builder()
+            .is_test(true)
+            .format_timestamp_millis()
+            .try_init();
         let dir = machine_dir();
         let sim = SimXen::start(dir.path()).expect("start the simulated Xen");
         let platform = Arc::new(sim.platform().expect("sim platform"));
         let (backend, join) = Backend::spawn(platform, cfg).expect("spawn the backend");
         let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("toolstack xenstore");
         let ts = Toolstack::new(xs, backend.clone());
-        Rig {
+        Some(Rig {
             ts,
             backend,
             join: Some(join),
             sim,
             dir,
-        }
+        })
     }
 
     /// A guest domain with `pages` pages of memory and its xenstore directory.
@@ -163,6 +193,20 @@ pub fn random_rw(
     max_sectors: u64,
     disk_bytes: u64,
 ) -> (usize, Vec<u8>) {
+    random_io(fe, seed, ops, qd, max_sectors, disk_bytes, false)
+}
+
+/// Like [`random_rw`], with discards (which must read back as zeros) and
+/// flushes mixed in.
+pub fn random_io(
+    fe: &mut Frontend,
+    seed: u64,
+    ops: usize,
+    qd: usize,
+    max_sectors: u64,
+    disk_bytes: u64,
+    mixed: bool,
+) -> (usize, Vec<u8>) {
     use refblk::frontend::IoRequest;
     use std::collections::HashMap;
     let mut rng = Rng::new(seed);
@@ -196,8 +240,36 @@ pub fn random_rw(
                 break;
             }
             let len = (n * 512) as usize;
-            let q = Some((issued % nq) as usize);
-            let tag = if rng.below(2) == 0 {
+            let q = Some(issued % nq);
+            let roll = if mixed {
+                rng.below(20)
+            } else {
+                10 + rng.below(2)
+            };
+            let can_discard = fe.info().is_some_and(|i| i.discard);
+            if roll < 2 && can_discard {
+                let t = fe
+                    .submit(
+                        q,
+                        IoRequest::Discard {
+                            sector: s,
+                            nr_sectors: n,
+                            secure: false,
+                        },
+                    )
+                    .expect("submit discard");
+                model[(s * 512) as usize..(s * 512) as usize + len].fill(0);
+                inflight.insert(t.0, (s, len, false));
+                issued += 1;
+                continue;
+            }
+            if roll == 2 {
+                let t = fe.submit(q, IoRequest::Flush).expect("submit flush");
+                inflight.insert(t.0, (0, 0, false));
+                issued += 1;
+                continue;
+            }
+            let tag = if roll % 2 == 0 {
                 let mut data = vec![0u8; len];
                 rng.fill(&mut data);
                 let t = fe

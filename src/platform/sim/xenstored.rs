@@ -16,7 +16,10 @@
 //! it can never block the daemon.
 
 mod engine;
+mod inprocess;
 mod store;
+
+pub use inprocess::InProcess;
 
 use std::collections::HashMap;
 use std::io::{self, Write};

@@ -1,0 +1,3 @@
+#![no_main]
+// See refblk_fuzz::harness::ring for what is fed in and what is checked.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| refblk_fuzz::harness::ring::run(data));

@@ -1,0 +1,2 @@
+//! refblk's fuzz targets (see `harness`).
+pub mod harness;
