@@ -75,7 +75,7 @@ fn file_path_and_fio_agree_within_15_percent() {
     write_dense(&file, SIZE).unwrap();
     let mut ours = Vec::new();
     let mut fio = Vec::new();
-    let mut run_ours = |rep: u64| {
+    let run_ours = |rep: u64| {
         drop_cache(&file).unwrap();
         let mut t = EngineTarget::open(&file, spec.qd as usize, spec.bs as usize).unwrap();
         assert_eq!(

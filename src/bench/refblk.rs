@@ -177,9 +177,12 @@ impl BlockTarget for RefblkTarget {
         len: u32,
     ) -> io::Result<()> {
         use super::target::IoOp;
-        // Each submit publishes its requests at once (the frontend on main has no
-        // plug/unplug batching yet; with it, plug here and unplug in `kick`).
-        self.plugged = true;
+        // Requests of one batch go on the ring together and are published with
+        // one index update (and at most one kick) in `kick`, as blk-mq does.
+        if !self.plugged {
+            self.fe().plug();
+            self.plugged = true;
+        }
         let sector = offset / 512;
         let len = len as usize;
         if len > self.pattern.len() {
@@ -210,7 +213,10 @@ impl BlockTarget for RefblkTarget {
     }
 
     fn kick(&mut self) -> io::Result<()> {
-        self.plugged = false;
+        if self.plugged {
+            self.plugged = false;
+            self.fe().unplug()?;
+        }
         Ok(())
     }
 
