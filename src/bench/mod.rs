@@ -72,7 +72,7 @@ impl Default for BenchConfig {
             runtime: Duration::from_secs(1),
             size: 1 << 30,
             reps: 3,
-            snapshot_sizes: vec![1 << 30, 10 << 30],
+            snapshot_sizes: vec![1 << 30],
             frag_writes: 32768,
             progress: true,
         }

@@ -21,7 +21,7 @@ use crate::frontend::{Frontend, FrontendOptions, IoRequest, Toolstack, VbdSpec};
 use crate::platform::sim::{SimGuest, SimXen};
 use crate::xenstore::XsClient;
 
-use super::stats::{task_cpu_ns, threads_named};
+use super::stats::{iowq_cpu_ns, task_cpu_ns, threads_named};
 use super::target::{fill_pattern, BlockTarget};
 
 /// Serving-side threads of the backend are named `vbd<domid>.<devid>q<N>`.
@@ -237,7 +237,12 @@ impl BlockTarget for RefblkTarget {
     }
 
     fn serving_cpu_ns(&self) -> u64 {
-        self.queue_tids.iter().filter_map(|&t| task_cpu_ns(t)).sum()
+        // The guest side does no io_uring: every io-wq worker works for a queue.
+        self.queue_tids
+            .iter()
+            .filter_map(|&t| task_cpu_ns(t))
+            .sum::<u64>()
+            + iowq_cpu_ns()
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {

@@ -57,6 +57,18 @@ pub fn threads_named(prefix: &str) -> Vec<(u32, String)> {
     v
 }
 
+/// CPU time of this process's io_uring worker threads (`iou-wrk-<tid>`: the
+/// kernel's io-wq, which runs operations that cannot be issued without blocking,
+/// e.g. buffered writes on btrfs, O_DIRECT on tmpfs). They work for the ring's
+/// owner, so they belong to the serving side. Workers that exited during a run
+/// are missed (they live while busy and exit after seconds of idleness).
+pub fn iowq_cpu_ns() -> u64 {
+    threads_named("iou-wrk-")
+        .into_iter()
+        .filter_map(|(t, _)| task_cpu_ns(t))
+        .sum()
+}
+
 /// Busy CPU time of the whole machine (all CPUs, everything but idle and iowait), in
 /// nanoseconds, from `/proc/stat`. Includes other processes: use only as context.
 pub fn machine_busy_ns() -> u64 {

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::engine::{BufRegion, DirectPolicy, Engine, EngineConfig, IoMode, Op};
 
-use super::stats::thread_cpu_ns;
+use super::stats::{iowq_cpu_ns, thread_cpu_ns};
 
 /// One I/O operation of a workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +36,8 @@ pub trait BlockTarget {
     fn wait(&mut self, min: usize, out: &mut Vec<(u64, i32)>) -> io::Result<()>;
     /// Cumulative CPU time of whatever serves this target's I/O, in nanoseconds. For
     /// the engine paths that is the generator's own thread (it issues and reaps), for
-    /// refblk the backend's queue threads.
+    /// refblk the backend's queue threads; both plus the io_uring worker threads
+    /// (io-wq) of the process, which run punted operations for the ring's owner.
     fn serving_cpu_ns(&self) -> u64;
     /// Synchronously write `data` at `offset` (data checks; not timed).
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
@@ -171,7 +172,7 @@ impl BlockTarget for EngineTarget {
     }
 
     fn serving_cpu_ns(&self) -> u64 {
-        thread_cpu_ns()
+        thread_cpu_ns() + iowq_cpu_ns()
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {

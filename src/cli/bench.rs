@@ -35,7 +35,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
     /// Image sizes for snapshot/commit (comma-separated).
-    #[arg(long, default_value = "1G,10G")]
+    #[arg(long, default_value = "1G")]
     pub snapshot_sizes: String,
     /// Random 4 KiB writes that fragment the snapshot/commit image.
     #[arg(long, default_value_t = 32768)]
