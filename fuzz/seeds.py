@@ -137,7 +137,7 @@ def r_rw(op, sec, segs):  # op class: 0 read, 8 write, 16 barrier
     return b
 
 def r_flush():
-    return bytes([(18 << 3) | 1]) + r_sector(0)
+    return bytes([(18 << 3) | 1]) + r_sector(0) + bytes([1])
 
 def r_discard(sec, n):
     return bytes([(20 << 3) | 1]) + r_sector(sec) + bytes([0, 2, n - 1])

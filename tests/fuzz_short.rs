@@ -102,12 +102,12 @@ fn short_run(target: &str, body: fn(&[u8]), iters: u64, max_len: usize) {
 
 #[test]
 fn fuzz_blkif_request() {
-    short_run("blkif_request", harness::blkif::run, 200_000, 8192);
+    short_run("blkif_request", harness::blkif::run, 100_000, 8192);
 }
 
 #[test]
 fn fuzz_fekeys() {
-    short_run("fekeys", harness::fekeys::run, 50_000, 2048);
+    short_run("fekeys", harness::fekeys::run, 30_000, 2048);
 }
 
 #[test]

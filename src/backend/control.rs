@@ -136,6 +136,7 @@ fn status_json(s: &DeviceStatus) -> Value {
         "fdatasyncs": s.fdatasyncs,
         "bytes_read": s.bytes_read,
         "bytes_written": s.bytes_written,
+        "replayed": s.replayed,
     })
 }
 

@@ -15,10 +15,11 @@ use log::info;
 use nix::sys::eventfd::EventFd;
 
 use super::queue::{self, QueueCtx, QueueStats};
+use super::state::{DeviceState, Journal, QueueState, Replay, StateDir, VolumeRef};
 use super::{BackendConfig, DevKey, Event};
 use crate::blkif::{Abi, BackRing, DiskInfo, Features};
 use crate::engine::{Engine, EngineConfig};
-use crate::platform::{DomId, Platform};
+use crate::platform::{DomId, EventChannel, Platform};
 use crate::xenstore::XsClient;
 use xen_sys::xenbus::XenbusState;
 
@@ -59,6 +60,18 @@ struct Connection {
     queues: Vec<QueueHandle>,
     sectors: Arc<AtomicU64>,
     abi: Abi,
+    /// Where this connection's restart state lives (removed on disconnect).
+    state_dir: Option<StateDir>,
+}
+
+/// One queue ready to run: mapped ring, bound channel, engine, journal and
+/// the requests to re-execute.
+struct Prepared {
+    ring: BackRing,
+    evtchn: Box<dyn EventChannel>,
+    engine: Engine,
+    journal: Option<Journal>,
+    replay: Vec<Replay>,
 }
 
 /// A snapshot of a device for `status`.
@@ -80,6 +93,8 @@ pub struct DeviceStatus {
     pub fdatasyncs: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    /// Requests re-executed after daemon restarts.
+    pub replayed: u64,
 }
 
 pub(crate) struct Device {
@@ -300,9 +315,15 @@ impl Device {
             })?;
             let engine = Engine::open(&fd_path, &ecfg)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", img.path.display())))?;
-            prepared.push((ring, evtchn, engine));
+            prepared.push(Prepared {
+                ring,
+                evtchn,
+                engine,
+                journal: None,
+                replay: Vec::new(),
+            });
         }
-        let caps = prepared[0].2.info().fs.clone();
+        let caps = prepared[0].engine.info().fs.clone();
         let discard = caps.punch_hole && !img.read_only;
         let secure = discard && caps.zero_range;
         let disk = DiskInfo {
@@ -316,6 +337,48 @@ impl Device {
                 discard,
                 discard_secure: secure,
             },
+        };
+        // The restart state is on disk before the guest can see Connected: a
+        // crash in between leaves a state whose backend is not Connected,
+        // which the next daemon discards.
+        let state_dir = match &cfg.state_dir {
+            None => None,
+            Some(dir) => {
+                let sd = StateDir::open(dir)?;
+                for (i, p) in prepared.iter_mut().enumerate() {
+                    let jp = sd.journal_path(domid, self.key.1, i);
+                    p.journal = Some(Journal::create(&jp, abi, p.ring.size(), 0)?);
+                }
+                let st = DeviceState {
+                    domid,
+                    devid: self.key.1,
+                    backend: self.be.clone(),
+                    frontend: fe.clone(),
+                    image: img.path.clone(),
+                    read_only: img.read_only,
+                    sector_size: img.sector_size,
+                    volume: self.volume.as_ref().map(|v| VolumeRef {
+                        pool: v.pool().dir().to_path_buf(),
+                        vid: v.vid().to_string(),
+                    }),
+                    abi,
+                    persistent,
+                    sectors,
+                    discard,
+                    discard_secure: secure,
+                    max_indirect_segments: cfg.max_indirect_segments,
+                    queues: keys
+                        .queues
+                        .iter()
+                        .map(|q| QueueState {
+                            ring_refs: q.ring_refs.clone(),
+                            port: q.event_channel,
+                        })
+                        .collect(),
+                };
+                sd.save(&st)?;
+                Some(sd)
+            }
         };
         let be = self.be.clone();
         let info = if img.read_only {
@@ -340,16 +403,68 @@ impl Device {
             w("feature-persistent", u8::from(persistent).to_string())?;
             w("state", (XenbusState::Connected as u32).to_string())
         })
-        .map_err(|e| io::Error::other(format!("{be}: connect: {e}")))?;
+        .map_err(|e| {
+            if let Some(sd) = &state_dir {
+                sd.remove(domid, self.key.1);
+            }
+            io::Error::other(format!("{be}: connect: {e}"))
+        })?;
+        let (sector_size, img_ro) = (img.sector_size, img.read_only);
+        self.start_queues(
+            platform, cfg, events, prepared, disk, persistent, abi, state_dir,
+        )?;
+        info!(
+            "{}: connected ({} queue(s), {}, {} sectors of {} bytes{}{}{})",
+            self.name(),
+            nq,
+            abi.protocol_name(),
+            sectors,
+            sector_size,
+            if img_ro { ", read-only" } else { "" },
+            if discard { ", discard" } else { "" },
+            if persistent {
+                ", persistent grants"
+            } else {
+                ""
+            },
+        );
+        Ok(())
+    }
 
-        let sectors_shared = Arc::new(AtomicU64::new(sectors));
+    /// Start one thread per prepared queue and become Connected.
+    #[allow(clippy::too_many_arguments)]
+    fn start_queues(
+        &mut self,
+        platform: &Arc<dyn Platform>,
+        cfg: &BackendConfig,
+        events: &Sender<Event>,
+        prepared: Vec<Prepared>,
+        disk: DiskInfo,
+        persistent: bool,
+        abi: Abi,
+        state_dir: Option<StateDir>,
+    ) -> io::Result<()> {
+        let domid = self.key.0;
+        let sectors_shared = Arc::new(AtomicU64::new(disk.sectors));
         let mut queues = Vec::new();
-        for (i, (ring, evtchn, engine)) in prepared.into_iter().enumerate() {
+        for (i, p) in prepared.into_iter().enumerate() {
+            let Prepared {
+                ring,
+                evtchn,
+                engine,
+                journal,
+                replay,
+            } = p;
             let stop = Arc::new(queue::stop_fd()?);
             let stats = Arc::new(QueueStats::default());
             let finished = Arc::new(AtomicBool::new(false));
             let ctx = QueueCtx {
                 name: format!("{}/q{i}", self.name()),
+                image: self
+                    .image
+                    .as_ref()
+                    .map(|i| i.path.clone())
+                    .unwrap_or_default(),
                 platform: platform.clone(),
                 domid,
                 ring,
@@ -367,6 +482,9 @@ impl Device {
                         cfg.max_persistent_grants,
                     )
                 }),
+                journal,
+                replay,
+                observer: cfg.observer.clone(),
             };
             let tx = events.clone();
             let key = self.key;
@@ -383,28 +501,169 @@ impl Device {
                 finished,
             });
         }
-        info!(
-            "{}: connected ({} queue(s), {}, {} sectors of {} bytes{}{}{})",
-            self.name(),
-            nq,
-            abi.protocol_name(),
-            sectors,
-            img.sector_size,
-            if img.read_only { ", read-only" } else { "" },
-            if discard { ", discard" } else { "" },
-            if persistent {
-                ", persistent grants"
-            } else {
-                ""
-            },
-        );
         self.state = XenbusState::Connected;
         self.conn = Some(Connection {
             queues,
             sectors: sectors_shared,
             abi,
+            state_dir,
         });
         Ok(())
+    }
+
+    /// Rebuild a device a previous daemon left Connected (a restart): no
+    /// handshake, the guest never sees a state change. The rings are mapped
+    /// again, the event channels re-bound, the image re-opened by path (a
+    /// pool volume is taken over with `Volume::resume`), and each queue
+    /// starts by re-executing what its journal holds. `Err` means the state
+    /// is stale or unusable: the caller removes it and handles the device as
+    /// any other.
+    pub fn resume(
+        st: &DeviceState,
+        sd: &StateDir,
+        xs: &XsClient,
+        platform: &Arc<dyn Platform>,
+        cfg: &BackendConfig,
+        events: &Sender<Event>,
+    ) -> io::Result<Device> {
+        let key = (st.domid, st.devid);
+        let be = format!(
+            "/local/domain/{}/backend/vbd/{}/{}",
+            cfg.backend_domid, st.domid, st.devid
+        );
+        if be != st.backend {
+            return Err(err(format!("state is for {}, not {be}", st.backend)));
+        }
+        let mut d = Device::new(key, be.clone());
+        if !platform.domain_exists(st.domid)? {
+            return Err(err(format!("domain {} is gone", st.domid)));
+        }
+        let bstate = state_of(xs, &format!("{be}/state"))?;
+        let fe = read_opt(xs, &format!("{be}/frontend"))?;
+        if fe.as_deref() != Some(st.frontend.as_str()) {
+            return Err(err(format!("{be}/frontend is now {fe:?}")));
+        }
+        let fstate = frontend_state(xs, &st.frontend)?;
+        if bstate != XenbusState::Connected || fstate != XenbusState::Connected {
+            return Err(err(format!(
+                "backend is {bstate:?}, frontend {fstate:?} (both must still be Connected)"
+            )));
+        }
+        if !online(xs, &be)? {
+            return Err(err(format!("{be}/online is 0")));
+        }
+        // The ring references and the channel must be the ones the frontend
+        // still advertises (it did not reconnect behind our back).
+        let keys = super::fekeys::parse_frontend_keys(
+            &st.frontend,
+            &super::fekeys::Limits {
+                max_ring_page_order: cfg.max_ring_page_order.max(4),
+                max_queues: cfg.max_queues.max(st.queues.len() as u32),
+            },
+            |k| read_opt(xs, k),
+        )?;
+        let now: Vec<QueueState> = keys
+            .queues
+            .iter()
+            .map(|q| QueueState {
+                ring_refs: q.ring_refs.clone(),
+                port: q.event_channel,
+            })
+            .collect();
+        if now != st.queues || keys.abi != st.abi {
+            return Err(err(
+                "the frontend's ring references, channels or protocol changed".to_string(),
+            ));
+        }
+        let path = match &st.volume {
+            None => st.image.clone(),
+            Some(v) => {
+                let pool = crate::pool::Pool::open(&v.pool)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let vol = pool
+                    .volume(&v.vid)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let p = vol
+                    .resume()
+                    .map_err(|e| io::Error::other(format!("volume {}: resume: {e}", v.vid)))?;
+                d.volume = Some(vol);
+                p
+            }
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!st.read_only)
+            .open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        d.image = Some(Image {
+            path: path.clone(),
+            file,
+            read_only: st.read_only,
+            sector_size: st.sector_size,
+        });
+        let img = d.image.as_ref().expect("set above");
+        let mut ecfg: EngineConfig = cfg.engine.clone();
+        ecfg.read_only = st.read_only;
+        let fd_path = PathBuf::from(format!("/proc/self/fd/{}", img.file.as_raw_fd()));
+        let domid = st.domid;
+        let mut prepared = Vec::new();
+        let mut replayed = 0;
+        for (i, q) in st.queues.iter().enumerate() {
+            let map = platform
+                .map_grant_refs(domid, &q.ring_refs, true)
+                .map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("map ring {:?} of dom{domid}: {e}", q.ring_refs),
+                    )
+                })?;
+            let mut ring = BackRing::new(map, st.abi).map_err(|e| err(format!("ring: {e:?}")))?;
+            let jp = sd.journal_path(domid, st.devid, i);
+            let (journal, rec) =
+                Journal::recover(&jp, st.abi, ring.size(), ring.shared_rsp_prod())?;
+            ring.resume_at(rec.req_cons, rec.rsp_prod)
+                .map_err(|e| err(format!("ring: {e}")))?;
+            let evtchn = bind_again(platform, domid, q.port)?;
+            let engine = Engine::open(&fd_path, &ecfg)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            replayed += rec.replay.len();
+            prepared.push(Prepared {
+                ring,
+                evtchn,
+                engine,
+                journal: Some(journal),
+                replay: rec.replay,
+            });
+        }
+        let disk = DiskInfo {
+            sectors: st.sectors,
+            logical_sector_size: st.sector_size,
+            read_only: st.read_only,
+            max_indirect_segments: st.max_indirect_segments,
+            features: Features {
+                flush: true,
+                barrier: true,
+                discard: st.discard,
+                discard_secure: st.discard_secure,
+            },
+        };
+        d.start_queues(
+            platform,
+            cfg,
+            events,
+            prepared,
+            disk,
+            st.persistent,
+            st.abi,
+            Some(sd.clone()),
+        )?;
+        info!(
+            "{}: resumed after a restart ({} queue(s), {}, {replayed} request(s) to re-execute)",
+            d.name(),
+            st.queues.len(),
+            path.display()
+        );
+        Ok(d)
     }
 
     /// Stop the queues (in-flight I/O is finished and answered), unmap, unbind.
@@ -421,7 +680,28 @@ impl Device {
             }
             self.retired.push(q.stats.clone());
         }
+        if let Some(sd) = &c.state_dir {
+            sd.remove(self.key.0, self.key.1);
+        }
         info!("{}: disconnected", self.name());
+    }
+
+    /// Stop the queues (each answers and publishes what it consumed) but
+    /// leave the device Connected in xenstore and keep its restart state, so
+    /// that a successor daemon takes it over (an upgrade).
+    pub fn suspend(&mut self) {
+        let Some(mut c) = self.conn.take() else {
+            return;
+        };
+        for q in &c.queues {
+            let _ = q.stop.write(1);
+        }
+        for q in &mut c.queues {
+            if let Some(t) = q.thread.take() {
+                let _ = t.join();
+            }
+        }
+        info!("{}: suspended for a successor", self.name());
     }
 
     /// Let go of the image: disconnect, close the file, and stop (commit or
@@ -487,6 +767,7 @@ impl Device {
             fdatasyncs: 0,
             bytes_read: 0,
             bytes_written: 0,
+            replayed: 0,
         };
         let live = self
             .conn
@@ -503,8 +784,35 @@ impl Device {
             st.fdatasyncs += g(&s.fdatasyncs);
             st.bytes_read += g(&s.bytes_read);
             st.bytes_written += g(&s.bytes_written);
+            st.replayed += g(&s.replayed);
         }
         st
+    }
+}
+
+/// Bind a guest's port again. The previous daemon's end is closed when its
+/// process dies, but the event channel driver (or the simulator's broker) may
+/// notice a moment later: retry for a short while.
+fn bind_again(
+    platform: &Arc<dyn Platform>,
+    domid: DomId,
+    port: u32,
+) -> io::Result<Box<dyn EventChannel>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match platform.bind_interdomain(domid, port) {
+            Ok(c) => return Ok(c),
+            Err(e) if std::time::Instant::now() < deadline => {
+                log::debug!("bind port {port} of dom{domid}: {e}; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("bind port {port} of dom{domid} again: {e}"),
+                ))
+            }
+        }
     }
 }
 

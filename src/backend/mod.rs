@@ -13,6 +13,7 @@ pub mod device;
 pub mod fekeys;
 pub mod pgrants;
 pub mod queue;
+pub mod state;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -55,6 +56,12 @@ pub struct BackendConfig {
     pub max_persistent_grants: usize,
     /// io_uring engine settings for every queue.
     pub engine: EngineConfig,
+    /// Keep restart state here (one file per connected device, one journal
+    /// per queue) and take over the devices found in it on start. `None`:
+    /// no restart support (a new daemon cannot serve a live guest's rings).
+    pub state_dir: Option<PathBuf>,
+    /// Test hook: told about every request step of every queue.
+    pub observer: Option<queue::Observer>,
 }
 
 impl Default for BackendConfig {
@@ -68,6 +75,8 @@ impl Default for BackendConfig {
             persistent_grants: false,
             max_persistent_grants: pgrants::DEFAULT_MAX_PERSISTENT,
             engine: EngineConfig::default(),
+            state_dir: None,
+            observer: None,
         }
     }
 }
@@ -105,6 +114,8 @@ enum Command {
         reply: Sender<Vec<DeviceStatus>>,
     },
     Stop,
+    /// Stop for a successor: keep devices Connected and their state.
+    Handover,
 }
 
 /// A handle to a running backend (cheap to clone, usable from any thread).
@@ -200,6 +211,14 @@ impl BackendHandle {
     pub fn stop(&self) {
         let _ = self.tx.send(Command::Stop);
     }
+
+    /// Ask the backend to return from `run` leaving its devices Connected for
+    /// a successor (an upgrade): every queue answers what it consumed and
+    /// stops; xenstore is not touched; the restart state stays (without a
+    /// `state_dir` this is the same as [`stop`](Self::stop)).
+    pub fn handover(&self) {
+        let _ = self.tx.send(Command::Handover);
+    }
 }
 
 /// The backend daemon.
@@ -230,7 +249,7 @@ impl Backend {
         let (cmd_tx, cmd_rx) = unbounded();
         let (ev_tx, ev_rx) = unbounded();
         info!("watching {base} on {} xen", platform.name());
-        Ok(Backend {
+        let mut b = Backend {
             platform,
             cfg,
             xs,
@@ -240,7 +259,44 @@ impl Backend {
             cmd_rx,
             ev_tx,
             ev_rx,
-        })
+        };
+        // Before any watch event is handled: a device we take over must not
+        // be probed (InitWait) like a new one.
+        b.resume_devices()?;
+        Ok(b)
+    }
+
+    /// Take over the devices a previous daemon left Connected (`state_dir`).
+    fn resume_devices(&mut self) -> io::Result<()> {
+        let Some(dir) = self.cfg.state_dir.clone() else {
+            return Ok(());
+        };
+        let sd = state::StateDir::open(&dir)?;
+        for (path, st) in sd.list() {
+            let st = match st {
+                Ok(st) => st,
+                Err(e) => {
+                    warn!("{e}: removing the stale state");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
+            };
+            let key = (st.domid, st.devid);
+            match Device::resume(&st, &sd, &self.xs, &self.platform, &self.cfg, &self.ev_tx) {
+                Ok(d) => {
+                    self.devices.insert(key, d);
+                }
+                Err(e) => {
+                    warn!(
+                        "vbd {}/{}: cannot take the device over ({e}); removing its state, \
+                         handling it as a new device",
+                        key.0, key.1
+                    );
+                    sd.remove(key.0, key.1);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A handle for commands (attach, resize, status, stop).
@@ -266,6 +322,7 @@ impl Backend {
     /// Serve until [`BackendHandle::stop`].
     pub fn run(mut self) -> io::Result<()> {
         let events = self.xs.events().clone();
+        let mut handover = false;
         loop {
             select! {
                 recv(events) -> ev => {
@@ -275,6 +332,10 @@ impl Backend {
                 recv(self.cmd_rx) -> cmd => {
                     match cmd {
                         Ok(Command::Stop) | Err(_) => break,
+                        Ok(Command::Handover) => {
+                            handover = self.cfg.state_dir.is_some();
+                            break;
+                        }
                         Ok(c) => self.on_command(c),
                     }
                 }
@@ -293,11 +354,22 @@ impl Backend {
                 }
             }
         }
-        info!("stopping: disconnecting {} device(s)", self.devices.len());
+        if handover {
+            info!(
+                "stopping for a successor: {} device(s) stay connected",
+                self.devices.len()
+            );
+        } else {
+            info!("stopping: disconnecting {} device(s)", self.devices.len());
+        }
         let keys: Vec<DevKey> = self.devices.keys().copied().collect();
         for k in keys {
             if let Some(mut d) = self.devices.remove(&k) {
-                d.disconnect();
+                if handover {
+                    d.suspend();
+                } else {
+                    d.disconnect();
+                }
                 if let Some((p, t)) = d.fe_watch.take() {
                     let _ = self.xs.unwatch(&p, &t);
                 }
@@ -366,7 +438,7 @@ impl Backend {
             Command::Status { reply } => {
                 let _ = reply.send(self.devices.values().map(|d| d.status()).collect());
             }
-            Command::Stop => {}
+            Command::Stop | Command::Handover => {}
         }
     }
 

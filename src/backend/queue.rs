@@ -27,8 +27,9 @@ use log::{debug, info, warn};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::pgrants::PersistentGrants;
+use super::state::{Journal, Replay};
 use crate::blkif::{
-    parse_request, BackRing, DiskInfo, IndirectRequest, Piece, Request, RwOp, RwRequest,
+    parse_request, BackRing, DiskInfo, IndirectRequest, Piece, RawRequest, Request, RwOp, RwRequest,
 };
 use crate::engine::{BufRegion, Completion, Engine, Op};
 use crate::platform::{CopySeg, DomId, EventChannel, GrantStatus, Platform, PAGE_SIZE};
@@ -42,6 +43,8 @@ const TAG_STOP: u64 = u64::MAX - 1;
 const ENGINE_RESERVE: usize = 3;
 /// At most this many parsed requests wait for buffers before we stop consuming.
 const MAX_PENDING: usize = 64;
+/// Journal entry of a request on a queue without a journal.
+const NO_ENTRY: u32 = u32::MAX;
 
 /// Counters of one queue, shared with the device for status and tests.
 #[derive(Debug, Default)]
@@ -56,11 +59,48 @@ pub struct QueueStats {
     pub fdatasyncs: AtomicU64,
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
+    /// Requests re-executed after a restart.
+    pub replayed: AtomicU64,
+}
+
+/// What a queue did, in the order it did it (see [`IoObserver`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoEvent {
+    /// A request was taken off the ring (or out of the journal after a
+    /// restart), in ring order.
+    Consumed { id: u64, op: u8 },
+    /// The file write of a WRITE (or of a barrier's data) completed.
+    WriteDone { id: u64 },
+    /// The fdatasync of a FLUSH or WRITE_BARRIER was handed to the kernel.
+    FsyncIssued { id: u64 },
+    /// That fdatasync completed successfully.
+    FsyncDone { id: u64 },
+    /// A response was pushed (published with the next batch).
+    Responded { id: u64, op: u8, status: i16 },
+}
+
+/// Watches what every queue does, for tests that check ordering rules (a
+/// flush is answered only after the writes it covers are durable). Called on
+/// the queue thread; keep it cheap.
+pub trait IoObserver: Send + Sync {
+    fn event(&self, queue: &str, ev: IoEvent);
+}
+
+/// An optional observer in [`super::BackendConfig`].
+#[derive(Clone)]
+pub struct Observer(pub Arc<dyn IoObserver>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 /// Everything a queue thread needs; moved into the thread.
 pub(crate) struct QueueCtx {
     pub name: String,
+    /// The image path (for error messages).
+    pub image: std::path::PathBuf,
     pub platform: Arc<dyn Platform>,
     pub domid: DomId,
     pub ring: BackRing,
@@ -76,6 +116,14 @@ pub(crate) struct QueueCtx {
     /// Persistent grants negotiated: data pages are mapped once and copied with
     /// memcpy instead of a grant copy per request.
     pub persistent: Option<PersistentGrants>,
+    /// The restart journal (`--state-dir`): consumed requests are recorded
+    /// until their response is published.
+    pub journal: Option<Journal>,
+    /// Requests a previous daemon consumed and did not answer (a restart):
+    /// executed first, in their original order.
+    pub replay: Vec<Replay>,
+    /// Test hook: told about every step (None in production).
+    pub observer: Option<Observer>,
 }
 
 /// What a started request is waiting for.
@@ -92,6 +140,8 @@ enum Stage {
 
 #[derive(Debug)]
 struct Inflight {
+    /// Journal entry (NO_ENTRY without a journal).
+    jent: u32,
     id: u64,
     op: u8,
     stage: Stage,
@@ -132,7 +182,8 @@ struct Queue {
     ctx: QueueCtx,
     slots: Vec<Option<Inflight>>,
     free_slots: Vec<usize>,
-    pending: VecDeque<Pending>,
+    /// Parsed requests not started yet, with their journal entries.
+    pending: VecDeque<(u32, Pending)>,
     /// A barrier is in progress: nothing else starts until it is answered.
     barrier_active: bool,
     stopping: bool,
@@ -175,6 +226,7 @@ impl Queue {
         let stopfd = self.ctx.stop.as_fd().as_raw_fd();
         self.push_op(TAG_EVTCHN, Op::PollAdd { fd: evfd })?;
         self.push_op(TAG_STOP, Op::PollAdd { fd: stopfd })?;
+        self.enqueue_replays();
         loop {
             self.refresh_disk();
             if !self.stopping {
@@ -202,6 +254,19 @@ impl Queue {
         }
     }
 
+    fn observe(&self, ev: IoEvent) {
+        if let Some(o) = &self.ctx.observer {
+            o.0.event(&self.ctx.name, ev);
+        }
+    }
+
+    fn slot_id(&self, slot: usize) -> u64 {
+        self.slots
+            .get(slot)
+            .and_then(|s| s.as_ref())
+            .map_or(u64::MAX, |i| i.id)
+    }
+
     fn refresh_disk(&mut self) {
         let s = self.ctx.sectors.load(Ordering::Acquire);
         if s != self.ctx.disk.sectors {
@@ -223,7 +288,35 @@ impl Queue {
 
     fn can_consume(&self) -> bool {
         // Every consumed request holds a ring slot until answered (outstanding()).
-        self.ctx.ring.outstanding() < self.ctx.ring.size() && self.pending.len() < MAX_PENDING
+        let ring = &self.ctx.ring;
+        // With a journal, also until its answer is published: the journal has
+        // one entry per slot. A frontend cannot produce past the responses it
+        // saw published, so this never stalls an honest one.
+        let unpublished = ring.req_cons().wrapping_sub(ring.rsp_prod_published());
+        ring.outstanding() < ring.size()
+            && self.pending.len() < MAX_PENDING
+            && (self.ctx.journal.is_none() || unpublished < ring.size())
+    }
+
+    /// Queue the requests a previous daemon left unanswered, in their order.
+    fn enqueue_replays(&mut self) {
+        let replay = std::mem::take(&mut self.ctx.replay);
+        if replay.is_empty() {
+            return;
+        }
+        info!(
+            "{}: re-executing {} request(s) consumed before the restart",
+            self.ctx.name,
+            replay.len()
+        );
+        let abi = self.ctx.ring.abi();
+        for r in replay {
+            self.ctx.stats.replayed.fetch_add(1, Ordering::Relaxed);
+            match RawRequest::from_bytes(abi, &r.bytes) {
+                Some(raw) => self.accept(r.entry, &raw),
+                None => warn!("{}: journal entry {} unreadable", self.ctx.name, r.entry),
+            }
+        }
     }
 
     /// Take every available request off the ring.
@@ -234,20 +327,36 @@ impl Queue {
                 Ok(None) => break,
                 Err(e) => return Err(format!("ring protocol violation: {e}")),
             };
-            self.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
-            match parse_request(&raw, &self.ctx.disk) {
-                Ok(req) => self.enqueue(req),
-                Err(rej) => {
-                    debug!("{}: rejected request: {rej}", self.ctx.name);
-                    self.ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    self.respond(rej.id, rej.operation, rej.status);
-                }
-            }
+            let idx = self.ctx.ring.req_cons().wrapping_sub(1);
+            let jent = match self.ctx.journal.as_mut() {
+                None => NO_ENTRY,
+                Some(j) => j
+                    .consumed(idx, raw.bytes())
+                    .ok_or_else(|| format!("journal {} full", j.path().display()))?,
+            };
+            self.accept(jent, &raw);
         }
         Ok(())
     }
 
-    fn enqueue(&mut self, req: Request) {
+    /// Validate one consumed request: queue it, or answer a rejection.
+    fn accept(&mut self, jent: u32, raw: &RawRequest) {
+        self.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.observe(IoEvent::Consumed {
+            id: raw.id(),
+            op: raw.operation(),
+        });
+        match parse_request(raw, &self.ctx.disk) {
+            Ok(req) => self.enqueue(jent, req),
+            Err(rej) => {
+                debug!("{}: rejected request: {rej}", self.ctx.name);
+                self.ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                self.respond(jent, rej.id, rej.operation, rej.status);
+            }
+        }
+    }
+
+    fn enqueue(&mut self, jent: u32, req: Request) {
         let op = req.response_op();
         let p = match req {
             Request::Rw(r) => Pending::Rw(r),
@@ -266,12 +375,12 @@ impl Queue {
                 secure,
             },
         };
-        self.pending.push_back(p);
+        self.pending.push_back((jent, p));
     }
 
     /// Start pending requests in order until one cannot start yet.
     fn start_pending(&mut self) {
-        while let Some(p) = self.pending.front() {
+        while let Some((_, p)) = self.pending.front() {
             if self.barrier_active {
                 return;
             }
@@ -298,13 +407,13 @@ impl Queue {
                     None => {
                         // Nothing in flight and still no room: the slab is smaller
                         // than one request. Refuse it rather than stall the ring.
-                        let p = self.pending.pop_front().expect("front exists");
+                        let (jent, p) = self.pending.pop_front().expect("front exists");
                         if let Pending::Rw(r) = p {
                             warn!(
                                 "{}: request of {} bytes exceeds the buffer slab",
                                 self.ctx.name, r.len
                             );
-                            self.respond(r.id, r.response_op, BLKIF_RSP_ERROR);
+                            self.respond(jent, r.id, r.response_op, BLKIF_RSP_ERROR);
                         }
                         continue;
                     }
@@ -312,30 +421,31 @@ impl Queue {
             } else {
                 None
             };
-            let p = self.pending.pop_front().expect("front exists");
+            let (jent, p) = self.pending.pop_front().expect("front exists");
             self.free_slots.pop();
-            self.start(slot, p, region);
+            self.start(slot, jent, p, region);
         }
     }
 
-    fn start(&mut self, slot: usize, p: Pending, region: Option<BufRegion>) {
+    fn start(&mut self, slot: usize, jent: u32, p: Pending, region: Option<BufRegion>) {
         match p {
             Pending::Indirect(ind) => {
                 // Fetch the segment list, then treat it as a plain read/write.
                 self.free_slots.push(slot);
                 match self.fetch_indirect(&ind) {
-                    Ok(rw) => self.pending.push_front(Pending::Rw(rw)),
+                    Ok(rw) => self.pending.push_front((jent, Pending::Rw(rw))),
                     Err((status, why)) => {
                         debug!("{}: indirect request refused: {why}", self.ctx.name);
                         self.ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                        self.respond(ind.id, ind.response_op(), status);
+                        self.respond(jent, ind.id, ind.response_op(), status);
                     }
                 }
             }
-            Pending::Rw(r) => self.start_rw(slot, r, region),
+            Pending::Rw(r) => self.start_rw(slot, jent, r, region),
             Pending::Flush { id, op } => {
                 self.ctx.stats.flushes.fetch_add(1, Ordering::Relaxed);
                 self.slots[slot] = Some(Inflight {
+                    jent,
                     id,
                     op,
                     stage: Stage::Flush,
@@ -356,10 +466,11 @@ impl Queue {
                     // Nothing to discard: done (Linux blkback answers OKAY too;
                     // fallocate would refuse a zero length).
                     self.free_slots.push(slot);
-                    self.respond(id, op, BLKIF_RSP_OKAY);
+                    self.respond(jent, id, op, BLKIF_RSP_OKAY);
                     return;
                 }
                 self.slots[slot] = Some(Inflight {
+                    jent,
                     id,
                     op,
                     stage: Stage::Discard,
@@ -376,7 +487,7 @@ impl Queue {
         }
     }
 
-    fn start_rw(&mut self, slot: usize, r: RwRequest, region: Option<BufRegion>) {
+    fn start_rw(&mut self, slot: usize, jent: u32, r: RwRequest, region: Option<BufRegion>) {
         if r.barrier {
             self.barrier_active = true;
         }
@@ -386,6 +497,7 @@ impl Queue {
             (RwOp::Write, true) => Stage::BarrierWrite,
         };
         self.slots[slot] = Some(Inflight {
+            jent,
             id: r.id,
             op: r.response_op,
             stage,
@@ -436,6 +548,11 @@ impl Queue {
 
     /// Queue `op` for `slot`; if the engine refuses it, answer the request.
     fn submit_or_fail(&mut self, slot: usize, op: Op) {
+        if matches!(op, Op::Fdatasync) {
+            self.observe(IoEvent::FsyncIssued {
+                id: self.slot_id(slot),
+            });
+        }
         if let Err(rej) = self.ctx.engine.push(slot as u64, op) {
             let e = rej.into_io_error();
             warn!("{}: cannot queue I/O: {e}", self.ctx.name);
@@ -591,7 +708,11 @@ impl Queue {
         };
         if c.result < 0 {
             let e = io::Error::from_raw_os_error(-c.result);
-            warn!("{}: {stage:?} failed: {e}", self.ctx.name);
+            warn!(
+                "{}: {stage:?} on {} failed: {e}; answering BLKIF_RSP_ERROR",
+                self.ctx.name,
+                self.ctx.image.display()
+            );
             if let Some(r) = c.region {
                 self.ctx.engine.free(r);
             }
@@ -621,6 +742,9 @@ impl Queue {
                 }
             }
             Stage::Write => {
+                self.observe(IoEvent::WriteDone {
+                    id: self.slot_id(slot),
+                });
                 if let Some(r) = c.region {
                     self.ctx.engine.free(r);
                 }
@@ -632,6 +756,9 @@ impl Queue {
                 self.finish(slot, BLKIF_RSP_OKAY);
             }
             Stage::BarrierWrite => {
+                self.observe(IoEvent::WriteDone {
+                    id: self.slot_id(slot),
+                });
                 if let Some(r) = c.region {
                     self.ctx.engine.free(r);
                 }
@@ -644,6 +771,9 @@ impl Queue {
                 self.submit_or_fail(slot, Op::Fdatasync);
             }
             Stage::Flush => {
+                self.observe(IoEvent::FsyncDone {
+                    id: self.slot_id(slot),
+                });
                 self.ctx.stats.fdatasyncs.fetch_add(1, Ordering::Relaxed);
                 self.finish(slot, BLKIF_RSP_OKAY);
             }
@@ -664,10 +794,16 @@ impl Queue {
         if status != BLKIF_RSP_OKAY {
             self.ctx.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
-        self.respond(i.id, i.op, status);
+        self.respond(i.jent, i.id, i.op, status);
     }
 
-    fn respond(&mut self, id: u64, op: u8, status: i16) {
+    fn respond(&mut self, jent: u32, id: u64, op: u8, status: i16) {
+        if let Some(j) = self.ctx.journal.as_mut() {
+            if jent != NO_ENTRY && self.ctx.ring.outstanding() > 0 {
+                j.answered(jent, self.ctx.ring.rsp_prod_pvt());
+            }
+        }
+        self.observe(IoEvent::Responded { id, op, status });
         match self.ctx.ring.push_response(id, op, status) {
             Ok(()) => self.responses_pushed = true,
             Err(e) => warn!("{}: cannot answer request {id}: {e}", self.ctx.name),
@@ -679,7 +815,11 @@ impl Queue {
             return;
         }
         self.responses_pushed = false;
-        if self.ctx.ring.push_responses_and_check_notify() {
+        let notify = self.ctx.ring.push_responses_and_check_notify();
+        if let Some(j) = self.ctx.journal.as_mut() {
+            j.published(self.ctx.ring.rsp_prod_published());
+        }
+        if notify {
             if let Err(e) = self.ctx.evtchn.notify() {
                 warn!("{}: notify failed: {e}", self.ctx.name);
             }

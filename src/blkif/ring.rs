@@ -187,6 +187,36 @@ impl BackRing {
         })
     }
 
+    /// Take over a ring another backend process served (a restart): consume
+    /// from `req_cons` on and produce responses from `rsp_prod` on. The
+    /// caller got both from its journal and the ring's published `rsp_prod`
+    /// ([`shared_rsp_prod`](Self::shared_rsp_prod)); `req_cons - rsp_prod`
+    /// requests are outstanding and must each be answered once.
+    pub fn resume_at(&mut self, req_cons: RING_IDX, rsp_prod: RING_IDX) -> Result<(), RingError> {
+        if req_cons.wrapping_sub(rsp_prod) > self.size {
+            return Err(RingError::Overflow {
+                req_prod: req_cons,
+                rsp_prod_pvt: rsp_prod,
+                size: self.size,
+            });
+        }
+        self.req_cons = req_cons;
+        self.rsp_prod_pvt = rsp_prod;
+        self.rsp_prod_published = rsp_prod;
+        Ok(())
+    }
+
+    /// The `rsp_prod` in the shared page (what the guest sees as published;
+    /// the guest can write it too, so only a hint to be checked).
+    pub fn shared_rsp_prod(&self) -> RING_IDX {
+        self.shm.index(RSP_PROD).load(Ordering::Acquire)
+    }
+
+    /// The `rsp_prod` we last published.
+    pub fn rsp_prod_published(&self) -> RING_IDX {
+        self.rsp_prod_published
+    }
+
     /// Tests: start with every index at `start` (to exercise u32 wrap-around).
     #[cfg(test)]
     pub(crate) fn new_at(

@@ -48,6 +48,19 @@ pub struct ServeArgs {
     /// Start even if the kernel's xen-blkback is loaded (it claims every vbd).
     #[arg(long)]
     pub allow_blkback: bool,
+    /// Keep restart state (per device and per queue journal) in DIR, and on
+    /// start take over the devices a previous daemon left Connected (see
+    /// docs/restart.md). Default: /run/refblk/state, or DIR/state with --sim.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, leave the connected devices Connected with their
+    /// restart state for the next `refblk serve` (an upgrade or
+    /// `systemctl restart`) instead of disconnecting them.
+    #[arg(long, conflicts_with = "no_state")]
+    pub handover_on_exit: bool,
+    /// Keep no restart state: a restarted daemon cannot resume live guests.
+    #[arg(long, conflicts_with = "state_dir")]
+    pub no_state: bool,
 }
 
 /// Run `refblk serve`.
@@ -79,7 +92,16 @@ pub fn run(a: ServeArgs) -> CliResult {
         Some(dir) => dir.join("refblk.sock"),
         None => PathBuf::from(DEFAULT_CONTROL),
     });
+    let state_dir = if a.no_state {
+        None
+    } else {
+        Some(a.state_dir.clone().unwrap_or_else(|| match &a.sim {
+            Some(dir) => dir.join("state"),
+            None => PathBuf::from(crate::backend::state::DEFAULT_STATE_DIR),
+        }))
+    };
     let mut cfg = BackendConfig {
+        state_dir,
         backend_domid: a.backend_domid,
         max_queues: a.max_queues.max(1),
         max_ring_page_order: a.max_ring_page_order,
@@ -95,7 +117,8 @@ pub fn run(a: ServeArgs) -> CliResult {
     let _ctl = ControlServer::spawn(&control, handle.clone())
         .map_err(|e| CliError::failed(format!("control socket: {e}")))?;
     let h2 = handle.clone();
-    super::signals::on_terminate(move || h2.stop())
+    let handover = a.handover_on_exit;
+    super::signals::on_terminate(move || if handover { h2.handover() } else { h2.stop() })
         .map_err(|e| CliError::failed(format!("signal handler: {e}")))?;
     info!("refblk serve: ready");
     backend.run().map_err(|e| CliError::failed(e.to_string()))?;

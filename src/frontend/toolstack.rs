@@ -58,10 +58,20 @@ pub struct Vbd {
     pub frontend_path: String,
 }
 
+/// How the hotplug step reaches refblk.
+#[derive(Clone)]
+enum Hotplug {
+    /// A backend in this process.
+    Handle(BackendHandle),
+    /// A `refblk serve` process, through its control socket (as the hotplug
+    /// script does with `refblk ctl attach`).
+    Socket(PathBuf),
+}
+
 /// A dom0 toolstack driving xenstore and the refblk backend.
 pub struct Toolstack {
     xs: XsClient,
-    backend: BackendHandle,
+    hotplug: Hotplug,
     backend_domid: DomId,
     /// libxl's LIBXL_INIT_TIMEOUT / LIBXL_DESTROY_TIMEOUT (10 s).
     pub timeout: Duration,
@@ -77,7 +87,7 @@ impl Toolstack {
     pub fn new(xs: XsClient, backend: BackendHandle) -> Toolstack {
         Toolstack {
             xs,
-            backend,
+            hotplug: Hotplug::Handle(backend),
             backend_domid: 0,
             timeout: Duration::from_secs(10),
         }
@@ -88,9 +98,23 @@ impl Toolstack {
         &self.xs
     }
 
-    /// The backend handle.
-    pub fn backend(&self) -> &BackendHandle {
-        &self.backend
+    /// A toolstack whose hotplug step talks to a `refblk serve` process on
+    /// its control socket `control`.
+    pub fn with_control_socket(xs: XsClient, control: impl Into<PathBuf>) -> Toolstack {
+        Toolstack {
+            xs,
+            hotplug: Hotplug::Socket(control.into()),
+            backend_domid: 0,
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The backend handle (`None` for a backend in another process).
+    pub fn backend(&self) -> Option<&BackendHandle> {
+        match &self.hotplug {
+            Hotplug::Handle(h) => Some(h),
+            Hotplug::Socket(_) => None,
+        }
     }
 
     /// Make `/local/domain/<domid>` as libxl does: owned by dom0 and readable
@@ -207,15 +231,30 @@ impl Toolstack {
 
     /// The hotplug script's `add`: give the backend the image.
     pub fn hotplug_add(&self, vbd: &Vbd, spec: &VbdSpec) -> io::Result<()> {
-        self.backend
-            .attach(&vbd.backend_path, &spec.image, spec.attach.clone())
-            .map_err(|e| {
-                io::Error::other(format!(
-                    "{}: hotplug add of {}: {e}",
+        let r = match &self.hotplug {
+            Hotplug::Handle(h) => h.attach(&vbd.backend_path, &spec.image, spec.attach.clone()),
+            Hotplug::Socket(sock) => {
+                let line = format!(
+                    "attach {} {}{} sector-size={}",
                     vbd.backend_path,
-                    spec.image.display()
-                ))
-            })?;
+                    spec.image.display(),
+                    if spec.attach.read_only { " ro" } else { "" },
+                    spec.attach.sector_size
+                );
+                match crate::backend::control::request(sock, &line) {
+                    Err(e) => Err(format!("{}: {e}", sock.display())),
+                    Ok(v) if v["ok"] == serde_json::Value::Bool(true) => Ok(()),
+                    Ok(v) => Err(v["error"].as_str().unwrap_or("refused").to_string()),
+                }
+            }
+        };
+        r.map_err(|e| {
+            io::Error::other(format!(
+                "{}: hotplug add of {}: {e}",
+                vbd.backend_path,
+                spec.image.display()
+            ))
+        })?;
         self.xs
             .write(
                 0,

@@ -519,6 +519,9 @@ fn make_slot(rig: &Rig, d: &Dev, inp: &mut Input, id: u64) -> Vec<u8> {
     };
     put(&mut s, o.sector, &sector.to_le_bytes());
     match op {
+        // A plain flush mostly; sometimes a flush carrying data (run as a
+        // barrier write), which takes segments like a write below.
+        OP_FLUSH if !inp.u8().is_multiple_of(4) => s[1] = 0,
         OP_DISCARD => {
             s[1] = inp.u8() & 1;
             let n = match inp.u8() % 4 {

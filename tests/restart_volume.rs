@@ -1,0 +1,156 @@
+//! Restart with a pool volume: `refblk serve` serving a volume's dirty image
+//! is killed with SIGKILL and started again; the new daemon takes the volume
+//! over (`Volume::resume`) with the device, the guest's writes before and
+//! after the restart are on the disk, and the hotplug `remove` (`detach`)
+//! commits them into the volume's clean image.
+
+mod datapath_support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use datapath_support::*;
+use refblk::backend::control;
+use refblk::frontend::{Frontend, FrontendOptions, Toolstack, VbdSpec};
+use refblk::platform::sim::SimXen;
+use refblk::pool::{InitOptions, Pool, VolumeConfig};
+use refblk::xenstore::XsClient;
+use xen_sys::xenbus::XenbusState;
+
+const MIB: u64 = 1 << 20;
+
+fn spawn(dir: &Path, n: usize) -> (Child, std::path::PathBuf) {
+    let log = dir.join(format!("serve-{n}.log"));
+    let child = Command::new(env!("CARGO_BIN_EXE_refblk"))
+        .arg("serve")
+        .arg("--sim")
+        .arg(dir)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start refblk serve");
+    (child, log)
+}
+
+fn wait_connected(sock: &Path, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(v) = control::request(sock, "status") {
+            if v["devices"][0]["state"] == "Connected" {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "device not Connected; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_pool_volume_is_taken_over_by_the_restarted_daemon_and_committed_on_detach() {
+    if !require_memlock_or_skip() {
+        return;
+    }
+    let dir = machine_dir();
+    let sim = SimXen::start(dir.path()).expect("simulated Xen");
+    let pool_dir = dir.path().join("pool");
+    let pool = Pool::init(
+        &pool_dir,
+        &InitOptions {
+            setup_check: false,
+            ..InitOptions::default()
+        },
+    )
+    .expect("pool init");
+    let vid = "appvms/work/private";
+    pool.create_volume(vid, VolumeConfig::origin(2), 8 * MIB)
+        .expect("create volume");
+    let sock = dir.path().join("refblk.sock");
+    let (mut child, log) = spawn(dir.path(), 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while control::request(&sock, "status").is_err() {
+        assert!(Instant::now() < deadline, "control socket never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
+    let ts = Toolstack::with_control_socket(xs, &sock);
+    ts.create_domain(9).expect("domain");
+    let guest = std::sync::Arc::new(sim.create_guest(9, 2048).expect("guest"));
+    let spec = VbdSpec::new(9, XVDA, format!("refblk:{}:{vid}", pool_dir.display()));
+    let vbd = ts.create_vbd_nodes(&spec).expect("vbd nodes");
+    while ts.backend_state(&vbd).unwrap() != XenbusState::InitWait {
+        assert!(Instant::now() < deadline, "backend never reached InitWait");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let v = control::request(
+        &sock,
+        &format!(
+            "attach-volume {} {} {vid}",
+            vbd.backend_path,
+            pool_dir.display()
+        ),
+    )
+    .expect("attach-volume");
+    assert_eq!(v["ok"], true, "{v}");
+    let mut fe = Frontend::connect(
+        &sim.xenstored_path(),
+        guest.clone(),
+        XVDA,
+        FrontendOptions {
+            timeout: Duration::from_secs(60),
+            ..FrontendOptions::default()
+        },
+    )
+    .expect("frontend");
+    wait_connected(&sock, &log);
+    let a = vec![0xa1u8; 256 << 10];
+    fe.write(0, &a).expect("write before the crash");
+    fe.flush().expect("flush");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9");
+    child.wait().expect("reap");
+    let (mut child, log) = spawn(dir.path(), 1);
+    wait_connected(&sock, &log);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("resumed after a restart") && text.contains("taking over"),
+        "the volume was not taken over; log:\n{text}"
+    );
+    let b = vec![0xb2u8; 256 << 10];
+    fe.write(MIB / 512, &b).expect("write after the restart");
+    fe.flush().expect("flush");
+    assert_eq!(fe.read(0, a.len()).unwrap(), a);
+    assert_eq!(fe.read(MIB / 512, b.len()).unwrap(), b);
+
+    // The hotplug `remove`: the device closes and the volume is committed.
+    let v = control::request(&sock, &format!("detach {}", vbd.backend_path)).expect("detach");
+    assert_eq!(v["ok"], true, "{v}");
+    let clean = std::fs::read(pool_dir.join(format!("{vid}.img"))).expect("clean image");
+    assert_eq!(
+        &clean[..a.len()],
+        &a[..],
+        "write before the crash not committed"
+    );
+    assert_eq!(
+        &clean[MIB as usize..MIB as usize + b.len()],
+        &b[..],
+        "write after the restart not committed"
+    );
+    drop(fe);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert!(child.wait().expect("reap").success());
+}
