@@ -11,6 +11,7 @@
 //! - [`util`]: small shared helpers (size parsing, scratch file systems for tests).
 
 pub mod backend;
+pub mod bench;
 pub mod blkif;
 pub mod cli;
 pub mod engine;

@@ -4,6 +4,7 @@ use std::fmt;
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
 pub mod demo;
 pub mod pool;
 pub mod serve;
@@ -79,6 +80,8 @@ pub enum Command {
     /// Manage volumes in a reflink pool.
     #[command(subcommand)]
     Volume(pool::VolumeCommand),
+    /// Benchmark refblk against the raw image file and a loop device.
+    Bench(bench::BenchArgs),
 }
 
 /// Run the parsed command line.
@@ -90,5 +93,6 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Demo(a) => demo::run(a),
         Command::Pool(c) => pool::run_pool(c),
         Command::Volume(c) => pool::run_volume(c),
+        Command::Bench(a) => bench::run(a),
     }
 }

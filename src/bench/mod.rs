@@ -1,0 +1,635 @@
+//! `refblk bench`: the same workloads on the same image through three paths — the
+//! raw file (io_uring, O_DIRECT: the ceiling), a loop device (direct I/O on and off:
+//! today's path) and refblk (a simulated guest's blkfront, the backend grant-copies
+//! and does the I/O) — plus the control-plane costs of a VM start (FICLONE snapshot)
+//! and stop (commit). See `docs/benchmarks.md`.
+//!
+//! Every figure is the median of `reps` repetitions with the range shown; paths are
+//! interleaved within a repetition (rotated each time) so machine drift hits all.
+
+pub mod loopdev;
+pub mod meta;
+pub mod profile;
+pub mod refblk;
+pub mod report;
+pub mod stats;
+pub mod target;
+pub mod workload;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, IsTerminal, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::util::scratchfs::{FsKind, ScratchFs};
+use loopdev::LoopDev;
+use profile::{Kind, PathKind, Prep, Profile};
+use target::{fill_pattern, BlockTarget, EngineTarget};
+
+/// Where to run: a fresh scratch file system, or a directory the user names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    Fs(FsKind),
+    Dir(PathBuf),
+}
+
+impl Place {
+    pub fn label(&self) -> String {
+        match self {
+            Place::Fs(k) => k.to_string(),
+            Place::Dir(d) => format!("dir:{}", d.display()),
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub profiles: Vec<Profile>,
+    pub places: Vec<Place>,
+    pub paths: Vec<PathKind>,
+    /// Time per timed run.
+    pub runtime: Duration,
+    /// Image size (the I/O region) in bytes.
+    pub size: u64,
+    pub reps: usize,
+    /// Image sizes for `snapshot` and `commit`.
+    pub snapshot_sizes: Vec<u64>,
+    /// Random 4 KiB writes that fragment the image for `snapshot`/`commit`.
+    pub frag_writes: u64,
+    /// Show a progress line on stderr.
+    pub progress: bool,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            profiles: profile::ALL.to_vec(),
+            places: vec![Place::Fs(FsKind::Btrfs), Place::Fs(FsKind::Xfs)],
+            paths: PathKind::ALL.to_vec(),
+            runtime: Duration::from_secs(1),
+            size: 1 << 30,
+            reps: 3,
+            snapshot_sizes: vec![1 << 30],
+            frag_writes: 32768,
+            progress: true,
+        }
+    }
+}
+
+/// One repetition of one (file system, profile, path).
+#[derive(Debug, Clone, Default)]
+pub struct Sample {
+    pub iops: f64,
+    pub mbps: f64,
+    pub lat_mean_us: f64,
+    pub lat_p99_us: f64,
+    /// Serving-side CPU per operation (see [`BlockTarget::serving_cpu_ns`]).
+    pub cpu_us_per_io: f64,
+    /// Busy CPU of the whole machine per operation (includes kernel workers such as
+    /// the loop device's, and other processes: context only).
+    pub host_cpu_us_per_io: f64,
+    /// Bytes of the image in dom0's page cache after the run.
+    pub cache_bytes: u64,
+    pub ops: u64,
+    pub secs: f64,
+}
+
+/// All repetitions of one (file system, profile, path).
+#[derive(Debug, Clone)]
+pub struct IoResult {
+    pub place: String,
+    pub profile: &'static str,
+    pub path: PathKind,
+    /// How the path reached the disk, and the cache regime at the start of a run.
+    pub io_mode: String,
+    pub cache_regime: &'static str,
+    pub samples: Vec<Sample>,
+    /// Why this path produced no (or not all) samples.
+    pub error: Option<String>,
+}
+
+/// Timings of one control-plane operation (milliseconds per repetition).
+#[derive(Debug, Clone)]
+pub struct MetaResult {
+    pub place: String,
+    pub profile: &'static str,
+    /// e.g. "ficlone dense", "ficlone fragmented", "pool start", "pool commit".
+    pub what: String,
+    pub image_bytes: u64,
+    pub extents: u64,
+    pub ms: Vec<f64>,
+    pub note: Option<String>,
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone, Default)]
+pub struct BenchReport {
+    pub started_utc: String,
+    pub host: String,
+    pub runtime_s: f64,
+    pub size: u64,
+    pub reps: usize,
+    pub io: Vec<IoResult>,
+    pub meta: Vec<MetaResult>,
+    /// Things the reader should know (paths skipped and why, ...).
+    pub notes: Vec<String>,
+}
+
+/// The progress line on stderr.
+pub struct Progress {
+    on: bool,
+    tty: bool,
+    t0: Instant,
+}
+
+impl Progress {
+    pub fn new(on: bool) -> Progress {
+        Progress {
+            on,
+            tty: io::stderr().is_terminal(),
+            t0: Instant::now(),
+        }
+    }
+    pub fn show(&self, msg: &str) {
+        if !self.on {
+            return;
+        }
+        let t = self.t0.elapsed().as_secs();
+        let line = format!("[{:>3}:{:02}] {msg}", t / 60, t % 60);
+        let mut e = io::stderr().lock();
+        if self.tty {
+            let _ = write!(e, "\r\x1b[K{line}");
+        } else {
+            let _ = writeln!(e, "{line}");
+        }
+        let _ = e.flush();
+    }
+    pub fn done(&self) {
+        if self.on && self.tty {
+            let _ = write!(io::stderr().lock(), "\r\x1b[K");
+        }
+    }
+}
+
+/// Run the benchmark. Errors that make a whole place unusable (no root for a
+/// scratch file system, mkfs failing) are returned; a path that cannot run is
+/// recorded in the report and the others go on.
+pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
+    let mut rep = BenchReport {
+        started_utc: utc_now(),
+        host: host_description(),
+        runtime_s: cfg.runtime.as_secs_f64(),
+        size: cfg.size,
+        reps: cfg.reps,
+        ..Default::default()
+    };
+    let progress = Progress::new(cfg.progress);
+    for place in &cfg.places {
+        run_place(cfg, place, &mut rep, &progress)?;
+    }
+    progress.done();
+    Ok(rep)
+}
+
+/// A directory to work in, with the scratch file system that holds it (if any).
+struct Workspace {
+    dir: PathBuf,
+    _fs: Option<ScratchFs>,
+    reflink: bool,
+}
+
+fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
+    let has_meta = cfg
+        .profiles
+        .iter()
+        .any(|p| matches!(p.kind, Kind::Snapshot | Kind::Commit));
+    match place {
+        Place::Fs(kind) => {
+            if !nix::unistd::geteuid().is_root() {
+                return Err(format!(
+                    "making a scratch {kind} file system needs root (mkfs, losetup, mount); \
+                     run as root or pass --dir DIR to benchmark in an existing directory"
+                ));
+            }
+            let meta: u64 = if has_meta {
+                cfg.snapshot_sizes.iter().max().copied().unwrap_or(0) * 2
+            } else {
+                0
+            };
+            let fs_size = cfg.size * 4 + meta + (1 << 30);
+            let fs = ScratchFs::new(*kind, fs_size)
+                .map_err(|e| format!("cannot make a scratch {kind} file system: {e}"))?;
+            // The scratch file system sits on a loop device over a file on the root
+            // file system. Switch that loop device to direct I/O so the root's page
+            // cache does not serve our "cold" reads (storage-measurements.md does the
+            // same); a failure is reported, not fatal.
+            if let Some(dev) = fs.loop_device() {
+                if let Err(e) = loopdev::set_direct_io(dev) {
+                    log::warn!("{dev} (scratch {kind}): cannot switch to direct I/O: {e}");
+                }
+            }
+            let dir = fs.path().join("refblk-bench");
+            fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            Ok(Workspace {
+                dir,
+                reflink: kind.supports_reflink(),
+                _fs: Some(fs),
+            })
+        }
+        Place::Dir(d) => {
+            let dir = d.join(format!("refblk-bench.{}", std::process::id()));
+            fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let reflink = crate::pool::reflink_supported(&dir).unwrap_or(false);
+            Ok(Workspace {
+                dir,
+                _fs: None,
+                reflink,
+            })
+        }
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        if self._fs.is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn run_place(
+    cfg: &BenchConfig,
+    place: &Place,
+    rep: &mut BenchReport,
+    progress: &Progress,
+) -> Result<(), String> {
+    let label = place.label();
+    progress.show(&format!("{label}: setting up"));
+    let ws = workspace(cfg, place)?;
+    let io_profiles: Vec<&Profile> = cfg
+        .profiles
+        .iter()
+        .filter(|p| matches!(p.kind, Kind::Io(..)))
+        .collect();
+    if !io_profiles.is_empty() {
+        let dense = ws.dir.join("dense.img");
+        progress.show(&format!(
+            "{label}: writing the {} image",
+            fmt_bytes(cfg.size)
+        ));
+        write_dense(&dense, cfg.size).map_err(|e| format!("{}: {e}", dense.display()))?;
+        let mut paths = cfg.paths.clone();
+        if paths.contains(&PathKind::Refblk) {
+            if let Err(why) = refblk::available() {
+                rep.notes
+                    .push(format!("{label}: refblk path not measured: {why}"));
+                paths.retain(|p| *p != PathKind::Refblk);
+            }
+        }
+        let needs_loop = paths
+            .iter()
+            .any(|p| matches!(p, PathKind::LoopDio | PathKind::LoopBuf));
+        if needs_loop && !nix::unistd::geteuid().is_root() {
+            rep.notes.push(format!(
+                "{label}: loop paths need root (losetup); not measured"
+            ));
+            paths.retain(|p| !matches!(p, PathKind::LoopDio | PathKind::LoopBuf));
+        }
+        for p in io_profiles {
+            let Kind::Io(spec, prep) = p.kind else {
+                continue;
+            };
+            let mut results: Vec<IoResult> = paths
+                .iter()
+                .map(|&path| IoResult {
+                    place: label.clone(),
+                    profile: p.name,
+                    path,
+                    io_mode: String::new(),
+                    cache_regime: cache_regime(path),
+                    samples: Vec::new(),
+                    error: None,
+                })
+                .collect();
+            if prep == Prep::Clone && !ws.reflink {
+                rep.notes.push(format!(
+                    "{label}: {} starts from a full copy (no FICLONE on this file system)",
+                    p.name
+                ));
+            }
+            for r in 0..cfg.reps {
+                for i in 0..paths.len() {
+                    let k = (i + r) % paths.len();
+                    let res = &mut results[k];
+                    if res.error.is_some() {
+                        continue;
+                    }
+                    progress.show(&format!(
+                        "{label}: {} rep {}/{} {}",
+                        p.name,
+                        r + 1,
+                        cfg.reps,
+                        res.path
+                    ));
+                    match one_run(cfg, &ws, &dense, res.path, &spec, prep, r as u64) {
+                        Ok((s, mode)) => {
+                            res.samples.push(s);
+                            res.io_mode = mode;
+                        }
+                        Err(e) => {
+                            log::warn!("{label} {} {}: {e}", p.name, res.path);
+                            res.error = Some(e);
+                        }
+                    }
+                }
+            }
+            rep.io.extend(results);
+        }
+        let _ = fs::remove_file(&dense);
+    }
+    for p in cfg
+        .profiles
+        .iter()
+        .filter(|p| matches!(p.kind, Kind::Snapshot | Kind::Commit))
+    {
+        // Both are measured in one pass over the images; run it once.
+        if rep
+            .meta
+            .iter()
+            .any(|m| m.place == label && (m.profile == "snapshot" || m.profile == "commit"))
+        {
+            break;
+        }
+        let want_snap = cfg.profiles.iter().any(|q| q.kind == Kind::Snapshot);
+        let want_commit = cfg.profiles.iter().any(|q| q.kind == Kind::Commit);
+        let sizes: Vec<u64> = if ws.reflink {
+            cfg.snapshot_sizes.clone()
+        } else {
+            rep.notes.push(format!(
+                "{label}: no FICLONE here, snapshot/commit copy whole images; measured at the smallest size only"
+            ));
+            cfg.snapshot_sizes
+                .iter()
+                .min()
+                .copied()
+                .into_iter()
+                .collect()
+        };
+        let _ = p;
+        let mut m = meta::MetaBench {
+            dir: &ws.dir,
+            label: &label,
+            reps: cfg.reps,
+            frag_writes: cfg.frag_writes,
+            progress,
+        };
+        for size in sizes {
+            let out = m
+                .run(size, want_snap, want_commit)
+                .map_err(|e| format!("{label}: snapshot/commit of {}: {e}", fmt_bytes(size)))?;
+            rep.meta.extend(out);
+        }
+    }
+    Ok(())
+}
+
+fn cache_regime(path: PathKind) -> &'static str {
+    match path {
+        PathKind::File | PathKind::LoopDio | PathKind::Refblk => "cold: O_DIRECT",
+        PathKind::LoopBuf => "cold start: image dropped from the page cache, then buffered",
+    }
+}
+
+/// An open target and what must outlive it. Fields drop in order: target first.
+struct Opened {
+    target: Box<dyn BlockTarget>,
+    _loop: Option<LoopDev>,
+}
+
+fn open_path(
+    ws: &Workspace,
+    path: PathKind,
+    image: &Path,
+    spec: &workload::IoSpec,
+) -> Result<(Opened, String), String> {
+    let depth = spec.qd as usize;
+    let max_len = spec.bs as usize;
+    let e = |what: &str, err: io::Error| format!("{what} {}: {err}", image.display());
+    match path {
+        PathKind::File => {
+            let t = EngineTarget::open(image, depth, max_len).map_err(|x| e("open", x))?;
+            let mode = t.io_mode();
+            Ok((
+                Opened {
+                    target: Box::new(t),
+                    _loop: None,
+                },
+                mode,
+            ))
+        }
+        PathKind::LoopDio | PathKind::LoopBuf => {
+            let want = path == PathKind::LoopDio;
+            let dev = LoopDev::attach(image, want).map_err(|x| e("attach a loop device to", x))?;
+            let t = EngineTarget::open(dev.path(), depth, max_len)
+                .map_err(|x| e(&format!("open {} over", dev.path().display()), x))?;
+            let mode = format!(
+                "{} on a loop device, loop dio={}",
+                t.io_mode(),
+                u8::from(dev.dio)
+            );
+            Ok((
+                Opened {
+                    target: Box::new(t),
+                    _loop: Some(dev),
+                },
+                mode,
+            ))
+        }
+        PathKind::Refblk => {
+            let t = refblk::connect_with(image, &ws.dir, depth, max_len)
+                .map(|t| Box::new(t) as Box<dyn BlockTarget>)
+                .map_err(|x| e("serve", x))?;
+            let mode = t.io_mode();
+            Ok((
+                Opened {
+                    target: t,
+                    _loop: None,
+                },
+                mode,
+            ))
+        }
+    }
+}
+
+fn one_run(
+    cfg: &BenchConfig,
+    ws: &Workspace,
+    dense: &Path,
+    path: PathKind,
+    spec: &workload::IoSpec,
+    prep: Prep,
+    rep: u64,
+) -> Result<(Sample, String), String> {
+    let tmp = ws.dir.join("run.img");
+    let image: &Path = match prep {
+        Prep::Dense => dense,
+        Prep::Sparse => {
+            let f = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+            f.set_len(cfg.size)
+                .map_err(|e| format!("{}: truncate: {e}", tmp.display()))?;
+            &tmp
+        }
+        Prep::Clone => {
+            clone_or_copy(dense, &tmp).map_err(|e| format!("clone {}: {e}", dense.display()))?;
+            &tmp
+        }
+    };
+    drop_cache(image).map_err(|e| format!("{}: dropping the page cache: {e}", image.display()))?;
+    let (mut opened, mode) = open_path(ws, path, image, spec)?;
+    let h0 = stats::machine_busy_ns();
+    let r = workload::run(
+        opened.target.as_mut(),
+        spec,
+        cfg.size,
+        cfg.runtime,
+        0x1234_5678 + rep,
+    )
+    .map_err(|e| format!("{path} on {}: {e}", image.display()))?;
+    let h1 = stats::machine_busy_ns();
+    drop(opened);
+    let cache_bytes = fincore(image).unwrap_or(0);
+    if image == tmp {
+        let _ = fs::remove_file(&tmp);
+    }
+    let host = if r.ops > 0 {
+        h1.saturating_sub(h0) as f64 / 1000.0 / r.ops as f64
+    } else {
+        0.0
+    };
+    Ok((
+        Sample {
+            iops: r.iops(),
+            mbps: r.mbps(),
+            lat_mean_us: r.lat_mean_us,
+            lat_p99_us: r.lat_p99_us,
+            cpu_us_per_io: r.cpu_us_per_io(),
+            host_cpu_us_per_io: host,
+            cache_bytes,
+            ops: r.ops,
+            secs: r.secs,
+        },
+        mode,
+    ))
+}
+
+/// Write `size` bytes of the pattern to a new file at `path` (buffered, large
+/// writes), make it durable and drop it from the page cache.
+pub fn write_dense(path: &Path, size: u64) -> io::Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    let chunk = 8 << 20;
+    let mut buf = vec![0u8; chunk];
+    let mut off = 0u64;
+    while off < size {
+        let n = (size - off).min(chunk as u64) as usize;
+        fill_pattern(&mut buf[..n], off / chunk as u64 + 1);
+        f.write_all_at(&buf[..n], off)?;
+        off += n as u64;
+    }
+    f.sync_all()?;
+    drop(f);
+    drop_cache(path)
+}
+
+/// FICLONE `src` to a new `dst`; a plain copy where the file system cannot.
+pub fn clone_or_copy(src: &Path, dst: &Path) -> io::Result<bool> {
+    let _ = fs::remove_file(dst);
+    let s = File::open(src)?;
+    let d = OpenOptions::new().write(true).create_new(true).open(dst)?;
+    if crate::pool::fsops::try_reflink(&s, &d)? {
+        return Ok(true);
+    }
+    drop(d);
+    fs::copy(src, dst)?;
+    File::open(dst)?.sync_all()?;
+    Ok(false)
+}
+
+/// Make the file's dirty data durable and drop it from the page cache, so the next
+/// run starts cold without touching other processes' caches.
+pub fn drop_cache(path: &Path) -> io::Result<()> {
+    let f = File::open(path)?;
+    f.sync_all()?;
+    nix::fcntl::posix_fadvise(
+        &f,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Bytes of `path` resident in the page cache (util-linux `fincore`).
+pub fn fincore(path: &Path) -> Option<u64> {
+    let out = Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
+        .arg(path)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+/// Number of extents of a file (`filefrag`), 0 if unknown.
+pub fn extents(path: &Path) -> u64 {
+    let Ok(out) = Command::new("filefrag").arg(path).output() else {
+        return 0;
+    };
+    // "<path>: N extents found" / "1 extent found"
+    let s = String::from_utf8_lossy(&out.stdout);
+    s.rsplit(':')
+        .next()
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// "1 GiB", "512 MiB", ...
+pub fn fmt_bytes(n: u64) -> String {
+    crate::util::size::format_size(n)
+}
+
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    crate::pool::layout::isodate(secs)
+}
+
+fn host_description() -> String {
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    format!("Linux {kernel}, {cpus} CPUs, {} RAM", fmt_bytes(mem * 1024))
+}

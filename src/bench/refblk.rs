@@ -1,0 +1,285 @@
+//! The `refblk` path: a simulated guest puts blkif requests on its ring, refblk's
+//! backend grant-copies and does the I/O with io_uring, responses come back.
+//!
+//! Everything runs in this process: the simulated Xen (xenstored, grant tables,
+//! event channels) and the backend on their own threads, the guest's blkfront
+//! ([`crate::frontend`]) on the generator's thread. The serving side's CPU is the
+//! backend's queue threads (`vbd<domid>.<devid>q<N>`), read from
+//! `/proc/self/task/<tid>/schedstat`.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::backend::{Backend, BackendConfig, BackendHandle};
+use crate::frontend::{Frontend, FrontendOptions, IoRequest, Toolstack, VbdSpec};
+use crate::platform::sim::{SimGuest, SimXen};
+use crate::xenstore::XsClient;
+
+use super::stats::{iowq_cpu_ns, task_cpu_ns, threads_named};
+use super::target::{fill_pattern, BlockTarget};
+
+/// Serving-side threads of the backend are named `vbd<domid>.<devid>q<N>`.
+pub const QUEUE_THREAD_PREFIX: &str = "vbd";
+
+const DOMID: u16 = 7;
+const XVDA: u32 = 51712;
+/// Segments per indirect request the guest uses (the backend offers 256; Linux
+/// blkfront's default `max_indirect_segments` is 32).
+pub const INDIRECT_SEGMENTS: u32 = 256;
+
+/// Whether this build can run the refblk path.
+pub fn available() -> Result<(), String> {
+    Ok(())
+}
+
+static MACHINES: AtomicU32 = AtomicU32::new(0);
+
+/// A simulated machine: Xen, the refblk backend, a toolstack, one guest with a
+/// connected blkfront. Field order is teardown order.
+pub struct RefblkTarget {
+    fe: Option<Frontend>,
+    ts: Toolstack,
+    backend: BackendHandle,
+    join: Option<JoinHandle<io::Result<()>>>,
+    guest: Option<Arc<SimGuest>>,
+    sim: Option<SimXen>,
+    dir: PathBuf,
+    /// Frontend tag -> generator tag.
+    tags: HashMap<u64, u64>,
+    pattern: Vec<u8>,
+    size: u64,
+    depth: usize,
+    plugged: bool,
+    queue_tids: Vec<u32>,
+    mode: String,
+}
+
+fn machine_dir(work_dir: &Path) -> io::Result<PathBuf> {
+    // Guest memory and grant tables are shared-memory files: tmpfs when there is one.
+    let n = MACHINES.fetch_add(1, Ordering::SeqCst);
+    let name = format!("refblk-bench-sim.{}.{n}", std::process::id());
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() { shm } else { work_dir };
+    let d = base.join(name);
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// Start a simulated Xen, a backend serving `image`, and a guest whose blkfront is
+/// connected to it; returns the guest's block device. `depth` operations of up to
+/// `max_len` bytes may be in flight.
+pub fn connect(image: &Path, work_dir: &Path, depth: usize) -> io::Result<Box<dyn BlockTarget>> {
+    connect_with(image, work_dir, depth, 1 << 20).map(|t| Box::new(t) as Box<dyn BlockTarget>)
+}
+
+/// [`connect`] with the largest operation size given.
+pub fn connect_with(
+    image: &Path,
+    work_dir: &Path,
+    depth: usize,
+    max_len: usize,
+) -> io::Result<RefblkTarget> {
+    let dir = machine_dir(work_dir)?;
+    let sim = SimXen::start(&dir)?;
+    let platform = Arc::new(sim.platform()?);
+    let (backend, join) = Backend::spawn(platform, BackendConfig::default())?;
+    let xs = XsClient::connect_unix(&sim.xenstored_path())
+        .map_err(|e| io::Error::other(format!("toolstack xenstore: {e}")))?;
+    let ts = Toolstack::new(xs, backend.clone());
+    ts.create_domain(DOMID)?;
+    // Data pages for every operation in flight, plus ring and indirect pages.
+    let pages = (depth * max_len.div_ceil(4096) + 1024) as u32;
+    let guest = Arc::new(sim.create_guest(DOMID, pages)?);
+    ts.add_vbd(&VbdSpec::new(DOMID, XVDA, image))?;
+    let opts = FrontendOptions {
+        scribble: false,
+        max_indirect_segments: INDIRECT_SEGMENTS,
+        ..Default::default()
+    };
+    let fe = Frontend::connect(&sim.xenstored_path(), guest.clone(), XVDA, opts)?;
+    let info = fe
+        .info()
+        .cloned()
+        .ok_or_else(|| io::Error::other("frontend connected without disk info"))?;
+    // The backend announces Connected before it has spawned the queue threads:
+    // give them a moment to appear.
+    let prefix = format!("{QUEUE_THREAD_PREFIX}{DOMID}.{XVDA}q");
+    let mut queue_tids = Vec::new();
+    for _ in 0..200 {
+        queue_tids = threads_named(&prefix).into_iter().map(|(t, _)| t).collect();
+        if queue_tids.len() >= info.queues {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if queue_tids.is_empty() {
+        log::warn!("refblk bench: no backend queue thread {prefix}*; serving CPU will read 0");
+    }
+    let mut pattern = vec![0u8; max_len];
+    fill_pattern(&mut pattern, 0x5eed);
+    let mode = format!(
+        "blkif ring {} slots, {} segs/request, {} queue(s) -> refblk io_uring",
+        info.ring_size, info.segments_per_request, info.queues
+    );
+    Ok(RefblkTarget {
+        fe: Some(fe),
+        ts,
+        backend,
+        join: Some(join),
+        guest: Some(guest),
+        sim: Some(sim),
+        dir,
+        tags: HashMap::with_capacity(depth * 2),
+        pattern,
+        size: info.sectors * 512,
+        depth,
+        plugged: false,
+        queue_tids,
+        mode,
+    })
+}
+
+impl RefblkTarget {
+    fn fe(&mut self) -> &mut Frontend {
+        self.fe.as_mut().expect("frontend present until drop")
+    }
+}
+
+fn status_to_result(status: i16, len: usize) -> i32 {
+    match status {
+        0 => len as i32,
+        -2 => -libc::EOPNOTSUPP,
+        _ => -libc::EIO,
+    }
+}
+
+impl BlockTarget for RefblkTarget {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn max_depth(&self) -> usize {
+        self.depth
+    }
+
+    fn submit(
+        &mut self,
+        tag: u64,
+        op: super::target::IoOp,
+        offset: u64,
+        len: u32,
+    ) -> io::Result<()> {
+        use super::target::IoOp;
+        // Requests of one batch go on the ring together and are published with
+        // one index update (and at most one kick) in `kick`, as blk-mq does.
+        if !self.plugged {
+            self.fe().plug();
+            self.plugged = true;
+        }
+        let sector = offset / 512;
+        let len = len as usize;
+        if len > self.pattern.len() {
+            self.pattern.resize(len, 0);
+            fill_pattern(&mut self.pattern, 0x5eed);
+        }
+        let fe = self.fe.as_mut().expect("frontend present until drop");
+        let t = match op {
+            IoOp::Read => fe.submit(None, IoRequest::Read { sector, len })?,
+            IoOp::Write => fe.submit(
+                None,
+                IoRequest::Write {
+                    sector,
+                    data: &self.pattern[..len],
+                },
+            )?,
+            IoOp::Discard => fe.submit(
+                None,
+                IoRequest::Discard {
+                    sector,
+                    nr_sectors: len as u64 / 512,
+                    secure: false,
+                },
+            )?,
+        };
+        self.tags.insert(t.0, tag);
+        Ok(())
+    }
+
+    fn kick(&mut self) -> io::Result<()> {
+        if self.plugged {
+            self.plugged = false;
+            self.fe().unplug()?;
+        }
+        Ok(())
+    }
+
+    fn wait(&mut self, min: usize, out: &mut Vec<(u64, i32)>) -> io::Result<()> {
+        self.kick()?;
+        let mut got = 0;
+        while got < min {
+            let done = self.fe().wait(Duration::from_secs(30))?;
+            for c in done {
+                let Some(tag) = self.tags.remove(&c.tag.0) else {
+                    continue;
+                };
+                out.push((tag, status_to_result(c.status, c.data.len())));
+                got += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn serving_cpu_ns(&self) -> u64 {
+        // The guest side does no io_uring: every io-wq worker works for a queue.
+        self.queue_tids
+            .iter()
+            .filter_map(|&t| task_cpu_ns(t))
+            .sum::<u64>()
+            + iowq_cpu_ns()
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.kick()?;
+        self.fe().write(offset / 512, data)
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.kick()?;
+        let v = self.fe().read(offset / 512, buf.len())?;
+        buf.copy_from_slice(&v);
+        Ok(())
+    }
+
+    fn io_mode(&self) -> String {
+        self.mode.clone()
+    }
+}
+
+impl Drop for RefblkTarget {
+    fn drop(&mut self) {
+        if let Some(mut fe) = self.fe.take() {
+            if let Err(e) = fe.disconnect() {
+                log::warn!("refblk bench: frontend disconnect: {e}");
+            }
+        }
+        let _ = &self.ts;
+        self.backend.stop();
+        if let Some(j) = self.join.take() {
+            match j.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::warn!("refblk bench: backend: {e}"),
+                Err(_) => log::warn!("refblk bench: backend thread panicked"),
+            }
+        }
+        drop(self.guest.take());
+        drop(self.sim.take());
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,417 @@
+//! Output of `refblk bench`: Markdown tables (stdout), JSON and a hand-written SVG
+//! grouped bar chart (throughput relative to the `file` path, ratios labeled).
+
+use std::fmt::Write as _;
+
+use serde_json::{json, Value};
+
+use super::profile::PathKind;
+use super::stats::Spread;
+use super::{fmt_bytes, BenchReport, IoResult, Sample};
+
+fn spread(r: &IoResult, f: impl Fn(&Sample) -> f64) -> Spread {
+    Spread::of(&r.samples.iter().map(f).collect::<Vec<_>>())
+}
+
+/// Median IOPS of `path` for (place, profile), if measured.
+pub fn median_iops(rep: &BenchReport, place: &str, profile: &str, path: PathKind) -> Option<f64> {
+    rep.io
+        .iter()
+        .find(|r| {
+            r.place == place && r.profile == profile && r.path == path && !r.samples.is_empty()
+        })
+        .map(|r| spread(r, |s| s.iops).median)
+}
+
+/// Ratio of two paths' median throughput for (place, profile).
+pub fn ratio(
+    rep: &BenchReport,
+    place: &str,
+    profile: &str,
+    a: PathKind,
+    b: PathKind,
+) -> Option<f64> {
+    let x = median_iops(rep, place, profile, a)?;
+    let y = median_iops(rep, place, profile, b)?;
+    (y > 0.0).then(|| x / y)
+}
+
+fn places(rep: &BenchReport) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for p in rep
+        .io
+        .iter()
+        .map(|r| &r.place)
+        .chain(rep.meta.iter().map(|m| &m.place))
+    {
+        if !v.contains(p) {
+            v.push(p.clone());
+        }
+    }
+    v
+}
+
+fn fmt_num(x: f64) -> String {
+    if x >= 100_000.0 {
+        format!("{:.0}k", x / 1000.0)
+    } else if x >= 10_000.0 {
+        format!("{:.1}k", x / 1000.0)
+    } else if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+/// Markdown tables: one per place for the I/O profiles, one for snapshot/commit.
+pub fn markdown(rep: &BenchReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "refblk bench, {} — {}; image {}, {:.1} s per run, median of {} reps (± = half the range, % of the median)\n",
+        rep.started_utc,
+        rep.host,
+        fmt_bytes(rep.size),
+        rep.runtime_s,
+        rep.reps
+    );
+    for place in places(rep) {
+        let rows: Vec<&IoResult> = rep.io.iter().filter(|r| r.place == place).collect();
+        if !rows.is_empty() {
+            let _ = writeln!(s, "### {place}\n");
+            let _ = writeln!(
+                s,
+                "| profile | path | IOPS | MB/s | mean µs | p99 µs | CPU µs/IO | host CPU µs/IO | cache MiB | ×file | ×loop-dio | ×loop-buf |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+            for r in rows {
+                if r.samples.is_empty() {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | — | | | | | | | | | | {}",
+                        r.profile,
+                        r.path,
+                        r.error.as_deref().unwrap_or("not measured")
+                    );
+                    continue;
+                }
+                let iops = spread(r, |x| x.iops);
+                let mbps = spread(r, |x| x.mbps).median;
+                let lat = spread(r, |x| x.lat_mean_us).median;
+                let p99 = spread(r, |x| x.lat_p99_us).median;
+                let cpu = spread(r, |x| x.cpu_us_per_io).median;
+                let host = spread(r, |x| x.host_cpu_us_per_io).median;
+                let cache = r.samples.iter().map(|x| x.cache_bytes).max().unwrap_or(0);
+                let rt = |b: PathKind| {
+                    if b == r.path || (b != PathKind::File && r.path != PathKind::Refblk) {
+                        String::new()
+                    } else {
+                        ratio(rep, &place, r.profile, r.path, b)
+                            .map(|x| format!("{x:.2}"))
+                            .unwrap_or_default()
+                    }
+                };
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} ±{:.0}% | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                    r.profile,
+                    r.path,
+                    fmt_num(iops.median),
+                    iops.spread_pct(),
+                    fmt_num(mbps),
+                    fmt_num(lat),
+                    fmt_num(p99),
+                    fmt_num(cpu),
+                    fmt_num(host),
+                    cache as f64 / (1 << 20) as f64,
+                    rt(PathKind::File),
+                    rt(PathKind::LoopDio),
+                    rt(PathKind::LoopBuf),
+                );
+            }
+            let _ = writeln!(s);
+        }
+    }
+    if !rep.meta.is_empty() {
+        let _ = writeln!(
+            s,
+            "### snapshot / commit (ms, median of {} reps)\n",
+            rep.reps
+        );
+        let _ = writeln!(
+            s,
+            "| fs | operation | image | extents | ms | range ms | note |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        for m in &rep.meta {
+            let sp = Spread::of(&m.ms);
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {}–{} | {} |",
+                m.place,
+                m.what,
+                fmt_bytes(m.image_bytes),
+                m.extents,
+                fmt_num(sp.median),
+                fmt_num(sp.min),
+                fmt_num(sp.max),
+                m.note.as_deref().unwrap_or("")
+            );
+        }
+        let _ = writeln!(s);
+    }
+    let mut modes: Vec<String> = Vec::new();
+    for r in &rep.io {
+        let m = format!("{}: {} ({})", r.path, r.io_mode, r.cache_regime);
+        if !r.io_mode.is_empty() && !modes.contains(&m) {
+            modes.push(m);
+        }
+    }
+    if !modes.is_empty() {
+        let _ = writeln!(s, "I/O modes: {}\n", modes.join("; "));
+    }
+    for n in &rep.notes {
+        let _ = writeln!(s, "Note: {n}");
+    }
+    s
+}
+
+fn spread_json(sp: Spread) -> Value {
+    json!({"median": sp.median, "min": sp.min, "max": sp.max})
+}
+
+/// The whole report as JSON (every sample, plus medians).
+pub fn to_json(rep: &BenchReport) -> Value {
+    let io: Vec<Value> = rep
+        .io
+        .iter()
+        .map(|r| {
+            json!({
+                "fs": r.place,
+                "profile": r.profile,
+                "path": r.path.name(),
+                "io_mode": r.io_mode,
+                "cache_regime": r.cache_regime,
+                "error": r.error,
+                "iops": spread_json(spread(r, |x| x.iops)),
+                "mbps": spread_json(spread(r, |x| x.mbps)),
+                "lat_mean_us": spread_json(spread(r, |x| x.lat_mean_us)),
+                "lat_p99_us": spread_json(spread(r, |x| x.lat_p99_us)),
+                "cpu_us_per_io": spread_json(spread(r, |x| x.cpu_us_per_io)),
+                "host_cpu_us_per_io": spread_json(spread(r, |x| x.host_cpu_us_per_io)),
+                "ratio_to_file": ratio(rep, &r.place, r.profile, r.path, PathKind::File),
+                "ratio_to_loop_dio": ratio(rep, &r.place, r.profile, r.path, PathKind::LoopDio),
+                "ratio_to_loop_buf": ratio(rep, &r.place, r.profile, r.path, PathKind::LoopBuf),
+                "samples": r.samples.iter().map(|x| json!({
+                    "iops": x.iops, "mbps": x.mbps, "lat_mean_us": x.lat_mean_us,
+                    "lat_p99_us": x.lat_p99_us, "cpu_us_per_io": x.cpu_us_per_io,
+                    "host_cpu_us_per_io": x.host_cpu_us_per_io, "cache_bytes": x.cache_bytes,
+                    "ops": x.ops, "secs": x.secs,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let meta: Vec<Value> = rep
+        .meta
+        .iter()
+        .map(|m| {
+            json!({
+                "fs": m.place, "profile": m.profile, "operation": m.what,
+                "image_bytes": m.image_bytes, "extents": m.extents,
+                "ms": spread_json(Spread::of(&m.ms)), "samples_ms": m.ms, "note": m.note,
+            })
+        })
+        .collect();
+    json!({
+        "started_utc": rep.started_utc,
+        "host": rep.host,
+        "runtime_s": rep.runtime_s,
+        "image_bytes": rep.size,
+        "reps": rep.reps,
+        "io": io,
+        "meta": meta,
+        "notes": rep.notes,
+    })
+}
+
+fn color(p: PathKind) -> &'static str {
+    match p {
+        PathKind::File => "#4c72b0",
+        PathKind::LoopDio => "#dd8452",
+        PathKind::LoopBuf => "#c9a227",
+        PathKind::Refblk => "#55a868",
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A grouped bar chart per file system: for each profile one bar per path, the
+/// height its median throughput relative to `file` (1.0), labeled with the ratio.
+pub fn svg(rep: &BenchReport) -> String {
+    let places: Vec<String> = places(rep)
+        .into_iter()
+        .filter(|p| rep.io.iter().any(|r| &r.place == p))
+        .collect();
+    let mut paths: Vec<PathKind> = rep.io.iter().map(|r| r.path).collect();
+    paths.sort();
+    paths.dedup();
+    let mut profiles: Vec<&str> = Vec::new();
+    for r in &rep.io {
+        if !profiles.contains(&r.profile) {
+            profiles.push(r.profile);
+        }
+    }
+    let bar = 13.0;
+    let group = bar * paths.len().max(1) as f64 + 14.0;
+    let left = 60.0;
+    let plot_w = group * profiles.len().max(1) as f64;
+    let width = left + plot_w + 20.0;
+    let panel_h = 300.0;
+    let top = 70.0;
+    let label_h = 110.0;
+    let height = top + (panel_h + label_h + 40.0) * places.len().max(1) as f64;
+    let ymax = 1.5;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{left}" y="20" font-size="15" font-weight="bold">refblk bench: throughput relative to the raw file (io_uring O_DIRECT = 1.0)</text>"#
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="{left}" y="38" fill="#555">{} — image {}, {:.1} s runs, median of {} reps; bars clipped at {ymax}×, labels show the ratio</text>"##,
+        esc(&rep.host),
+        fmt_bytes(rep.size),
+        rep.runtime_s,
+        rep.reps
+    );
+    for (i, p) in paths.iter().enumerate() {
+        let x = left + i as f64 * 90.0;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{x}" y="48" width="12" height="12" fill="{}"/><text x="{}" y="58">{}</text>"#,
+            color(*p),
+            x + 16.0,
+            p.name()
+        );
+    }
+    for (pi, place) in places.iter().enumerate() {
+        let y0 = top + pi as f64 * (panel_h + label_h + 40.0) + 20.0;
+        let ypx = |v: f64| y0 + panel_h - (v.min(ymax) / ymax) * panel_h;
+        let _ = writeln!(
+            s,
+            r#"<text x="{left}" y="{}" font-size="13" font-weight="bold">{}</text>"#,
+            y0 - 4.0,
+            esc(place)
+        );
+        for t in [0.0, 0.5, 1.0, 1.5] {
+            let y = ypx(t);
+            let dash = if t == 1.0 {
+                ""
+            } else {
+                r#" stroke-dasharray="3,3""#
+            };
+            let _ = writeln!(
+                s,
+                r##"<line x1="{left}" x2="{:.0}" y1="{y:.1}" y2="{y:.1}" stroke="#999"{dash}/><text x="{}" y="{:.1}" text-anchor="end">{t:.1}×</text>"##,
+                left + plot_w,
+                left - 6.0,
+                y + 4.0
+            );
+        }
+        for (gi, prof) in profiles.iter().enumerate() {
+            let gx = left + gi as f64 * group + 7.0;
+            for (bi, path) in paths.iter().enumerate() {
+                let x = gx + bi as f64 * bar;
+                let Some(r) = ratio(rep, place, prof, *path, PathKind::File) else {
+                    let _ = writeln!(
+                        s,
+                        r##"<text x="{:.1}" y="{:.1}" font-size="8" fill="#999" text-anchor="middle">n/a</text>"##,
+                        x + bar / 2.0,
+                        ypx(0.0) - 3.0
+                    );
+                    continue;
+                };
+                let y = ypx(r);
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} {} {}: {r:.2}× file</title></rect>"#,
+                    bar - 1.0,
+                    ypx(0.0) - y,
+                    color(*path),
+                    esc(place),
+                    prof,
+                    path.name()
+                );
+                let (lx, ly) = (x + bar / 2.0 + 3.0, y - 3.0);
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{lx:.1}" y="{ly:.1}" font-size="8" transform="rotate(-90 {lx:.1} {ly:.1})">{r:.2}</text>"#
+                );
+            }
+            let lx = gx + group / 2.0 - 7.0;
+            let ly = ypx(0.0) + 8.0;
+            let _ = writeln!(
+                s,
+                r#"<text x="{lx:.1}" y="{ly:.1}" text-anchor="end" transform="rotate(-45 {lx:.1} {ly:.1})">{prof}</text>"#
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{IoResult, Sample};
+
+    fn res(path: PathKind, iops: f64) -> IoResult {
+        IoResult {
+            place: "xfs".into(),
+            profile: "rnd4k_q1t1_read",
+            path,
+            io_mode: "O_DIRECT".into(),
+            cache_regime: "cold",
+            samples: vec![Sample {
+                iops,
+                ..Default::default()
+            }],
+            error: None,
+        }
+    }
+
+    #[test]
+    fn ratios_tables_and_svg_agree() {
+        let rep = BenchReport {
+            io: vec![res(PathKind::File, 1000.0), res(PathKind::Refblk, 800.0)],
+            reps: 1,
+            ..Default::default()
+        };
+        let r = ratio(
+            &rep,
+            "xfs",
+            "rnd4k_q1t1_read",
+            PathKind::Refblk,
+            PathKind::File,
+        )
+        .unwrap();
+        assert!((r - 0.8).abs() < 1e-9);
+        assert!(markdown(&rep).contains("| 0.80 |"));
+        let svg = svg(&rep);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert!(svg.contains(">0.80<"));
+        let j = to_json(&rep);
+        assert_eq!(j["io"][1]["ratio_to_file"].as_f64().unwrap(), r);
+    }
+}

@@ -1,0 +1,220 @@
+//! Measurement helpers: CPU clocks of threads, latency summaries, medians.
+
+use std::fs;
+use std::time::Duration;
+
+/// CPU time (user + system) of the calling thread, in nanoseconds (0 if unknown).
+pub fn thread_cpu_ns() -> u64 {
+    task_cpu_ns(nix::unistd::gettid().as_raw() as u32).unwrap_or(0)
+}
+
+/// CPU time of one thread of this process, in nanoseconds, from
+/// `/proc/self/task/<tid>/schedstat` (first field: time spent on the CPU). Falls back
+/// to utime+stime of `/proc/self/task/<tid>/stat` (clock ticks) when schedstat is
+/// missing. `None` if the thread is gone.
+pub fn task_cpu_ns(tid: u32) -> Option<u64> {
+    let base = format!("/proc/self/task/{tid}");
+    if let Ok(s) = fs::read_to_string(format!("{base}/schedstat")) {
+        if let Some(v) = s.split_whitespace().next().and_then(|v| v.parse().ok()) {
+            return Some(v);
+        }
+    }
+    let stat = fs::read_to_string(format!("{base}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: split after ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields after the name start at field 3 (state); utime is field 14, stime 15.
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) * (1_000_000_000 / clock_ticks()))
+}
+
+fn clock_ticks() -> u64 {
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(t)) if t > 0 => t as u64,
+        _ => 100,
+    }
+}
+
+/// Threads of this process whose name starts with `prefix`: (tid, name).
+pub fn threads_named(prefix: &str) -> Vec<(u32, String)> {
+    let mut v = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc/self/task") else {
+        return v;
+    };
+    for e in rd.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(name) = fs::read_to_string(e.path().join("comm")) {
+            let name = name.trim_end().to_string();
+            if name.starts_with(prefix) {
+                v.push((tid, name));
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+/// CPU time of this process's io_uring worker threads (`iou-wrk-<tid>`: the
+/// kernel's io-wq, which runs operations that cannot be issued without blocking,
+/// e.g. buffered writes on btrfs, O_DIRECT on tmpfs). They work for the ring's
+/// owner, so they belong to the serving side. Workers that exited during a run
+/// are missed (they live while busy and exit after seconds of idleness).
+pub fn iowq_cpu_ns() -> u64 {
+    threads_named("iou-wrk-")
+        .into_iter()
+        .filter_map(|(t, _)| task_cpu_ns(t))
+        .sum()
+}
+
+/// Busy CPU time of the whole machine (all CPUs, everything but idle and iowait), in
+/// nanoseconds, from `/proc/stat`. Includes other processes: use only as context.
+pub fn machine_busy_ns() -> u64 {
+    let Ok(s) = fs::read_to_string("/proc/stat") else {
+        return 0;
+    };
+    let Some(line) = s.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0;
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: u64 = v
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .take(8)
+        .map(|(_, x)| *x)
+        .sum();
+    busy * (1_000_000_000 / clock_ticks())
+}
+
+/// Per-operation latencies of one run (nanoseconds), summarized on demand.
+#[derive(Debug, Default, Clone)]
+pub struct Latencies {
+    ns: Vec<u64>,
+}
+
+impl Latencies {
+    /// Room for `n` samples without reallocating during the run.
+    pub fn with_capacity(n: usize) -> Latencies {
+        Latencies {
+            ns: Vec::with_capacity(n),
+        }
+    }
+
+    /// Record one operation's latency.
+    pub fn push(&mut self, d: Duration) {
+        self.ns.push(d.as_nanos().min(u64::MAX as u128) as u64);
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.ns.len()
+    }
+
+    /// True without samples.
+    pub fn is_empty(&self) -> bool {
+        self.ns.is_empty()
+    }
+
+    /// Mean in microseconds (0 without samples).
+    pub fn mean_us(&self) -> f64 {
+        if self.ns.is_empty() {
+            return 0.0;
+        }
+        self.ns.iter().map(|&x| x as f64).sum::<f64>() / self.ns.len() as f64 / 1000.0
+    }
+
+    /// The `q` quantile (0..=1) in microseconds, nearest rank (0 without samples).
+    pub fn quantile_us(&mut self, q: f64) -> f64 {
+        if self.ns.is_empty() {
+            return 0.0;
+        }
+        self.ns.sort_unstable();
+        let rank = ((q * self.ns.len() as f64).ceil() as usize).clamp(1, self.ns.len());
+        self.ns[rank - 1] as f64 / 1000.0
+    }
+}
+
+/// Median, minimum and maximum of a set of repetitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// Summarize `v` (NaNs ignored). All zero for an empty set.
+    pub fn of(v: &[f64]) -> Spread {
+        let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+        if s.is_empty() {
+            return Spread::default();
+        }
+        s.sort_by(|a, b| a.total_cmp(b));
+        let n = s.len();
+        let median = if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            (s[n / 2 - 1] + s[n / 2]) / 2.0
+        };
+        Spread {
+            median,
+            min: s[0],
+            max: s[n - 1],
+        }
+    }
+
+    /// Half the range relative to the median, in percent (0 when the median is 0).
+    pub fn spread_pct(&self) -> f64 {
+        if self.median == 0.0 {
+            0.0
+        } else {
+            (self.max - self.min) / 2.0 / self.median * 100.0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_sets_and_spread() {
+        let s = Spread::of(&[3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(Spread::of(&[4.0, 1.0, 2.0, 3.0]).median, 2.5);
+        assert!((s.spread_pct() - 50.0).abs() < 1e-9);
+        assert_eq!(Spread::of(&[]), Spread::default());
+    }
+
+    #[test]
+    fn quantiles_use_nearest_rank() {
+        let mut l = Latencies::with_capacity(100);
+        for i in 1..=100u64 {
+            l.push(Duration::from_micros(i));
+        }
+        assert_eq!(l.quantile_us(0.99), 99.0);
+        assert_eq!(l.quantile_us(0.5), 50.0);
+        assert!((l.mean_us() - 50.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn own_thread_cpu_is_visible_both_ways() {
+        let t0 = thread_cpu_ns();
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(thread_cpu_ns() > t0);
+        let tid = nix::unistd::gettid().as_raw() as u32;
+        assert!(task_cpu_ns(tid).unwrap() > 0);
+    }
+}

@@ -1,0 +1,152 @@
+//! `refblk bench`: compare the raw file, a loop device and refblk on the same image.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::bench::{self, profile, BenchConfig, Place};
+use crate::util::scratchfs::FsKind;
+use crate::util::size::parse_size;
+
+use super::{CliError, CliResult};
+
+/// Arguments of `refblk bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Profiles (comma-separated): all, io, seq, rnd, discard, or names such as
+    /// seq1m_q8t1_read, rnd4k_q1t1_write, alloc, overwrite, discard_64k, snapshot, commit.
+    #[arg(long, default_value = "all")]
+    pub profiles: String,
+    /// File systems to make and benchmark on (btrfs, xfs, ext4; needs root).
+    #[arg(long, default_value = "btrfs,xfs", conflicts_with = "dir")]
+    pub fs: String,
+    /// Benchmark in this existing directory instead of scratch file systems.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Paths: file, loop (= loop-dio,loop-buf), loop-dio, loop-buf, refblk, all.
+    #[arg(long, default_value = "all")]
+    pub paths: String,
+    /// Seconds per timed run.
+    #[arg(long, default_value = "1")]
+    pub runtime: f64,
+    /// Image size (the region the I/O profiles cover).
+    #[arg(long, default_value = "1G")]
+    pub size: String,
+    /// Repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Image sizes for snapshot/commit (comma-separated).
+    #[arg(long, default_value = "1G")]
+    pub snapshot_sizes: String,
+    /// Random 4 KiB writes that fragment the snapshot/commit image.
+    #[arg(long, default_value_t = 32768)]
+    pub frag_writes: u64,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Also draw a grouped bar chart (SVG) to this file.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// No progress line on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+impl BenchArgs {
+    /// The benchmark configuration these arguments ask for.
+    pub fn config(&self) -> Result<BenchConfig, CliError> {
+        let profiles = profile::parse_profiles(&self.profiles).map_err(CliError::usage)?;
+        let paths = profile::PathKind::parse_list(&self.paths).map_err(CliError::usage)?;
+        let places = match &self.dir {
+            Some(d) => vec![Place::Dir(d.clone())],
+            None => {
+                let mut v = Vec::new();
+                for w in self.fs.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+                    let k = match w {
+                        "btrfs" => FsKind::Btrfs,
+                        "xfs" => FsKind::Xfs,
+                        "ext4" => FsKind::Ext4,
+                        _ => {
+                            return Err(CliError::usage(format!(
+                                "unknown file system {w:?}; use btrfs, xfs or ext4"
+                            )))
+                        }
+                    };
+                    v.push(Place::Fs(k));
+                }
+                v
+            }
+        };
+        if places.is_empty() {
+            return Err(CliError::usage("--fs names no file system"));
+        }
+        if !(self.runtime > 0.0 && self.runtime <= 3600.0) {
+            return Err(CliError::usage(
+                "--runtime must be between 0 and 3600 seconds",
+            ));
+        }
+        if self.reps == 0 {
+            return Err(CliError::usage("--reps must be at least 1"));
+        }
+        let size = parse_size(&self.size)
+            .map_err(|e| CliError::usage(format!("--size {}: {e}", self.size)))?;
+        if size < (8 << 20) {
+            return Err(CliError::usage("--size must be at least 8M"));
+        }
+        let mut snapshot_sizes = Vec::new();
+        for w in self
+            .snapshot_sizes
+            .split(',')
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+        {
+            snapshot_sizes.push(
+                parse_size(w).map_err(|e| CliError::usage(format!("--snapshot-sizes {w}: {e}")))?,
+            );
+        }
+        Ok(BenchConfig {
+            profiles,
+            places,
+            paths,
+            runtime: Duration::from_secs_f64(self.runtime),
+            size,
+            reps: self.reps,
+            snapshot_sizes,
+            frag_writes: self.frag_writes,
+            progress: !self.quiet,
+        })
+    }
+}
+
+/// Run `refblk bench`.
+pub fn run(args: BenchArgs) -> CliResult {
+    let cfg = args.config()?;
+    let rep = bench::run(&cfg).map_err(CliError::failed)?;
+    print!("{}", bench::report::markdown(&rep));
+    if let Some(p) = &args.json {
+        let text = serde_json::to_string_pretty(&bench::report::to_json(&rep))
+            .map_err(|e| CliError::failed(format!("encoding JSON: {e}")))?;
+        std::fs::write(p, text + "\n")
+            .map_err(|e| CliError::failed(format!("cannot write {}: {e}", p.display())))?;
+    }
+    if let Some(p) = &args.svg {
+        std::fs::write(p, bench::report::svg(&rep))
+            .map_err(|e| CliError::failed(format!("cannot write {}: {e}", p.display())))?;
+    }
+    let failed: Vec<String> = rep
+        .io
+        .iter()
+        .filter_map(|r| {
+            r.error
+                .as_ref()
+                .map(|e| format!("{} {} {}: {e}", r.place, r.profile, r.path))
+        })
+        .collect();
+    if !failed.is_empty() {
+        return Err(CliError::failed(format!(
+            "{} run(s) failed:\n{}",
+            failed.len(),
+            failed.join("\n")
+        )));
+    }
+    Ok(())
+}
