@@ -621,17 +621,12 @@ impl Queue {
                 dst,
             });
         }
-        self.copy_status.clear();
-        self.copy_status
-            .resize(segs.len(), GrantStatus::GeneralError);
-        self.ctx
-            .platform
-            .grant_copy(self.ctx.domid, &mut segs, &mut self.copy_status)
-            .map_err(|_| GrantStatus::GeneralError)?;
-        match self.copy_status.iter().find(|s| **s != GrantStatus::Okay) {
-            Some(bad) => Err(*bad),
-            None => Ok(()),
-        }
+        grant_copy_all(
+            &*self.ctx.platform,
+            self.ctx.domid,
+            &mut segs,
+            &mut self.copy_status,
+        )
     }
 
     /// Copy a read's data from `region` out to the guest's pages.
@@ -656,17 +651,12 @@ impl Queue {
                 src,
             });
         }
-        self.copy_status.clear();
-        self.copy_status
-            .resize(segs.len(), GrantStatus::GeneralError);
-        self.ctx
-            .platform
-            .grant_copy(self.ctx.domid, &mut segs, &mut self.copy_status)
-            .map_err(|_| GrantStatus::GeneralError)?;
-        match self.copy_status.iter().find(|s| **s != GrantStatus::Okay) {
-            Some(bad) => Err(*bad),
-            None => Ok(()),
-        }
+        grant_copy_all(
+            &*self.ctx.platform,
+            self.ctx.domid,
+            &mut segs,
+            &mut self.copy_status,
+        )
     }
 
     fn complete(&mut self, c: Completion) -> Result<(), String> {
@@ -824,6 +814,24 @@ impl Queue {
                 warn!("{}: notify failed: {e}", self.ctx.name);
             }
         }
+    }
+}
+
+/// One grant-copy batch; the first failed segment's status if any failed.
+fn grant_copy_all(
+    platform: &dyn Platform,
+    domid: DomId,
+    segs: &mut [CopySeg<'_>],
+    status: &mut Vec<GrantStatus>,
+) -> Result<(), GrantStatus> {
+    status.clear();
+    status.resize(segs.len(), GrantStatus::GeneralError);
+    platform
+        .grant_copy(domid, segs, status)
+        .map_err(|_| GrantStatus::GeneralError)?;
+    match status.iter().find(|s| **s != GrantStatus::Okay) {
+        Some(bad) => Err(*bad),
+        None => Ok(()),
     }
 }
 
