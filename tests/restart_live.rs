@@ -129,33 +129,21 @@ fn workload(mut fe: Frontend, shared: Arc<Shared>) -> (Frontend, Vec<u8>, u64, u
             let q = Some(issued % nq);
             issued += 1;
             let roll = rng.below(20);
-            let t = if roll == 0 {
+            if roll == 0 {
                 let t = fe.submit(q, IoRequest::Flush).expect("submit flush");
                 inflight.insert(t.0, (0, 0, false));
                 continue;
-            } else if roll < 13 {
-                let mut data = vec![0u8; len];
-                rng.fill(&mut data);
-                let t = fe
-                    .submit(
-                        q,
-                        IoRequest::Write {
-                            sector: s,
-                            data: &data,
-                        },
-                    )
-                    .expect("submit write");
-                model[(s * 512) as usize..(s * 512) as usize + len].copy_from_slice(&data);
-                inflight.insert(t.0, (s, len, false));
-                t
-            } else {
-                let t = fe
-                    .submit(q, IoRequest::Read { sector: s, len })
-                    .expect("submit read");
-                inflight.insert(t.0, (s, len, true));
-                t
-            };
-            let _ = t;
+            }
+            submit_rw(
+                &mut fe,
+                &mut rng,
+                q,
+                s,
+                len,
+                roll < 13,
+                &mut model,
+                &mut inflight,
+            );
         }
         let done = fe
             .wait(Duration::from_secs(60))

@@ -140,6 +140,21 @@ pub trait ForeignMapping: Send {
     }
 }
 
+/// The argument check every [`Platform::grant_copy`] starts with.
+pub(crate) fn check_copy_args(segs: &[CopySeg<'_>], status: &[GrantStatus]) -> io::Result<()> {
+    if segs.len() != status.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "grant copy: {} segments but {} status slots",
+                segs.len(),
+                status.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn check_range(offset: usize, len: usize, size: usize) -> io::Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),

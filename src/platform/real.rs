@@ -337,16 +337,7 @@ impl Platform for RealXen {
         segs: &mut [CopySeg<'_>],
         status: &mut [GrantStatus],
     ) -> io::Result<()> {
-        if segs.len() != status.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "grant copy: {} segments but {} status slots",
-                    segs.len(),
-                    status.len()
-                ),
-            ));
-        }
+        super::check_copy_args(segs, status)?;
         // gntdev fails the whole ioctl for a segment crossing the guest page, so
         // answer those here per segment (BadCopyArg, as the simulation does) and
         // send only the others.

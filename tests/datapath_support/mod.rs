@@ -269,29 +269,16 @@ pub fn random_io(
                 issued += 1;
                 continue;
             }
-            let tag = if roll % 2 == 0 {
-                let mut data = vec![0u8; len];
-                rng.fill(&mut data);
-                let t = fe
-                    .submit(
-                        q,
-                        IoRequest::Write {
-                            sector: s,
-                            data: &data,
-                        },
-                    )
-                    .expect("submit write");
-                model[(s * 512) as usize..(s * 512) as usize + len].copy_from_slice(&data);
-                inflight.insert(t.0, (s, len, false));
-                t
-            } else {
-                let t = fe
-                    .submit(q, IoRequest::Read { sector: s, len })
-                    .expect("submit read");
-                inflight.insert(t.0, (s, len, true));
-                t
-            };
-            let _ = tag;
+            submit_rw(
+                fe,
+                &mut rng,
+                q,
+                s,
+                len,
+                roll % 2 == 0,
+                &mut model,
+                &mut inflight,
+            );
             issued += 1;
         }
         for c in fe.wait(LONG).expect("completions") {
@@ -319,4 +306,39 @@ pub fn random_io(
         off += n;
     }
     (ring_requests, model)
+}
+
+/// Submit a random-data write (recorded in `model`) or a read of `len` bytes at
+/// sector `s`, and remember it in `inflight` as (sector, len, is_read).
+#[allow(clippy::too_many_arguments)]
+pub fn submit_rw(
+    fe: &mut Frontend,
+    rng: &mut Rng,
+    q: Option<usize>,
+    s: u64,
+    len: usize,
+    write: bool,
+    model: &mut [u8],
+    inflight: &mut std::collections::HashMap<u64, (u64, usize, bool)>,
+) {
+    use refblk::frontend::IoRequest;
+    let t = if write {
+        let mut data = vec![0u8; len];
+        rng.fill(&mut data);
+        let t = fe
+            .submit(
+                q,
+                IoRequest::Write {
+                    sector: s,
+                    data: &data,
+                },
+            )
+            .expect("submit write");
+        model[(s * 512) as usize..(s * 512) as usize + len].copy_from_slice(&data);
+        t
+    } else {
+        fe.submit(q, IoRequest::Read { sector: s, len })
+            .expect("submit read")
+    };
+    inflight.insert(t.0, (s, len, !write));
 }

@@ -262,16 +262,7 @@ impl Platform for SimPlatform {
         segs: &mut [CopySeg<'_>],
         status: &mut [GrantStatus],
     ) -> io::Result<()> {
-        if segs.len() != status.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "grant copy: {} segments but {} status slots",
-                    segs.len(),
-                    status.len()
-                ),
-            ));
-        }
+        crate::platform::check_copy_args(segs, status)?;
         let Some(dom) = self.domain(domid)? else {
             status.iter_mut().for_each(|s| *s = GrantStatus::BadDomain);
             return Ok(());
