@@ -321,31 +321,7 @@ fn barrage(fe: &mut Frontend, image: &Path) {
 
     // Grants revoked while requests are in flight: every request is answered
     // (OKAY if the backend copied first, ERROR otherwise) and the device works.
-    let data = vec![0x5au8; 64 * 1024];
-    let tags: Vec<_> = (0..24u64)
-        .map(|i| {
-            fe_submit(
-                r.fe,
-                IoRequest::Write {
-                    sector: 1024 + 128 * i,
-                    data: &data,
-                },
-            )
-        })
-        .collect();
-    let mut revoked = 0;
-    for t in tags.iter().step_by(2) {
-        revoked += r.fe.revoke_grants(*t);
-    }
-    for t in tags {
-        let c = r.fe.wait_for(t, LONG).expect("answer after revocation");
-        assert!(
-            c.status == RSP_OKAY || c.status == RSP_ERROR,
-            "status {}",
-            c.status
-        );
-    }
-    let _ = revoked;
+    datapath_support::hostile::revoke_mid_request(r.fe, 1024);
 
     // Nothing went past the end of the disk, and the disk still works.
     assert_eq!(std::fs::metadata(image).unwrap().len(), DISK);
@@ -355,10 +331,6 @@ fn barrage(fe: &mut Frontend, image: &Path) {
     assert!(fe.read(8, 8192).unwrap() == d);
     let a = fe.anomalies();
     assert!(a.is_clean(), "backend responses broke the protocol: {a:?}");
-}
-
-fn fe_submit(fe: &mut Frontend, req: IoRequest<'_>) -> refblk::frontend::Tag {
-    fe.submit(None, req).expect("submit")
 }
 
 fn wait_disconnected(fe: &Frontend) -> XenbusState {

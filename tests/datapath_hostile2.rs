@@ -8,6 +8,7 @@ mod datapath_support;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use datapath_support::hostile::{back_to_initialising, flood_ring};
 use datapath_support::*;
 use refblk::backend::AttachOptions;
 use refblk::frontend::wire::{self, Abi, Seg};
@@ -73,34 +74,19 @@ fn flooding_guest_that_never_consumes_responses() {
     let mut bad = rig.connect(&bad_guest, XVDA, FrontendOptions::default());
     let mut good = None;
 
-    let abi: Abi = bad.info().unwrap().abi;
     let (_, size) = bad.raw_ring_state(0).unwrap();
     let mut grefs = Vec::new();
     let mut want_ids = HashSet::new();
     for round in 0..3u64 {
         // Fill the whole ring with valid one-page reads; never look at the
         // responses while the flood goes on.
-        let mut pushed = Vec::new();
-        for i in 0..size as u64 {
-            let (frame, gref) = bad.raw_grant_page(&[0u8; 4096], false).unwrap();
-            grefs.push(gref);
-            let id = (round << 32) | i;
-            let sector = 8 * (round * size as u64 + i);
-            let mut slot = bad.raw_slot();
-            let s = Seg {
-                gref,
-                first_sect: 0,
-                last_sect: 7,
-            };
-            wire::encode_rw(abi, &mut slot, wire::OP_READ, 1, 0, id, sector, &[s]);
-            bad.raw_push(0, id, &slot).unwrap();
-            want_ids.insert(id);
-            pushed.push((frame, sector));
-        }
+        let flood = flood_ring(&mut bad, round);
+        grefs.extend(&flood.grefs);
+        want_ids.extend(&flood.ids);
+        let pushed = flood.reads;
         // The ring is full: the frontend cannot push more until it consumes.
         assert!(bad.raw_push(0, 1 << 62, &bad.raw_slot()).is_err());
-        bad.raw_publish(0).unwrap();
-        let (pvt, _) = bad.raw_ring_state(0).unwrap();
+        let pvt = flood.req_prod;
         if round == 0 {
             // The good guest runs its whole workload while this ring is
             // full of unconsumed responses.
@@ -213,18 +199,6 @@ fn reconnect_in_a_tight_loop() {
     fe.disconnect().unwrap();
     drop(fe);
     rig.shutdown();
-}
-
-/// After a disconnect, go back to Initialising (as a rebooted guest's
-/// blkfront does) and wait for the backend's fresh InitWait, so a new
-/// [`Frontend::connect`] with other options can take over.
-fn back_to_initialising(fe: &Frontend) {
-    let p = format!("{}/state", fe.frontend_path());
-    fe.xs()
-        .write(0, &p, b"1")
-        .unwrap_or_else(|e| panic!("write {p}: {e:?}"));
-    fe.wait_backend_state(|s| s == XenbusState::InitWait, LONG)
-        .expect("backend back in InitWait");
 }
 
 #[test]

@@ -23,6 +23,7 @@
 //!   negotiated.
 //! - Hostile mode ([`Frontend::raw_push`], [`Frontend::raw_set_req_prod`],
 //!   [`Frontend::raw_write_slot`], [`Frontend::revoke_grants`],
+//!   [`Frontend::raw_ring_pages`],
 //!   [`FrontendOptions::xenstore_overrides`], [`Frontend::xs`],
 //!   [`Frontend::guest`]): write any bytes into ring slots, indices, grant
 //!   entries and xenstore keys.
@@ -1602,6 +1603,20 @@ impl Frontend {
         self.queues
             .get(queue)
             .map(|q| (q.ring.req_prod_pvt, q.ring.size()))
+    }
+
+    /// Hostile: where ring `queue` lives: its first guest frame, its number
+    /// of pages and its grant references (in `ring-ref<N>` order). With
+    /// [`Frontend::guest`] a test can play a guest that unmaps or frees its
+    /// ring while the backend has it mapped: try `end_access` (refused while
+    /// mapped, as Xen refuses `gnttab_end_foreign_access_ref`), clear the
+    /// entries anyway with `set_grant_entry_raw`, reuse the pages with
+    /// `write_page`. This frontend's own view of the ring is then
+    /// meaningless (responses it reads may count as [`Anomalies`]).
+    pub fn raw_ring_pages(&self, queue: usize) -> Option<(u32, u32, Vec<GrantRef>)> {
+        self.queues
+            .get(queue)
+            .map(|q| (q.ring_first_page, q.ring_pages, q.ring_grefs.clone()))
     }
 
     /// Hostile: kick the backend on ring `queue`.

@@ -2,6 +2,8 @@
 //! and a toolstack ([`Rig`]), images, a PRNG and an in-memory disk model.
 #![allow(dead_code)]
 
+pub mod hostile;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
