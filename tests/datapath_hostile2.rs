@@ -11,7 +11,7 @@ use std::time::Duration;
 use datapath_support::hostile::{back_to_initialising, flood_ring};
 use datapath_support::*;
 use refblk::backend::AttachOptions;
-use refblk::frontend::wire::{self, Abi, Seg};
+use refblk::frontend::wire::{self, Abi};
 use refblk::frontend::{Frontend, FrontendOptions, Protocol};
 use xen_sys::xenbus::XenbusState;
 
@@ -76,7 +76,7 @@ fn flooding_guest_that_never_consumes_responses() {
 
     let (_, size) = bad.raw_ring_state(0).unwrap();
     let mut grefs = Vec::new();
-    let mut want_ids = HashSet::new();
+    let mut want_ids: HashSet<u64> = HashSet::new();
     for round in 0..3u64 {
         // Fill the whole ring with valid one-page reads; never look at the
         // responses while the flood goes on.
