@@ -162,7 +162,9 @@ fn main() {
     let mut rng = Rng::new(42);
     // A: its domain and vbd; it connects at the start of each scenario.
     let a_img = make_image(d.path(), "a.img", A_DISK);
-    let a_guest = rig.guest(DOM_A, 4096);
+    // Memory for many reconnects: a frontend dropped by the protocol switch
+    // keeps the data pages it had taken (a real guest would get them back).
+    let a_guest = rig.guest(DOM_A, 65536);
     rig.attach(DOM_A, XVDA, &a_img, "w", AttachOptions::default());
 
     let scenarios: Vec<Option<Misbehaviour>> = std::iter::once(None)
