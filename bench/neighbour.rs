@@ -43,7 +43,7 @@ use refblk::backend::AttachOptions;
 use refblk::bench::stats::Spread;
 use refblk::frontend::{Frontend, FrontendOptions};
 use support::hostile::{back_to_initialising, HostileGuest, Misbehaviour, Outcome};
-use support::{make_image, machine_dir, submit_rw, Rig, Rng, LONG, XVDA};
+use support::{machine_dir, make_image, submit_rw, Rig, Rng, LONG, XVDA};
 
 const B_DISK: u64 = 16 << 20;
 const A_DISK: u64 = 4 << 20;
@@ -236,10 +236,17 @@ fn main() {
     let mut off = 0usize;
     while off < model.len() {
         let got = b.read((off / 512) as u64, 1 << 20).expect("B: final read");
-        assert!(got == model[off..off + (1 << 20)], "B: final read at byte {off} differs");
+        assert!(
+            got == model[off..off + (1 << 20)],
+            "B: final read at byte {off} differs"
+        );
         off += 1 << 20;
     }
-    assert!(b.anomalies().is_clean(), "B saw protocol anomalies: {:?}", b.anomalies());
+    assert!(
+        b.anomalies().is_clean(),
+        "B saw protocol anomalies: {:?}",
+        b.anomalies()
+    );
     assert_eq!(rig.status(DOM_B, XVDA).errors, 0, "B's device had errors");
     b.disconnect().expect("B disconnects");
     assert!(

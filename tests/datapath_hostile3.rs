@@ -112,8 +112,11 @@ fn close_reconnect_and_check(rig: &Rig, fe: &mut Frontend, domid: u16) {
         "the backend still maps the hostile guest's ring after closing the device"
     );
     assert_eq!(rig.status(domid, XVDA).state, XenbusState::Closed);
-    fe.reconnect().expect("reconnect after the ring was abandoned");
-    let d: Vec<u8> = (0..16384u32).map(|i| (i * 11 + domid as u32) as u8).collect();
+    fe.reconnect()
+        .expect("reconnect after the ring was abandoned");
+    let d: Vec<u8> = (0..16384u32)
+        .map(|i| (i * 11 + domid as u32) as u8)
+        .collect();
     fe.write(256, &d).unwrap();
     assert!(fe.read(256, d.len()).unwrap() == d);
     fe.disconnect().unwrap();
@@ -190,7 +193,10 @@ fn ring_ballooned_out_while_connected() {
     let before = rig.status(52, XVDA).requests;
     writes_in_flight(&mut fe, 16);
     let a = abandon_ring(&fe, 0, RingReuse::Frozen);
-    assert_eq!(a.end_access_refused, a.of, "ring page taken back while mapped");
+    assert_eq!(
+        a.end_access_refused, a.of,
+        "ring page taken back while mapped"
+    );
     // The backend answers what was published, into the abandoned page.
     let t = std::time::Instant::now();
     while rig.status(52, XVDA).requests < before + 16 && t.elapsed() < LONG {

@@ -386,7 +386,7 @@ impl HostileGuest {
             }
             Misbehaviour::ReconnectLoop => {
                 self.cycle(false);
-                if round % 3 == 0 {
+                if round.is_multiple_of(3) {
                     let r = self.fe().write(8 * (round % 512), &[round as u8; 4096]);
                     self.count([if r.is_ok() { 0 } else { -1 }]);
                 }
@@ -412,7 +412,7 @@ impl HostileGuest {
                 // Some I/O first, so that a zeroed ring is a step backwards.
                 let r = self.fe().write(0, &[round as u8; 4096]);
                 self.count([if r.is_ok() { 0 } else { -1 }]);
-                let reuse = if round % 2 == 0 {
+                let reuse = if round.is_multiple_of(2) {
                     RingReuse::Garbage(self.rng.next())
                 } else {
                     RingReuse::Zeroed
