@@ -9,7 +9,10 @@
 //! tight loop, revoking grants mid-request, sending garbage requests,
 //! unmapping and reusing its ring, switching `protocol` on every reconnect.
 //! Runs are interleaved (alone, A1, ..., A6, alone, A1, ...) `--reps` times so
-//! that machine drift hits every scenario alike; the table gives B's IOPS
+//! that machine drift hits every scenario alike. A reference run has A
+//! well-behaved and busy (B's own workload, flat out): what any busy
+//! neighbour costs B on this machine, to read the hostile rows against. The
+//! table gives B's IOPS
 //! (median, min-max), the ratio of the medians to B alone, pass/fail against
 //! 0.80 (issue 7: within 20 % of running alone) and what happened to A's own
 //! device. Exit status 1 if a scenario fails the bound.
@@ -93,7 +96,7 @@ fn args() -> Args {
 /// B's workload for `secs`: random 4 KiB reads and writes at QD8, reads
 /// verified against `model`. Returns IOPS.
 fn run_b(fe: &mut Frontend, rng: &mut Rng, model: &mut [u8], secs: f64) -> f64 {
-    let blocks = B_DISK / 4096;
+    let blocks = model.len() as u64 / 4096;
     let mut inflight: HashMap<u64, (u64, usize, bool)> = HashMap::new();
     let mut done = 0u64;
     let t0 = Instant::now();
@@ -132,9 +135,59 @@ fn pin_to(cpu: usize) {
         .unwrap_or_else(|e| panic!("pin to CPU {cpu}: {e}"));
 }
 
-/// One scenario name: "alone" or a misbehaviour.
-fn name(m: Option<Misbehaviour>) -> &'static str {
-    m.map_or("B alone", Misbehaviour::name)
+/// What guest A does while B is measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Scenario {
+    /// A is not connected.
+    Alone,
+    /// Reference: A is well-behaved and runs B's own workload flat out (what
+    /// any busy neighbour costs B on this machine).
+    Busy,
+    Hostile(Misbehaviour),
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Alone => "B alone",
+            Scenario::Busy => "(ref) A busy, well-behaved",
+            Scenario::Hostile(m) => m.name(),
+        }
+    }
+}
+
+/// Guest A's side of one run: connect, do `sc` until `stop`, leave the vbd
+/// ready for the next connect.
+fn guest_a(
+    xs: &std::path::Path,
+    guest: Arc<refblk::platform::sim::SimGuest>,
+    sc: Scenario,
+    seed: u64,
+    started: &AtomicBool,
+    stop: &AtomicBool,
+) -> Outcome {
+    let mut h = HostileGuest::connect(xs, guest, XVDA, seed);
+    started.store(true, Ordering::Release);
+    let o = match sc {
+        Scenario::Hostile(m) => h.run(m, &|| stop.load(Ordering::Acquire)),
+        Scenario::Busy => {
+            let fe = h.fe.as_mut().expect("connected");
+            let mut model = fe.read(0, A_DISK as usize).expect("A: read its disk");
+            let mut rng = Rng::new(seed);
+            let mut o = Outcome::default();
+            while !stop.load(Ordering::Acquire) {
+                let iops = run_b(fe, &mut rng, &mut model, 0.1);
+                o.rounds += 1;
+                o.ok += (iops * 0.1) as u64;
+            }
+            o
+        }
+        Scenario::Alone => unreachable!("A does not run alone"),
+    };
+    let mut fe = h.fe.take().expect("frontend");
+    let _ = fe.disconnect();
+    back_to_initialising(&fe);
+    o
 }
 
 fn main() {
@@ -167,8 +220,9 @@ fn main() {
     let a_guest = rig.guest(DOM_A, 65536);
     rig.attach(DOM_A, XVDA, &a_img, "w", AttachOptions::default());
 
-    let scenarios: Vec<Option<Misbehaviour>> = std::iter::once(None)
-        .chain(Misbehaviour::ALL.iter().copied().map(Some))
+    let scenarios: Vec<Scenario> = [Scenario::Alone, Scenario::Busy]
+        .into_iter()
+        .chain(Misbehaviour::ALL.iter().copied().map(Scenario::Hostile))
         .collect();
     let mut iops: Vec<Vec<f64>> = vec![Vec::new(); scenarios.len()];
     let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new(); scenarios.len()];
@@ -183,37 +237,30 @@ fn main() {
     run_b(&mut b, &mut rng, &mut model, 1.0);
     for rep in 0..a.reps {
         for (i, m) in scenarios.iter().enumerate() {
-            let v = match m {
-                None => run_b(&mut b, &mut rng, &mut model, a.secs),
-                Some(m) => {
+            let v = match *m {
+                Scenario::Alone => run_b(&mut b, &mut rng, &mut model, a.secs),
+                sc => {
                     let stop = Arc::new(AtomicBool::new(false));
                     let started = Arc::new(AtomicBool::new(false));
-                    let (stop2, started2, m2) = (stop.clone(), started.clone(), *m);
+                    let (stop2, started2) = (stop.clone(), started.clone());
                     let xs = rig.sim.xenstored_path();
                     let ag = a_guest.clone();
                     let seed = 1000 + rep as u64 * 16 + i as u64;
                     let pin = a.pin;
-                    let hostile = std::thread::spawn(move || {
+                    let a_thread = std::thread::spawn(move || {
                         if pin {
                             pin_to(1);
                         }
-                        let mut h = HostileGuest::connect(&xs, ag, XVDA, seed);
-                        started2.store(true, Ordering::Release);
-                        let o = h.run(m2, &|| stop2.load(Ordering::Acquire));
-                        // Leave the vbd ready for the next scenario's connect.
-                        let mut fe = h.fe.take().expect("hostile frontend");
-                        let _ = fe.disconnect();
-                        back_to_initialising(&fe);
-                        o
+                        guest_a(&xs, ag, sc, seed, &started2, &stop2)
                     });
-                    while !started.load(Ordering::Acquire) {
+                    while !started.load(Ordering::Acquire) && !a_thread.is_finished() {
                         std::thread::sleep(Duration::from_millis(5));
                     }
                     // Let A get going before measuring.
                     std::thread::sleep(Duration::from_millis(200));
                     let v = run_b(&mut b, &mut rng, &mut model, a.secs);
                     stop.store(true, Ordering::Release);
-                    let o = hostile.join().expect("hostile guest thread");
+                    let o = a_thread.join().expect("guest A's thread");
                     outcomes[i].push(o);
                     v
                 }
@@ -221,11 +268,11 @@ fn main() {
             eprintln!(
                 "  rep {}: {:<28} B {:>8.0} IOPS{}",
                 rep + 1,
-                name(*m),
+                m.name(),
                 v,
                 outcomes[i]
                     .last()
-                    .filter(|_| m.is_some())
+                    .filter(|_| *m != Scenario::Alone)
                     .map(|o| format!("   A: {o}"))
                     .unwrap_or_default()
             );
@@ -263,7 +310,7 @@ fn main() {
         loadavg()
     );
     println!(
-        "{:<28} {:>22} {:>8} {:>6}  hostile guest A (over all reps)",
+        "{:<28} {:>22} {:>8} {:>6}  guest A's own device (over all reps)",
         "scenario", "B IOPS median (min-max)", "ratio", "≥0.80"
     );
     let mut failed = false;
@@ -272,7 +319,8 @@ fn main() {
         let s = Spread::of(&iops[i]);
         let ratio = s.median / alone.median;
         let pass = ratio >= BOUND;
-        if m.is_some() && !pass {
+        let hostile = matches!(m, Scenario::Hostile(_));
+        if hostile && !pass {
             failed = true;
         }
         let tot = outcomes[i].iter().fold(Outcome::default(), |t, o| Outcome {
@@ -282,39 +330,39 @@ fn main() {
             disconnected: t.disconnected + o.disconnected,
             connects: t.connects + o.connects,
         });
-        let a_txt = if m.is_some() {
-            format!(
+        let a_txt = match m {
+            Scenario::Alone => "-".to_string(),
+            Scenario::Busy => format!("~{} requests, all OKAY and verified", tot.ok),
+            Scenario::Hostile(_) => format!(
                 "{} rounds; {} ok / {} error responses; disconnected {}x",
                 tot.rounds, tot.ok, tot.errors, tot.disconnected
-            )
-        } else {
-            "-".into()
+            ),
+        };
+        let verdict = match m {
+            Scenario::Alone => "-",
+            Scenario::Busy => "(ref)",
+            _ if pass => "pass",
+            _ => "FAIL",
         };
         println!(
             "{:<28} {:>8.0} ({:>5.0}-{:>5.0}) {:>8.2} {:>6}  {}",
-            name(*m),
+            m.name(),
             s.median,
             s.min,
             s.max,
             ratio,
-            if m.is_none() {
-                "-"
-            } else if pass {
-                "pass"
-            } else {
-                "FAIL"
-            },
+            verdict,
             a_txt
         );
         rows.push(serde_json::json!({
-            "scenario": name(*m),
+            "scenario": m.name(),
             "b_iops": iops[i],
             "b_iops_median": s.median,
             "b_iops_min": s.min,
             "b_iops_max": s.max,
             "ratio_to_alone": ratio,
-            "pass": if m.is_some() { serde_json::json!(pass) } else { serde_json::Value::Null },
-            "hostile": m.map(|_| serde_json::json!({
+            "pass": if hostile { serde_json::json!(pass) } else { serde_json::Value::Null },
+            "guest_a": (*m != Scenario::Alone).then(|| serde_json::json!({
                 "rounds": tot.rounds,
                 "ok_responses": tot.ok,
                 "error_responses": tot.errors,
