@@ -15,6 +15,7 @@
 //! disconnected, the daemon lives on, the backend releases the ring mapping
 //! when the device closes (the guest gets its pages back), and a second
 //! guest's verified workload running meanwhile is unaffected.
+//! The last test does it across a `kill -9` and restart of `refblk serve`.
 //! (Data pages revoked mid-request: `datapath_hostile::every_validation_rule_both_abis`.)
 
 mod datapath_support;
@@ -248,4 +249,120 @@ fn ring_grants_cleared_behind_the_backends_back() {
     close_reconnect_and_check(&rig, &mut fe, 62);
     check_good_guest(&rig, 61, &good_img, worker);
     rig.shutdown();
+}
+
+#[path = "datapath_support/serve.rs"]
+mod serve;
+
+#[test]
+fn ring_grants_cleared_then_the_daemon_restarts() {
+    // The guest clears its ring grant entries while `refblk serve` maps
+    // them; the daemon is then killed (-9) and restarted. The new daemon
+    // cannot map that ring again: it must not take the device over (and not
+    // crash), while it takes over a second guest's device, whose data and
+    // I/O go on.
+    use refblk::frontend::{Toolstack, VbdSpec};
+    use refblk::platform::sim::SimXen;
+    use refblk::xenstore::XsClient;
+    use serve::{device_status, Daemon};
+    use std::sync::Arc;
+    if !require_memlock_or_skip() {
+        return;
+    }
+    let dir = machine_dir();
+    let sim = SimXen::start(dir.path()).expect("simulated Xen");
+    let sock = dir.path().join("refblk.sock");
+    let mut daemon = Daemon::spawn(dir.path(), 0, &[]);
+    daemon.wait_control(&sock);
+    let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("toolstack xenstore");
+    let ts = Toolstack::with_control_socket(xs, &sock);
+    let opts = FrontendOptions {
+        timeout: Duration::from_secs(60),
+        ..FrontendOptions::default()
+    };
+    let mut fes = Vec::new();
+    for domid in [71u16, 72] {
+        ts.create_domain(domid).unwrap();
+        let guest = Arc::new(sim.create_guest(domid, 4096).unwrap());
+        let img = make_image(dir.path(), &format!("d{domid}.img"), DISK);
+        let spec = VbdSpec::new(domid, XVDA, &img);
+        let vbd = ts.add_vbd(&spec).unwrap();
+        let fe =
+            Frontend::connect(&sim.xenstored_path(), guest, XVDA, opts.clone()).expect("connect");
+        fes.push((fe, img, vbd, spec));
+    }
+    let (mut good, good_img, _, _) = fes.remove(0);
+    let (mut bad, _, bad_vbd, bad_spec) = fes.remove(0);
+    let a: Vec<u8> = (0..65536u32).map(|i| (i * 5 + 1) as u8).collect();
+    good.write(64, &a).unwrap();
+    bad.write(64, &a).unwrap();
+    let (_, _, grefs) = bad.raw_ring_pages(0).unwrap();
+    for g in &grefs {
+        assert!(
+            !bad.guest().end_access(*g).unwrap(),
+            "ring grant ended while the daemon maps it"
+        );
+        bad.guest().set_grant_entry_raw(*g, 0, 0, 0).unwrap();
+    }
+    daemon.kill9();
+    let mut daemon = Daemon::spawn(dir.path(), 1, &[]);
+    daemon.wait_control(&sock);
+    // The good guest's device is taken over.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while device_status(&sock, 71, XVDA).is_none_or(|s| s["state"] != "Connected") {
+        assert!(
+            Instant::now() < deadline,
+            "dom71 not taken over; log:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(good.read(64, a.len()).unwrap() == a);
+    let b: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+    good.write(1024, &b).unwrap();
+    assert!(good.read(1024, b.len()).unwrap() == b);
+    std::thread::sleep(Duration::from_millis(500));
+    let log = daemon.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("resumed after a restart") && l.contains("vbd 71/")),
+        "dom71 not resumed; log:\n{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("resumed after a restart") && l.contains("vbd 72/")),
+        "the ring with cleared grants was taken over; log:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("vbd 72/") && l.contains("cannot take the device over")),
+        "no reason logged for dom72; log:\n{log}"
+    );
+    // Its device is no longer Connected: the new daemon handles it as a new
+    // device (InitWait) that has no image until the toolstack attaches one
+    // again (docs/restart.md: not recoverable). The guest closes; once the
+    // toolstack re-runs the hotplug `add`, it connects again.
+    let st = bad.backend_state().unwrap();
+    assert_ne!(st, XenbusState::Connected);
+    assert_ne!(
+        device_status(&sock, 72, XVDA).unwrap()["state"],
+        "Connected"
+    );
+    bad.disconnect().expect("the hostile guest closes");
+    ts.hotplug_add(&bad_vbd, &bad_spec)
+        .expect("the toolstack attaches the image again");
+    bad.reconnect()
+        .expect("and connects again, with fresh ring grants");
+    bad.write(0, &[9u8; 4096]).unwrap();
+    assert!(bad.read(64, a.len()).unwrap() == a, "dom72's earlier data");
+    bad.disconnect().unwrap();
+    // The daemon is alive and closes cleanly.
+    good.disconnect().unwrap();
+    assert!(std::fs::read(&good_img).unwrap()[1024 * 512..1024 * 512 + b.len()] == b[..]);
+    drop(bad);
+    assert!(
+        daemon.term(),
+        "daemon exit after SIGTERM; log:\n{}",
+        daemon.log_text()
+    );
 }
