@@ -732,6 +732,12 @@ impl Frontend {
         // Answers that came in while closing.
         self.process_all();
         self.teardown_queues();
+        // The data pages cached for reuse go back to the guest: a closed
+        // frontend holds no guest memory (a guest that connects and closes
+        // many times, possibly through new `Frontend`s, must not run out).
+        for p in std::mem::take(&mut self.free_pages) {
+            let _ = self.guest.free_page(p);
+        }
         // Requests the backend never answered are gone with the rings.
         self.ops.clear();
         self.info = None;
