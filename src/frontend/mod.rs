@@ -31,7 +31,8 @@
 //!   or what we wrote, the rest of the slot must be untouched, the operation
 //!   echoed must be the one expected, ids must be ours.
 //! - [`Frontend::disconnect`] (Closing, wait for the backend, Closed, end the
-//!   ring grants) and [`Frontend::reconnect`] (back to Initialising).
+//!   ring grants, give the cached data pages back to the guest) and
+//!   [`Frontend::reconnect`] (back to Initialising).
 //!
 //! ```no_run
 //! # use std::sync::Arc;
