@@ -371,6 +371,18 @@ impl Queue {
         &self.ctx.name
     }
 
+    /// Has the frontend produced requests we have not consumed? (For a worker
+    /// polling before it sleeps; a broken index counts as work, so the pump
+    /// finds and reports it.)
+    pub fn has_new_requests(&self) -> bool {
+        !self.stopping && self.ctx.ring.unconsumed().map_or(true, |n| n > 0)
+    }
+
+    /// Have the next pass pump this queue.
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
     /// Does the worker need to call [`pump`](Self::pump)?
     pub fn wants_pump(&self) -> bool {
         self.dirty || !self.pending.is_empty()

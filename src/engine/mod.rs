@@ -1053,6 +1053,20 @@ impl Engine {
         }
     }
 
+    /// Are completions ready to reap? Without waiting; runs deferred task work
+    /// (one non-blocking `io_uring_enter`) only when the kernel flagged some.
+    pub fn peek_completions(&mut self) -> bool {
+        if !self.ring.completion().is_empty() {
+            return true;
+        }
+        if self.ring.submission().taskrun() {
+            if let Err(e) = self.enter(0) {
+                log::warn!("{e}");
+            }
+        }
+        !self.ring.completion().is_empty()
+    }
+
     /// Move every available completion into `out` (which keeps its capacity, so steady
     /// state does not allocate). Short reads/writes are continued internally and do not
     /// appear until done. Returns the number of completions appended.
