@@ -14,6 +14,7 @@ pub mod fekeys;
 pub mod pgrants;
 pub mod queue;
 pub mod state;
+pub(crate) mod worker;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -54,7 +55,14 @@ pub struct BackendConfig {
     pub persistent_grants: bool,
     /// Most persistently mapped pages per queue (LRU beyond that).
     pub max_persistent_grants: usize,
-    /// io_uring engine settings for every queue.
+    /// io_uring workers serving all queues (0: one per CPU).
+    pub workers: usize,
+    /// After a busy pass, a worker polls its rings and completions for this
+    /// many microseconds before it sleeps (0: never). Trades CPU for the
+    /// wake-up latency of low-queue-depth round trips.
+    pub poll_us: u32,
+    /// io_uring engine settings of every worker (one ring and one registered
+    /// buffer slab per worker, shared by the queues it serves).
     pub engine: EngineConfig,
     /// Keep restart state here (one file per connected device, one journal
     /// per queue) and take over the devices found in it on start. `None`:
@@ -74,7 +82,15 @@ impl Default for BackendConfig {
             max_indirect_segments: 256,
             persistent_grants: false,
             max_persistent_grants: pgrants::DEFAULT_MAX_PERSISTENT,
-            engine: EngineConfig::default(),
+            workers: 0,
+            poll_us: 0,
+            engine: EngineConfig {
+                // One worker's ring serves many queues: room for their polls and
+                // for several deep rings in flight.
+                queue_depth: 512,
+                slab_bytes: 8 << 20,
+                ..EngineConfig::default()
+            },
             state_dir: None,
             observer: None,
         }
@@ -230,7 +246,7 @@ pub struct Backend {
     devices: BTreeMap<DevKey, Device>,
     cmd_tx: Sender<Command>,
     cmd_rx: Receiver<Command>,
-    ev_tx: Sender<Event>,
+    rt: worker::Runtime,
     ev_rx: Receiver<Event>,
 }
 
@@ -248,6 +264,11 @@ impl Backend {
             .map_err(|e| io::Error::other(format!("xenstore watch @releaseDomain: {e}")))?;
         let (cmd_tx, cmd_rx) = unbounded();
         let (ev_tx, ev_rx) = unbounded();
+        let workers = Arc::new(worker::Workers::start(
+            cfg.workers,
+            &cfg.engine,
+            Duration::from_micros(u64::from(cfg.poll_us)),
+        )?);
         info!("watching {base} on {} xen", platform.name());
         let mut b = Backend {
             platform,
@@ -257,7 +278,10 @@ impl Backend {
             devices: BTreeMap::new(),
             cmd_tx,
             cmd_rx,
-            ev_tx,
+            rt: worker::Runtime {
+                events: ev_tx,
+                workers,
+            },
             ev_rx,
         };
         // Before any watch event is handled: a device we take over must not
@@ -282,7 +306,7 @@ impl Backend {
                 }
             };
             let key = (st.domid, st.devid);
-            match Device::resume(&st, &sd, &self.xs, &self.platform, &self.cfg, &self.ev_tx) {
+            match Device::resume(&st, &sd, &self.xs, &self.platform, &self.cfg, &self.rt) {
                 Ok(d) => {
                     self.devices.insert(key, d);
                 }
@@ -631,7 +655,7 @@ impl Backend {
                     // As Linux blkback: follow a frontend that gives up.
                     d.switch_state(xs, S::Closing)?;
                 } else if d.image.is_some() && matches!(fe_state, S::Initialised | S::Connected) {
-                    if let Err(e) = d.connect(xs, &self.platform, &self.cfg, &self.ev_tx) {
+                    if let Err(e) = d.connect(xs, &self.platform, &self.cfg, &self.rt) {
                         warn!("vbd {}/{}: cannot connect: {e}", key.0, key.1);
                         d.switch_state(xs, S::Closing)?;
                     }

@@ -45,6 +45,13 @@ pub struct ServeArgs {
     /// Never use O_DIRECT on images (use the page cache).
     #[arg(long)]
     pub buffered: bool,
+    /// io_uring worker threads serving all devices (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// After a busy pass, a worker polls rings and completions this many
+    /// microseconds before sleeping (0: never; costs CPU, saves wake-ups).
+    #[arg(long, default_value_t = 0)]
+    pub poll_us: u32,
     /// Start even if the kernel's xen-blkback is loaded (it claims every vbd).
     #[arg(long)]
     pub allow_blkback: bool,
@@ -67,6 +74,7 @@ pub struct ServeArgs {
 pub fn run(a: ServeArgs) -> CliResult {
     super::signals::block_terminate()
         .map_err(|e| CliError::failed(format!("blocking signals: {e}")))?;
+    raise_fd_limit();
     let platform: Arc<dyn Platform> = match &a.sim {
         Some(dir) => Arc::new(SimPlatform::new(dir).map_err(|e| {
             CliError::failed(format!(
@@ -107,6 +115,8 @@ pub fn run(a: ServeArgs) -> CliResult {
         max_ring_page_order: a.max_ring_page_order,
         max_indirect_segments: a.max_indirect_segments,
         persistent_grants: a.persistent_grants,
+        workers: a.workers,
+        poll_us: a.poll_us,
         ..BackendConfig::default()
     };
     if a.buffered {
@@ -276,4 +286,19 @@ pub fn run_ctl(a: CtlArgs) -> CliResult {
         }
     }
     Ok(())
+}
+
+/// A device holds a few descriptors (image, event channel, journal, grant
+/// mappings): raise the soft RLIMIT_NOFILE to the hard limit so hundreds of
+/// devices fit (the usual soft limit is 1024).
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => log::debug!("RLIMIT_NOFILE raised from {soft} to {hard}"),
+            Err(e) => log::warn!("cannot raise RLIMIT_NOFILE from {soft} to {hard}: {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => log::warn!("getrlimit(RLIMIT_NOFILE): {e}"),
+    }
 }
