@@ -22,10 +22,12 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use log::{debug, info, warn};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use super::limits::{LimiterChain, MAX_WAIT};
 use super::pgrants::PersistentGrants;
 use super::state::{Journal, Replay};
 use crate::blkif::{
@@ -39,29 +41,18 @@ use xen_sys::blkif::{BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY};
 const TAG_EVTCHN: u64 = u64::MAX;
 /// user_data of the stop eventfd poll.
 const TAG_STOP: u64 = u64::MAX - 1;
-/// Engine op slots kept free for poll re-arms and a barrier's flush.
-const ENGINE_RESERVE: usize = 3;
+/// limits: user_data of the one-shot timer armed while a limit delays a request.
+const TAG_THROTTLE: u64 = u64::MAX - 2;
+/// Engine op slots kept free for poll re-arms, a barrier's flush and the
+/// limit timer.
+const ENGINE_RESERVE: usize = 4;
 /// At most this many parsed requests wait for buffers before we stop consuming.
 const MAX_PENDING: usize = 64;
 /// Journal entry of a request on a queue without a journal.
 const NO_ENTRY: u32 = u32::MAX;
 
-/// Counters of one queue, shared with the device for status and tests.
-#[derive(Debug, Default)]
-pub struct QueueStats {
-    pub requests: AtomicU64,
-    pub reads: AtomicU64,
-    pub writes: AtomicU64,
-    pub flushes: AtomicU64,
-    pub discards: AtomicU64,
-    pub errors: AtomicU64,
-    pub rejected: AtomicU64,
-    pub fdatasyncs: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-    /// Requests re-executed after a restart.
-    pub replayed: AtomicU64,
-}
+// stats: the counters moved to stats.rs (re-exported here).
+pub use super::stats::QueueStats;
 
 /// What a queue did, in the order it did it (see [`IoObserver`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +115,8 @@ pub(crate) struct QueueCtx {
     pub replay: Vec<Replay>,
     /// Test hook: told about every step (None in production).
     pub observer: Option<Observer>,
+    /// limits: the device's and the domain's limiters (reads and writes only).
+    pub limiter: LimiterChain,
 }
 
 /// What a started request is waiting for.
@@ -147,6 +140,8 @@ struct Inflight {
     stage: Stage,
     pieces: Vec<Piece>,
     len: u64,
+    /// stats: when it was consumed (None: collection off).
+    t0: Option<Instant>,
 }
 
 /// A parsed request that has not been started yet.
@@ -182,8 +177,11 @@ struct Queue {
     ctx: QueueCtx,
     slots: Vec<Option<Inflight>>,
     free_slots: Vec<usize>,
-    /// Parsed requests not started yet, with their journal entries.
-    pending: VecDeque<(u32, Pending)>,
+    /// Parsed requests not started yet, with their journal entries and
+    /// (stats) consume times.
+    pending: VecDeque<(u32, Pending, Option<Instant>)>,
+    /// limits: a TAG_THROTTLE timer is armed (at most one per queue).
+    throttle_timer: bool,
     /// A barrier is in progress: nothing else starts until it is answered.
     barrier_active: bool,
     stopping: bool,
@@ -204,6 +202,7 @@ pub(crate) fn run(ctx: QueueCtx) -> Result<(), String> {
         slots: (0..nslots).map(|_| None).collect(),
         free_slots: (0..nslots).rev().collect(),
         pending: VecDeque::new(),
+        throttle_timer: false,
         barrier_active: false,
         stopping: false,
         indirect_buf: vec![0u8; xen_sys::blkif::BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST * PAGE_SIZE],
@@ -342,21 +341,23 @@ impl Queue {
     /// Validate one consumed request: queue it, or answer a rejection.
     fn accept(&mut self, jent: u32, raw: &RawRequest) {
         self.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let t0 = self.ctx.stats.consumed(); // stats: consume time, queue depth + 1
         self.observe(IoEvent::Consumed {
             id: raw.id(),
             op: raw.operation(),
         });
         match parse_request(raw, &self.ctx.disk) {
-            Ok(req) => self.enqueue(jent, req),
+            Ok(req) => self.enqueue(jent, req, t0),
             Err(rej) => {
                 debug!("{}: rejected request: {rej}", self.ctx.name);
                 self.ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                self.ctx.stats.answered(t0, rej.operation, false, 0, false); // stats
                 self.respond(jent, rej.id, rej.operation, rej.status);
             }
         }
     }
 
-    fn enqueue(&mut self, jent: u32, req: Request) {
+    fn enqueue(&mut self, jent: u32, req: Request, t0: Option<Instant>) {
         let op = req.response_op();
         let p = match req {
             Request::Rw(r) => Pending::Rw(r),
@@ -375,12 +376,12 @@ impl Queue {
                 secure,
             },
         };
-        self.pending.push_back((jent, p));
+        self.pending.push_back((jent, p, t0));
     }
 
     /// Start pending requests in order until one cannot start yet.
     fn start_pending(&mut self) {
-        while let Some((_, p)) = self.pending.front() {
+        while let Some((_, p, _)) = self.pending.front() {
             if self.barrier_active {
                 return;
             }
@@ -407,12 +408,14 @@ impl Queue {
                     None => {
                         // Nothing in flight and still no room: the slab is smaller
                         // than one request. Refuse it rather than stall the ring.
-                        let (jent, p) = self.pending.pop_front().expect("front exists");
+                        let (jent, p, t0) = self.pending.pop_front().expect("front exists");
                         if let Pending::Rw(r) = p {
                             warn!(
                                 "{}: request of {} bytes exceeds the buffer slab",
                                 self.ctx.name, r.len
                             );
+                            let st = &self.ctx.stats;
+                            st.answered(t0, r.response_op, false, r.len, false); // stats
                             self.respond(jent, r.id, r.response_op, BLKIF_RSP_ERROR);
                         }
                         continue;
@@ -421,27 +424,68 @@ impl Queue {
             } else {
                 None
             };
-            let (jent, p) = self.pending.pop_front().expect("front exists");
+            // limits: a read or write starts only when the device's and the
+            // domain's limiters admit it; else it waits (ring order kept) and a
+            // timer wakes the queue. Not while stopping: a stop must not wait.
+            let cost = rw_cost(p).filter(|_| region.is_some() && !self.stopping);
+            if let Some((write, bytes)) = cost {
+                if let Err(at) = self.ctx.limiter.admit(write, bytes, Instant::now()) {
+                    if let Some(r) = region {
+                        self.ctx.engine.free(r);
+                    }
+                    self.ctx.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    self.arm_throttle_timer(at);
+                    return;
+                }
+            }
+            let (jent, p, t0) = self.pending.pop_front().expect("front exists");
             self.free_slots.pop();
-            self.start(slot, jent, p, region);
+            self.start(slot, jent, p, region, t0);
         }
     }
 
-    fn start(&mut self, slot: usize, jent: u32, p: Pending, region: Option<BufRegion>) {
+    /// limits: wake up at `at` (at most MAX_WAIT from now) to try again; one
+    /// timer per queue.
+    fn arm_throttle_timer(&mut self, at: Instant) {
+        if self.throttle_timer {
+            return;
+        }
+        let after = at.saturating_duration_since(Instant::now()).min(MAX_WAIT);
+        match self.push_op(TAG_THROTTLE, Op::Timeout { after }) {
+            Ok(()) => self.throttle_timer = true,
+            Err(e) => warn!("{}: cannot arm the limit timer: {e}", self.ctx.name),
+        }
+    }
+
+    fn start(
+        &mut self,
+        slot: usize,
+        jent: u32,
+        p: Pending,
+        region: Option<BufRegion>,
+        t0: Option<Instant>,
+    ) {
+        // stats: the request now runs on the image (in-flight gauge + 1); its
+        // answer (`finish`) takes it back off.
+        if !matches!(p, Pending::Indirect(_)) {
+            self.ctx.stats.started();
+        }
         match p {
             Pending::Indirect(ind) => {
                 // Fetch the segment list, then treat it as a plain read/write.
                 self.free_slots.push(slot);
                 match self.fetch_indirect(&ind) {
-                    Ok(rw) => self.pending.push_front((jent, Pending::Rw(rw))),
+                    Ok(rw) => self.pending.push_front((jent, Pending::Rw(rw), t0)),
                     Err((status, why)) => {
                         debug!("{}: indirect request refused: {why}", self.ctx.name);
                         self.ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                        let op = ind.response_op();
+                        self.ctx.stats.answered(t0, op, false, 0, false); // stats
                         self.respond(jent, ind.id, ind.response_op(), status);
                     }
                 }
             }
-            Pending::Rw(r) => self.start_rw(slot, jent, r, region),
+            Pending::Rw(r) => self.start_rw(slot, jent, r, region, t0),
             Pending::Flush { id, op } => {
                 self.ctx.stats.flushes.fetch_add(1, Ordering::Relaxed);
                 self.slots[slot] = Some(Inflight {
@@ -451,6 +495,7 @@ impl Queue {
                     stage: Stage::Flush,
                     pieces: Vec::new(),
                     len: 0,
+                    t0,
                 });
                 self.submit_or_fail(slot, Op::Fdatasync);
             }
@@ -466,6 +511,7 @@ impl Queue {
                     // Nothing to discard: done (Linux blkback answers OKAY too;
                     // fallocate would refuse a zero length).
                     self.free_slots.push(slot);
+                    self.ctx.stats.answered(t0, op, true, 0, true); // stats
                     self.respond(jent, id, op, BLKIF_RSP_OKAY);
                     return;
                 }
@@ -476,6 +522,7 @@ impl Queue {
                     stage: Stage::Discard,
                     pieces: Vec::new(),
                     len,
+                    t0,
                 });
                 let op = if secure {
                     Op::ZeroRange { offset, len }
@@ -487,7 +534,14 @@ impl Queue {
         }
     }
 
-    fn start_rw(&mut self, slot: usize, jent: u32, r: RwRequest, region: Option<BufRegion>) {
+    fn start_rw(
+        &mut self,
+        slot: usize,
+        jent: u32,
+        r: RwRequest,
+        region: Option<BufRegion>,
+        t0: Option<Instant>,
+    ) {
         if r.barrier {
             self.barrier_active = true;
         }
@@ -503,6 +557,7 @@ impl Queue {
             stage,
             pieces: r.pieces,
             len: r.len,
+            t0,
         });
         let Some(region) = region else {
             // A barrier without data: just the flush.
@@ -681,6 +736,11 @@ impl Queue {
                 self.stopping = true;
                 return Ok(());
             }
+            TAG_THROTTLE => {
+                // limits: the loop calls start_pending again.
+                self.throttle_timer = false;
+                return Ok(());
+            }
             _ => {}
         }
         let slot = c.user_data as usize;
@@ -784,6 +844,9 @@ impl Queue {
         if status != BLKIF_RSP_OKAY {
             self.ctx.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
+        // stats: latency, sectors and ok/error per op; gauges - 1.
+        let ok = status == BLKIF_RSP_OKAY;
+        self.ctx.stats.answered(i.t0, i.op, true, i.len, ok);
         self.respond(i.jent, i.id, i.op, status);
     }
 
@@ -814,6 +877,16 @@ impl Queue {
                 warn!("{}: notify failed: {e}", self.ctx.name);
             }
         }
+    }
+}
+
+/// limits: what a pending request costs (write?, bytes); None for requests
+/// that are not limited (flush, discard, barrier without data, indirect not
+/// fetched yet).
+fn rw_cost(p: &Pending) -> Option<(bool, u64)> {
+    match p {
+        Pending::Rw(r) => Some((r.op == RwOp::Write, r.len)),
+        _ => None,
     }
 }
 
