@@ -9,7 +9,7 @@
 //! - `detach <backend-path>`
 //! - `resize`
 //! - `status` (every device with its counters, statistics and limits)
-//! - `limit <target> LIMIT=VALUE ...` (target: domain id or name, a backend
+//! - `limit <target> [LIMIT=VALUE ...]` (no pairs: show the current limits; target: domain id or name, a backend
 //!   path or DOMAIN/VDEV; see `docs/operations.md`)
 //!
 //! LIMIT is one of `read-iops`, `write-iops`, `read-bps`, `write-bps`,
@@ -230,13 +230,8 @@ pub fn handle_line(line: &str, backend: &BackendHandle) -> Value {
                     KEYS.join(", ")
                 ));
             };
+            // No pairs: nothing changes, the answer shows the current limits.
             let patch = match LimitsPatch::parse_pairs(words) {
-                Ok(p) if p.is_empty() => {
-                    return fail(format!(
-                        "limit {target}: no KEY=VALUE given (keys: {})",
-                        KEYS.join(", ")
-                    ))
-                }
                 Ok(p) => p,
                 Err(e) => return fail(format!("limit {target}: {e}")),
             };

@@ -660,8 +660,10 @@ impl Backend {
             }
         };
         let limits = lim.limits().patched(patch);
-        lim.set(limits);
-        info!("{describe}: limits now {limits}");
+        if !patch.is_empty() {
+            lim.set(limits);
+            info!("{describe}: limits now {limits}");
+        }
         Ok(LimitsSet {
             target: t,
             describe,
