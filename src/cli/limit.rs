@@ -61,8 +61,7 @@ impl LimitArgs {
         ];
         for (k, v) in keys {
             if let Some(v) = v {
-                p.set(k, v)
-                    .map_err(|e| CliError::usage(format!("--{e}")))?;
+                p.set(k, v).map_err(|e| CliError::usage(format!("--{e}")))?;
             }
         }
         Ok(p)

@@ -734,6 +734,8 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             );
             Ok(())
         }
-        VolumeCommand::Limit { pool, vid, limits } => super::limit::run_volume(&pool, &vid, &limits),
+        VolumeCommand::Limit { pool, vid, limits } => {
+            super::limit::run_volume(&pool, &vid, &limits)
+        }
     }
 }

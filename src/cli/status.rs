@@ -237,7 +237,12 @@ pub fn render(prev: &Value, cur: &Value, dt: f64, when: String) -> String {
         "refblk  {when} UTC  {} device(s)  {tiops:.0} IOPS  {tmb:.1} MB/s  (over {dt:.1} s)\n\n",
         rows.len()
     );
-    let w_dom = rows.iter().map(|r| r.domain.len()).max().unwrap_or(0).max(6);
+    let w_dom = rows
+        .iter()
+        .map(|r| r.domain.len())
+        .max()
+        .unwrap_or(0)
+        .max(6);
     let w_lim = rows.iter().map(|r| r.limit.len()).max().unwrap_or(0).max(5);
     s.push_str(&format!(
         "{:<w_dom$}  {:<6}  {:<12}  {:>8}  {:>8}  {:>7}  {:>7}  {:>4}  {:<w_lim$}  IMAGE\n",
