@@ -620,6 +620,12 @@ impl Device {
                     .resume()
                     .map_err(|e| io::Error::other(format!("volume {}: resume: {e}", v.vid)))?;
                 d.volume = Some(vol);
+                // limits: the volume's stored limits (a disk line's are not kept
+                // across a restart).
+                match crate::pool::limits::load(&v.pool, &v.vid) {
+                    Ok(l) => d.limiter.set(l),
+                    Err(e) => log::warn!("volume {}: {e}; serving it unlimited", v.vid),
+                }
                 p
             }
         };

@@ -246,7 +246,7 @@ impl fmt::Display for Limits {
 
 fn fmt_size(n: u64) -> String {
     for (s, m) in [("G", 1u64 << 30), ("M", 1 << 20), ("K", 1 << 10)] {
-        if n % m == 0 {
+        if n.is_multiple_of(m) {
             return format!("{}{s}", n / m);
         }
     }

@@ -121,6 +121,12 @@ pub fn run_volume(pool: &super::pool::PoolArg, vid: &str, a: &LimitArgs) -> CliR
     let p = pool.open()?;
     // The volume must exist (a typo must not store limits nobody reads).
     let v = p.volume(vid)?;
+    if !v.exists()? {
+        return Err(CliError {
+            code: 3,
+            msg: format!("volume {vid} does not exist in {}", p.dir().display()),
+        });
+    }
     let dir = p.dir().to_path_buf();
     let cur = crate::pool::limits::load(&dir, v.vid())?;
     let new = cur.patched(&patch);

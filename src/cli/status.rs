@@ -129,9 +129,9 @@ fn fmt_latency(us: Option<f64>) -> String {
 fn fmt_limits(l: &Value) -> String {
     let u = |k: &str| l[k].as_u64().unwrap_or(0);
     let size = |n: u64| {
-        if n >= 1 << 20 && n % (1 << 20) == 0 {
+        if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
             format!("{}M", n >> 20)
-        } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+        } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
             format!("{}K", n >> 10)
         } else {
             n.to_string()
