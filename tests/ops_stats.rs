@@ -187,7 +187,7 @@ fn status_and_limit_commands() {
     assert!(o.status.success(), "{err}");
     let header = out.lines().find(|l| l.starts_with("DOMAIN")).expect(&out);
     for col in [
-        "VDEV", "STATE", "IOPS", "MB/s", "P50", "P99", "QD", "LIMIT", "IMAGE",
+        "VDEV", "STATE", "IOPS", "MiB/s", "P50", "P99", "QD", "LIMIT", "IMAGE",
     ] {
         assert!(header.contains(col), "{header}");
     }
@@ -237,7 +237,7 @@ fn status_and_limit_commands() {
     assert!(o.status.success());
     let o = refblk(&["status", "--control", s, "--interval", "0.1"]);
     let (out, _) = text(&o);
-    assert!(out.contains("r300/s,w300/s+r250/s,w8MB/s"), "{out}");
+    assert!(out.contains("r300/s,w300/s+r250/s,w8MiB/s"), "{out}");
     let o = refblk(&["limit", "--control", s, "statsvm", "--read-iops", "many"]);
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");

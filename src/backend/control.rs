@@ -152,6 +152,15 @@ fn status_json(s: &DeviceStatus) -> Value {
     })
 }
 
+/// Microseconds since the daemon's first status answer (monotonic).
+fn sampled_us() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_micros() as u64
+}
+
 /// Answer one request line.
 pub fn handle_line(line: &str, backend: &BackendHandle) -> Value {
     let mut words = line.split_whitespace();
@@ -250,7 +259,9 @@ pub fn handle_line(line: &str, backend: &BackendHandle) -> Value {
         }
         Some("status") => {
             let devs: Vec<Value> = backend.status().iter().map(status_json).collect();
-            json!({"ok": true, "devices": devs})
+            // When the counters were read (µs of the daemon's monotonic clock),
+            // so that rates from two answers do not depend on the reader's timing.
+            json!({"ok": true, "sampled_us": sampled_us(), "devices": devs})
         }
         Some(other) => fail(format!("unknown request {other:?}")),
         None => fail("empty request".into()),

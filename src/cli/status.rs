@@ -17,7 +17,7 @@ use crate::backend::stats::{OpClass, StatsSnapshot};
 /// Arguments of `refblk status`.
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\
-Rates (IOPS, MB/s) and latencies (p50, p99, from the daemon's log2 \
+Rates (IOPS, MiB/s) and latencies (p50, p99, from the daemon's log2 \
 histograms, all operations) are measured between two samples INTERVAL \
 apart, so the table appears after one interval. QD is the number of \
 requests taken off the ring and not answered yet. LIMIT shows the device's \
@@ -78,7 +78,15 @@ pub fn run(a: StatusArgs) -> CliResult {
                 // Clear the screen and go home, as top does.
                 write!(out, "\x1b[H\x1b[2J")?;
             }
-            let dt = cur.1.duration_since(prev.1).as_secs_f64();
+            // The daemon's own sample times when it gives them (same daemon:
+            // later and not absurdly far from ours), else ours.
+            let local = cur.1.duration_since(prev.1).as_secs_f64();
+            let dt = match (prev.0["sampled_us"].as_u64(), cur.0["sampled_us"].as_u64()) {
+                (Some(a), Some(b)) if b > a && ((b - a) as f64 / 1e6) < local * 2.0 + 1.0 => {
+                    (b - a) as f64 / 1e6
+                }
+                _ => local,
+            };
             write!(out, "{}", render(&prev.0, &cur.0, dt, now_utc()))?;
         }
         out.flush()?;
@@ -130,9 +138,9 @@ fn fmt_limits(l: &Value) -> String {
     let u = |k: &str| l[k].as_u64().unwrap_or(0);
     let size = |n: u64| {
         if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
-            format!("{}M", n >> 20)
+            format!("{}Mi", n >> 20)
         } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
-            format!("{}K", n >> 10)
+            format!("{}Ki", n >> 10)
         } else {
             n.to_string()
         }
@@ -156,6 +164,8 @@ fn fmt_limits(l: &Value) -> String {
         parts.join(",")
     }
 }
+
+const MIB: f64 = (1u64 << 20) as f64;
 
 /// One device's row values from two samples `dt` seconds apart.
 struct Row {
@@ -181,11 +191,11 @@ fn row(prev: Option<&Value>, d: &Value, dt: f64) -> Row {
     let (iops, mbps) = if delta.collected {
         let reqs: u64 = delta.ops.iter().map(|o| o.requests).sum();
         let sect = delta.op(OpClass::Read).sectors + delta.op(OpClass::Write).sectors;
-        (reqs as f64 / dt, sect as f64 * 512.0 / 1e6 / dt)
+        (reqs as f64 / dt, sect as f64 * 512.0 / MIB / dt)
     } else {
         (
             delta.requests as f64 / dt,
-            (delta.bytes_read + delta.bytes_written) as f64 / 1e6 / dt,
+            (delta.bytes_read + delta.bytes_written) as f64 / MIB / dt,
         )
     };
     let all = delta.all_ops();
@@ -234,7 +244,7 @@ pub fn render(prev: &Value, cur: &Value, dt: f64, when: String) -> String {
         .iter()
         .fold((0.0, 0.0), |(i, m), r| (i + r.iops, m + r.mbps));
     let mut s = format!(
-        "refblk  {when} UTC  {} device(s)  {tiops:.0} IOPS  {tmb:.1} MB/s  (over {dt:.1} s)\n\n",
+        "refblk  {when} UTC  {} device(s)  {tiops:.0} IOPS  {tmb:.1} MiB/s  (over {dt:.1} s)\n\n",
         rows.len()
     );
     let w_dom = rows
@@ -246,7 +256,7 @@ pub fn render(prev: &Value, cur: &Value, dt: f64, when: String) -> String {
     let w_lim = rows.iter().map(|r| r.limit.len()).max().unwrap_or(0).max(5);
     s.push_str(&format!(
         "{:<w_dom$}  {:<6}  {:<12}  {:>8}  {:>8}  {:>7}  {:>7}  {:>4}  {:<w_lim$}  IMAGE\n",
-        "DOMAIN", "VDEV", "STATE", "IOPS", "MB/s", "P50", "P99", "QD", "LIMIT"
+        "DOMAIN", "VDEV", "STATE", "IOPS", "MiB/s", "P50", "P99", "QD", "LIMIT"
     ));
     for r in &rows {
         s.push_str(&format!(
@@ -282,7 +292,7 @@ mod tests {
         a.ops[0].hist[7] = 100; // [64,128) us
         let mut b = a.clone();
         b.ops[0].requests = 600;
-        b.ops[0].sectors = 4800;
+        b.ops[0].sectors = 800 + 4096;
         b.ops[0].hist[7] = 350;
         b.ops[0].hist[11] = 250; // [1024,2048) us
         let dev = |s: &StatsSnapshot| {
@@ -296,7 +306,7 @@ mod tests {
         let cols: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(cols[1], "xvda");
         assert_eq!(cols[3], "250"); // 500 requests in 2 s
-        assert_eq!(cols[4], "1.0"); // 4000 sectors * 512 / 2 s
+        assert_eq!(cols[4], "1.0"); // 4096 sectors * 512 / 2 s = 1 MiB/s
         assert!(cols[5].ends_with("us"), "{line}"); // p50 in the fast bucket
         assert!(cols[6].ends_with("ms"), "{line}"); // p99 in the slow one
         assert_eq!(cols[8], "r500/s");
