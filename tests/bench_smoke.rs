@@ -61,8 +61,10 @@ fn every_path_produces_sane_numbers() {
                 ((s.mbps * 1e6) / (s.iops * bs) - 1.0).abs() < 1e-6,
                 "{what}: MB/s and IOPS disagree: {s:?}"
             );
+            // (p99 may be far below the mean: one op stalled for 50 ms in a
+            // thousand, on a loaded machine, lifts the mean alone.)
             assert!(
-                s.lat_mean_us > 0.0 && s.lat_p99_us >= s.lat_mean_us * 0.5,
+                s.lat_mean_us > 0.0 && s.lat_p99_us > 0.0,
                 "{what}: latency {s:?}"
             );
             assert!(

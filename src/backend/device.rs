@@ -8,19 +8,17 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
-use crossbeam_channel::Sender;
 use log::info;
-use nix::sys::eventfd::EventFd;
 
 use super::limits::{Limiter, LimiterChain, Limits};
-use super::queue::{self, QueueCtx, QueueStats};
+use super::queue::{QueueCtx, QueueStats};
 use super::state::{DeviceState, Journal, QueueState, Replay, StateDir, VolumeRef};
 use super::stats::StatsSnapshot;
+use super::worker::{Runtime, Ticket, Workers};
 use super::{BackendConfig, DevKey, Event};
 use crate::blkif::{Abi, BackRing, DiskInfo, Features};
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::ImageFile;
 use crate::platform::{DomId, EventChannel, Platform};
 use crate::xenstore::XsClient;
 use xen_sys::xenbus::XenbusState;
@@ -55,26 +53,25 @@ pub(crate) struct Image {
 }
 
 struct QueueHandle {
-    stop: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    ticket: Ticket,
     stats: Arc<QueueStats>,
     finished: Arc<AtomicBool>,
 }
 
 struct Connection {
     queues: Vec<QueueHandle>,
+    workers: Arc<Workers>,
     sectors: Arc<AtomicU64>,
     abi: Abi,
     /// Where this connection's restart state lives (removed on disconnect).
     state_dir: Option<StateDir>,
 }
 
-/// One queue ready to run: mapped ring, bound channel, engine, journal and
-/// the requests to re-execute.
+/// One queue ready to run: mapped ring, bound channel, journal and the
+/// requests to re-execute.
 struct Prepared {
     ring: BackRing,
     evtchn: Box<dyn EventChannel>,
-    engine: Engine,
     journal: Option<Journal>,
     replay: Vec<Replay>,
 }
@@ -302,7 +299,7 @@ impl Device {
         xs: &XsClient,
         platform: &Arc<dyn Platform>,
         cfg: &BackendConfig,
-        events: &Sender<Event>,
+        rt: &Runtime,
     ) -> io::Result<()> {
         let fe = self
             .fe
@@ -324,9 +321,7 @@ impl Device {
         let abi = keys.abi;
         let persistent = cfg.persistent_grants && keys.persistent;
         let sectors = Self::sectors_of(img)?;
-        let mut ecfg: EngineConfig = cfg.engine.clone();
-        ecfg.read_only = img.read_only;
-        let fd_path = PathBuf::from(format!("/proc/self/fd/{}", img.file.as_raw_fd()));
+        let file = Self::open_for_io(img, cfg)?;
 
         let nq = keys.queues.len();
         let mut prepared = Vec::new();
@@ -339,17 +334,14 @@ impl Device {
             let evtchn = platform.bind_interdomain(domid, port).map_err(|e| {
                 io::Error::new(e.kind(), format!("bind port {port} of dom{domid}: {e}"))
             })?;
-            let engine = Engine::open(&fd_path, &ecfg)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", img.path.display())))?;
             prepared.push(Prepared {
                 ring,
                 evtchn,
-                engine,
                 journal: None,
                 replay: Vec::new(),
             });
         }
-        let caps = prepared[0].engine.info().fs.clone();
+        let caps = file.fs.clone();
         let discard = caps.punch_hole && !img.read_only;
         let secure = discard && caps.zero_range;
         let disk = DiskInfo {
@@ -437,7 +429,7 @@ impl Device {
         })?;
         let (sector_size, img_ro) = (img.sector_size, img.read_only);
         self.start_queues(
-            platform, cfg, events, prepared, disk, persistent, abi, state_dir,
+            platform, cfg, rt, &file, prepared, disk, persistent, abi, state_dir,
         )?;
         info!(
             "{}: connected ({} queue(s), {}, {} sectors of {} bytes{}{}{})",
@@ -457,13 +449,24 @@ impl Device {
         Ok(())
     }
 
-    /// Start one thread per prepared queue and become Connected.
+    /// Open the image for the engines: O_DIRECT (per the configuration) through
+    /// the device's own descriptor, so a path renamed meanwhile cannot matter.
+    fn open_for_io(img: &Image, cfg: &BackendConfig) -> io::Result<Arc<ImageFile>> {
+        let fd_path = PathBuf::from(format!("/proc/self/fd/{}", img.file.as_raw_fd()));
+        let mut f = ImageFile::open(&fd_path, img.read_only, cfg.engine.direct)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", img.path.display())))?;
+        f.path = img.path.clone();
+        Ok(Arc::new(f))
+    }
+
+    /// Hand every prepared queue to the io workers and become Connected.
     #[allow(clippy::too_many_arguments)]
     fn start_queues(
         &mut self,
         platform: &Arc<dyn Platform>,
         cfg: &BackendConfig,
-        events: &Sender<Event>,
+        rt: &Runtime,
+        file: &Arc<ImageFile>,
         prepared: Vec<Prepared>,
         disk: DiskInfo,
         persistent: bool,
@@ -472,16 +475,14 @@ impl Device {
     ) -> io::Result<()> {
         let domid = self.key.0;
         let sectors_shared = Arc::new(AtomicU64::new(disk.sectors));
-        let mut queues = Vec::new();
+        let mut queues: Vec<QueueHandle> = Vec::new();
         for (i, p) in prepared.into_iter().enumerate() {
             let Prepared {
                 ring,
                 evtchn,
-                engine,
                 journal,
                 replay,
             } = p;
-            let stop = Arc::new(queue::stop_fd()?);
             let stats = Arc::new(QueueStats::new(cfg.collect_stats)); // stats: on/off
             let finished = Arc::new(AtomicBool::new(false));
             let ctx = QueueCtx {
@@ -491,14 +492,13 @@ impl Device {
                     .as_ref()
                     .map(|i| i.path.clone())
                     .unwrap_or_default(),
+                file: file.clone(),
                 platform: platform.clone(),
                 domid,
                 ring,
                 evtchn,
-                engine,
                 disk,
                 sectors: sectors_shared.clone(),
-                stop: stop.clone(),
                 stats: stats.clone(),
                 finished: finished.clone(),
                 persistent: persistent.then(|| {
@@ -517,17 +517,27 @@ impl Device {
                     domain: self.dom_limiter.clone(),
                 },
             };
-            let tx = events.clone();
+            let tx = rt.events.clone();
             let key = self.key;
-            let thread = std::thread::Builder::new()
-                .name(format!("vbd{}.{}q{i}", key.0, key.1))
-                .spawn(move || {
-                    let r = queue::run(ctx);
-                    let _ = tx.send(Event::QueueExit { key, result: r });
-                })?;
+            let ticket = match rt.workers.add(
+                ctx,
+                Box::new(move |result| {
+                    let _ = tx.send(Event::QueueExit { key, result });
+                }),
+            ) {
+                Ok(t) => t,
+                Err(e) => {
+                    for q in &queues {
+                        rt.workers.stop(&q.ticket);
+                    }
+                    for q in &queues {
+                        rt.workers.wait(&q.ticket);
+                    }
+                    return Err(e);
+                }
+            };
             queues.push(QueueHandle {
-                stop,
-                thread: Some(thread),
+                ticket,
                 stats,
                 finished,
             });
@@ -535,6 +545,7 @@ impl Device {
         self.state = XenbusState::Connected;
         self.conn = Some(Connection {
             queues,
+            workers: rt.workers.clone(),
             sectors: sectors_shared,
             abi,
             state_dir,
@@ -555,7 +566,7 @@ impl Device {
         xs: &XsClient,
         platform: &Arc<dyn Platform>,
         cfg: &BackendConfig,
-        events: &Sender<Event>,
+        rt: &Runtime,
         dom_limiter: Arc<Limiter>,
     ) -> io::Result<Device> {
         let key = (st.domid, st.devid);
@@ -641,9 +652,7 @@ impl Device {
             sector_size: st.sector_size,
         });
         let img = d.image.as_ref().expect("set above");
-        let mut ecfg: EngineConfig = cfg.engine.clone();
-        ecfg.read_only = st.read_only;
-        let fd_path = PathBuf::from(format!("/proc/self/fd/{}", img.file.as_raw_fd()));
+        let file = Self::open_for_io(img, cfg)?;
         let domid = st.domid;
         let mut prepared = Vec::new();
         let mut replayed = 0;
@@ -663,13 +672,10 @@ impl Device {
             ring.resume_at(rec.req_cons, rec.rsp_prod)
                 .map_err(|e| err(format!("ring: {e}")))?;
             let evtchn = bind_again(platform, domid, q.port)?;
-            let engine = Engine::open(&fd_path, &ecfg)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
             replayed += rec.replay.len();
             prepared.push(Prepared {
                 ring,
                 evtchn,
-                engine,
                 journal: Some(journal),
                 replay: rec.replay,
             });
@@ -689,7 +695,8 @@ impl Device {
         d.start_queues(
             platform,
             cfg,
-            events,
+            rt,
+            &file,
             prepared,
             disk,
             st.persistent,
@@ -707,16 +714,14 @@ impl Device {
 
     /// Stop the queues (in-flight I/O is finished and answered), unmap, unbind.
     pub fn disconnect(&mut self) {
-        let Some(mut c) = self.conn.take() else {
+        let Some(c) = self.conn.take() else {
             return;
         };
         for q in &c.queues {
-            let _ = q.stop.write(1);
+            c.workers.stop(&q.ticket);
         }
-        for q in &mut c.queues {
-            if let Some(t) = q.thread.take() {
-                let _ = t.join();
-            }
+        for q in &c.queues {
+            c.workers.wait(&q.ticket);
             self.retired.push(q.stats.clone());
         }
         if let Some(sd) = &c.state_dir {
@@ -729,16 +734,14 @@ impl Device {
     /// leave the device Connected in xenstore and keep its restart state, so
     /// that a successor daemon takes it over (an upgrade).
     pub fn suspend(&mut self) {
-        let Some(mut c) = self.conn.take() else {
+        let Some(c) = self.conn.take() else {
             return;
         };
         for q in &c.queues {
-            let _ = q.stop.write(1);
+            c.workers.stop(&q.ticket);
         }
-        for q in &mut c.queues {
-            if let Some(t) = q.thread.take() {
-                let _ = t.join();
-            }
+        for q in &c.queues {
+            c.workers.wait(&q.ticket);
         }
         info!("{}: suspended for a successor", self.name());
     }

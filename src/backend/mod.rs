@@ -16,6 +16,7 @@ pub mod pgrants;
 pub mod queue;
 pub mod state;
 pub mod stats;
+pub(crate) mod worker;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -57,7 +58,10 @@ pub struct BackendConfig {
     pub persistent_grants: bool,
     /// Most persistently mapped pages per queue (LRU beyond that).
     pub max_persistent_grants: usize,
-    /// io_uring engine settings for every queue.
+    /// io_uring workers serving all queues (0: one per CPU).
+    pub workers: usize,
+    /// io_uring engine settings of every worker (one ring and one registered
+    /// buffer slab per worker, shared by the queues it serves).
     pub engine: EngineConfig,
     /// Keep restart state here (one file per connected device, one journal
     /// per queue) and take over the devices found in it on start. `None`:
@@ -81,7 +85,14 @@ impl Default for BackendConfig {
             max_indirect_segments: 256,
             persistent_grants: false,
             max_persistent_grants: pgrants::DEFAULT_MAX_PERSISTENT,
-            engine: EngineConfig::default(),
+            workers: 0,
+            engine: EngineConfig {
+                // One worker's ring serves many queues: room for their polls and
+                // for several deep rings in flight.
+                queue_depth: 512,
+                slab_bytes: 8 << 20,
+                ..EngineConfig::default()
+            },
             state_dir: None,
             observer: None,
             collect_stats: stats::collection_enabled_by_env(),
@@ -328,7 +339,7 @@ pub struct Backend {
     dom_limiters: BTreeMap<DomId, Arc<Limiter>>,
     cmd_tx: Sender<Command>,
     cmd_rx: Receiver<Command>,
-    ev_tx: Sender<Event>,
+    rt: worker::Runtime,
     ev_rx: Receiver<Event>,
 }
 
@@ -346,6 +357,7 @@ impl Backend {
             .map_err(|e| io::Error::other(format!("xenstore watch @releaseDomain: {e}")))?;
         let (cmd_tx, cmd_rx) = unbounded();
         let (ev_tx, ev_rx) = unbounded();
+        let workers = Arc::new(worker::Workers::start(cfg.workers, &cfg.engine)?);
         info!("watching {base} on {} xen", platform.name());
         let mut b = Backend {
             platform,
@@ -356,7 +368,10 @@ impl Backend {
             dom_limiters: BTreeMap::new(),
             cmd_tx,
             cmd_rx,
-            ev_tx,
+            rt: worker::Runtime {
+                events: ev_tx,
+                workers,
+            },
             ev_rx,
         };
         // Before any watch event is handled: a device we take over must not
@@ -382,15 +397,7 @@ impl Backend {
             };
             let key = (st.domid, st.devid);
             let dl = self.domain_limiter(st.domid);
-            match Device::resume(
-                &st,
-                &sd,
-                &self.xs,
-                &self.platform,
-                &self.cfg,
-                &self.ev_tx,
-                dl,
-            ) {
+            match Device::resume(&st, &sd, &self.xs, &self.platform, &self.cfg, &self.rt, dl) {
                 Ok(d) => {
                     self.devices.insert(key, d);
                 }
@@ -862,7 +869,7 @@ impl Backend {
                     // As Linux blkback: follow a frontend that gives up.
                     d.switch_state(xs, S::Closing)?;
                 } else if d.image.is_some() && matches!(fe_state, S::Initialised | S::Connected) {
-                    if let Err(e) = d.connect(xs, &self.platform, &self.cfg, &self.ev_tx) {
+                    if let Err(e) = d.connect(xs, &self.platform, &self.cfg, &self.rt) {
                         warn!("vbd {}/{}: cannot connect: {e}", key.0, key.1);
                         d.switch_state(xs, S::Closing)?;
                     }

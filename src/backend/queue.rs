@@ -1,4 +1,5 @@
-//! One blkif ring (queue) served by one thread with its own io_uring engine.
+//! One blkif ring (queue): its request path. Queues run on the io_uring workers
+//! ([`super::worker`]): a worker owns one engine and serves many queues with it.
 //!
 //! The request path, per batch:
 //! 1. **parse**: [`BackRing::next_request`] copies each new slot out of the shared
@@ -9,9 +10,9 @@
 //!    engine. FLUSH drains (waits for every earlier I/O) and then queues an
 //!    fdatasync; WRITE_BARRIER drains, writes, then fdatasyncs; DISCARD becomes a
 //!    punch hole (or zero-range when secure).
-//! 3. **submit** once for the whole batch and sleep in `io_uring_enter`; the event
-//!    channel and the stop eventfd are one-shot polls on the same ring, so the
-//!    thread sleeps in exactly one place.
+//! 3. **submit**: the worker submits once for all its queues and sleeps in
+//!    `io_uring_enter`; every queue's event channel is a one-shot poll on the
+//!    worker's ring, so the worker sleeps in exactly one place.
 //! 4. **complete**: reads are grant-copied out to the guest's pages; every
 //!    request gets exactly one response.
 //! 5. **respond**: responses are published together and the frontend is notified
@@ -19,13 +20,11 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::limits::{LimiterChain, MAX_WAIT};
 use super::pgrants::PersistentGrants;
@@ -33,19 +32,22 @@ use super::state::{Journal, Replay};
 use crate::blkif::{
     parse_request, BackRing, DiskInfo, IndirectRequest, Piece, RawRequest, Request, RwOp, RwRequest,
 };
-use crate::engine::{BufRegion, Completion, Engine, Op};
+use crate::engine::{BufRegion, Completion, Engine, ImageFile, ImageId, Op};
 use crate::platform::{CopySeg, DomId, EventChannel, GrantStatus, Platform, PAGE_SIZE};
 use xen_sys::blkif::{BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY};
 
-/// user_data of the event channel poll.
-const TAG_EVTCHN: u64 = u64::MAX;
-/// user_data of the stop eventfd poll.
-const TAG_STOP: u64 = u64::MAX - 1;
-/// limits: user_data of the one-shot timer armed while a limit delays a request.
-const TAG_THROTTLE: u64 = u64::MAX - 2;
-/// Engine op slots kept free for poll re-arms, a barrier's flush and the
-/// limit timer.
-const ENGINE_RESERVE: usize = 4;
+/// Tag (low 32 bits of user_data) of the event channel poll.
+const TAG_EVTCHN: u32 = u32::MAX;
+/// Tag of the queue's timer (a delayed start).
+const TAG_TIMER: u32 = u32::MAX - 1;
+/// Tag of the cancellations issued when the queue stops.
+const TAG_CANCEL: u32 = u32::MAX - 2;
+/// Engine op slots kept free (the engine is shared by the worker's queues) for
+/// poll re-arms, timers, cancellations and a barrier's flush.
+const ENGINE_RESERVE: usize = 8;
+/// At most this many failed-I/O warnings per queue per second; the rest are
+/// counted and summarised (a failing disk must not flood the log).
+const WARN_BURST: u32 = 5;
 /// At most this many parsed requests wait for buffers before we stop consuming.
 const MAX_PENDING: usize = 64;
 /// Journal entry of a request on a queue without a journal.
@@ -87,22 +89,23 @@ impl std::fmt::Debug for Observer {
     }
 }
 
-/// Everything a queue thread needs; moved into the thread.
+/// Everything a queue needs; moved to its worker.
 pub(crate) struct QueueCtx {
     pub name: String,
     /// The image path (for error messages).
     pub image: std::path::PathBuf,
+    /// The open image, attached to the worker's engine while the queue runs.
+    pub file: Arc<ImageFile>,
     pub platform: Arc<dyn Platform>,
     pub domid: DomId,
     pub ring: BackRing,
     pub evtchn: Box<dyn EventChannel>,
-    pub engine: Engine,
     pub disk: DiskInfo,
     /// The device size in sectors, updated on resize.
     pub sectors: Arc<AtomicU64>,
-    pub stop: Arc<EventFd>,
     pub stats: Arc<QueueStats>,
-    /// Set when the thread exits (for whatever reason).
+    /// Set when the queue has finished (for whatever reason) and let go of its
+    /// ring, event channel and image.
     pub finished: Arc<AtomicBool>,
     /// Persistent grants negotiated: data pages are mapped once and copied with
     /// memcpy instead of a grant copy per request.
@@ -163,6 +166,15 @@ enum Pending {
 }
 
 impl Pending {
+    /// The request's id and response operation (to answer it unstarted).
+    fn id_op(&self) -> (u64, u8) {
+        match self {
+            Pending::Rw(r) => (r.id, r.response_op),
+            Pending::Indirect(r) => (r.id, r.response_op()),
+            Pending::Flush { id, op } | Pending::Discard { id, op, .. } => (*id, *op),
+        }
+    }
+
     /// Must every earlier request be finished before this one starts?
     fn needs_drain(&self) -> bool {
         match self {
@@ -173,83 +185,259 @@ impl Pending {
     }
 }
 
-struct Queue {
+/// What a worker shares among the queues it serves.
+pub(crate) struct Shared {
+    pub engine: Engine,
+    /// Scratch for an indirect request's segment pages (filled and parsed at once).
+    pub indirect: Vec<u8>,
+    /// Grant-copy results.
+    pub copy_status: Vec<GrantStatus>,
+}
+
+impl Shared {
+    pub fn new(engine: Engine) -> Shared {
+        Shared {
+            engine,
+            indirect: vec![0u8; xen_sys::blkif::BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST * PAGE_SIZE],
+            copy_status: Vec::with_capacity(64),
+        }
+    }
+}
+
+/// What [`Queue::pump`] left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pump {
+    /// Waiting for completions or an event.
+    Idle,
+    /// The final check found new requests: pump again before sleeping.
+    Again,
+    /// Stopped and drained, nothing of it in flight: remove it.
+    Finished,
+}
+
+/// One queue on a worker. Its engine ops carry `(index << 32) | tag` as
+/// user_data, where `index` is the queue's place in the worker's table.
+pub(crate) struct Queue {
     ctx: QueueCtx,
+    /// The worker's table index (the high half of every user_data).
+    index: u32,
+    /// The image's id on the worker's engine.
+    img: ImageId,
+    /// Engine ops in flight for this queue (I/O, polls, timer, cancels).
+    ops: usize,
+    evtchn_armed: bool,
+    /// When the armed timer fires, if one is armed.
+    timer_at: Option<Instant>,
     slots: Vec<Option<Inflight>>,
     free_slots: Vec<usize>,
     /// Parsed requests not started yet, with their journal entries and
     /// (stats) consume times.
     pending: VecDeque<(u32, Pending, Option<Instant>)>,
-    /// limits: a TAG_THROTTLE timer is armed (at most one per queue).
-    throttle_timer: bool,
     /// A barrier is in progress: nothing else starts until it is answered.
     barrier_active: bool,
     stopping: bool,
-    indirect_buf: Vec<u8>,
-    completions: Vec<Completion>,
+    /// Why the queue gave up (the device is disconnected).
+    failed: Option<String>,
+    /// Completions or events arrived since the last pump.
+    dirty: bool,
     responses_pushed: bool,
-    copy_status: Vec<GrantStatus>,
-}
-
-/// Run a queue until stopped or until the frontend breaks the ring protocol.
-/// `Err` carries the reason to disconnect the device.
-pub(crate) fn run(ctx: QueueCtx) -> Result<(), String> {
-    let finished = ctx.finished.clone();
-    let name = ctx.name.clone();
-    let nslots = ctx.ring.size() as usize;
-    let mut q = Queue {
-        ctx,
-        slots: (0..nslots).map(|_| None).collect(),
-        free_slots: (0..nslots).rev().collect(),
-        pending: VecDeque::new(),
-        throttle_timer: false,
-        barrier_active: false,
-        stopping: false,
-        indirect_buf: vec![0u8; xen_sys::blkif::BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST * PAGE_SIZE],
-        completions: Vec::with_capacity(nslots + 4),
-        responses_pushed: false,
-        copy_status: Vec::with_capacity(64),
-    };
-    let r = q.run();
-    match &r {
-        Ok(()) => info!("{name}: queue stopped"),
-        Err(e) => warn!("{name}: queue failed: {e}"),
-    }
-    finished.store(true, Ordering::Release);
-    r
+    /// Failed-I/O warnings: the current one-second window and its count.
+    warn_window: Instant,
+    warned: u32,
+    suppressed: u64,
 }
 
 impl Queue {
-    fn run(&mut self) -> Result<(), String> {
-        let evfd = self.ctx.evtchn.fd();
-        let stopfd = self.ctx.stop.as_fd().as_raw_fd();
-        self.push_op(TAG_EVTCHN, Op::PollAdd { fd: evfd })?;
-        self.push_op(TAG_STOP, Op::PollAdd { fd: stopfd })?;
-        self.enqueue_replays();
-        loop {
-            self.refresh_disk();
-            if !self.stopping {
-                self.consume()?;
+    /// Set the queue up on a worker: attach its image to the worker's engine,
+    /// arm the event channel poll, queue what a previous daemon left unanswered.
+    /// On failure the context comes back (to be dropped on the worker, after
+    /// its `finished` flag is set) with the reason.
+    pub fn new(
+        ctx: Box<QueueCtx>,
+        index: u32,
+        sh: &mut Shared,
+    ) -> Result<Queue, (Box<QueueCtx>, String)> {
+        let img = match sh.engine.attach(ctx.file.clone()) {
+            Ok(i) => i,
+            Err(e) => {
+                let msg = format!("{}: {e}", ctx.image.display());
+                return Err((ctx, msg));
             }
-            self.start_pending();
-            self.publish_responses();
-            if self.stopping && self.in_flight_requests() == 0 && self.pending.is_empty() {
-                return Ok(());
+        };
+        let ctx = *ctx;
+        let nslots = ctx.ring.size() as usize;
+        let mut q = Queue {
+            ctx,
+            index,
+            img,
+            ops: 0,
+            evtchn_armed: false,
+            timer_at: None,
+            slots: (0..nslots).map(|_| None).collect(),
+            free_slots: (0..nslots).rev().collect(),
+            pending: VecDeque::new(),
+            barrier_active: false,
+            stopping: false,
+            failed: None,
+            dirty: true,
+            responses_pushed: false,
+            warn_window: Instant::now(),
+            warned: 0,
+            suppressed: 0,
+        };
+        if let Err(e) = q.arm_evtchn(sh) {
+            q.fail(sh, e);
+        }
+        q.enqueue_replays();
+        Ok(q)
+    }
+
+    fn ud(&self, tag: u32) -> u64 {
+        (u64::from(self.index) << 32) | u64::from(tag)
+    }
+
+    fn arm_evtchn(&mut self, sh: &mut Shared) -> Result<(), String> {
+        let fd = self.ctx.evtchn.fd();
+        self.push_op(sh, TAG_EVTCHN, Op::PollAdd { fd })?;
+        self.evtchn_armed = true;
+        Ok(())
+    }
+
+    /// Wake this queue at `at` (a delayed start). One timer at a time: an
+    /// earlier one already armed covers it.
+    pub fn arm_timer(&mut self, sh: &mut Shared, at: Instant) {
+        if self.timer_at.is_some_and(|t| t <= at) || self.stopping {
+            return;
+        }
+        let after = at.saturating_duration_since(Instant::now());
+        match self.push_op(sh, TAG_TIMER, Op::Timeout { after }) {
+            Ok(()) => self.timer_at = Some(at),
+            Err(e) => warn!("{}: cannot arm timer: {e}", self.ctx.name),
+        }
+    }
+
+    /// The device is going away: answer what was consumed, take nothing new.
+    pub fn request_stop(&mut self, sh: &mut Shared) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        self.dirty = true;
+        self.cancel_waits(sh);
+    }
+
+    /// Give up on the ring (the frontend broke the protocol): finish what is in
+    /// flight, start nothing more.
+    fn fail(&mut self, sh: &mut Shared, why: String) {
+        warn!("{}: queue failed: {why}", self.ctx.name);
+        if self.failed.is_none() {
+            self.failed = Some(why);
+        }
+        for (jent, p, t0) in std::mem::take(&mut self.pending) {
+            let (id, op) = p.id_op();
+            self.ctx.stats.answered(t0, op, false, 0, false); // stats
+            self.respond(jent, id, op, BLKIF_RSP_ERROR);
+        }
+        self.request_stop(sh);
+    }
+
+    fn cancel_waits(&mut self, sh: &mut Shared) {
+        for tag in [TAG_EVTCHN, TAG_TIMER] {
+            match sh.engine.cancel(self.ud(tag), self.ud(TAG_CANCEL)) {
+                Ok(true) => self.ops += 1,
+                Ok(false) => {}
+                Err(e) => warn!("{}: cancel: {e}", self.ctx.name),
             }
-            // The ring.h final check: re-arm req_event and look again before sleeping.
-            if !self.stopping && self.can_consume() && self.ctx.ring.final_check_for_requests() {
-                continue;
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.ctx.name
+    }
+
+    /// Does the worker need to call [`pump`](Self::pump)?
+    pub fn wants_pump(&self) -> bool {
+        self.dirty || !self.pending.is_empty()
+    }
+
+    /// Do all the work possible without waiting.
+    pub fn pump(&mut self, sh: &mut Shared) -> Pump {
+        self.dirty = false;
+        self.refresh_disk();
+        if !self.stopping {
+            if let Err(e) = self.consume() {
+                self.fail(sh, e);
             }
-            self.ctx
-                .engine
-                .submit_and_wait(1)
-                .map_err(|e| format!("io_uring wait: {e}"))?;
-            let mut comps = std::mem::take(&mut self.completions);
-            self.ctx.engine.reap(&mut comps);
-            for c in comps.drain(..) {
-                self.complete(c)?;
+        }
+        self.start_pending(sh);
+        self.publish_responses();
+        if self.stopping {
+            if self.in_flight_requests() == 0 && self.pending.is_empty() && self.ops == 0 {
+                return Pump::Finished;
             }
-            self.completions = comps;
+            return Pump::Idle;
+        }
+        // The ring.h final check: re-arm req_event and look again before sleeping.
+        if self.can_consume() && self.ctx.ring.final_check_for_requests() {
+            self.dirty = true;
+            return Pump::Again;
+        }
+        Pump::Idle
+    }
+
+    /// Take the queue off the worker: detach its image from the engine and
+    /// report how it ended. Only after [`Pump::Finished`].
+    pub fn finish_off(self, sh: &mut Shared) -> Result<(), String> {
+        if let Err(e) = sh.engine.detach(self.img) {
+            warn!("{}: {e}", self.ctx.name);
+        }
+        if self.suppressed > 0 {
+            warn!(
+                "{}: {} more failed-I/O warning(s) suppressed",
+                self.ctx.name, self.suppressed
+            );
+        }
+        let r = match self.failed {
+            None => {
+                info!("{}: queue stopped", self.ctx.name);
+                Ok(())
+            }
+            Some(e) => Err(e),
+        };
+        let finished = self.ctx.finished.clone();
+        drop(self.ctx); // unmaps the ring, unbinds the event channel
+        finished.store(true, Ordering::Release);
+        r
+    }
+
+    /// A completion of one of this queue's ops (`tag` = low half of user_data).
+    pub fn on_completion(&mut self, sh: &mut Shared, tag: u32, c: Completion) {
+        self.ops -= 1;
+        self.dirty = true;
+        if let Err(e) = self.complete(sh, tag, c) {
+            self.fail(sh, e);
+        }
+    }
+
+    /// Warn about a failed I/O, at most [`WARN_BURST`] times a second.
+    fn warn_io(&mut self, msg: std::fmt::Arguments<'_>) {
+        let now = Instant::now();
+        if now.duration_since(self.warn_window) >= Duration::from_secs(1) {
+            if self.suppressed > 0 {
+                warn!(
+                    "{}: {} failed-I/O warning(s) suppressed in the last second",
+                    self.ctx.name, self.suppressed
+                );
+            }
+            self.warn_window = now;
+            self.warned = 0;
+            self.suppressed = 0;
+        }
+        if self.warned < WARN_BURST {
+            self.warned += 1;
+            warn!("{}: {msg}", self.ctx.name);
+        } else {
+            self.suppressed += 1;
         }
     }
 
@@ -274,11 +462,14 @@ impl Queue {
         }
     }
 
-    fn push_op(&mut self, tag: u64, op: Op) -> Result<(), String> {
-        self.ctx
-            .engine
-            .push(tag, op)
-            .map_err(|r| format!("io_uring push: {}", r.into_io_error()))
+    fn push_op(&mut self, sh: &mut Shared, tag: u32, op: Op) -> Result<(), String> {
+        match sh.engine.push_to(self.img, self.ud(tag), op) {
+            Ok(()) => {
+                self.ops += 1;
+                Ok(())
+            }
+            Err(r) => Err(format!("io_uring push: {}", r.into_io_error())),
+        }
     }
 
     fn in_flight_requests(&self) -> usize {
@@ -380,7 +571,7 @@ impl Queue {
     }
 
     /// Start pending requests in order until one cannot start yet.
-    fn start_pending(&mut self) {
+    fn start_pending(&mut self, sh: &mut Shared) {
         while let Some((_, p, _)) = self.pending.front() {
             if self.barrier_active {
                 return;
@@ -388,7 +579,7 @@ impl Queue {
             // Keep room in the engine for the two polls to be re-armed and a
             // barrier's flush: a deep ring (16 pages = 512 slots) can have more
             // requests than the engine takes ops; the rest wait here.
-            if self.ctx.engine.free_slots() <= ENGINE_RESERVE {
+            if sh.engine.free_slots() <= ENGINE_RESERVE {
                 return;
             }
             if p.needs_drain() && self.in_flight_requests() > 0 {
@@ -402,7 +593,7 @@ impl Queue {
                 _ => 0,
             };
             let region = if need > 0 {
-                match self.ctx.engine.alloc(need) {
+                match sh.engine.alloc(need) {
                     Some(r) => Some(r),
                     None if self.in_flight_requests() > 0 => return, // wait for buffers
                     None => {
@@ -425,40 +616,30 @@ impl Queue {
                 None
             };
             // limits: a read or write starts only when the device's and the
-            // domain's limiters admit it; else it waits (ring order kept) and a
-            // timer wakes the queue. Not while stopping: a stop must not wait.
+            // domain's limiters admit it; else it waits (ring order kept) and the
+            // queue's timer wakes it. Not while stopping: a stop must not wait.
             let cost = rw_cost(p).filter(|_| region.is_some() && !self.stopping);
             if let Some((write, bytes)) = cost {
-                if let Err(at) = self.ctx.limiter.admit(write, bytes, Instant::now()) {
+                let now = Instant::now();
+                if let Err(at) = self.ctx.limiter.admit(write, bytes, now) {
                     if let Some(r) = region {
-                        self.ctx.engine.free(r);
+                        sh.engine.free(r);
                     }
                     self.ctx.stats.throttled.fetch_add(1, Ordering::Relaxed);
-                    self.arm_throttle_timer(at);
+                    // At most MAX_WAIT: a raised limit is seen soon.
+                    self.arm_timer(sh, at.min(now + MAX_WAIT));
                     return;
                 }
             }
             let (jent, p, t0) = self.pending.pop_front().expect("front exists");
             self.free_slots.pop();
-            self.start(slot, jent, p, region, t0);
-        }
-    }
-
-    /// limits: wake up at `at` (at most MAX_WAIT from now) to try again; one
-    /// timer per queue.
-    fn arm_throttle_timer(&mut self, at: Instant) {
-        if self.throttle_timer {
-            return;
-        }
-        let after = at.saturating_duration_since(Instant::now()).min(MAX_WAIT);
-        match self.push_op(TAG_THROTTLE, Op::Timeout { after }) {
-            Ok(()) => self.throttle_timer = true,
-            Err(e) => warn!("{}: cannot arm the limit timer: {e}", self.ctx.name),
+            self.start(sh, slot, jent, p, region, t0);
         }
     }
 
     fn start(
         &mut self,
+        sh: &mut Shared,
         slot: usize,
         jent: u32,
         p: Pending,
@@ -474,7 +655,7 @@ impl Queue {
             Pending::Indirect(ind) => {
                 // Fetch the segment list, then treat it as a plain read/write.
                 self.free_slots.push(slot);
-                match self.fetch_indirect(&ind) {
+                match self.fetch_indirect(sh, &ind) {
                     Ok(rw) => self.pending.push_front((jent, Pending::Rw(rw), t0)),
                     Err((status, why)) => {
                         debug!("{}: indirect request refused: {why}", self.ctx.name);
@@ -485,7 +666,7 @@ impl Queue {
                     }
                 }
             }
-            Pending::Rw(r) => self.start_rw(slot, jent, r, region, t0),
+            Pending::Rw(r) => self.start_rw(sh, slot, jent, r, region, t0),
             Pending::Flush { id, op } => {
                 self.ctx.stats.flushes.fetch_add(1, Ordering::Relaxed);
                 self.slots[slot] = Some(Inflight {
@@ -497,7 +678,7 @@ impl Queue {
                     len: 0,
                     t0,
                 });
-                self.submit_or_fail(slot, Op::Fdatasync);
+                self.submit_or_fail(sh, slot, Op::Fdatasync);
             }
             Pending::Discard {
                 id,
@@ -529,13 +710,14 @@ impl Queue {
                 } else {
                     Op::Discard { offset, len }
                 };
-                self.submit_or_fail(slot, op);
+                self.submit_or_fail(sh, slot, op);
             }
         }
     }
 
     fn start_rw(
         &mut self,
+        sh: &mut Shared,
         slot: usize,
         jent: u32,
         r: RwRequest,
@@ -562,13 +744,14 @@ impl Queue {
         let Some(region) = region else {
             // A barrier without data: just the flush.
             self.set_stage(slot, Stage::Flush);
-            self.submit_or_fail(slot, Op::Fdatasync);
+            self.submit_or_fail(sh, slot, Op::Fdatasync);
             return;
         };
         match r.op {
             RwOp::Read => {
                 self.ctx.stats.reads.fetch_add(1, Ordering::Relaxed);
                 self.submit_or_fail(
+                    sh,
                     slot,
                     Op::Read {
                         offset: r.offset,
@@ -578,13 +761,14 @@ impl Queue {
             }
             RwOp::Write => {
                 self.ctx.stats.writes.fetch_add(1, Ordering::Relaxed);
-                if let Err(st) = self.copy_from_guest(slot, &region) {
+                if let Err(st) = self.copy_from_guest(sh, slot, &region) {
                     debug!("{}: grant copy from guest failed: {st:?}", self.ctx.name);
-                    self.ctx.engine.free(region);
+                    sh.engine.free(region);
                     self.finish(slot, BLKIF_RSP_ERROR);
                     return;
                 }
                 self.submit_or_fail(
+                    sh,
                     slot,
                     Op::Write {
                         offset: r.offset,
@@ -602,30 +786,39 @@ impl Queue {
     }
 
     /// Queue `op` for `slot`; if the engine refuses it, answer the request.
-    fn submit_or_fail(&mut self, slot: usize, op: Op) {
+    fn submit_or_fail(&mut self, sh: &mut Shared, slot: usize, op: Op) {
         if matches!(op, Op::Fdatasync) {
             self.observe(IoEvent::FsyncIssued {
                 id: self.slot_id(slot),
             });
         }
-        if let Err(rej) = self.ctx.engine.push(slot as u64, op) {
-            let e = rej.into_io_error();
-            warn!("{}: cannot queue I/O: {e}", self.ctx.name);
-            self.finish(slot, BLKIF_RSP_ERROR);
+        match sh.engine.push_to(self.img, self.ud(slot as u32), op) {
+            Ok(()) => self.ops += 1,
+            Err(rej) => {
+                if let Some(r) = rej.op.into_region() {
+                    sh.engine.free(r);
+                }
+                self.warn_io(format_args!("cannot queue I/O: {:?}", rej.reason));
+                self.finish(slot, BLKIF_RSP_ERROR);
+            }
         }
     }
 
-    fn fetch_indirect(&mut self, ind: &IndirectRequest) -> Result<RwRequest, (i16, String)> {
+    fn fetch_indirect(
+        &mut self,
+        sh: &mut Shared,
+        ind: &IndirectRequest,
+    ) -> Result<RwRequest, (i16, String)> {
         let grefs = ind.page_grefs();
         let n = grefs.len();
-        let buf = &mut self.indirect_buf[..n * PAGE_SIZE];
+        let buf = &mut sh.indirect[..n * PAGE_SIZE];
         if let Some(pg) = self.ctx.persistent.as_mut() {
             for (dst, &gref) in buf.chunks_mut(PAGE_SIZE).zip(grefs) {
                 pg.copy_from(gref, 0, dst)
                     .map_err(|st| (BLKIF_RSP_ERROR, format!("indirect page: {st:?}")))?;
             }
             return ind
-                .complete(&self.indirect_buf[..n * PAGE_SIZE], &self.ctx.disk)
+                .complete(&sh.indirect[..n * PAGE_SIZE], &self.ctx.disk)
                 .map_err(|rej| (rej.status, rej.to_string()));
         }
         let mut segs: Vec<CopySeg<'_>> = buf
@@ -637,27 +830,29 @@ impl Queue {
                 dst,
             })
             .collect();
-        self.copy_status.clear();
-        self.copy_status.resize(n, GrantStatus::GeneralError);
-        let res = self
-            .ctx
-            .platform
-            .grant_copy(self.ctx.domid, &mut segs, &mut self.copy_status);
+        let res = grant_copy_all(
+            &*self.ctx.platform,
+            self.ctx.domid,
+            &mut segs,
+            &mut sh.copy_status,
+        );
         drop(segs);
-        if let Err(e) = res {
-            return Err((BLKIF_RSP_ERROR, format!("grant copy: {e}")));
+        if let Err(st) = res {
+            return Err((BLKIF_RSP_ERROR, format!("indirect page: {st:?}")));
         }
-        if let Some(bad) = self.copy_status.iter().find(|s| **s != GrantStatus::Okay) {
-            return Err((BLKIF_RSP_ERROR, format!("indirect page: {bad:?}")));
-        }
-        ind.complete(&self.indirect_buf[..n * PAGE_SIZE], &self.ctx.disk)
+        ind.complete(&sh.indirect[..n * PAGE_SIZE], &self.ctx.disk)
             .map_err(|rej| (rej.status, rej.to_string()))
     }
 
     /// Copy a write's data from the guest's pages into `region`.
-    fn copy_from_guest(&mut self, slot: usize, region: &BufRegion) -> Result<(), GrantStatus> {
+    fn copy_from_guest(
+        &mut self,
+        sh: &mut Shared,
+        slot: usize,
+        region: &BufRegion,
+    ) -> Result<(), GrantStatus> {
         let pieces = &self.slots[slot].as_ref().expect("slot in use").pieces;
-        let mut rest: &mut [u8] = self.ctx.engine.buf_mut(region);
+        let mut rest: &mut [u8] = sh.engine.buf_mut(region);
         if let Some(pg) = self.ctx.persistent.as_mut() {
             for p in pieces {
                 let (dst, tail) = std::mem::take(&mut rest).split_at_mut(usize::from(p.len));
@@ -680,14 +875,19 @@ impl Queue {
             &*self.ctx.platform,
             self.ctx.domid,
             &mut segs,
-            &mut self.copy_status,
+            &mut sh.copy_status,
         )
     }
 
     /// Copy a read's data from `region` out to the guest's pages.
-    fn copy_to_guest(&mut self, slot: usize, region: &BufRegion) -> Result<(), GrantStatus> {
+    fn copy_to_guest(
+        &mut self,
+        sh: &mut Shared,
+        slot: usize,
+        region: &BufRegion,
+    ) -> Result<(), GrantStatus> {
         let pieces = &self.slots[slot].as_ref().expect("slot in use").pieces;
-        let mut rest: &[u8] = self.ctx.engine.buf(region);
+        let mut rest: &[u8] = sh.engine.buf(region);
         if let Some(pg) = self.ctx.persistent.as_mut() {
             for p in pieces {
                 let (src, tail) = rest.split_at(usize::from(p.len));
@@ -710,13 +910,17 @@ impl Queue {
             &*self.ctx.platform,
             self.ctx.domid,
             &mut segs,
-            &mut self.copy_status,
+            &mut sh.copy_status,
         )
     }
 
-    fn complete(&mut self, c: Completion) -> Result<(), String> {
-        match c.user_data {
+    fn complete(&mut self, sh: &mut Shared, tag: u32, c: Completion) -> Result<(), String> {
+        match tag {
             TAG_EVTCHN => {
+                self.evtchn_armed = false;
+                if self.stopping {
+                    return Ok(());
+                }
                 if let Err(e) = self.ctx.evtchn.ack() {
                     return Err(format!("event channel: {e}"));
                 }
@@ -726,24 +930,16 @@ impl Queue {
                         io::Error::from_raw_os_error(-c.result)
                     ));
                 }
-                if !self.stopping {
-                    let fd = self.ctx.evtchn.fd();
-                    self.push_op(TAG_EVTCHN, Op::PollAdd { fd })?;
-                }
+                return self.arm_evtchn(sh);
+            }
+            TAG_TIMER => {
+                self.timer_at = None;
                 return Ok(());
             }
-            TAG_STOP => {
-                self.stopping = true;
-                return Ok(());
-            }
-            TAG_THROTTLE => {
-                // limits: the loop calls start_pending again.
-                self.throttle_timer = false;
-                return Ok(());
-            }
+            TAG_CANCEL => return Ok(()),
             _ => {}
         }
-        let slot = c.user_data as usize;
+        let slot = tag as usize;
         let Some(stage) = self
             .slots
             .get(slot)
@@ -752,19 +948,19 @@ impl Queue {
         else {
             warn!("{}: completion for unknown slot {slot}", self.ctx.name);
             if let Some(r) = c.region {
-                self.ctx.engine.free(r);
+                sh.engine.free(r);
             }
             return Ok(());
         };
         if c.result < 0 {
             let e = io::Error::from_raw_os_error(-c.result);
-            warn!(
-                "{}: {stage:?} on {} failed: {e}; answering BLKIF_RSP_ERROR",
-                self.ctx.name,
-                self.ctx.image.display()
-            );
+            let image = self.ctx.image.clone();
+            self.warn_io(format_args!(
+                "{stage:?} on {} failed: {e}; answering BLKIF_RSP_ERROR",
+                image.display()
+            ));
             if let Some(r) = c.region {
-                self.ctx.engine.free(r);
+                sh.engine.free(r);
             }
             let status = if c.result == -libc::EOPNOTSUPP && stage == Stage::Discard {
                 BLKIF_RSP_EOPNOTSUPP
@@ -778,8 +974,8 @@ impl Queue {
             Stage::Read => {
                 let region = c.region.expect("read has a region");
                 let len = self.slots[slot].as_ref().map_or(0, |i| i.len);
-                let ok = self.copy_to_guest(slot, &region);
-                self.ctx.engine.free(region);
+                let ok = self.copy_to_guest(sh, slot, &region);
+                sh.engine.free(region);
                 match ok {
                     Ok(()) => {
                         self.ctx.stats.bytes_read.fetch_add(len, Ordering::Relaxed);
@@ -796,7 +992,7 @@ impl Queue {
                     id: self.slot_id(slot),
                 });
                 if let Some(r) = c.region {
-                    self.ctx.engine.free(r);
+                    sh.engine.free(r);
                 }
                 let len = self.slots[slot].as_ref().map_or(0, |i| i.len);
                 self.ctx
@@ -810,7 +1006,7 @@ impl Queue {
                     id: self.slot_id(slot),
                 });
                 if let Some(r) = c.region {
-                    self.ctx.engine.free(r);
+                    sh.engine.free(r);
                 }
                 let len = self.slots[slot].as_ref().map_or(0, |i| i.len);
                 self.ctx
@@ -818,7 +1014,7 @@ impl Queue {
                     .bytes_written
                     .fetch_add(len, Ordering::Relaxed);
                 self.set_stage(slot, Stage::Flush);
-                self.submit_or_fail(slot, Op::Fdatasync);
+                self.submit_or_fail(sh, slot, Op::Fdatasync);
             }
             Stage::Flush => {
                 self.observe(IoEvent::FsyncDone {
@@ -881,8 +1077,7 @@ impl Queue {
 }
 
 /// limits: what a pending request costs (write?, bytes); None for requests
-/// that are not limited (flush, discard, barrier without data, indirect not
-/// fetched yet).
+/// that are not limited (flush, discard, indirect not fetched yet).
 fn rw_cost(p: &Pending) -> Option<(bool, u64)> {
     match p {
         Pending::Rw(r) => Some((r.op == RwOp::Write, r.len)),
@@ -906,10 +1101,4 @@ fn grant_copy_all(
         Some(bad) => Err(*bad),
         None => Ok(()),
     }
-}
-
-/// A stop signal for a queue thread.
-pub(crate) fn stop_fd() -> io::Result<EventFd> {
-    EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-        .map_err(io::Error::from)
 }

@@ -4,7 +4,7 @@
 //! Everything runs in this process: the simulated Xen (xenstored, grant tables,
 //! event channels) and the backend on their own threads, the guest's blkfront
 //! ([`crate::frontend`]) on the generator's thread. The serving side's CPU is the
-//! backend's queue threads (`vbd<domid>.<devid>q<N>`), read from
+//! backend's io_uring workers (`refblk-io<N>`), read from
 //! `/proc/self/task/<tid>/schedstat`.
 
 use std::collections::HashMap;
@@ -24,8 +24,8 @@ use crate::xenstore::XsClient;
 use super::stats::{iowq_cpu_ns, task_cpu_ns, threads_named};
 use super::target::{fill_pattern, BlockTarget};
 
-/// Serving-side threads of the backend are named `vbd<domid>.<devid>q<N>`.
-pub const QUEUE_THREAD_PREFIX: &str = "vbd";
+/// Serving-side threads of the backend (its io_uring workers) are named `refblk-io<N>`.
+pub const QUEUE_THREAD_PREFIX: &str = "refblk-io";
 
 const DOMID: u16 = 7;
 const XVDA: u32 = 51712;
@@ -108,19 +108,15 @@ pub fn connect_with(
         .info()
         .cloned()
         .ok_or_else(|| io::Error::other("frontend connected without disk info"))?;
-    // The backend announces Connected before it has spawned the queue threads:
-    // give them a moment to appear.
-    let prefix = format!("{QUEUE_THREAD_PREFIX}{DOMID}.{XVDA}q");
-    let mut queue_tids = Vec::new();
-    for _ in 0..200 {
-        queue_tids = threads_named(&prefix).into_iter().map(|(t, _)| t).collect();
-        if queue_tids.len() >= info.queues {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // The serving side is the backend's io_uring workers (started with it).
+    let queue_tids: Vec<u32> = threads_named(QUEUE_THREAD_PREFIX)
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
     if queue_tids.is_empty() {
-        log::warn!("refblk bench: no backend queue thread {prefix}*; serving CPU will read 0");
+        log::warn!(
+            "refblk bench: no backend worker thread {QUEUE_THREAD_PREFIX}*; serving CPU will read 0"
+        );
     }
     let mut pattern = vec![0u8; max_len];
     fill_pattern(&mut pattern, 0x5eed);

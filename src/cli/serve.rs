@@ -67,6 +67,7 @@ pub struct ServeArgs {
 pub fn run(a: ServeArgs) -> CliResult {
     super::signals::block_terminate()
         .map_err(|e| CliError::failed(format!("blocking signals: {e}")))?;
+    raise_fd_limit();
     let platform: Arc<dyn Platform> = match &a.sim {
         Some(dir) => Arc::new(SimPlatform::new(dir).map_err(|e| {
             CliError::failed(format!(
@@ -296,4 +297,19 @@ pub fn run_ctl(a: CtlArgs) -> CliResult {
         }
     }
     Ok(())
+}
+
+/// A device holds a few descriptors (image, event channel, journal, grant
+/// mappings): raise the soft RLIMIT_NOFILE to the hard limit so hundreds of
+/// devices fit (the usual soft limit is 1024).
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => log::debug!("RLIMIT_NOFILE raised from {soft} to {hard}"),
+            Err(e) => log::warn!("cannot raise RLIMIT_NOFILE from {soft} to {hard}: {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => log::warn!("getrlimit(RLIMIT_NOFILE): {e}"),
+    }
 }

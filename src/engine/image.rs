@@ -35,6 +35,56 @@ pub(crate) struct OpenedImage {
     pub mode: IoMode,
 }
 
+/// An image opened for I/O: its file descriptors and what was found out about it.
+/// One `ImageFile` can be attached to several engines at once (a multi-queue device
+/// whose queues run on different workers share it through an `Arc`).
+#[derive(Debug)]
+pub struct ImageFile {
+    pub(crate) primary: File,
+    /// Present only in direct mode: the fd for requests not aligned for O_DIRECT.
+    pub(crate) buffered: Option<File>,
+    pub path: std::path::PathBuf,
+    /// Size in bytes when opened (see [`ImageFile::size_now`]).
+    pub size: u64,
+    pub read_only: bool,
+    pub io_mode: IoMode,
+    pub fs: FsCaps,
+}
+
+impl ImageFile {
+    /// Open `path` (O_DIRECT per `direct`, with the buffered fallback) and probe its
+    /// size and discard support. Errors name the file and the step.
+    pub fn open(path: &Path, read_only: bool, direct: DirectPolicy) -> io::Result<ImageFile> {
+        // A page-aligned page inside an ordinary allocation, for the O_DIRECT probe.
+        let mut scratch = vec![0u8; 2 * 4096];
+        let skip = scratch.as_ptr().align_offset(4096);
+        let probe = &mut scratch[skip..skip + 4096];
+        let opened = open_image(path, read_only, direct, probe)?;
+        let size = image_size(path, &opened.primary)?;
+        let mut fs = probe_fs_caps(path, &opened.primary, read_only)?;
+        if !super::kernel_has_fallocate() {
+            // Discard ops would fail with -EINVAL: do not let the backend advertise them.
+            log::info!("io_uring lacks IORING_OP_FALLOCATE; reporting no discard support");
+            fs.punch_hole = false;
+            fs.zero_range = false;
+        }
+        Ok(ImageFile {
+            primary: opened.primary,
+            buffered: opened.buffered,
+            path: path.to_path_buf(),
+            size,
+            read_only,
+            io_mode: opened.mode,
+            fs,
+        })
+    }
+
+    /// The file's size now, in bytes.
+    pub fn size_now(&self) -> io::Result<u64> {
+        image_size(&self.path, &self.primary)
+    }
+}
+
 pub(crate) fn ctx_err(path: &Path, what: &str, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {what}: {e}", path.display()))
 }

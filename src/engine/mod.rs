@@ -23,13 +23,13 @@
 mod image;
 mod slab;
 
-pub use image::{DirectPolicy, FsCaps, IoMode};
+pub use image::{DirectPolicy, FsCaps, ImageFile, IoMode};
 pub use slab::{BufRegion, PAGE_SIZE};
 
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring};
@@ -65,6 +65,9 @@ pub struct EngineConfig {
     /// Enable SQPOLL with this idle time in milliseconds. Off by default: on a 2-vCPU
     /// dom0 the poller thread costs more than it saves (see docs/engine.md).
     pub sqpoll_idle_ms: Option<u32>,
+    /// Images one engine can serve through registered (fixed) files; more are served
+    /// through plain fds. Bounded by RLIMIT_NOFILE at setup.
+    pub max_fixed_images: u32,
 }
 
 impl Default for EngineConfig {
@@ -76,6 +79,7 @@ impl Default for EngineConfig {
             direct: DirectPolicy::Auto,
             task_run: TaskRun::Defer,
             sqpoll_idle_ms: None,
+            max_fixed_images: 256,
         }
     }
 }
@@ -147,12 +151,14 @@ pub enum OpKind {
     ZeroRange,
     PollAdd,
     Timeout,
+    /// An [`Engine::cancel`].
+    Cancel,
 }
 
 impl OpKind {
-    /// PollAdd and Timeout wait for events rather than doing I/O.
+    /// PollAdd, Timeout and Cancel wait for events rather than doing I/O.
     pub fn is_wait(self) -> bool {
-        matches!(self, OpKind::PollAdd | OpKind::Timeout)
+        matches!(self, OpKind::PollAdd | OpKind::Timeout | OpKind::Cancel)
     }
 }
 
@@ -200,6 +206,7 @@ pub struct OpCounts {
     pub zero_range: u64,
     pub poll: u64,
     pub timeout: u64,
+    pub cancel: u64,
 }
 
 impl OpCounts {
@@ -212,6 +219,7 @@ impl OpCounts {
             OpKind::ZeroRange => self.zero_range += 1,
             OpKind::PollAdd => self.poll += 1,
             OpKind::Timeout => self.timeout += 1,
+            OpKind::Cancel => self.cancel += 1,
         }
     }
     pub fn total(&self) -> u64 {
@@ -222,6 +230,7 @@ impl OpCounts {
             + self.zero_range
             + self.poll
             + self.timeout
+            + self.cancel
     }
 }
 
@@ -277,15 +286,53 @@ impl Rejected {
     }
 }
 
-/// Fixed-file slots.
-const FIXED_PRIMARY: u32 = 0;
-const FIXED_BUFFERED: u32 = 1;
+/// An image attached to an engine ([`Engine::attach`]); `push_to` takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ImageId(u32);
+
+impl ImageId {
+    /// The first image attached: the one [`Engine::open`] opened and [`Engine::push`] uses.
+    pub const FIRST: ImageId = ImageId(0);
+}
+
+/// How an SQE names an image's file.
+#[derive(Clone, Copy, Debug)]
+enum FileRef {
+    Fixed(u32),
+    Raw(RawFd),
+}
+
+/// An image attached to this engine.
+struct Attached {
+    img: Arc<ImageFile>,
+    info: ImageInfo,
+    primary: FileRef,
+    /// For requests not aligned for O_DIRECT (direct mode only).
+    buffered: Option<FileRef>,
+    /// Ops in flight on this image.
+    in_flight: usize,
+}
+
+/// Kernel support for IORING_OP_FALLOCATE, probed once per process.
+pub(crate) fn kernel_has_fallocate() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        let Ok(ring) = IoUring::new(2) else {
+            return false;
+        };
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::Fallocate::CODE)
+    })
+}
 
 #[derive(Debug)]
 struct Slot {
     active: bool,
     user_data: u64,
     kind: OpKind,
+    /// Index into the engine's image table (file ops).
+    img: u32,
     offset: u64,
     len: u64,
     /// Bytes already transferred (Read/Write).
@@ -303,6 +350,7 @@ impl Slot {
             active: false,
             user_data: 0,
             kind: OpKind::Fdatasync,
+            img: 0,
             offset: 0,
             len: 0,
             done: 0,
@@ -316,20 +364,31 @@ impl Slot {
 /// CQEs are copied out in batches of this many before processing.
 const REAP_BATCH: usize = 64;
 
-/// An io_uring instance serving one image for one thread. Fields drop in order: the
-/// ring first (the kernel releases fixed files and buffer pins), then files, then slab.
+/// Facts about the ring itself, copied into every image's [`ImageInfo`].
+#[derive(Clone, Copy, Debug)]
+struct RingFacts {
+    setup: SetupFlags,
+    sq_entries: u32,
+    max_in_flight: usize,
+    slab_bytes: usize,
+}
+
+/// An io_uring instance driven by one thread, serving one or more images (a worker
+/// serves the queues of many devices with one engine). Fields drop in order: the ring
+/// first (the kernel releases fixed files and buffer pins), then the images' files,
+/// then the slab.
 pub struct Engine {
     ring: IoUring,
-    primary: File,
-    /// Kept open alongside its fixed-file registration (fixed slot 1, direct mode only).
-    _buffered: Option<File>,
+    images: Vec<Option<Attached>>,
+    /// Fixed-file table slots (pairs) not in use.
+    free_fixed: Vec<u32>,
     slab: Slab,
     slots: Vec<Slot>,
     free_slots: Vec<u32>,
     in_flight: usize,
     in_flight_waits: usize,
     enabled: bool,
-    info: ImageInfo,
+    facts: RingFacts,
     stats: EngineStats,
 }
 
@@ -397,19 +456,19 @@ fn build_ring(cfg: &EngineConfig, f: SetupFlags) -> io::Result<IoUring> {
 }
 
 impl Engine {
-    /// Open `path` and build a ring for it. Errors name the file and the step.
+    /// Open `path` and build a ring serving it (the image becomes [`ImageId::FIRST`]).
+    /// Errors name the file and the step.
     pub fn open(path: impl AsRef<Path>, cfg: &EngineConfig) -> io::Result<Engine> {
         let path = path.as_ref();
-        let mut slab = Slab::new(cfg.slab_bytes)?;
-        let probe = slab
-            .alloc(PAGE_SIZE)
-            .expect("a fresh slab has at least one page");
-        let opened = image::open_image(path, cfg.read_only, cfg.direct, slab.buf_mut(&probe));
-        slab.free(probe);
-        let opened = opened?;
-        let size = image::image_size(path, &opened.primary)?;
-        let fs = image::probe_fs_caps(path, &opened.primary, cfg.read_only)?;
+        let img = ImageFile::open(path, cfg.read_only, cfg.direct)?;
+        let mut e = Engine::new(cfg).map_err(|e| ctx_err(path, "engine", e))?;
+        e.attach(Arc::new(img))?;
+        Ok(e)
+    }
 
+    /// Build a ring with its registered buffer slab and no image yet.
+    pub fn new(cfg: &EngineConfig) -> io::Result<Engine> {
+        let slab = Slab::new(cfg.slab_bytes)?;
         let mut last_err = None;
         let mut built = None;
         for flags in setup_attempts(cfg) {
@@ -428,17 +487,16 @@ impl Engine {
             Some(b) => b,
             None => {
                 let e = last_err.unwrap_or_else(|| io::Error::other("no setup attempted"));
-                return Err(ctx_err(path, "io_uring_setup", e));
+                return Err(io::Error::new(e.kind(), format!("io_uring_setup: {e}")));
             }
         };
         if !ring.params().is_feature_nodrop() {
             log::warn!("io_uring without IORING_FEAT_NODROP; the in-flight bound keeps the CQ from overflowing");
         }
-        let mut fs = fs;
         let mut probe = io_uring::Probe::new();
         ring.submitter()
             .register_probe(&mut probe)
-            .map_err(|e| ctx_err(path, "io_uring register probe", e))?;
+            .map_err(|e| io::Error::new(e.kind(), format!("io_uring register probe: {e}")))?;
         for (code, name) in [
             (opcode::ReadFixed::CODE, "READ_FIXED"),
             (opcode::WriteFixed::CODE, "WRITE_FIXED"),
@@ -448,63 +506,160 @@ impl Engine {
             if !probe.is_supported(code) {
                 return Err(io::Error::new(
                     io::ErrorKind::Unsupported,
-                    format!(
-                        "{}: this kernel's io_uring lacks IORING_OP_{name}",
-                        path.display()
-                    ),
+                    format!("this kernel's io_uring lacks IORING_OP_{name}"),
                 ));
             }
         }
-        if !probe.is_supported(opcode::Fallocate::CODE) {
-            // Discard ops would fail with -EINVAL: do not let the backend advertise them.
-            log::info!("io_uring lacks IORING_OP_FALLOCATE; reporting no discard support");
-            fs.punch_hole = false;
-            fs.zero_range = false;
-        }
-        let mut fds = vec![opened.primary.as_raw_fd()];
-        if let Some(b) = &opened.buffered {
-            fds.push(b.as_raw_fd());
-        }
-        ring.submitter()
-            .register_files(&fds)
-            .map_err(|e| ctx_err(path, "io_uring register files", e))?;
+        // A sparse fixed-file table, two entries per image (the O_DIRECT fd and its
+        // buffered twin). The kernel bounds its size by RLIMIT_NOFILE; images beyond
+        // it are served through plain fds, which costs a file lookup per op.
+        let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(1024);
+        let pairs = u64::from(cfg.max_fixed_images).min(nofile / 2) as u32;
+        let free_fixed = if pairs > 0 && ring.submitter().register_files_sparse(2 * pairs).is_ok() {
+            (0..pairs).rev().collect()
+        } else {
+            log::info!("io_uring: no fixed-file table; images are served through plain fds");
+            Vec::new()
+        };
         slab.register(&ring.submitter())
-            .map_err(|e| ctx_err(path, "io_uring register buffers", e))?;
-
+            .map_err(|e| io::Error::new(e.kind(), format!("io_uring register buffers: {e}")))?;
         let sq_entries = ring.params().sq_entries();
         let max_in_flight = ring.params().cq_entries() as usize;
         let slots = (0..max_in_flight).map(|_| Slot::empty()).collect();
         let free_slots = (0..max_in_flight as u32).rev().collect();
-        let info = ImageInfo {
-            path: path.to_path_buf(),
-            size,
-            read_only: cfg.read_only,
-            io_mode: opened.mode,
-            fs,
+        let facts = RingFacts {
             setup,
             sq_entries,
             max_in_flight,
             slab_bytes: slab.bytes(),
         };
-        log::debug!("engine for {}: {info:?}", path.display());
+        log::debug!("engine: {facts:?}");
         Ok(Engine {
             ring,
-            primary: opened.primary,
-            _buffered: opened.buffered,
+            images: Vec::new(),
+            free_fixed,
             slab,
             slots,
             free_slots,
             in_flight: 0,
             in_flight_waits: 0,
             enabled: !setup.r_disabled,
-            info,
+            facts,
             stats: EngineStats::default(),
         })
     }
 
-    /// Facts about the image and the ring.
+    /// Serve `img` on this engine: register its files (when the fixed-file table has
+    /// room). Returns the id to pass to [`push_to`](Self::push_to).
+    pub fn attach(&mut self, img: Arc<ImageFile>) -> io::Result<ImageId> {
+        let (primary, buffered) = match self.free_fixed.pop() {
+            Some(pair) => {
+                let mut fds = vec![img.primary.as_raw_fd()];
+                if let Some(b) = &img.buffered {
+                    fds.push(b.as_raw_fd());
+                }
+                match self.ring.submitter().register_files_update(2 * pair, &fds) {
+                    Ok(_) => (
+                        FileRef::Fixed(2 * pair),
+                        img.buffered.as_ref().map(|_| FileRef::Fixed(2 * pair + 1)),
+                    ),
+                    Err(e) => {
+                        self.free_fixed.push(pair);
+                        return Err(ctx_err(&img.path, "io_uring register files", e));
+                    }
+                }
+            }
+            None => (
+                FileRef::Raw(img.primary.as_raw_fd()),
+                img.buffered.as_ref().map(|b| FileRef::Raw(b.as_raw_fd())),
+            ),
+        };
+        let info = ImageInfo {
+            path: img.path.clone(),
+            size: img.size,
+            read_only: img.read_only,
+            io_mode: img.io_mode.clone(),
+            fs: img.fs.clone(),
+            setup: self.facts.setup,
+            sq_entries: self.facts.sq_entries,
+            max_in_flight: self.facts.max_in_flight,
+            slab_bytes: self.facts.slab_bytes,
+        };
+        let a = Attached {
+            img,
+            info,
+            primary,
+            buffered,
+            in_flight: 0,
+        };
+        let idx = match self.images.iter().position(Option::is_none) {
+            Some(i) => {
+                self.images[i] = Some(a);
+                i
+            }
+            None => {
+                self.images.push(Some(a));
+                self.images.len() - 1
+            }
+        };
+        Ok(ImageId(idx as u32))
+    }
+
+    /// Stop serving an image. Refused (the image stays attached) while ops on it
+    /// are in flight: finish or cancel them first.
+    pub fn detach(&mut self, id: ImageId) -> io::Result<Arc<ImageFile>> {
+        let Some(a) = self.images.get(id.0 as usize).and_then(Option::as_ref) else {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("image {} is not attached", id.0),
+            ));
+        };
+        if a.in_flight > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "{}: {} op(s) still in flight",
+                    a.info.path.display(),
+                    a.in_flight
+                ),
+            ));
+        }
+        let a = self.images[id.0 as usize].take().expect("checked above");
+        if let FileRef::Fixed(first) = a.primary {
+            let n = if a.buffered.is_some() { 2 } else { 1 };
+            let none = [-1; 2];
+            match self
+                .ring
+                .submitter()
+                .register_files_update(first, &none[..n])
+            {
+                Ok(_) => self.free_fixed.push(first / 2),
+                // The slot pair stays unusable; the kernel drops the files with the ring.
+                Err(e) => log::warn!("{}: unregistering fixed files: {e}", a.info.path.display()),
+            }
+        }
+        while matches!(self.images.last(), Some(None)) {
+            self.images.pop();
+        }
+        Ok(a.img)
+    }
+
+    fn attached(&self, id: ImageId) -> Option<&Attached> {
+        self.images.get(id.0 as usize).and_then(Option::as_ref)
+    }
+
+    /// Facts about an attached image and the ring.
+    pub fn image_info(&self, id: ImageId) -> Option<&ImageInfo> {
+        self.attached(id).map(|a| &a.info)
+    }
+
+    /// Facts about the first image and the ring (engines made with [`open`](Self::open)).
+    /// Panics on an engine without an image (a caller bug).
     pub fn info(&self) -> &ImageInfo {
-        &self.info
+        self.image_info(ImageId::FIRST)
+            .expect("Engine::info on an engine whose first image is not attached")
     }
 
     /// Counters so far.
@@ -512,10 +667,15 @@ impl Engine {
         self.stats
     }
 
-    /// Re-read the image size (after the control plane grew the file).
+    /// Re-read the first image's size (after the control plane grew the file).
     pub fn refresh_size(&mut self) -> io::Result<u64> {
-        let size = image::image_size(&self.info.path, &self.primary)?;
-        self.info.size = size;
+        let a = self
+            .images
+            .first_mut()
+            .and_then(Option::as_mut)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no image attached"))?;
+        let size = a.img.size_now()?;
+        a.info.size = size;
         Ok(size)
     }
 
@@ -564,20 +724,36 @@ impl Engine {
         self.slab.buf_mut(r)
     }
 
-    /// Queue an op tagged `user_data`. It reaches the kernel on the next `submit*` (or
-    /// earlier, if the submission queue had to be flushed to make room).
+    /// Queue an op on the first image (see [`push_to`](Self::push_to)).
     pub fn push(&mut self, user_data: u64, op: Op) -> Result<(), Rejected> {
+        self.push_to(ImageId::FIRST, user_data, op)
+    }
+
+    /// Queue an op on image `img`, tagged `user_data`. It reaches the kernel on the next
+    /// `submit*` (or earlier, if the submission queue had to be flushed to make room).
+    /// PollAdd and Timeout ignore `img`.
+    pub fn push_to(&mut self, img: ImageId, user_data: u64, op: Op) -> Result<(), Rejected> {
+        let kind = op.kind();
+        if !kind.is_wait() && self.attached(img).is_none() {
+            return Err(Rejected {
+                op,
+                reason: RejectReason::Submit(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("io_uring engine: image {} is not attached", img.0),
+                )),
+            });
+        }
         let Some(idx) = self.free_slots.pop() else {
             return Err(Rejected {
                 op,
                 reason: RejectReason::QueueFull,
             });
         };
-        let kind = op.kind();
         let slot = &mut self.slots[idx as usize];
         slot.active = true;
         slot.user_data = user_data;
         slot.kind = kind;
+        slot.img = img.0;
         slot.done = 0;
         slot.region = None;
         slot.poll_fd = -1;
@@ -610,9 +786,46 @@ impl Engine {
         self.in_flight += 1;
         if kind.is_wait() {
             self.in_flight_waits += 1;
+        } else if let Some(Some(a)) = self.images.get_mut(img.0 as usize) {
+            a.in_flight += 1;
         }
         self.stats.submitted.bump(kind);
         Ok(())
+    }
+
+    /// Cancel the in-flight PollAdd or Timeout tagged `target` (the first found).
+    /// The cancelled op completes with -ECANCELED (or its own result if it won the
+    /// race); the cancel itself completes tagged `user_data`. False if no such op is
+    /// in flight (nothing is queued then).
+    pub fn cancel(&mut self, target: u64, user_data: u64) -> io::Result<bool> {
+        let Some(victim) = self
+            .slots
+            .iter()
+            .position(|s| s.active && s.user_data == target && s.kind.is_wait())
+        else {
+            return Ok(false);
+        };
+        let Some(idx) = self.free_slots.pop() else {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "io_uring engine: too many operations in flight",
+            ));
+        };
+        let slot = &mut self.slots[idx as usize];
+        slot.active = true;
+        slot.user_data = user_data;
+        slot.kind = OpKind::Cancel;
+        slot.region = None;
+        slot.len = victim as u64;
+        if let Err(e) = self.queue_slot(idx) {
+            self.slots[idx as usize].active = false;
+            self.free_slots.push(idx);
+            return Err(e);
+        }
+        self.in_flight += 1;
+        self.in_flight_waits += 1;
+        self.stats.submitted.bump(OpKind::Cancel);
+        Ok(true)
     }
 
     /// Undo a slot taken by `push` whose SQE could not be queued.
@@ -641,6 +854,7 @@ impl Engine {
             OpKind::Timeout => Op::Timeout {
                 after: Duration::from_nanos(s.len),
             },
+            OpKind::Cancel => unreachable!("cancel ops are not made by push"),
         };
         self.free_slots.push(idx);
         op
@@ -649,57 +863,80 @@ impl Engine {
     /// Build the SQE for a slot's (remaining) work.
     fn sqe_for(&mut self, idx: u32) -> squeue::Entry {
         let s = &self.slots[idx as usize];
-        let fixed = |i| types::Fixed(i);
+        let (primary, buffered, io_mode) = match self.images.get(s.img as usize) {
+            Some(Some(a)) => (a.primary, a.buffered, &a.info.io_mode),
+            // Only wait ops (which name no image) get here without one.
+            _ => (
+                FileRef::Raw(-1),
+                None,
+                &IoMode::Buffered {
+                    reason: String::new(),
+                },
+            ),
+        };
+        macro_rules! with_file {
+            ($f:expr, $build:expr) => {
+                match $f {
+                    FileRef::Fixed(i) => $build(types::Fixed(i)),
+                    FileRef::Raw(fd) => $build(types::Fd(fd)),
+                }
+            };
+        }
         let e = match s.kind {
             OpKind::Read | OpKind::Write => {
                 let r = s.region.as_ref().expect("read/write slot has a region");
                 let pos = s.offset + s.done as u64;
                 let len = r.len() - s.done;
                 let ptr = self.slab.ptr_at(r, s.done);
-                let file = match self.info.io_mode {
-                    IoMode::Direct {
-                        offset_align,
-                        mem_align,
-                    } => {
-                        let oa = offset_align as u64;
+                let file = match (io_mode, buffered) {
+                    (
+                        IoMode::Direct {
+                            offset_align,
+                            mem_align,
+                        },
+                        Some(buffered),
+                    ) => {
+                        let oa = *offset_align as u64;
                         if pos.is_multiple_of(oa)
                             && (len as u64).is_multiple_of(oa)
-                            && (ptr as usize).is_multiple_of(mem_align as usize)
+                            && (ptr as usize).is_multiple_of(*mem_align as usize)
                         {
-                            FIXED_PRIMARY
+                            primary
                         } else {
                             self.stats.buffered_routed += 1;
-                            FIXED_BUFFERED
+                            buffered
                         }
                     }
-                    IoMode::Buffered { .. } => FIXED_PRIMARY,
+                    _ => primary,
                 };
                 // Region lengths are bounded by the 1 GiB slab, so they fit u32.
-                if s.kind == OpKind::Read {
-                    opcode::ReadFixed::new(fixed(file), ptr, len as u32, r.index())
+                let (index, read) = (r.index(), s.kind == OpKind::Read);
+                with_file!(file, |f| if read {
+                    opcode::ReadFixed::new(f, ptr, len as u32, index)
                         .offset(pos)
                         .build()
                 } else {
-                    opcode::WriteFixed::new(fixed(file), ptr, len as u32, r.index())
+                    opcode::WriteFixed::new(f, ptr, len as u32, index)
                         .offset(pos)
                         .build()
-                }
+                })
             }
-            OpKind::Fdatasync => opcode::Fsync::new(fixed(FIXED_PRIMARY))
+            OpKind::Fdatasync => with_file!(primary, |f| opcode::Fsync::new(f)
                 .flags(types::FsyncFlags::DATASYNC)
-                .build(),
-            OpKind::Discard => opcode::Fallocate::new(fixed(FIXED_PRIMARY), s.len)
+                .build()),
+            OpKind::Discard => with_file!(primary, |f| opcode::Fallocate::new(f, s.len)
                 .offset(s.offset)
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                .build(),
-            OpKind::ZeroRange => opcode::Fallocate::new(fixed(FIXED_PRIMARY), s.len)
+                .build()),
+            OpKind::ZeroRange => with_file!(primary, |f| opcode::Fallocate::new(f, s.len)
                 .offset(s.offset)
                 .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
-                .build(),
+                .build()),
             OpKind::PollAdd => {
                 opcode::PollAdd::new(types::Fd(s.poll_fd), libc::POLLIN as u32).build()
             }
             OpKind::Timeout => opcode::Timeout::new(&s.ts as *const types::Timespec).build(),
+            OpKind::Cancel => opcode::AsyncCancel::new(s.len).build(),
         };
         e.user_data(idx as u64)
     }
@@ -717,7 +954,7 @@ impl Engine {
             io::ErrorKind::WouldBlock,
             format!(
                 "{}: io_uring submission queue still full after submitting",
-                self.info.path.display()
+                ENGINE
             ),
         ))
     }
@@ -737,7 +974,7 @@ impl Engine {
             self.ring
                 .submitter()
                 .register_enable_rings()
-                .map_err(|e| ctx_err(&self.info.path, "io_uring enable ring", e))?;
+                .map_err(|e| ctx_err(Path::new(ENGINE), "io_uring enable ring", e))?;
             self.enabled = true;
         }
         Ok(())
@@ -758,7 +995,7 @@ impl Engine {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => {
                     return Err(ctx_err(
-                        &self.info.path,
+                        Path::new(ENGINE),
                         &format!("io_uring_enter (submit {pending}, wait {want})"),
                         e,
                     ))
@@ -801,7 +1038,7 @@ impl Engine {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => {
                     return Err(ctx_err(
-                        &self.info.path,
+                        Path::new(ENGINE),
                         &format!("io_uring_enter (wait {want}, timeout {timeout:?})"),
                         e,
                     ))
@@ -859,7 +1096,7 @@ impl Engine {
         if idx >= self.slots.len() || !self.slots[idx].active {
             log::warn!(
                 "{}: completion for unknown io_uring tag {tag} (result {res}) ignored",
-                self.info.path.display()
+                ENGINE
             );
             return false;
         }
@@ -905,7 +1142,11 @@ impl Engine {
             OpKind::Fdatasync if res >= 0 => self.stats.fdatasyncs += 1,
             _ => {}
         }
-        let is_error = result < 0 && !(kind == OpKind::Timeout && result == -libc::ETIME);
+        // A timer that fired, a cancelled wait and a cancel's own result are not errors.
+        let is_error = result < 0
+            && !(kind == OpKind::Timeout && result == -libc::ETIME)
+            && !(kind.is_wait() && result == -libc::ECANCELED)
+            && kind != OpKind::Cancel;
         if is_error {
             self.stats.errors += 1;
         }
@@ -917,10 +1158,13 @@ impl Engine {
             result,
             region,
         });
+        let img = s.img as usize;
         self.free_slots.push(idx as u32);
         self.in_flight -= 1;
         if kind.is_wait() {
             self.in_flight_waits -= 1;
+        } else if let Some(Some(a)) = self.images.get_mut(img) {
+            a.in_flight -= 1;
         }
         self.stats.completed.bump(kind);
         false
@@ -937,6 +1181,9 @@ impl AsRawFd for Engine {
         self.ring.as_raw_fd()
     }
 }
+
+/// How errors of the ring itself (not of one image) name their subject.
+static ENGINE: &str = "io_uring engine";
 
 /// Tag of the cancel-all SQE issued by Drop (never a slot index).
 const CANCEL_TAG: u64 = u64::MAX;
@@ -966,7 +1213,7 @@ impl Drop for Engine {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
                 Err(e) => {
-                    log::debug!("{}: draining at drop: {e}", self.info.path.display());
+                    log::debug!("{}: draining at drop: {e}", ENGINE);
                     return;
                 }
             }
@@ -985,7 +1232,7 @@ impl Drop for Engine {
         }
         log::warn!(
             "{}: engine dropped with {} ops still in flight",
-            self.info.path.display(),
+            ENGINE,
             self.in_flight
         );
     }
@@ -994,7 +1241,8 @@ impl Drop for Engine {
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("info", &self.info)
+            .field("facts", &self.facts)
+            .field("images", &self.images.iter().flatten().count())
             .field("in_flight", &self.in_flight)
             .field("stats", &self.stats)
             .finish_non_exhaustive()
