@@ -515,6 +515,13 @@ pub struct LimiterChain {
 }
 
 impl LimiterChain {
+    /// Whether either limiter has a rate set (else `admit` always says go;
+    /// callers may skip reading the clock).
+    #[inline]
+    pub fn is_active(&self) -> bool {
+        self.device.active.load(Ordering::Relaxed) || self.domain.active.load(Ordering::Relaxed)
+    }
+
     /// Like [`Limiter::admit`] for both: tokens are taken from both or, if
     /// either refuses, from neither (the later retry time is returned).
     /// Locks are taken device first, domain second, always.

@@ -911,3 +911,28 @@ fn parse_key(s: &str) -> Option<DevKey> {
     let (a, b) = s.split_once(':')?;
     Some((a.parse().ok()?, b.parse().ok()?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{devid_to_vdev, vdev_to_devid};
+
+    #[test]
+    fn vdev_names_and_device_ids() {
+        // As libxl numbers xvd disks (docs/misc/vbd-interface in Xen).
+        assert_eq!(vdev_to_devid("xvda"), Some(51712));
+        assert_eq!(vdev_to_devid("xvdb"), Some(51728));
+        assert_eq!(vdev_to_devid("xvdp"), Some(51952));
+        assert_eq!(vdev_to_devid("xvdq"), Some((1 << 28) | (16 << 8)));
+        assert_eq!(vdev_to_devid("xvdaa"), Some((1 << 28) | (26 << 8)));
+        assert_eq!(vdev_to_devid("51712"), Some(51712));
+        for bad in ["", "xvd", "sda", "xvdA", "xvd1", "xvdabcd", "-1"] {
+            assert_eq!(vdev_to_devid(bad), None, "{bad}");
+        }
+        for v in ["xvda", "xvdp", "xvdq", "xvdz", "xvdaa", "xvdzz", "xvdabc"] {
+            let id = vdev_to_devid(v).unwrap();
+            assert_eq!(devid_to_vdev(id).as_deref(), Some(v), "{v} = {id}");
+        }
+        assert_eq!(devid_to_vdev(51713), None); // a partition
+        assert_eq!(devid_to_vdev(768), None); // hda
+    }
+}

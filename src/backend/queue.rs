@@ -192,6 +192,10 @@ pub(crate) struct Shared {
     pub indirect: Vec<u8>,
     /// Grant-copy results.
     pub copy_status: Vec<GrantStatus>,
+    /// stats: the time of the current batch (completions reaped, or a queue's
+    /// pump), so that the statistics read the clock once per batch rather
+    /// than twice per request.
+    pub now: Instant,
 }
 
 impl Shared {
@@ -200,6 +204,7 @@ impl Shared {
             engine,
             indirect: vec![0u8; xen_sys::blkif::BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST * PAGE_SIZE],
             copy_status: Vec::with_capacity(64),
+            now: Instant::now(),
         }
     }
 }
@@ -233,6 +238,8 @@ pub(crate) struct Queue {
     /// Parsed requests not started yet, with their journal entries and
     /// (stats) consume times.
     pending: VecDeque<(u32, Pending, Option<Instant>)>,
+    /// stats: the batch time (see [`Shared::now`]).
+    now: Instant,
     /// A barrier is in progress: nothing else starts until it is answered.
     barrier_active: bool,
     stopping: bool,
@@ -276,6 +283,7 @@ impl Queue {
             slots: (0..nslots).map(|_| None).collect(),
             free_slots: (0..nslots).rev().collect(),
             pending: VecDeque::new(),
+            now: Instant::now(),
             barrier_active: false,
             stopping: false,
             failed: None,
@@ -335,7 +343,7 @@ impl Queue {
         }
         for (jent, p, t0) in std::mem::take(&mut self.pending) {
             let (id, op) = p.id_op();
-            self.ctx.stats.answered(t0, op, false, 0, false); // stats
+            self.ctx.stats.answered(t0, self.now, op, false, 0, false); // stats
             self.respond(jent, id, op, BLKIF_RSP_ERROR);
         }
         self.request_stop(sh);
@@ -363,6 +371,10 @@ impl Queue {
     /// Do all the work possible without waiting.
     pub fn pump(&mut self, sh: &mut Shared) -> Pump {
         self.dirty = false;
+        if self.ctx.stats.enabled {
+            sh.now = Instant::now(); // stats: the consume time of this batch
+        }
+        self.now = sh.now; // stats
         self.refresh_disk();
         if !self.stopping {
             if let Err(e) = self.consume() {
@@ -413,6 +425,7 @@ impl Queue {
     /// A completion of one of this queue's ops (`tag` = low half of user_data).
     pub fn on_completion(&mut self, sh: &mut Shared, tag: u32, c: Completion) {
         self.ops -= 1;
+        self.now = sh.now; // stats: when the worker reaped this batch
         self.dirty = true;
         if let Err(e) = self.complete(sh, tag, c) {
             self.fail(sh, e);
@@ -532,7 +545,7 @@ impl Queue {
     /// Validate one consumed request: queue it, or answer a rejection.
     fn accept(&mut self, jent: u32, raw: &RawRequest) {
         self.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let t0 = self.ctx.stats.consumed(); // stats: consume time, queue depth + 1
+        let t0 = self.ctx.stats.consumed(self.now); // stats: consume time, queue depth + 1
         self.observe(IoEvent::Consumed {
             id: raw.id(),
             op: raw.operation(),
@@ -542,7 +555,9 @@ impl Queue {
             Err(rej) => {
                 debug!("{}: rejected request: {rej}", self.ctx.name);
                 self.ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                self.ctx.stats.answered(t0, rej.operation, false, 0, false); // stats
+                self.ctx
+                    .stats
+                    .answered(t0, self.now, rej.operation, false, 0, false); // stats
                 self.respond(jent, rej.id, rej.operation, rej.status);
             }
         }
@@ -606,7 +621,7 @@ impl Queue {
                                 self.ctx.name, r.len
                             );
                             let st = &self.ctx.stats;
-                            st.answered(t0, r.response_op, false, r.len, false); // stats
+                            st.answered(t0, self.now, r.response_op, false, r.len, false); // stats
                             self.respond(jent, r.id, r.response_op, BLKIF_RSP_ERROR);
                         }
                         continue;
@@ -619,7 +634,7 @@ impl Queue {
             // domain's limiters admit it; else it waits (ring order kept) and the
             // queue's timer wakes it. Not while stopping: a stop must not wait.
             let cost = rw_cost(p).filter(|_| region.is_some() && !self.stopping);
-            if let Some((write, bytes)) = cost {
+            if let Some((write, bytes)) = cost.filter(|_| self.ctx.limiter.is_active()) {
                 let now = Instant::now();
                 if let Err(at) = self.ctx.limiter.admit(write, bytes, now) {
                     if let Some(r) = region {
@@ -661,7 +676,7 @@ impl Queue {
                         debug!("{}: indirect request refused: {why}", self.ctx.name);
                         self.ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
                         let op = ind.response_op();
-                        self.ctx.stats.answered(t0, op, false, 0, false); // stats
+                        self.ctx.stats.answered(t0, self.now, op, false, 0, false); // stats
                         self.respond(jent, ind.id, ind.response_op(), status);
                     }
                 }
@@ -692,7 +707,7 @@ impl Queue {
                     // Nothing to discard: done (Linux blkback answers OKAY too;
                     // fallocate would refuse a zero length).
                     self.free_slots.push(slot);
-                    self.ctx.stats.answered(t0, op, true, 0, true); // stats
+                    self.ctx.stats.answered(t0, self.now, op, true, 0, true); // stats
                     self.respond(jent, id, op, BLKIF_RSP_OKAY);
                     return;
                 }
@@ -1042,7 +1057,9 @@ impl Queue {
         }
         // stats: latency, sectors and ok/error per op; gauges - 1.
         let ok = status == BLKIF_RSP_OKAY;
-        self.ctx.stats.answered(i.t0, i.op, true, i.len, ok);
+        self.ctx
+            .stats
+            .answered(i.t0, self.now, i.op, true, i.len, ok);
         self.respond(i.jent, i.id, i.op, status);
     }
 

@@ -8,8 +8,10 @@
 //! with log2 buckets of microseconds: bucket 0 holds latencies below 1 µs,
 //! bucket `i` (1 ≤ i < 31) holds `[2^(i-1), 2^i)` µs, the last bucket
 //! everything from `2^30` µs (about 18 minutes) up. A request's latency runs
-//! from the moment the queue took it off the ring to the moment its response
-//! was pushed, so it includes the time a limit delayed it.
+//! from the batch in which the queue took it off the ring to the batch of
+//! completions that finished it (the clock is read once per batch —
+//! [`crate::backend::queue`]'s `Shared::now` — not twice per request), so it
+//! includes the time a limit delayed it.
 //!
 //! A device's queues are summed with [`StatsSnapshot::merge`]; two snapshots of
 //! the same device give rates with [`StatsSnapshot::delta`].
@@ -65,6 +67,20 @@ impl OpClass {
     }
 }
 
+/// Add `v` to a counter that only one thread writes (the queue's worker):
+/// a plain load and store, no locked read-modify-write. Readers may see a
+/// value a moment old, never a torn one.
+#[inline]
+fn bump(a: &AtomicU64, v: u64) {
+    a.store(a.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
+}
+
+/// Subtract `v` from a single-writer gauge (see [`bump`]).
+#[inline]
+fn drop_by(a: &AtomicU64, v: u64) {
+    a.store(a.load(Ordering::Relaxed).wrapping_sub(v), Ordering::Relaxed);
+}
+
 /// The bucket of a latency of `us` microseconds.
 pub fn bucket_of(us: u64) -> usize {
     let b = (u64::BITS - us.leading_zeros()) as usize;
@@ -96,6 +112,9 @@ pub struct OpCounters {
 }
 
 /// Counters of one queue, shared with the device for status and tests.
+///
+/// The per-request statistics (`ops`, the gauges) are written by the queue's
+/// worker thread only — one writer — and read by anyone.
 #[derive(Debug)]
 pub struct QueueStats {
     /// Whether the per-request statistics (per-op counters, latency
@@ -153,47 +172,56 @@ impl QueueStats {
         }
     }
 
-    /// A request was taken off the ring: its start time (None when
+    /// A request was taken off the ring at `now`: its start time (None when
     /// collection is off).
     #[inline]
-    pub fn consumed(&self) -> Option<Instant> {
+    pub fn consumed(&self, now: Instant) -> Option<Instant> {
         if !self.enabled {
             return None;
         }
-        self.queue_depth.fetch_add(1, Ordering::Relaxed);
-        Some(Instant::now())
+        bump(&self.queue_depth, 1);
+        Some(now)
     }
 
     /// A consumed request started its file operation.
     #[inline]
     pub fn started(&self) {
         if self.enabled {
-            self.in_flight.fetch_add(1, Ordering::Relaxed);
+            bump(&self.in_flight, 1);
         }
     }
 
-    /// A consumed request was answered. `started`: it had reached
+    /// A consumed request was answered at `now`. `started`: it had reached
     /// [`started`](Self::started); `bytes`: its data length (reads, writes,
     /// discards); `t0` what [`consumed`](Self::consumed) returned.
     #[inline]
-    pub fn answered(&self, t0: Option<Instant>, op: u8, started: bool, bytes: u64, ok: bool) {
+    pub fn answered(
+        &self,
+        t0: Option<Instant>,
+        now: Instant,
+        op: u8,
+        started: bool,
+        bytes: u64,
+        ok: bool,
+    ) {
         let Some(t0) = t0 else { return };
-        self.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        drop_by(&self.queue_depth, 1);
         if started {
-            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            drop_by(&self.in_flight, 1);
         }
         let Some(class) = OpClass::of_blkif(op) else {
             return;
         };
-        let us = t0.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+        let us = now.saturating_duration_since(t0).as_micros();
+        let us = us.min(u128::from(u64::MAX)) as u64;
         let c = &self.ops[class as usize];
-        c.requests.fetch_add(1, Ordering::Relaxed);
-        c.sectors.fetch_add(bytes / 512, Ordering::Relaxed);
+        bump(&c.requests, 1);
+        bump(&c.sectors, bytes / 512);
         if !ok {
-            c.errors.fetch_add(1, Ordering::Relaxed);
+            bump(&c.errors, 1);
         }
-        c.latency_us.fetch_add(us, Ordering::Relaxed);
-        c.hist[bucket_of(us)].fetch_add(1, Ordering::Relaxed);
+        bump(&c.latency_us, us);
+        bump(&c.hist[bucket_of(us)], 1);
     }
 
     /// A copy of the counters.
@@ -507,22 +535,26 @@ mod tests {
     #[test]
     fn answered_counts_per_op_and_gauges_return_to_zero() {
         let s = QueueStats::new(true);
-        let t = s.consumed();
+        let now = Instant::now();
+        let t = s.consumed(now);
         s.started();
         assert_eq!(s.snapshot().in_flight, 1);
         assert_eq!(s.snapshot().queue_depth, 1);
-        s.answered(t, xen_sys::blkif::BLKIF_OP_WRITE, true, 8192, true);
-        let t = s.consumed();
-        s.answered(t, xen_sys::blkif::BLKIF_OP_READ, false, 4096, false);
+        let later = now + std::time::Duration::from_micros(100);
+        s.answered(t, later, xen_sys::blkif::BLKIF_OP_WRITE, true, 8192, true);
+        let t = s.consumed(now);
+        s.answered(t, now, xen_sys::blkif::BLKIF_OP_READ, false, 4096, false);
         let snap = s.snapshot();
         assert_eq!((snap.in_flight, snap.queue_depth), (0, 0));
         assert_eq!(snap.op(OpClass::Write).requests, 1);
         assert_eq!(snap.op(OpClass::Write).sectors, 16);
         assert_eq!(snap.op(OpClass::Read).errors, 1);
         assert_eq!(snap.op(OpClass::Read).hist.iter().sum::<u64>(), 1);
+        assert_eq!(snap.op(OpClass::Write).hist[bucket_of(100)], 1);
+        assert_eq!(snap.op(OpClass::Write).latency_us, 100);
         let off = QueueStats::new(false);
-        let t = off.consumed();
-        off.answered(t, xen_sys::blkif::BLKIF_OP_READ, false, 4096, true);
+        let t = off.consumed(now);
+        off.answered(t, now, xen_sys::blkif::BLKIF_OP_READ, false, 4096, true);
         assert_eq!(off.snapshot().op(OpClass::Read).requests, 0);
     }
 
