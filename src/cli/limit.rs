@@ -11,7 +11,7 @@ use crate::backend::limits::{Limits, LimitsPatch, DEFAULT_BURST_MS};
 /// The limit flags (0 = unlimited). Only the flags given change.
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct LimitArgs {
-    /// Read operations per second.
+    /// Read operations per second (0 = unlimited, as for every rate).
     #[arg(long, value_name = "N")]
     pub read_iops: Option<String>,
     /// Write operations per second.

@@ -86,7 +86,7 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Change (or show) the I/O limits of a domain or a device on the running daemon.
     Limit(limit::LimitCmdArgs),
-    /// Show every device with its IOPS, MB/s and latency (--watch, --json).
+    /// Show every device with its IOPS, MiB/s, latency and limits (--watch, --json).
     Status(status::StatusArgs),
 }
 
