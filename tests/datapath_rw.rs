@@ -8,7 +8,7 @@
 mod datapath_support;
 
 use datapath_support::*;
-use refblk::backend::AttachOptions;
+use refblk::backend::{AttachOptions, BackendConfig};
 use refblk::frontend::{FrontendOptions, Protocol};
 use refblk::util::scratchfs::{FsKind, ScratchFs};
 
@@ -194,6 +194,36 @@ fn small_random_io_deep_queue() {
         ..Default::default()
     };
     run_config(&rig, 30, images.path(), opts, 77, 96, 16);
+    rig.shutdown();
+}
+
+#[test]
+fn one_polling_worker_serves_several_queues() {
+    // All queues on one worker that busy-polls before sleeping: verified I/O
+    // through the polling path, and queues sharing one engine and slab.
+    let Some(rig) = Rig::with_config(BackendConfig {
+        workers: 1,
+        poll_us: 200,
+        ..BackendConfig::default()
+    }) else {
+        return;
+    };
+    let images = machine_dir();
+    for (domid, qd) in [(31, 1), (32, 16)] {
+        let opts = FrontendOptions {
+            queues: 2,
+            ..Default::default()
+        };
+        run_config(
+            &rig,
+            domid,
+            images.path(),
+            opts,
+            90 + u64::from(domid),
+            qd,
+            64,
+        );
+    }
     rig.shutdown();
 }
 

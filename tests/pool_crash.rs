@@ -191,10 +191,45 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// Every revision's content, by path.
+fn revision_contents(v: &Volume) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    v.revisions()
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            let c = read(&r.path);
+            (r.path, c)
+        })
+        .collect()
+}
+
+/// Revisions never change: each one recorded in `before` is gone (pruned, or
+/// renamed into clean by a revert) or holds the same bytes. And after a completed
+/// operation no revision is another name of the clean image's inode (a revision
+/// is a hard link of the *old* clean image; the commit's rename ends the sharing).
+fn assert_revisions_intact(v: &Volume, before: &[(std::path::PathBuf, Vec<u8>)], label: &str) {
+    for (path, bytes) in before {
+        if exists(path) {
+            assert!(read(path) == *bytes, "{label}: {} changed", path.display());
+        }
+    }
+    if exists(v.clean_path()) {
+        for r in v.revisions().unwrap() {
+            assert_ne!(
+                ino(&r.path),
+                ino(v.clean_path()),
+                "{label}: {} shares the clean image's inode",
+                r.path.display()
+            );
+        }
+    }
+}
+
 /// After a crash/failure (faults disarmed): check, recover, check again.
 fn verify(pool: &Pool, vid: &str, legit: &[Vec<u8>], rtk: i64, label: &str, repair: bool) {
     let v = pool.volume(vid).unwrap();
     let clean = v.clean_path().to_path_buf();
+    let revs_before = revision_contents(&v);
     if exists(&clean) {
         let c = read(&clean);
         assert!(
@@ -250,6 +285,7 @@ fn verify(pool: &Pool, vid: &str, legit: &[Vec<u8>], rtk: i64, label: &str, repa
     );
     v.stop().unwrap();
     assert!(legit.iter().chain(grown.iter()).any(|l| *l == read(&clean)));
+    assert_revisions_intact(&v, &revs_before, label);
     let revs = v.revisions().unwrap();
     assert!(
         revs.len() as i64 <= rtk.max(0),
@@ -432,4 +468,106 @@ fn crash_snapshot_and_volatile_btrfs() {
 #[test]
 fn crash_snapshot_and_volatile_ext4() {
     snapshot_kinds(FsKind::Ext4);
+}
+
+/// Commit archives the old clean image as a revision by hard-linking it, then
+/// renames dirty over clean. Killed between the two, the revision and clean are
+/// one inode; whatever runs next (discard, a start that serves clean in place,
+/// revert, resize, import, commits) must never change a revision.
+fn revisions_never_change(kind: FsKind) {
+    let Some(fs) = scratch(kind) else { return };
+    let faults = Arc::new(Faults::new());
+    let pool = pool(fs.path(), "revs", kind).with_faults(faults.clone());
+    // Where is the link in a commit? Count it on a twin volume.
+    let twin = committed(&pool, "appvms/twin/private", RTK, 1);
+    put(&twin.start().unwrap(), 2);
+    faults.disarm();
+    twin.stop().unwrap();
+    let trace = faults.trace();
+    let link = trace
+        .iter()
+        .position(|s| s.starts_with("link"))
+        .unwrap_or_else(|| panic!("{kind}: commit made no hard link: {trace:?}"))
+        as u64
+        + 1;
+    let vid = "appvms/work/private";
+    let v = committed(&pool, vid, RTK, 1);
+    put(&v.start().unwrap(), 2);
+    // Killed right after the link (and its directory fsync).
+    faults.arm(link + 2, FaultMode::Crash);
+    assert!(v.stop().is_err(), "{kind}: the armed stop failed");
+    faults.disarm();
+    let newest = v.revisions().unwrap().pop().expect("the linked revision");
+    assert_eq!(
+        ino(&newest.path),
+        ino(v.clean_path()),
+        "{kind}: crash window reached"
+    );
+    // Revisions seen so far; a name that disappears may later be reused for a new
+    // revision (numbers are max+1, timestamps whole seconds), so it is forgotten.
+    let mut seen = revision_contents(&v);
+    let mut check = |v: &Volume, label: &str| {
+        assert_revisions_intact(v, &seen, label);
+        seen.retain(|(p, _)| exists(p));
+        for r in revision_contents(v) {
+            if !seen.iter().any(|(p, _)| *p == r.0) {
+                seen.push(r);
+            }
+        }
+    };
+    assert_eq!(read(&newest.path), content(1));
+    // Throw the run away: the duplicate name goes, clean and revisions stay.
+    v.discard().unwrap();
+    check(&v, "discard");
+    assert_eq!(read(v.clean_path()), content(1));
+    // Serve clean in place (revisions_to_keep -1) and write into it.
+    let inplace = pool
+        .volume_with(
+            vid,
+            refblk::pool::Overrides {
+                revisions_to_keep: Some(-1),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    put(&inplace.start().unwrap(), 3);
+    check(&v, "in-place start");
+    inplace.stop().unwrap();
+    check(&v, "in-place stop");
+    // Ordinary runs, revert, resize, import: revisions made along the way stay too.
+    let src = pool.dir().join("import.src");
+    std::fs::File::create(&src).unwrap().set_len(SIZE).unwrap();
+    put(&src, 6);
+    for (i, op) in ["commit", "revert", "resize", "import", "commit"]
+        .iter()
+        .enumerate()
+    {
+        match *op {
+            "commit" => {
+                put(&v.start().unwrap(), 10 + i as u8);
+                v.stop().unwrap();
+            }
+            "revert" => {
+                v.revert(None).unwrap();
+            }
+            "resize" => v.resize(2 * SIZE, false).unwrap(),
+            _ => v.import(ImportSource::File(&src), None).unwrap(),
+        }
+        check(&v, op);
+    }
+}
+
+#[test]
+fn revisions_never_change_btrfs() {
+    revisions_never_change(FsKind::Btrfs);
+}
+
+#[test]
+fn revisions_never_change_xfs() {
+    revisions_never_change(FsKind::Xfs);
+}
+
+#[test]
+fn revisions_never_change_ext4() {
+    revisions_never_change(FsKind::Ext4);
 }

@@ -549,3 +549,112 @@ fn guest_holding_its_grant_entry_lock_cannot_hang_a_map() {
     drop(m);
     assert!(guest.end_access(gref).unwrap());
 }
+
+#[test]
+fn end_access_never_succeeds_while_a_map_is_held() {
+    // The guest ends grants without locks when no backend ever announced a map of
+    // the entry (the `mapstate` fast path); a backend mapping the same refs at
+    // the same time must still make every end_access of a mapped ref fail.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    use std::sync::Arc;
+    let dir = machine_dir();
+    let guest = Arc::new(SimGuest::create(dir.path(), DOM, 8).expect("guest"));
+    let page = guest.alloc_page().unwrap();
+    let p = SimPlatform::new(dir.path()).unwrap();
+    // Refs come from a LIFO free list: the churn below reuses first..first+4.
+    let first = guest.grant(page, 0, false).unwrap();
+    assert!(
+        guest.end_access(first).unwrap(),
+        "never mapped: ended at once"
+    );
+    const REFS: u32 = 4;
+    let held: Arc<Vec<AtomicBool>> = Arc::new((0..REFS).map(|_| AtomicBool::new(false)).collect());
+    let generation: Arc<Vec<AtomicU64>> = Arc::new((0..REFS).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (h2, g2, s2) = (held.clone(), generation.clone(), stop.clone());
+    let backend = std::thread::spawn(move || {
+        let mut maps = 0u32;
+        while !s2.load(SeqCst) {
+            for i in 0..REFS {
+                if let Ok(m) = p.map_grant_refs(DOM, &[first + i], false) {
+                    g2[i as usize].fetch_add(1, SeqCst);
+                    h2[i as usize].store(true, SeqCst);
+                    maps += 1;
+                    std::thread::yield_now();
+                    h2[i as usize].store(false, SeqCst);
+                    drop(m);
+                }
+            }
+        }
+        maps
+    });
+    let (mut ended, mut refused) = (0u32, 0u32);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        let refs: Vec<u32> = (0..REFS)
+            .map(|_| guest.grant(page, 0, false).unwrap())
+            .collect();
+        for r in refs {
+            let i = (r - first) as usize;
+            let (h1, gen1) = (held[i].load(SeqCst), generation[i].load(SeqCst));
+            loop {
+                let ok = guest.end_access(r).unwrap();
+                let (h3, gen3) = (held[i].load(SeqCst), generation[i].load(SeqCst));
+                assert!(
+                    !(ok && h1 && h3 && gen1 == gen3),
+                    "ref {r} ended while the backend held map #{gen1} of it"
+                );
+                if ok {
+                    ended += 1;
+                    break;
+                }
+                refused += 1;
+            }
+        }
+    }
+    stop.store(true, SeqCst);
+    let maps = backend.join().expect("backend thread");
+    println!("{ended} ended, {refused} refused while mapped, {maps} maps");
+    assert!(
+        maps > 0 && refused > 0,
+        "the backend never held a map during an end"
+    );
+}
+
+#[test]
+fn guest_stuck_ending_a_grant_cannot_hang_a_map() {
+    // The guest's "ending access" bit in `mapstate` (set during an end_access)
+    // left set forever by a hostile guest process: maps of that ref are refused
+    // after a short wait, like a write lock held forever.
+    let dir = machine_dir();
+    let guest = SimGuest::create(dir.path(), DOM, 4).expect("guest");
+    let page = guest.alloc_page().unwrap();
+    let gref = guest.grant(page, 0, false).unwrap();
+    let p = SimPlatform::new(dir.path()).unwrap();
+    let path = dir.path().join(format!("dom/{DOM}/mapstate"));
+    let word = |v: u32| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&v.to_le_bytes(), 4 * gref as u64).unwrap();
+    };
+    word(2); // MAP_CLOSING
+    let t = std::time::Instant::now();
+    let e = p
+        .map_grant_refs(DOM, &[gref], true)
+        .err()
+        .expect("map refused");
+    assert_eq!(
+        GrantMapError::status_of(&e),
+        Some(GrantStatus::GeneralError),
+        "{e}"
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "bounded wait"
+    );
+    word(1); // the backend's hint stays, the closing bit is gone
+    let m = p.map_grant_refs(DOM, &[gref], true).expect("map");
+    assert!(!guest.end_access(gref).unwrap(), "mapped");
+    drop(m);
+    assert!(guest.end_access(gref).unwrap());
+}

@@ -60,6 +60,10 @@ pub struct BackendConfig {
     pub max_persistent_grants: usize,
     /// io_uring workers serving all queues (0: one per CPU).
     pub workers: usize,
+    /// After a busy pass, a worker polls its rings and completions for this
+    /// many microseconds before it sleeps (0: never). Trades CPU for the
+    /// wake-up latency of low-queue-depth round trips.
+    pub poll_us: u32,
     /// io_uring engine settings of every worker (one ring and one registered
     /// buffer slab per worker, shared by the queues it serves).
     pub engine: EngineConfig,
@@ -86,6 +90,7 @@ impl Default for BackendConfig {
             persistent_grants: false,
             max_persistent_grants: pgrants::DEFAULT_MAX_PERSISTENT,
             workers: 0,
+            poll_us: 0,
             engine: EngineConfig {
                 // One worker's ring serves many queues: room for their polls and
                 // for several deep rings in flight.
@@ -357,7 +362,11 @@ impl Backend {
             .map_err(|e| io::Error::other(format!("xenstore watch @releaseDomain: {e}")))?;
         let (cmd_tx, cmd_rx) = unbounded();
         let (ev_tx, ev_rx) = unbounded();
-        let workers = Arc::new(worker::Workers::start(cfg.workers, &cfg.engine)?);
+        let workers = Arc::new(worker::Workers::start(
+            cfg.workers,
+            &cfg.engine,
+            Duration::from_micros(u64::from(cfg.poll_us)),
+        )?);
         info!("watching {base} on {} xen", platform.name());
         let mut b = Backend {
             platform,

@@ -248,6 +248,12 @@ pub(crate) struct Queue {
     /// Completions or events arrived since the last pump.
     dirty: bool,
     responses_pushed: bool,
+    /// Writes whose data is still to be grant-copied in, with their file
+    /// offsets: one grant copy for all of them at the end of a start pass.
+    writes_to_copy: Vec<(usize, BufRegion, u64)>,
+    /// Reads done whose data is still to be grant-copied out: one grant copy
+    /// for all of them at the next pump.
+    reads_to_copy: Vec<(usize, BufRegion)>,
     /// Failed-I/O warnings: the current one-second window and its count.
     warn_window: Instant,
     warned: u32,
@@ -289,6 +295,8 @@ impl Queue {
             failed: None,
             dirty: true,
             responses_pushed: false,
+            writes_to_copy: Vec::new(),
+            reads_to_copy: Vec::new(),
             warn_window: Instant::now(),
             warned: 0,
             suppressed: 0,
@@ -363,6 +371,18 @@ impl Queue {
         &self.ctx.name
     }
 
+    /// Has the frontend produced requests we have not consumed? (For a worker
+    /// polling before it sleeps; a broken index counts as work, so the pump
+    /// finds and reports it.)
+    pub fn has_new_requests(&self) -> bool {
+        !self.stopping && self.ctx.ring.unconsumed().map_or(true, |n| n > 0)
+    }
+
+    /// Have the next pass pump this queue.
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
     /// Does the worker need to call [`pump`](Self::pump)?
     pub fn wants_pump(&self) -> bool {
         self.dirty || !self.pending.is_empty()
@@ -372,9 +392,10 @@ impl Queue {
     pub fn pump(&mut self, sh: &mut Shared) -> Pump {
         self.dirty = false;
         if self.ctx.stats.enabled {
-            sh.now = Instant::now(); // stats: the consume time of this batch
+            sh.now = Instant::now(); // stats: the time of this batch
         }
         self.now = sh.now; // stats
+        self.copy_out_reads(sh);
         self.refresh_disk();
         if !self.stopping {
             if let Err(e) = self.consume() {
@@ -589,19 +610,20 @@ impl Queue {
     fn start_pending(&mut self, sh: &mut Shared) {
         while let Some((_, p, _)) = self.pending.front() {
             if self.barrier_active {
-                return;
+                break;
             }
             // Keep room in the engine for the two polls to be re-armed and a
             // barrier's flush: a deep ring (16 pages = 512 slots) can have more
             // requests than the engine takes ops; the rest wait here.
-            if sh.engine.free_slots() <= ENGINE_RESERVE {
-                return;
+            // (Writes waiting for their batched grant copy take their slots later.)
+            if sh.engine.free_slots() <= ENGINE_RESERVE + self.writes_to_copy.len() {
+                break;
             }
             if p.needs_drain() && self.in_flight_requests() > 0 {
-                return;
+                break;
             }
             let Some(slot) = self.free_slots.last().copied() else {
-                return;
+                break;
             };
             let need = match p {
                 Pending::Rw(r) => r.len as usize,
@@ -610,7 +632,7 @@ impl Queue {
             let region = if need > 0 {
                 match sh.engine.alloc(need) {
                     Some(r) => Some(r),
-                    None if self.in_flight_requests() > 0 => return, // wait for buffers
+                    None if self.in_flight_requests() > 0 => break, // wait for buffers
                     None => {
                         // Nothing in flight and still no room: the slab is smaller
                         // than one request. Refuse it rather than stall the ring.
@@ -643,13 +665,14 @@ impl Queue {
                     self.ctx.stats.throttled.fetch_add(1, Ordering::Relaxed);
                     // At most MAX_WAIT: a raised limit is seen soon.
                     self.arm_timer(sh, at.min(now + MAX_WAIT));
-                    return;
+                    break;
                 }
             }
             let (jent, p, t0) = self.pending.pop_front().expect("front exists");
             self.free_slots.pop();
             self.start(sh, slot, jent, p, region, t0);
         }
+        self.copy_in_writes(sh);
     }
 
     fn start(
@@ -774,6 +797,10 @@ impl Queue {
                     },
                 );
             }
+            RwOp::Write if self.ctx.persistent.is_none() => {
+                self.ctx.stats.writes.fetch_add(1, Ordering::Relaxed);
+                self.writes_to_copy.push((slot, region, r.offset));
+            }
             RwOp::Write => {
                 self.ctx.stats.writes.fetch_add(1, Ordering::Relaxed);
                 if let Err(st) = self.copy_from_guest(sh, slot, &region) {
@@ -859,7 +886,8 @@ impl Queue {
             .map_err(|rej| (rej.status, rej.to_string()))
     }
 
-    /// Copy a write's data from the guest's pages into `region`.
+    /// Copy a write's data from the guest's persistently mapped pages into
+    /// `region` (with persistent grants; otherwise see `copy_in_writes`).
     fn copy_from_guest(
         &mut self,
         sh: &mut Shared,
@@ -868,33 +896,21 @@ impl Queue {
     ) -> Result<(), GrantStatus> {
         let pieces = &self.slots[slot].as_ref().expect("slot in use").pieces;
         let mut rest: &mut [u8] = sh.engine.buf_mut(region);
-        if let Some(pg) = self.ctx.persistent.as_mut() {
-            for p in pieces {
-                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(usize::from(p.len));
-                rest = tail;
-                pg.copy_from(p.gref, p.offset, dst)?;
-            }
-            return Ok(());
-        }
-        let mut segs = Vec::with_capacity(pieces.len());
+        let pg = self
+            .ctx
+            .persistent
+            .as_mut()
+            .ok_or(GrantStatus::GeneralError)?;
         for p in pieces {
             let (dst, tail) = std::mem::take(&mut rest).split_at_mut(usize::from(p.len));
             rest = tail;
-            segs.push(CopySeg::FromGuest {
-                gref: p.gref,
-                offset: p.offset,
-                dst,
-            });
+            pg.copy_from(p.gref, p.offset, dst)?;
         }
-        grant_copy_all(
-            &*self.ctx.platform,
-            self.ctx.domid,
-            &mut segs,
-            &mut sh.copy_status,
-        )
+        Ok(())
     }
 
-    /// Copy a read's data from `region` out to the guest's pages.
+    /// Copy a read's data from `region` out to the guest's persistently mapped
+    /// pages (with persistent grants; otherwise see `copy_out_reads`).
     fn copy_to_guest(
         &mut self,
         sh: &mut Shared,
@@ -903,30 +919,114 @@ impl Queue {
     ) -> Result<(), GrantStatus> {
         let pieces = &self.slots[slot].as_ref().expect("slot in use").pieces;
         let mut rest: &[u8] = sh.engine.buf(region);
-        if let Some(pg) = self.ctx.persistent.as_mut() {
-            for p in pieces {
-                let (src, tail) = rest.split_at(usize::from(p.len));
-                rest = tail;
-                pg.copy_to(p.gref, p.offset, src)?;
-            }
-            return Ok(());
-        }
-        let mut segs = Vec::with_capacity(pieces.len());
+        let pg = self
+            .ctx
+            .persistent
+            .as_mut()
+            .ok_or(GrantStatus::GeneralError)?;
         for p in pieces {
             let (src, tail) = rest.split_at(usize::from(p.len));
             rest = tail;
-            segs.push(CopySeg::ToGuest {
-                gref: p.gref,
-                offset: p.offset,
-                src,
-            });
+            pg.copy_to(p.gref, p.offset, src)?;
         }
-        grant_copy_all(
+        Ok(())
+    }
+
+    /// Grant-copy the data of every write started in this pass from the guest's
+    /// pages, with one grant copy, and queue the writes whose copy succeeded.
+    fn copy_in_writes(&mut self, sh: &mut Shared) {
+        if self.writes_to_copy.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.writes_to_copy);
+        let regions: Vec<&BufRegion> = batch.iter().map(|(_, r, _)| r).collect();
+        let bufs = sh.engine.bufs_mut(&regions);
+        let mut segs = Vec::new();
+        for ((slot, _, _), buf) in batch.iter().zip(bufs) {
+            let pieces = &self.slots[*slot].as_ref().expect("slot in use").pieces;
+            let mut rest: &mut [u8] = buf;
+            for p in pieces {
+                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(usize::from(p.len));
+                rest = tail;
+                segs.push(CopySeg::FromGuest {
+                    gref: p.gref,
+                    offset: p.offset,
+                    dst,
+                });
+            }
+        }
+        let ok = grant_copy_batch(
             &*self.ctx.platform,
             self.ctx.domid,
             &mut segs,
             &mut sh.copy_status,
-        )
+        );
+        drop(segs);
+        let mut at = 0;
+        for (slot, region, offset) in batch {
+            let n = self.slots[slot].as_ref().map_or(0, |i| i.pieces.len());
+            let good = ok
+                && sh.copy_status[at..at + n]
+                    .iter()
+                    .all(|s| *s == GrantStatus::Okay);
+            at += n;
+            if good {
+                self.submit_or_fail(sh, slot, Op::Write { offset, region });
+            } else {
+                debug!("{}: grant copy from guest failed", self.ctx.name);
+                sh.engine.free(region);
+                self.finish(slot, BLKIF_RSP_ERROR);
+            }
+        }
+    }
+
+    /// Grant-copy the data of every read done since the last pump out to the
+    /// guest's pages, with one grant copy, and answer them.
+    fn copy_out_reads(&mut self, sh: &mut Shared) {
+        if self.reads_to_copy.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.reads_to_copy);
+        let mut segs = Vec::new();
+        for (slot, region) in &batch {
+            let pieces = &self.slots[*slot].as_ref().expect("slot in use").pieces;
+            let mut rest: &[u8] = sh.engine.buf(region);
+            for p in pieces {
+                let (src, tail) = rest.split_at(usize::from(p.len));
+                rest = tail;
+                segs.push(CopySeg::ToGuest {
+                    gref: p.gref,
+                    offset: p.offset,
+                    src,
+                });
+            }
+        }
+        let ok = grant_copy_batch(
+            &*self.ctx.platform,
+            self.ctx.domid,
+            &mut segs,
+            &mut sh.copy_status,
+        );
+        drop(segs);
+        let mut at = 0;
+        for (slot, region) in batch {
+            let (n, len) = self.slots[slot]
+                .as_ref()
+                .map_or((0, 0), |i| (i.pieces.len(), i.len));
+            let good = ok
+                && sh.copy_status[at..at + n]
+                    .iter()
+                    .all(|s| *s == GrantStatus::Okay);
+            at += n;
+            sh.engine.free(region);
+            if good {
+                self.ctx.stats.bytes_read.fetch_add(len, Ordering::Relaxed);
+                self.finish(slot, BLKIF_RSP_OKAY);
+            } else {
+                debug!("{}: grant copy to guest failed", self.ctx.name);
+                self.finish(slot, BLKIF_RSP_ERROR);
+            }
+        }
     }
 
     fn complete(&mut self, sh: &mut Shared, tag: u32, c: Completion) -> Result<(), String> {
@@ -986,6 +1086,10 @@ impl Queue {
             return Ok(());
         }
         match stage {
+            Stage::Read if self.ctx.persistent.is_none() => {
+                let region = c.region.expect("read has a region");
+                self.reads_to_copy.push((slot, region));
+            }
             Stage::Read => {
                 let region = c.region.expect("read has a region");
                 let len = self.slots[slot].as_ref().map_or(0, |i| i.len);
@@ -1100,6 +1204,19 @@ fn rw_cost(p: &Pending) -> Option<(bool, u64)> {
         Pending::Rw(r) => Some((r.op == RwOp::Write, r.len)),
         _ => None,
     }
+}
+
+/// One grant copy for many requests' segments: false if the call itself
+/// failed; otherwise `status` holds each segment's result.
+fn grant_copy_batch(
+    platform: &dyn Platform,
+    domid: DomId,
+    segs: &mut [CopySeg<'_>],
+    status: &mut Vec<GrantStatus>,
+) -> bool {
+    status.clear();
+    status.resize(segs.len(), GrantStatus::GeneralError);
+    platform.grant_copy(domid, segs, status).is_ok()
 }
 
 /// One grant-copy batch; the first failed segment's status if any failed.

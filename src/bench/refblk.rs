@@ -89,7 +89,15 @@ pub fn connect_with(
     let dir = machine_dir(work_dir)?;
     let sim = SimXen::start(&dir)?;
     let platform = Arc::new(sim.platform()?);
-    let (backend, join) = Backend::spawn(platform, BackendConfig::default())?;
+    let mut cfg = BackendConfig::default();
+    // The workers' busy-poll budget, for comparing runs (see docs/benchmarks.md).
+    if let Some(us) = std::env::var("REFBLK_BENCH_POLL_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.poll_us = us;
+    }
+    let (backend, join) = Backend::spawn(platform, cfg)?;
     let xs = XsClient::connect_unix(&sim.xenstored_path())
         .map_err(|e| io::Error::other(format!("toolstack xenstore: {e}")))?;
     let ts = Toolstack::new(xs, backend.clone());

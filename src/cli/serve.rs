@@ -45,6 +45,13 @@ pub struct ServeArgs {
     /// Never use O_DIRECT on images (use the page cache).
     #[arg(long)]
     pub buffered: bool,
+    /// io_uring worker threads serving all devices (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// After a busy pass, a worker polls rings and completions this many
+    /// microseconds before sleeping (0: never; costs CPU, saves wake-ups).
+    #[arg(long, default_value_t = 0)]
+    pub poll_us: u32,
     /// Start even if the kernel's xen-blkback is loaded (it claims every vbd).
     #[arg(long)]
     pub allow_blkback: bool,
@@ -108,6 +115,8 @@ pub fn run(a: ServeArgs) -> CliResult {
         max_ring_page_order: a.max_ring_page_order,
         max_indirect_segments: a.max_indirect_segments,
         persistent_grants: a.persistent_grants,
+        workers: a.workers,
+        poll_us: a.poll_us,
         ..BackendConfig::default()
     };
     if a.buffered {

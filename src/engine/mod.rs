@@ -724,6 +724,12 @@ impl Engine {
         self.slab.buf_mut(r)
     }
 
+    /// Several regions' bytes, mutably, at once (fill them with one grant copy).
+    /// Panics like `free` on a foreign region, or if a region is named twice.
+    pub fn bufs_mut(&mut self, rs: &[&BufRegion]) -> Vec<&mut [u8]> {
+        self.slab.bufs_mut(rs)
+    }
+
     /// Queue an op on the first image (see [`push_to`](Self::push_to)).
     pub fn push(&mut self, user_data: u64, op: Op) -> Result<(), Rejected> {
         self.push_to(ImageId::FIRST, user_data, op)
@@ -1045,6 +1051,20 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Are completions ready to reap? Without waiting; runs deferred task work
+    /// (one non-blocking `io_uring_enter`) only when the kernel flagged some.
+    pub fn peek_completions(&mut self) -> bool {
+        if !self.ring.completion().is_empty() {
+            return true;
+        }
+        if self.ring.submission().taskrun() {
+            if let Err(e) = self.enter(0) {
+                log::warn!("{e}");
+            }
+        }
+        !self.ring.completion().is_empty()
     }
 
     /// Move every available completion into `out` (which keeps its capacity, so steady

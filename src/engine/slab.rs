@@ -232,6 +232,33 @@ impl Slab {
     }
 }
 
+impl Slab {
+    /// Several regions' bytes, mutably, at once (to fill them with one grant copy).
+    /// Panics if a region is foreign or named twice (a caller bug).
+    pub(crate) fn bufs_mut(&mut self, rs: &[&BufRegion]) -> Vec<&mut [u8]> {
+        let mut spans: Vec<(usize, usize)> = rs
+            .iter()
+            .map(|r| {
+                self.check(r);
+                (r.offset, r.pages() * PAGE_SIZE)
+            })
+            .collect();
+        spans.sort_unstable();
+        assert!(
+            spans.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0),
+            "overlapping buffer regions"
+        );
+        rs.iter()
+            // SAFETY: as in `buf_mut`, and the ranges were just shown to be pairwise
+            // disjoint, so the returned slices never alias; `&mut self` keeps every
+            // other slice of the slab dead while they live.
+            .map(|r| unsafe {
+                std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(r.offset), r.len)
+            })
+            .collect()
+    }
+}
+
 impl Drop for Slab {
     fn drop(&mut self) {
         // SAFETY: ptr/bytes are exactly the mapping made in `new`; no slices outlive `self`.

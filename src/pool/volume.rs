@@ -483,7 +483,13 @@ impl Volume {
         )
     }
 
-    /// Archive the clean image as revision max+1, timestamped with its mtime.
+    /// Archive the clean image as revision max+1, timestamped with its mtime: a hard
+    /// link to the clean image's inode, not a copy. Every caller then replaces the
+    /// clean *name* by a rename (commit, revert), which leaves the old inode to the
+    /// revision alone; nothing ever writes into a clean image in place, so the
+    /// revision never changes. (Qubes copies with FICLONE, which on a fragmented
+    /// image costs seconds; a link is one metadata update.) Where the file system
+    /// refuses hard links, the image is copied as before.
     fn add_revision(&self, cfg: &VolumeConfig) -> Result<()> {
         if cfg.revisions_to_keep <= 0 {
             return Ok(());
@@ -494,12 +500,53 @@ impl Volume {
         let ts = layout::isodate(md.mtime());
         let next = self.revisions()?.last().map_or(1, |r| r.n + 1);
         let dst = self.paths.revision(next, &ts);
-        self.io(
-            self.ops()
-                .copy_file(&self.paths.clean, &dst, None, false)
-                .map(|_| ()),
-            "archive revision",
-        )
+        let ops = self.ops();
+        match ops.hardlink(&self.paths.clean, &dst) {
+            Err(e)
+                if matches!(
+                    super::fsops::errno(&e),
+                    Some(libc::EPERM | libc::EMLINK | libc::EOPNOTSUPP | libc::EXDEV)
+                ) && !exists(&dst) =>
+            {
+                log::info!(
+                    "volume {}: {e}; copying the image into the revision instead",
+                    self.vid
+                );
+                self.io(
+                    ops.copy_file(&self.paths.clean, &dst, None, false)
+                        .map(|_| ()),
+                    "archive revision",
+                )
+            }
+            r => self.io(r, "archive revision"),
+        }
+    }
+
+    /// Remove revisions that are another name of the clean image's inode. Only an
+    /// operation killed between archiving (the link) and replacing clean (the
+    /// rename) leaves one, and it holds exactly the clean image's data, so nothing
+    /// is lost; left in place, anything that then wrote the clean image's inode
+    /// (a `-1` start serves it in place; Qubes grows a stopped clean image in place)
+    /// would change the revision too. Run before every operation that archives or
+    /// serves clean.
+    fn unshare_clean(&self) -> Result<()> {
+        let Ok(c) = fs::metadata(&self.paths.clean) else {
+            return Ok(());
+        };
+        if c.nlink() < 2 {
+            return Ok(());
+        }
+        for r in self.revisions()? {
+            if fs::metadata(&r.path).is_ok_and(|m| m.dev() == c.dev() && m.ino() == c.ino()) {
+                log::warn!(
+                    "volume {}: removing {}: a second name of the clean image left by an interrupted commit or revert",
+                    self.vid,
+                    r.path.display()
+                );
+                self.io(self.ops().remove_file(&r.path), "remove duplicate revision")?;
+            }
+        }
+        Ok(())
     }
 
     /// Remove the oldest revisions so that at most `keep` remain.
@@ -520,6 +567,7 @@ impl Volume {
             self.io(ops.fsync_file(from), "fsync image")?;
             return self.io(ops.rename(from, &self.paths.clean), "commit");
         }
+        self.unshare_clean()?;
         self.add_revision(cfg)?;
         self.prune_revisions(cfg.revisions_to_keep.max(0) as usize)?;
         self.io(ops.fsync_file(from), "fsync image")?;
@@ -695,6 +743,8 @@ impl Volume {
                 return Err(self.not_found_image(&p.clean));
             }
             if cfg.revisions_to_keep == -1 {
+                // The image is served in place: no revision may share its inode.
+                self.unshare_clean()?;
                 self.io(ops.remove_file(&p.precache), "remove precache")?;
                 self.io(ops.rename(&p.clean, &p.dirty), "start in place")?;
             } else {
@@ -782,6 +832,9 @@ impl Volume {
             }
         }
         self.io(ops.remove_file(&p.dirty), "discard image")?;
+        if cfg.kind.save_on_stop() {
+            self.unshare_clean()?;
+        }
         if cfg.kind.snap_on_start() && !cfg.kind.save_on_stop() {
             self.io(ops.remove_file(&p.clean), "remove snapshot")?;
         }
@@ -840,6 +893,7 @@ impl Volume {
             ));
         }
         self.refuse_running("revert")?;
+        self.unshare_clean()?;
         let rev = match revision {
             Some(s) => self.find_revision(s)?,
             None => self.revisions()?.pop().ok_or_else(|| {

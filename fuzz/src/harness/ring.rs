@@ -1,5 +1,5 @@
 //! Target `ring`: the whole ring consumer, end to end. The real refblk backend
-//! (`Backend`: xenbus state machine, `queue::run`, `BackRing`, `parse_request`,
+//! (`Backend`: xenbus state machine, its io_uring workers, `BackRing`, `parse_request`,
 //! the io_uring `Engine`) serves three vbd devices of one simulated guest
 //! (`SimXen`: simulated xenstored, grant tables and event channels) from image
 //! files in a temp dir. The fuzz input is the guest: batches of ring slots

@@ -61,7 +61,9 @@ impl Domain {
 pub struct SimPlatform {
     dir: PathBuf,
     me: DomId,
-    domains: Mutex<HashMap<DomId, Arc<Domain>>>,
+    /// Open domains, few: a linear scan is cheaper than hashing the domid on every
+    /// grant copy (this lookup runs once per request batch on every queue thread).
+    domains: Mutex<Vec<(DomId, Arc<Domain>)>>,
 }
 
 impl SimPlatform {
@@ -79,7 +81,7 @@ impl SimPlatform {
         Ok(SimPlatform {
             dir: dir.to_path_buf(),
             me: 0,
-            domains: Mutex::new(HashMap::new()),
+            domains: Mutex::new(Vec::new()),
         })
     }
 
@@ -91,14 +93,14 @@ impl SimPlatform {
     /// The live domain `domid`, or None if it does not exist.
     fn domain(&self, domid: DomId) -> io::Result<Option<Arc<Domain>>> {
         let mut doms = self.domains.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(d) = doms.get(&domid) {
+        if let Some((_, d)) = doms.iter().find(|(id, _)| *id == domid) {
             if d.shm.alive() {
                 return Ok(Some(d.clone()));
             }
         }
         // Drop every destroyed domain we still hold (files and mappings), not
         // just this one: dead guests must not pin backend memory or fds.
-        doms.retain(|_, d| d.shm.alive());
+        doms.retain(|(_, d)| d.shm.alive());
         let Some(shm) = DomainShm::open(&self.dir, domid)? else {
             return Ok(None);
         };
@@ -109,7 +111,7 @@ impl SimPlatform {
             shm,
             mapped: Mutex::new(HashMap::new()),
         });
-        doms.insert(domid, d.clone());
+        doms.push((domid, d.clone()));
         Ok(Some(d))
     }
 }
@@ -305,8 +307,8 @@ impl Platform for SimPlatform {
 
     fn domain_exists(&self, domid: DomId) -> io::Result<bool> {
         let mut doms = self.domains.lock().unwrap_or_else(|p| p.into_inner());
-        doms.retain(|_, d| d.shm.alive());
-        if doms.contains_key(&domid) {
+        doms.retain(|(_, d)| d.shm.alive());
+        if doms.iter().any(|(id, _)| *id == domid) {
             return Ok(true);
         }
         Ok(domain_dir(&self.dir, domid).join("gnttab").exists())

@@ -11,6 +11,20 @@
 //! locks on the entry's 8 bytes of the `gnttab` file: the kernel drops them when
 //! the backend unmaps, closes the file or dies, like Xen drops a dead domain's
 //! maps. The guest ends access only if it can take a write lock on the entry.
+//!
+//! Those locks cost two `fcntl` calls per `end_access`, on every grant of every
+//! request, although only rings and persistent grants are ever mapped. A third
+//! file, `DIR/dom/<domid>/mapstate` (one atomic `u32` per entry), lets the guest
+//! skip them for entries no backend ever tried to map: the backend sets
+//! [`MAP_HINT`] (sticky) before its first lock attempt on an entry; the guest sets
+//! [`MAP_CLOSING`] for the duration of an `end_access`. Both are read-modify-writes
+//! of the same word, so one of them comes first: if the guest's did, it saw no
+//! hint and ends the grant without locks while the backend waits for `MAP_CLOSING`
+//! to clear (then sees the entry ended, as if it had waited for the write lock);
+//! if the backend's did, the guest takes the OFD write lock as before. The hint is
+//! only ever set, so a backend that dies leaves the guest on the locked (exact)
+//! path for that entry; a guest that leaves `MAP_CLOSING` set gets maps of that
+//! entry refused after the same ~50 ms as a guest that keeps the write lock.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -41,6 +55,13 @@ pub const HDR_NR_ENTRIES: usize = 16;
 pub const HDR_ALIVE: usize = 20;
 /// Size of one grant entry.
 pub const ENTRY_SIZE: usize = 8;
+/// Size of one `mapstate` word.
+pub const MAPSTATE_SIZE: usize = 4;
+/// `mapstate` bit: a backend has tried to map this entry at least once (set by the
+/// backend before its first lock attempt, never cleared).
+pub const MAP_HINT: u32 = 1;
+/// `mapstate` bit: the guest is ending access to this entry right now.
+pub const MAP_CLOSING: u32 = 2;
 
 /// `DIR/dom/<domid>`.
 pub fn domain_dir(dir: &Path, domid: DomId) -> PathBuf {
@@ -66,6 +87,8 @@ pub(crate) struct DomainShm {
     pub gnttab_file: File,
     pub mem: Shm,
     pub gnttab: Shm,
+    /// `mapstate`: one atomic u32 per entry (see the module docs), read-write for both.
+    pub mapstate: Shm,
 }
 
 fn ctx(path: &Path, what: &str, e: io::Error) -> io::Error {
@@ -102,6 +125,13 @@ impl DomainShm {
         let mem = Shm::map(&mem_file, nr_pages as usize * PAGE_SIZE, true)
             .map_err(|e| ctx(&mem_path, "mmap", e))?;
         let gnttab = Shm::map(&gnttab_file, gt_len, true).map_err(|e| ctx(&gt_path, "mmap", e))?;
+        let ms_path = ddir.join("mapstate");
+        let ms_file = open(&ms_path)?;
+        let ms_len = nr_entries as usize * MAPSTATE_SIZE;
+        ms_file
+            .set_len(ms_len as u64)
+            .map_err(|e| ctx(&ms_path, "set size", e))?;
+        let mapstate = Shm::map(&ms_file, ms_len, true).map_err(|e| ctx(&ms_path, "mmap", e))?;
         let d = DomainShm {
             domid,
             nr_pages,
@@ -110,6 +140,7 @@ impl DomainShm {
             gnttab_file,
             mem,
             gnttab,
+            mapstate,
         };
         d.hdr32(HDR_DOMID)
             .store(u32::from(domid), Ordering::Relaxed);
@@ -129,6 +160,7 @@ impl DomainShm {
         let ddir = domain_dir(dir, domid);
         let gt_path = ddir.join("gnttab");
         let mem_path = ddir.join("mem");
+        let ms_path = ddir.join("mapstate");
         let gnttab_file = match File::open(&gt_path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -138,6 +170,11 @@ impl DomainShm {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(ctx(&mem_path, "open", e)),
+        };
+        let ms_file = match OpenOptions::new().read(true).write(true).open(&ms_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ctx(&ms_path, "open", e)),
         };
         let gt_len = gnttab_file
             .metadata()
@@ -187,6 +224,22 @@ impl DomainShm {
             .map_err(|e| ctx(&gt_path, "mmap", e))?;
         let mem =
             Shm::map(&mem_file, want_mem as usize, true).map_err(|e| ctx(&mem_path, "mmap", e))?;
+        let want_ms = u64::from(nr_entries) * MAPSTATE_SIZE as u64;
+        let ms_len = ms_file
+            .metadata()
+            .map_err(|e| ctx(&ms_path, "stat", e))?
+            .len();
+        if ms_len != want_ms {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: size {ms_len} disagrees with the grant table ({want_ms})",
+                    ms_path.display()
+                ),
+            ));
+        }
+        let mapstate =
+            Shm::map(&ms_file, want_ms as usize, true).map_err(|e| ctx(&ms_path, "mmap", e))?;
         Ok(Some(DomainShm {
             domid,
             nr_pages,
@@ -195,6 +248,7 @@ impl DomainShm {
             gnttab_file,
             mem,
             gnttab,
+            mapstate,
         }))
     }
 
@@ -218,6 +272,13 @@ impl DomainShm {
         }
         self.gnttab
             .atomic_u64(GNTTAB_HEADER + gref as usize * ENTRY_SIZE)
+    }
+
+    fn state_word(&self, gref: GrantRef) -> Option<&std::sync::atomic::AtomicU32> {
+        if gref >= self.nr_entries {
+            return None;
+        }
+        self.mapstate.atomic_u32(gref as usize * MAPSTATE_SIZE)
     }
 
     /// Read an entry: (flags, domid, frame), or None if out of range.
@@ -283,8 +344,15 @@ impl DomainShm {
     /// hang the backend (Xen never lets a guest block a map), so after ~50 ms the
     /// map fails with `WouldBlock`.
     pub fn lock_mapped(&self, gref: GrantRef) -> io::Result<()> {
+        // Announce the map before looking at the guest's closing bit (module docs).
+        let state = self.state_word(gref);
+        let mut closing =
+            state.is_some_and(|w| w.fetch_or(MAP_HINT, Ordering::SeqCst) & MAP_CLOSING != 0);
         for attempt in 0..1000u32 {
-            if self.entry_lock(gref, libc::F_RDLCK as libc::c_short)? {
+            if closing {
+                closing = state.is_some_and(|w| w.load(Ordering::Acquire) & MAP_CLOSING != 0);
+            }
+            if !closing && self.entry_lock(gref, libc::F_RDLCK as libc::c_short)? {
                 return Ok(());
             }
             if attempt < 10 {
@@ -309,7 +377,24 @@ impl DomainShm {
     }
 
     /// Guest: run `f` while no backend maps `gref`. Returns None if it is mapped.
+    /// Takes the entry's write lock only if a backend ever tried to map it.
     pub fn with_unmapped<T>(&self, gref: GrantRef, f: impl FnOnce() -> T) -> io::Result<Option<T>> {
+        let Some(state) = self.state_word(gref) else {
+            return self.with_write_lock(gref, f);
+        };
+        // Callers serialize end_access per domain, so nobody else sets CLOSING here.
+        let r = if state.fetch_or(MAP_CLOSING, Ordering::SeqCst) & MAP_HINT == 0 {
+            // No backend has announced a map: any that does from now on waits for
+            // CLOSING to clear and then sees what `f` did.
+            Ok(Some(f()))
+        } else {
+            self.with_write_lock(gref, f)
+        };
+        state.fetch_and(!MAP_CLOSING, Ordering::SeqCst);
+        r
+    }
+
+    fn with_write_lock<T>(&self, gref: GrantRef, f: impl FnOnce() -> T) -> io::Result<Option<T>> {
         if !self.entry_lock(gref, libc::F_WRLCK as libc::c_short)? {
             return Ok(None);
         }
