@@ -20,7 +20,10 @@
 //! 6. **detach** every device as a VM shutdown does (the guest closes its
 //!    disk, the domain dies, the toolstack removes the vbd, the hotplug
 //!    `remove` sends `detach` through the control socket) and sample again:
-//!    descriptors and memory must be back at the baseline.
+//!    descriptors and memory must be back at the baseline;
+//! 7. a **second round**: attach and detach every device again without
+//!    load; the daemon must end where the first round left it (a leak grows
+//!    every round, glibc's caches of freed memory do not).
 //!
 //! Used by `bench/scale.rs` (`cargo run --release --example scale`, the
 //! issue's figures and targets) and `tests/scale_guests.rs` (a reduced run
@@ -88,6 +91,9 @@ pub struct ScaleConfig {
     pub settle: Duration,
     /// Print each step to stderr.
     pub progress: bool,
+    /// After the detach, attach and detach every device once more (no
+    /// load) and compare: a leak grows, allocator caches do not.
+    pub second_round: bool,
 }
 
 impl ScaleConfig {
@@ -110,6 +116,7 @@ impl ScaleConfig {
             final_verify: false,
             settle: Duration::from_secs(1),
             progress: true,
+            second_round: true,
         }
     }
 }
@@ -123,6 +130,24 @@ pub fn default_dir() -> PathBuf {
         std::env::temp_dir()
     }
 }
+
+/// How far above its baseline the daemon's RSS may stay once every device
+/// is detached, KiB. What stays is glibc's, not refblk's: each thread that
+/// allocated got a malloc arena (at most 8 per CPU), and an arena keeps some
+/// freed memory instead of returning it (measured: about 130-300 KiB each,
+/// plus about 1 MiB of main heap; see `anon_after_detach` in the report). So
+/// the allowance is 2 MiB + 384 KiB per possible arena, independent of the
+/// number of devices: 8 MiB on 2 CPUs, while a leaked 4 MiB buffer slab per
+/// device would be 128 MiB at 32 guests and even 64 KiB per device at 128
+/// guests would show.
+pub fn rss_tolerance_kib(cpus: usize) -> u64 {
+    2048 + 8 * cpus as u64 * 384
+}
+
+/// How much a second attach/detach round of every device may add to the
+/// daemon's RSS after the first: 1 MiB (page-granular noise of the heap and
+/// arenas; a leak of 8 KiB per device shows at 128 devices).
+pub const SECOND_ROUND_TOLERANCE_KIB: u64 = 1024;
 
 /// One look at a process through /proc.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -181,10 +206,11 @@ impl ProcSample {
     /// Sample process `pid`.
     pub fn read(pid: u32) -> io::Result<ProcSample> {
         let base = format!("/proc/{pid}");
-        let ctx = |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{base}/{what}: {e}"));
+        let ctx =
+            |what: &str, e: io::Error| io::Error::new(e.kind(), format!("{base}/{what}: {e}"));
         let status = fs::read_to_string(format!("{base}/status")).map_err(|e| ctx("status", e))?;
-        let rollup =
-            fs::read_to_string(format!("{base}/smaps_rollup")).map_err(|e| ctx("smaps_rollup", e))?;
+        let rollup = fs::read_to_string(format!("{base}/smaps_rollup"))
+            .map_err(|e| ctx("smaps_rollup", e))?;
         let fds = fs::read_dir(format!("{base}/fd"))
             .map_err(|e| ctx("fd", e))?
             .count();
@@ -245,6 +271,53 @@ pub fn fd_targets(pid: u32) -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+/// The daemon's largest anonymous mappings by resident size:
+/// (address range, size KiB, Rss KiB, what it probably is). A thread stack is
+/// a mapping of the stack size (2 MiB in Rust) right after a guard page; a
+/// glibc malloc arena a 64 MiB-aligned reservation; `[heap]` the main arena.
+pub fn anon_mappings(pid: u32, top: usize) -> Vec<(String, u64, u64, String)> {
+    let Ok(s) = fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut cur: Option<(String, u64, String)> = None;
+    for l in s.lines() {
+        let mut it = l.split_whitespace();
+        let first = it.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            let rest: Vec<&str> = it.collect();
+            let name = rest.get(4).copied().unwrap_or("").to_string();
+            let size = first
+                .split_once('-')
+                .and_then(|(a, b)| {
+                    Some(u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
+                })
+                .unwrap_or(0)
+                / 1024;
+            cur = Some((first.to_string(), size, name));
+        } else if first == "Anonymous:" {
+            let kb: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            if let Some((range, size, name)) = cur.take() {
+                if kb > 0 {
+                    let what = if !name.is_empty() {
+                        name
+                    } else if size == 2048 {
+                        "thread stack?".to_string()
+                    } else if (128..=65536).contains(&size) {
+                        "malloc arena heap?".to_string()
+                    } else {
+                        "anonymous".to_string()
+                    };
+                    out.push((range, size, kb, what));
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| b.2.cmp(&a.2));
+    out.truncate(top);
+    out
 }
 
 /// What `after` has that `before` has not (multiset difference).
@@ -360,7 +433,13 @@ pub struct ScaleReport {
     /// the baseline (what they point to), and the other way round.
     pub fds_gained: Vec<String>,
     pub fds_lost: Vec<String>,
+    /// The daemon's largest anonymous mappings after the detach (see
+    /// [`anon_mappings`]): where memory above the baseline stays.
+    pub anon_after_detach: Vec<(String, u64, u64, String)>,
     pub detached: Option<ProcSample>,
+    /// The second attach/detach round (`second_round`).
+    pub second_attaches: Vec<AttachTiming>,
+    pub detached_again: Option<ProcSample>,
     /// The daemon's exit after SIGTERM.
     pub daemon_exit: Option<String>,
     pub error: Option<String>,
@@ -386,7 +465,9 @@ pub struct Target {
 impl ScaleReport {
     /// (RSS − baseline) / guests with every device connected and idle, KiB.
     pub fn idle_kib_per_device(&self) -> Option<f64> {
-        per_device(self.baseline?, self.idle?, self.attaches.len(), |s| s.rss_kib)
+        per_device(self.baseline?, self.idle?, self.attaches.len(), |s| {
+            s.rss_kib
+        })
     }
 
     /// The same after the load.
@@ -431,6 +512,16 @@ impl ScaleReport {
     /// The daemon's RSS after the detach minus the baseline, KiB.
     pub fn rss_delta_kib(&self) -> Option<i64> {
         Some(self.detached?.rss_kib as i64 - self.baseline?.rss_kib as i64)
+    }
+
+    /// RSS after the second round minus after the first, KiB.
+    pub fn second_round_rss_kib(&self) -> Option<i64> {
+        Some(self.detached_again?.rss_kib as i64 - self.detached?.rss_kib as i64)
+    }
+
+    /// Descriptors after the second round minus after the first.
+    pub fn second_round_fds(&self) -> Option<i64> {
+        Some(self.detached_again?.fds as i64 - self.detached?.fds as i64)
     }
 
     /// The targets (the bench's pass/fail list). `rss_tolerance_kib`
@@ -495,6 +586,18 @@ impl ScaleReport {
             goal: format!("<= +{rss_tolerance_kib} KiB"),
             met: rss.is_some_and(|d| d <= rss_tolerance_kib as i64),
         });
+        if self.config.second_round {
+            let (r, f) = (self.second_round_rss_kib(), self.second_round_fds());
+            t.push(Target {
+                name: "a second attach/detach round leaks nothing",
+                value: match (r, f) {
+                    (Some(r), Some(f)) => format!("RSS {r:+} KiB, fds {f:+} vs the first round"),
+                    _ => na(),
+                },
+                goal: format!("RSS <= +{SECOND_ROUND_TOLERANCE_KIB} KiB, fds +0"),
+                met: r.is_some_and(|r| r <= SECOND_ROUND_TOLERANCE_KIB as i64) && f == Some(0),
+            });
+        }
         t
     }
 
@@ -626,7 +729,10 @@ impl ScaleReport {
                     line(format!("            dom{}: {e}", g.domid));
                 }
                 if let Some(a) = &g.anomalies {
-                    line(format!("            dom{}: response anomalies {a}", g.domid));
+                    line(format!(
+                        "            dom{}: response anomalies {a}",
+                        g.domid
+                    ));
                 }
             }
         }
@@ -654,12 +760,41 @@ impl ScaleReport {
                     d.threads as i64 - b.threads as i64,
                 ));
             }
+            let anon: Vec<String> = self
+                .anon_after_detach
+                .iter()
+                .map(|(_, size, rss, what)| format!("{rss} of {size} KiB ({what})"))
+                .collect();
+            if !anon.is_empty() {
+                line(format!(
+                    "            largest anonymous mappings: {}",
+                    anon.join(", ")
+                ));
+            }
             if !self.fds_gained.is_empty() || !self.fds_lost.is_empty() {
                 line(format!(
                     "            descriptors gained {:?}, gone {:?}",
                     self.fds_gained, self.fds_lost
                 ));
             }
+        }
+        if let (Some(d2), Some(r), Some(f)) = (
+            &self.detached_again,
+            self.second_round_rss_kib(),
+            self.second_round_fds(),
+        ) {
+            let mut v: Vec<f64> = self.second_attaches.iter().map(|a| a.total_ms).collect();
+            v.sort_by(f64::total_cmp);
+            line(format!(
+                "round 2:    re-attached {} devices (p50 {:.1} ms, max {:.1} ms) and detached again: {}",
+                self.second_attaches.len(),
+                quantile(&v, 0.5),
+                v.last().copied().unwrap_or(f64::NAN),
+                d2.line()
+            ));
+            line(format!(
+                "            vs after round 1: RSS {r:+} KiB, fds {f:+}"
+            ));
         }
         if let Some(x) = &self.daemon_exit {
             line(format!("daemon:     {x}"));
@@ -753,9 +888,18 @@ impl ScaleReport {
             "devices_left": self.devices_left,
             "fds_gained": self.fds_gained,
             "fds_lost": self.fds_lost,
+            "anon_after_detach": self.anon_after_detach.iter().map(|(r, size, rss, what)| json!({
+                "range": r, "size_kib": size, "anon_kib": rss, "what": what,
+            })).collect::<Vec<_>>(),
             "detached": opt(&self.detached),
             "fd_delta": self.fd_delta(),
             "rss_delta_kib": self.rss_delta_kib(),
+            "second_round": self.detached_again.as_ref().map(|d2| json!({
+                "attach_ms": self.second_attaches.iter().map(|a| a.total_ms).collect::<Vec<_>>(),
+                "detached": d2.to_json(),
+                "rss_kib_vs_round1": self.second_round_rss_kib(),
+                "fds_vs_round1": self.second_round_fds(),
+            })),
             "daemon_exit": self.daemon_exit,
             "error": self.error,
             "targets": self.targets(rss_tolerance_kib).iter().map(|t| json!({
@@ -1124,7 +1268,10 @@ pub fn run(cfg: &ScaleConfig) -> ScaleReport {
         devices_left: None,
         fds_gained: Vec::new(),
         fds_lost: Vec::new(),
+        anon_after_detach: Vec::new(),
         detached: None,
+        second_attaches: Vec::new(),
+        detached_again: None,
         daemon_exit: None,
         error: None,
     };
@@ -1243,88 +1390,7 @@ fn run_steps(cfg: &ScaleConfig, rep: &mut ScaleReport) -> Result<(), String> {
     let base_fds = fd_targets(rig.daemon.pid());
 
     // ---- attach
-    let xs_sock = rig.machine.join("xenstored.sock");
-    let fopts = FrontendOptions {
-        queues: cfg.queues,
-        ring_page_order: cfg.ring_page_order,
-        timeout: Duration::from_secs(30),
-        ..FrontendOptions::default()
-    };
-    for i in 0..cfg.guests {
-        let domid = (i + 1) as DomId;
-        let image = images.join(format!("dom{domid}.img"));
-        let f = fs::File::create(&image).map_err(|e| format!("{}: {e}", image.display()))?;
-        f.set_len(cfg.image_size)
-            .map_err(|e| format!("{}: {e}", image.display()))?;
-        drop(f);
-        let ts = rig.ts.as_ref().expect("toolstack");
-        ts.create_domain(domid)
-            .map_err(|e| format!("dom{domid}: {e}"))?;
-        let guest = Arc::new(
-            SimGuest::create(&rig.machine, domid, cfg.guest_pages)
-                .map_err(|e| format!("dom{domid}: {e}"))?,
-        );
-        // libxl's device_disk_add, step by step (Toolstack::add_vbd polls
-        // every 5 ms; 1 ms here so the InitWait time is not rounded up).
-        let spec = VbdSpec::new(domid, DEVID, &image);
-        let fail = |what: &str, e: &dyn std::fmt::Display, rig: &Rig| {
-            format!(
-                "attach #{} (dom{domid}): {what}: {e}; end of the daemon log:\n{}",
-                i + 1,
-                rig.daemon.log_tail()
-            )
-        };
-        let t0 = Instant::now();
-        let vbd = ts
-            .create_vbd_nodes(&spec)
-            .map_err(|e| fail("create vbd", &e, &rig))?;
-        let deadline = t0 + Duration::from_secs(30);
-        loop {
-            match ts.backend_state(&vbd) {
-                Ok(XenbusState::InitWait) => break,
-                Ok(s) if Instant::now() > deadline => {
-                    return Err(fail("backend InitWait", &format!("state {s:?} after 30 s"), &rig))
-                }
-                Ok(_) => std::thread::sleep(Duration::from_millis(1)),
-                Err(e) => return Err(fail("backend state", &e, &rig)),
-            }
-        }
-        let ti = Instant::now();
-        ts.hotplug_add(&vbd, &spec)
-            .map_err(|e| fail("hotplug add", &e, &rig))?;
-        let t1 = Instant::now();
-        let fe = Frontend::connect(&xs_sock, guest.clone(), DEVID, fopts.clone())
-            .map_err(|e| fail("frontend connect", &e, &rig))?;
-        let t2 = Instant::now();
-        let daemon = daemon_sample(&mut rig)?;
-        rig.guests.push(Guest {
-            domid,
-            vbd,
-            fe,
-            guest,
-        });
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        rep.attaches.push(AttachTiming {
-            domid,
-            total_ms: ms(t2 - t0),
-            initwait_ms: ms(ti - t0),
-            hotplug_ms: ms(t1 - ti),
-            connect_ms: ms(t2 - t1),
-            daemon,
-        });
-        if cfg.progress && ((i + 1) % 16 == 0 || i + 1 == cfg.guests) {
-            say(
-                cfg,
-                &format!(
-                    "attached {} of {} (last {:.1} ms), daemon {}",
-                    i + 1,
-                    cfg.guests,
-                    ms(t2 - t0),
-                    daemon.line()
-                ),
-            );
-        }
-    }
+    rep.attaches = attach_all(cfg, &mut rig, &images, "attached")?;
 
     // ---- idle
     settle(cfg);
@@ -1477,15 +1543,154 @@ fn run_steps(cfg: &ScaleConfig, rep: &mut ScaleReport) -> Result<(), String> {
 
     // ---- detach
     let t0 = Instant::now();
-    let ts = rig.ts.take().expect("toolstack");
+    detach_all(&mut rig)?;
+    rep.detach_s = Some(t0.elapsed().as_secs_f64());
+    // Descriptors of closing connections go away asynchronously: wait for
+    // the baseline (or 10 s), then let memory settle.
+    let want = base.fds;
+    let mut left = Vec::new();
+    let _ = wait_until("daemon fds back", Duration::from_secs(10), || {
+        left = daemon_devices(&rig).unwrap_or_default();
+        ProcSample::read(rig.daemon.pid()).is_ok_and(|s| s.fds <= want) && left.is_empty()
+    });
+    rep.devices_left = Some(left.len());
+    settle(cfg);
+    let d = daemon_sample(&mut rig)?;
+    let now_fds = fd_targets(rig.daemon.pid());
+    rep.fds_gained = extra(&base_fds, &now_fds);
+    rep.fds_lost = extra(&now_fds, &base_fds);
+    rep.anon_after_detach = anon_mappings(rig.daemon.pid(), 12);
+    say(cfg, &format!("detached: {}", d.line()));
+    rep.detached = Some(d);
+
+    // ---- a second round without load: what the first one left behind
+    // must be reused, not grown (a leak grows every round; allocator caches
+    // do not).
+    if cfg.second_round {
+        rep.second_attaches = attach_all(cfg, &mut rig, &images, "re-attached")?;
+        detach_all(&mut rig)?;
+        let _ = wait_until("daemon fds back", Duration::from_secs(10), || {
+            ProcSample::read(rig.daemon.pid()).is_ok_and(|s| s.fds <= want)
+        });
+        settle(cfg);
+        let d2 = daemon_sample(&mut rig)?;
+        say(cfg, &format!("detached again: {}", d2.line()));
+        rep.detached_again = Some(d2);
+    }
+    rep.daemon_exit = Some(rig.daemon.terminate(Duration::from_secs(30)));
+    Ok(())
+}
+
+/// Attach `cfg.guests` devices one after the other (domids 1..), each timed
+/// from the vbd's creation to both ends Connected; the guests go to
+/// `rig.guests`.
+fn attach_all(
+    cfg: &ScaleConfig,
+    rig: &mut Rig,
+    images: &Path,
+    what: &str,
+) -> Result<Vec<AttachTiming>, String> {
+    let mut out = Vec::new();
+    let xs_sock = rig.machine.join("xenstored.sock");
+    let fopts = FrontendOptions {
+        queues: cfg.queues,
+        ring_page_order: cfg.ring_page_order,
+        timeout: Duration::from_secs(30),
+        ..FrontendOptions::default()
+    };
+    for i in 0..cfg.guests {
+        let domid = (i + 1) as DomId;
+        let image = images.join(format!("dom{domid}.img"));
+        if !image.exists() {
+            let f = fs::File::create(&image).map_err(|e| format!("{}: {e}", image.display()))?;
+            f.set_len(cfg.image_size)
+                .map_err(|e| format!("{}: {e}", image.display()))?;
+        }
+        let ts = rig.ts.as_ref().expect("toolstack");
+        ts.create_domain(domid)
+            .map_err(|e| format!("dom{domid}: {e}"))?;
+        let guest = Arc::new(
+            SimGuest::create(&rig.machine, domid, cfg.guest_pages)
+                .map_err(|e| format!("dom{domid}: {e}"))?,
+        );
+        // libxl's device_disk_add, step by step (Toolstack::add_vbd polls
+        // every 5 ms; 1 ms here so the InitWait time is not rounded up).
+        let spec = VbdSpec::new(domid, DEVID, &image);
+        let fail = |what: &str, e: &dyn std::fmt::Display, rig: &Rig| {
+            format!(
+                "attach #{} (dom{domid}): {what}: {e}; end of the daemon log:\n{}",
+                i + 1,
+                rig.daemon.log_tail()
+            )
+        };
+        let t0 = Instant::now();
+        let vbd = ts
+            .create_vbd_nodes(&spec)
+            .map_err(|e| fail("create vbd", &e, rig))?;
+        let deadline = t0 + Duration::from_secs(30);
+        loop {
+            match ts.backend_state(&vbd) {
+                Ok(XenbusState::InitWait) => break,
+                Ok(s) if Instant::now() > deadline => {
+                    return Err(fail(
+                        "backend InitWait",
+                        &format!("state {s:?} after 30 s"),
+                        rig,
+                    ))
+                }
+                Ok(_) => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => return Err(fail("backend state", &e, rig)),
+            }
+        }
+        let ti = Instant::now();
+        ts.hotplug_add(&vbd, &spec)
+            .map_err(|e| fail("hotplug add", &e, rig))?;
+        let t1 = Instant::now();
+        let fe = Frontend::connect(&xs_sock, guest.clone(), DEVID, fopts.clone())
+            .map_err(|e| fail("frontend connect", &e, rig))?;
+        let t2 = Instant::now();
+        let daemon = daemon_sample(rig)?;
+        rig.guests.push(Guest {
+            domid,
+            vbd,
+            fe,
+            guest,
+        });
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        out.push(AttachTiming {
+            domid,
+            total_ms: ms(t2 - t0),
+            initwait_ms: ms(ti - t0),
+            hotplug_ms: ms(t1 - ti),
+            connect_ms: ms(t2 - t1),
+            daemon,
+        });
+        if cfg.progress && ((i + 1) % 16 == 0 || i + 1 == cfg.guests) {
+            say(
+                cfg,
+                &format!(
+                    "{what} {} of {} (last {:.1} ms), daemon {}",
+                    i + 1,
+                    cfg.guests,
+                    ms(t2 - t0),
+                    daemon.line()
+                ),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Detach every device of `rig.guests`.
+fn detach_all(rig: &mut Rig) -> Result<(), String> {
+    let ts = rig.ts.as_ref().expect("toolstack");
     // A VM shutdown as libxl sees it: the guest closes its disk, the domain
     // dies, then the toolstack removes the vbd (online=0, wait for Closed,
     // remove the directories) and runs the hotplug script's `remove` (the
     // control socket `detach`; the daemon may have forgotten the device when
     // its directory went away, which the script accepts too).
     for mut g in std::mem::take(&mut rig.guests) {
-        g.fe
-            .disconnect()
+        g.fe.disconnect()
             .map_err(|e| format!("dom{}: guest close: {e}", g.domid))?;
         drop(g.fe);
         match Arc::try_unwrap(g.guest) {
@@ -1514,25 +1719,6 @@ fn run_steps(cfg: &ScaleConfig, rep: &mut ScaleReport) -> Result<(), String> {
         ts.destroy_domain(g.domid)
             .map_err(|e| format!("dom{}: {e}", g.domid))?;
     }
-    drop(ts);
-    rep.detach_s = Some(t0.elapsed().as_secs_f64());
-    // Descriptors of closing connections go away asynchronously: wait for
-    // the baseline (or 10 s), then let memory settle.
-    let want = base.fds;
-    let mut left = Vec::new();
-    let _ = wait_until("daemon fds back", Duration::from_secs(10), || {
-        left = daemon_devices(&rig).unwrap_or_default();
-        ProcSample::read(rig.daemon.pid()).is_ok_and(|s| s.fds <= want) && left.is_empty()
-    });
-    rep.devices_left = Some(left.len());
-    settle(cfg);
-    let d = daemon_sample(&mut rig)?;
-    let now_fds = fd_targets(rig.daemon.pid());
-    rep.fds_gained = extra(&base_fds, &now_fds);
-    rep.fds_lost = extra(&now_fds, &base_fds);
-    say(cfg, &format!("detached: {}", d.line()));
-    rep.detached = Some(d);
-    rep.daemon_exit = Some(rig.daemon.terminate(Duration::from_secs(30)));
     Ok(())
 }
 
