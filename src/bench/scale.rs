@@ -315,7 +315,7 @@ pub fn anon_mappings(pid: u32, top: usize) -> Vec<(String, u64, u64, String)> {
             }
         }
     }
-    out.sort_by(|a, b| b.2.cmp(&a.2));
+    out.sort_by_key(|m| std::cmp::Reverse(m.2));
     out.truncate(top);
     out
 }
