@@ -62,9 +62,9 @@ struct Args {
     /// The refblk binary (default: the one of this build profile).
     #[arg(long)]
     refblk: Option<PathBuf>,
-    /// Skip the second attach/detach round (the leak check).
-    #[arg(long)]
-    no_second_round: bool,
+    /// Attach/detach rounds after the first (no load; the leak check).
+    #[arg(long, default_value_t = 2)]
+    extra_rounds: usize,
     /// No progress lines.
     #[arg(long)]
     quiet: bool,
@@ -112,7 +112,7 @@ fn main() {
     cfg.final_verify = a.final_verify;
     cfg.serve_args = a.serve_args;
     cfg.progress = !a.quiet;
-    cfg.second_round = !a.no_second_round;
+    cfg.extra_rounds = a.extra_rounds;
     if cfg!(debug_assertions) {
         eprintln!("scale: this is a debug build; figures are for `cargo run --release`");
     }

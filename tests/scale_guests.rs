@@ -30,12 +30,15 @@ fn thirty_two_guests_progress_read_back_their_data_and_leave_no_trace() {
     }
     let mut cfg = ScaleConfig::new(env!("CARGO_BIN_EXE_refblk"));
     cfg.guests = GUESTS;
-    cfg.load = Duration::from_secs(3);
-    cfg.warmup = Duration::from_millis(500);
+    cfg.load = Duration::from_secs(2);
+    cfg.warmup = Duration::from_millis(300);
     // Small disks, so most reads hit blocks written before.
     cfg.image_size = 4 << 20;
     cfg.final_verify = true;
-    cfg.settle = Duration::from_millis(500);
+    cfg.settle = Duration::from_millis(300);
+    // One more round keeps the test near 15 s; at 32 devices the first
+    // re-attach grows the heap by about 120 KiB, well inside the bound.
+    cfg.extra_rounds = 1;
     let rep = scale::run(&cfg);
     // glibc's malloc arenas keep some freed memory: a constant per CPU, not
     // per device (see rss_tolerance_kib; 8 MiB on 2 CPUs).
@@ -108,17 +111,18 @@ fn thirty_two_guests_progress_read_back_their_data_and_leave_no_trace() {
          largest anonymous mappings: {:?}",
         rep.anon_after_detach
     );
-    // The leak check proper: a second attach/detach round of every device
-    // must not grow what the first left behind.
+    // The leak check proper: another attach/detach round of every device
+    // (no load) leaves the descriptors at the baseline and the RSS flat.
+    assert_eq!(rep.rounds_after.len(), 1, "the extra round ran");
     assert_eq!(
         rep.second_round_fds(),
         Some(0),
-        "descriptors grew over a second attach/detach round"
+        "descriptors grew over more attach/detach rounds"
     );
-    let r2 = rep.second_round_rss_kib().expect("second round ran");
+    let r = rep.second_round_rss_kib().expect("extra rounds ran");
     assert!(
-        r2 <= scale::SECOND_ROUND_TOLERANCE_KIB as i64,
-        "daemon RSS grew {r2:+} KiB over a second attach/detach round of {GUESTS} devices"
+        r <= scale::SECOND_ROUND_TOLERANCE_KIB as i64,
+        "daemon RSS grew {r:+} KiB over a second round of attaching and detaching {GUESTS} devices"
     );
     let exit = rep.daemon_exit.as_deref().unwrap_or("");
     assert!(exit.contains("exit status: 0"), "daemon stop: {exit}");
