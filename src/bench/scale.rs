@@ -1369,7 +1369,13 @@ fn start_rig(cfg: &ScaleConfig) -> Result<Rig, String> {
     let machine = work.join("machine");
     let mut sim_cmd = Command::new(&cfg.refblk);
     sim_cmd.arg("sim").arg("--dir").arg(&machine);
-    let sim = ChildProc::spawn("refblk sim", sim_cmd, work.join("sim.log"))?;
+    let sim = match ChildProc::spawn("refblk sim", sim_cmd, work.join("sim.log")) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&work);
+            return Err(e);
+        }
+    };
     // A placeholder daemon until the simulator is up (Rig's Drop needs one).
     let mut rig = Rig {
         sock: machine.join("refblk.sock"),
