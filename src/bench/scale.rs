@@ -279,9 +279,10 @@ pub fn fd_targets(pid: u32) -> Vec<String> {
 }
 
 /// The daemon's largest anonymous mappings by resident size:
-/// (address range, size KiB, Rss KiB, what it probably is). A thread stack is
-/// a mapping of the stack size (2 MiB in Rust) right after a guard page; a
-/// glibc malloc arena a 64 MiB-aligned reservation; `[heap]` the main arena.
+/// (address range, size KiB, Rss KiB, what it probably is — a guess from the
+/// size: a Rust thread stack is a 2 MiB mapping, a glibc malloc arena's heap
+/// is part of a 64 MiB reservation, `[heap]` is the main arena; io_uring
+/// buffer slabs are anonymous mappings too).
 pub fn anon_mappings(pid: u32, top: usize) -> Vec<(String, u64, u64, String)> {
     let Ok(s) = fs::read_to_string(format!("/proc/{pid}/smaps")) else {
         return Vec::new();
@@ -311,7 +312,7 @@ pub fn anon_mappings(pid: u32, top: usize) -> Vec<(String, u64, u64, String)> {
                     } else if size == 2048 {
                         "thread stack?".to_string()
                     } else if (128..=65536).contains(&size) {
-                        "malloc arena heap?".to_string()
+                        "malloc arena, buffer slab or large block".to_string()
                     } else {
                         "anonymous".to_string()
                     };
