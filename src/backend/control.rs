@@ -26,7 +26,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{info, warn};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde_json::{json, Value};
+use std::os::fd::AsFd;
 
 use super::limits::{LimitsPatch, KEYS};
 use super::{AttachOptions, BackendHandle, DeviceStatus, LimitTarget};
@@ -74,8 +76,12 @@ impl ControlServer {
                                 .name("refblk-ctl-conn".into())
                                 .spawn(move || serve_conn(s, b));
                         }
+                        // Sleep until a client connects (answered at once: the
+                        // hotplug script waits on this), waking now and then to
+                        // see the stop flag.
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(50))
+                            let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                            let _ = poll(&mut fds, PollTimeout::from(200u16));
                         }
                         Err(e) => {
                             warn!("control socket: {e}");
