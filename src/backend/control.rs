@@ -3,11 +3,17 @@
 //! exit code with a message.
 //!
 //! Requests:
-//! - `attach <backend-path> <image> [ro] [sector-size=512|4096]`
-//! - `attach-volume <backend-path> <pool-dir> <vid> [ro] [sector-size=N]`
+//! - `attach <backend-path> <image> [ro] [sector-size=512|4096] [LIMIT=VALUE ...]`
+//! - `attach-volume <backend-path> <pool-dir> <vid> [ro] [sector-size=N] [LIMIT=VALUE ...]`
+//!   (a volume's stored limits apply first, the line's keys override them)
 //! - `detach <backend-path>`
 //! - `resize`
-//! - `status`
+//! - `status` (every device with its counters, statistics and limits)
+//! - `limit <target> [LIMIT=VALUE ...]` (no pairs: show the current limits; target: domain id or name, a backend
+//!   path or DOMAIN/VDEV; see `docs/operations.md`)
+//!
+//! LIMIT is one of `read-iops`, `write-iops`, `read-bps`, `write-bps`,
+//! `iops`, `bps`, `burst` (see [`super::limits`]).
 //!
 //! Answers: `{"ok":true, ...}` or `{"ok":false,"error":"..."}`.
 
@@ -20,9 +26,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{info, warn};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde_json::{json, Value};
+use std::os::fd::AsFd;
 
-use super::{AttachOptions, BackendHandle, DeviceStatus};
+use super::limits::{LimitsPatch, KEYS};
+use super::{AttachOptions, BackendHandle, DeviceStatus, LimitTarget};
 
 /// Longest request line accepted.
 const MAX_LINE: usize = 8192;
@@ -67,8 +76,12 @@ impl ControlServer {
                                 .name("refblk-ctl-conn".into())
                                 .spawn(move || serve_conn(s, b));
                         }
+                        // Sleep until a client connects (answered at once: the
+                        // hotplug script waits on this), waking now and then to
+                        // see the stop flag.
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(50))
+                            let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+                            let _ = poll(&mut fds, PollTimeout::from(200u16));
                         }
                         Err(e) => {
                             warn!("control socket: {e}");
@@ -137,32 +150,54 @@ fn status_json(s: &DeviceStatus) -> Value {
         "bytes_read": s.bytes_read,
         "bytes_written": s.bytes_written,
         "replayed": s.replayed,
+        "domain_name": s.domain_name,
+        "vdev": s.vdev,
+        "stats": s.stats.to_json(),
+        "limits": s.limits.to_json(),
+        "domain_limits": s.domain_limits.to_json(),
     })
+}
+
+/// Microseconds since the daemon's first status answer (monotonic).
+fn sampled_us() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_micros() as u64
 }
 
 /// Answer one request line.
 pub fn handle_line(line: &str, backend: &BackendHandle) -> Value {
     let mut words = line.split_whitespace();
     let fail = |e: String| json!({"ok": false, "error": e});
-    let options = |words: std::str::SplitWhitespace<'_>| -> Result<AttachOptions, String> {
-        let mut opts = AttachOptions::default();
-        for w in words {
-            match w {
-                "ro" => opts.read_only = true,
-                _ => match w.strip_prefix("sector-size=").map(str::parse::<u32>) {
-                    Some(Ok(n)) => opts.sector_size = n,
-                    _ => return Err(format!("unknown option {w:?}")),
-                },
+    let options =
+        |words: std::str::SplitWhitespace<'_>| -> Result<(AttachOptions, LimitsPatch), String> {
+            let mut opts = AttachOptions::default();
+            let mut limits = LimitsPatch::default();
+            for w in words {
+                match w {
+                    "ro" => opts.read_only = true,
+                    _ => match w.strip_prefix("sector-size=").map(str::parse::<u32>) {
+                        Some(Ok(n)) => opts.sector_size = n,
+                        _ => match w.split_once('=') {
+                            Some((k, v)) if KEYS.contains(&k) => {
+                                limits.set(k, v).map_err(|e| e.to_string())?
+                            }
+                            _ => return Err(format!("unknown option {w:?}")),
+                        },
+                    },
+                }
             }
-        }
-        Ok(opts)
-    };
+            opts.limits = opts.limits.patched(&limits);
+            Ok((opts, limits))
+        };
     match words.next() {
         Some("attach") => {
             let (Some(be), Some(img)) = (words.next(), words.next()) else {
                 return fail("usage: attach <backend-path> <image> [ro] [sector-size=N]".into());
             };
-            let r = options(words).and_then(|opts| backend.attach(be, img, opts));
+            let r = options(words).and_then(|(opts, _)| backend.attach(be, img, opts));
             match r {
                 Ok(()) => json!({"ok": true, "image": img}),
                 Err(e) => fail(e),
@@ -176,7 +211,13 @@ pub fn handle_line(line: &str, backend: &BackendHandle) -> Value {
                         .into(),
                 );
             };
-            let r = options(words).and_then(|opts| backend.attach_volume(be, pool, vid, opts));
+            // The volume's stored limits, then the line's keys on top.
+            let r = options(words).and_then(|(mut opts, line)| {
+                let stored =
+                    crate::pool::limits::load(Path::new(pool), vid).map_err(|e| e.to_string())?;
+                opts.limits = stored.patched(&line);
+                backend.attach_volume(be, pool, vid, opts)
+            });
             match r {
                 Ok(p) => json!({"ok": true, "image": p.display().to_string()}),
                 Err(e) => fail(e),
@@ -197,9 +238,36 @@ pub fn handle_line(line: &str, backend: &BackendHandle) -> Value {
             }
             Err(e) => fail(e),
         },
+        Some("limit") => {
+            let Some(target) = words.next() else {
+                return fail(format!(
+                    "usage: limit <domain|backend-path|DOMAIN/VDEV> KEY=VALUE ... (keys: {})",
+                    KEYS.join(", ")
+                ));
+            };
+            // No pairs: nothing changes, the answer shows the current limits.
+            let patch = match LimitsPatch::parse_pairs(words) {
+                Ok(p) => p,
+                Err(e) => return fail(format!("limit {target}: {e}")),
+            };
+            match backend.set_limits(target, patch) {
+                Ok(set) => {
+                    let (kind, domid, devid) = match set.target {
+                        LimitTarget::Domain(d) => ("domain", d, None),
+                        LimitTarget::Device((d, v)) => ("device", d, Some(v)),
+                    };
+                    json!({"ok": true, "target": kind, "domid": domid, "devid": devid,
+                           "describe": set.describe, "limits": set.limits.to_json(),
+                           "summary": set.limits.to_string()})
+                }
+                Err(e) => fail(e),
+            }
+        }
         Some("status") => {
             let devs: Vec<Value> = backend.status().iter().map(status_json).collect();
-            json!({"ok": true, "devices": devs})
+            // When the counters were read (µs of the daemon's monotonic clock),
+            // so that rates from two answers do not depend on the reader's timing.
+            json!({"ok": true, "sampled_us": sampled_us(), "devices": devs})
         }
         Some(other) => fail(format!("unknown request {other:?}")),
         None => fail("empty request".into()),

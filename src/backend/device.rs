@@ -11,8 +11,10 @@ use std::sync::Arc;
 
 use log::info;
 
+use super::limits::{Limiter, LimiterChain, Limits};
 use super::queue::{QueueCtx, QueueStats};
 use super::state::{DeviceState, Journal, QueueState, Replay, StateDir, VolumeRef};
+use super::stats::StatsSnapshot;
 use super::worker::{Runtime, Ticket, Workers};
 use super::{BackendConfig, DevKey, Event};
 use crate::blkif::{Abi, BackRing, DiskInfo, Features};
@@ -28,6 +30,8 @@ pub struct AttachOptions {
     pub read_only: bool,
     /// Logical sector size advertised (512 or 4096).
     pub sector_size: u32,
+    /// The device's I/O limits (from the disk line or the pool volume).
+    pub limits: Limits,
 }
 
 impl Default for AttachOptions {
@@ -35,6 +39,7 @@ impl Default for AttachOptions {
         AttachOptions {
             read_only: false,
             sector_size: 512,
+            limits: Limits::UNLIMITED,
         }
     }
 }
@@ -92,6 +97,17 @@ pub struct DeviceStatus {
     pub bytes_written: u64,
     /// Requests re-executed after daemon restarts.
     pub replayed: u64,
+    /// Every counter, per-op statistics and histograms (all queues, and the
+    /// connections before this one).
+    pub stats: StatsSnapshot,
+    /// The device's limits.
+    pub limits: Limits,
+    /// Its domain's limits (shared by the domain's devices).
+    pub domain_limits: Limits,
+    /// The domain's name (`/local/domain/<id>/name`), if xenstore has it.
+    pub domain_name: Option<String>,
+    /// The guest's name for the disk (`dev` in the backend, e.g. xvda).
+    pub vdev: Option<String>,
 }
 
 pub(crate) struct Device {
@@ -111,6 +127,10 @@ pub(crate) struct Device {
     /// The hotplug `remove` ran: the device stays quiet until its backend
     /// directory disappears.
     pub detached: bool,
+    /// limits: this device's limiter (set at attach, changed live).
+    pub limiter: Arc<Limiter>,
+    /// limits: its domain's limiter (the Backend's, shared by the domain's devices).
+    pub dom_limiter: Arc<Limiter>,
 }
 
 fn parse_uint(s: &str) -> Option<u64> {
@@ -157,6 +177,8 @@ impl Device {
             retired: Vec::new(),
             volume: None,
             detached: false,
+            limiter: Arc::new(Limiter::default()),
+            dom_limiter: Arc::new(Limiter::default()),
         }
     }
 
@@ -251,6 +273,10 @@ impl Device {
             read_only,
             sector_size: opts.sector_size,
         });
+        self.limiter.set(opts.limits); // limits: the attach-time device limits
+        if !opts.limits.is_unlimited() {
+            info!("{}: limits {}", self.name(), opts.limits);
+        }
         Ok(())
     }
 
@@ -457,7 +483,7 @@ impl Device {
                 journal,
                 replay,
             } = p;
-            let stats = Arc::new(QueueStats::default());
+            let stats = Arc::new(QueueStats::new(cfg.collect_stats)); // stats: on/off
             let finished = Arc::new(AtomicBool::new(false));
             let ctx = QueueCtx {
                 name: format!("{}/q{i}", self.name()),
@@ -485,6 +511,11 @@ impl Device {
                 journal,
                 replay,
                 observer: cfg.observer.clone(),
+                // limits: every queue of the device shares the two limiters.
+                limiter: LimiterChain {
+                    device: self.limiter.clone(),
+                    domain: self.dom_limiter.clone(),
+                },
             };
             let tx = rt.events.clone();
             let key = self.key;
@@ -536,6 +567,7 @@ impl Device {
         platform: &Arc<dyn Platform>,
         cfg: &BackendConfig,
         rt: &Runtime,
+        dom_limiter: Arc<Limiter>,
     ) -> io::Result<Device> {
         let key = (st.domid, st.devid);
         let be = format!(
@@ -546,6 +578,7 @@ impl Device {
             return Err(err(format!("state is for {}, not {be}", st.backend)));
         }
         let mut d = Device::new(key, be.clone());
+        d.dom_limiter = dom_limiter;
         if !platform.domain_exists(st.domid)? {
             return Err(err(format!("domain {} is gone", st.domid)));
         }
@@ -598,6 +631,12 @@ impl Device {
                     .resume()
                     .map_err(|e| io::Error::other(format!("volume {}: resume: {e}", v.vid)))?;
                 d.volume = Some(vol);
+                // limits: the volume's stored limits (a disk line's are not kept
+                // across a restart).
+                match crate::pool::limits::load(&v.pool, &v.vid) {
+                    Ok(l) => d.limiter.set(l),
+                    Err(e) => log::warn!("volume {}: {e}; serving it unlimited", v.vid),
+                }
                 p
             }
         };
@@ -771,12 +810,18 @@ impl Device {
             bytes_read: 0,
             bytes_written: 0,
             replayed: 0,
+            stats: StatsSnapshot::default(),
+            limits: self.limiter.limits(),
+            domain_limits: self.dom_limiter.limits(),
+            domain_name: None,
+            vdev: None,
         };
         let live = self
             .conn
             .iter()
             .flat_map(|c| c.queues.iter().map(|q| &q.stats));
         for s in live.chain(self.retired.iter()) {
+            st.stats.merge(&s.snapshot());
             let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
             st.requests += g(&s.requests);
             st.reads += g(&s.reads);

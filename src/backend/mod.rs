@@ -11,9 +11,11 @@
 pub mod control;
 pub mod device;
 pub mod fekeys;
+pub mod limits;
 pub mod pgrants;
 pub mod queue;
 pub mod state;
+pub mod stats;
 pub(crate) mod worker;
 
 use std::collections::BTreeMap;
@@ -32,6 +34,7 @@ use crate::engine::EngineConfig;
 use crate::platform::{DomId, Platform};
 use crate::xenstore::XsClient;
 use device::Device;
+use limits::{Limiter, Limits, LimitsPatch};
 use xen_sys::xenbus::XenbusState;
 
 /// A device: (frontend domain, device id).
@@ -70,6 +73,10 @@ pub struct BackendConfig {
     pub state_dir: Option<PathBuf>,
     /// Test hook: told about every request step of every queue.
     pub observer: Option<queue::Observer>,
+    /// Collect per-request statistics (per-op counters, latency histograms,
+    /// gauges). On by default; `REFBLK_NO_STATS=1` turns it off (to measure
+    /// what it costs).
+    pub collect_stats: bool,
 }
 
 impl Default for BackendConfig {
@@ -93,6 +100,7 @@ impl Default for BackendConfig {
             },
             state_dir: None,
             observer: None,
+            collect_stats: stats::collection_enabled_by_env(),
         }
     }
 }
@@ -128,6 +136,11 @@ enum Command {
     },
     Status {
         reply: Sender<Vec<DeviceStatus>>,
+    },
+    SetLimits {
+        target: String,
+        patch: LimitsPatch,
+        reply: Sender<Result<LimitsSet, String>>,
     },
     Stop,
     /// Stop for a successor: keep devices Connected and their state.
@@ -223,6 +236,23 @@ impl BackendHandle {
         rx.recv().unwrap_or_default()
     }
 
+    /// Change the I/O limits of `target` (see [`LimitTarget`] for the
+    /// syntax): the keys `patch` sets change, the others stay. Takes effect
+    /// on the device's running queues within [`limits::MAX_WAIT`].
+    pub fn set_limits(&self, target: &str, patch: LimitsPatch) -> Result<LimitsSet, String> {
+        let (reply, rx) = bounded(1);
+        self.tx
+            .send(Command::SetLimits {
+                target: target.to_string(),
+                patch,
+                reply,
+            })
+            .map_err(|_| "backend is not running".to_string())?;
+        rx.recv()
+            .map_err(|_| "backend stopped".to_string())
+            .and_then(|r| r)
+    }
+
     /// Ask the backend to disconnect everything and return from `run`.
     pub fn stop(&self) {
         let _ = self.tx.send(Command::Stop);
@@ -237,6 +267,72 @@ impl BackendHandle {
     }
 }
 
+/// What `limit` resolved its target to and the limits now in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitsSet {
+    pub target: LimitTarget,
+    /// e.g. `domain 5 (work)` or `vbd 5/51712`.
+    pub describe: String,
+    pub limits: Limits,
+}
+
+/// What a limit applies to.
+///
+/// Syntax of a target: a domain is its id (`5`) or its name (`work`, from
+/// `/local/domain/<id>/name`); a device is a backend path
+/// (`/local/domain/0/backend/vbd/5/51712`) or `DOMAIN/VDEV` where DOMAIN is
+/// an id or a name and VDEV the device id (`51712`) or its Linux name
+/// (`xvda`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitTarget {
+    Domain(DomId),
+    Device(DevKey),
+}
+
+/// A Linux vdev name (`xvda`, `xvdab`) → blkif device id, as libxl numbers them.
+pub fn vdev_to_devid(v: &str) -> Option<u32> {
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return v.parse().ok();
+    }
+    let letters = v.strip_prefix("xvd")?;
+    if letters.is_empty() || letters.len() > 3 || !letters.bytes().all(|b| b.is_ascii_lowercase()) {
+        return None;
+    }
+    // a..z = 0..25, aa = 26, ... (bijective base 26).
+    let mut idx: u32 = 0;
+    for b in letters.bytes() {
+        idx = idx * 26 + u32::from(b - b'a') + 1;
+    }
+    let idx = idx - 1;
+    if idx < 16 {
+        Some((202 << 8) | (idx << 4))
+    } else if idx < (1 << 20) {
+        Some((1 << 28) | (idx << 8))
+    } else {
+        None
+    }
+}
+
+/// A blkif device id → its Linux name (`51712` → `xvda`), if it has one.
+pub fn devid_to_vdev(id: u32) -> Option<String> {
+    let idx = if id >> 8 == 202 && id & 0xf == 0 {
+        (id >> 4) & 0xf
+    } else if id & (1 << 28) != 0 && id & 0xff == 0 {
+        (id & !(1 << 28)) >> 8
+    } else {
+        return None;
+    };
+    let mut n = idx + 1;
+    let mut s = Vec::new();
+    while n > 0 {
+        n -= 1;
+        s.push(b'a' + (n % 26) as u8);
+        n /= 26;
+    }
+    s.reverse();
+    Some(format!("xvd{}", String::from_utf8(s).ok()?))
+}
+
 /// The backend daemon.
 pub struct Backend {
     platform: Arc<dyn Platform>,
@@ -244,6 +340,8 @@ pub struct Backend {
     xs: XsClient,
     base: String,
     devices: BTreeMap<DevKey, Device>,
+    /// limits: one limiter per domain, shared by its devices.
+    dom_limiters: BTreeMap<DomId, Arc<Limiter>>,
     cmd_tx: Sender<Command>,
     cmd_rx: Receiver<Command>,
     rt: worker::Runtime,
@@ -276,6 +374,7 @@ impl Backend {
             xs,
             base,
             devices: BTreeMap::new(),
+            dom_limiters: BTreeMap::new(),
             cmd_tx,
             cmd_rx,
             rt: worker::Runtime {
@@ -306,7 +405,8 @@ impl Backend {
                 }
             };
             let key = (st.domid, st.devid);
-            match Device::resume(&st, &sd, &self.xs, &self.platform, &self.cfg, &self.rt) {
+            let dl = self.domain_limiter(st.domid);
+            match Device::resume(&st, &sd, &self.xs, &self.platform, &self.cfg, &self.rt, dl) {
                 Ok(d) => {
                     self.devices.insert(key, d);
                 }
@@ -375,6 +475,7 @@ impl Backend {
                     // Domains can vanish without @releaseDomain (simulator, lost events).
                     let keys: Vec<DevKey> = self.devices.keys().copied().collect();
                     for k in keys { self.reconcile(k); }
+                    self.prune_domain_limiters();
                 }
             }
         }
@@ -460,10 +561,130 @@ impl Backend {
                 });
             }
             Command::Status { reply } => {
-                let _ = reply.send(self.devices.values().map(|d| d.status()).collect());
+                let mut v: Vec<DeviceStatus> = self.devices.values().map(|d| d.status()).collect();
+                for s in &mut v {
+                    let name = format!("/local/domain/{}/name", s.domid);
+                    s.domain_name = device::read_opt(&self.xs, &name).ok().flatten();
+                    let dev = format!("{}/dev", s.backend_path);
+                    s.vdev = device::read_opt(&self.xs, &dev)
+                        .ok()
+                        .flatten()
+                        .or_else(|| devid_to_vdev(s.devid));
+                }
+                let _ = reply.send(v);
+            }
+            Command::SetLimits {
+                target,
+                patch,
+                reply,
+            } => {
+                let _ = reply.send(self.set_limits(&target, &patch));
             }
             Command::Stop | Command::Handover => {}
         }
+    }
+
+    /// limits: the limiter of domain `domid` (created unlimited).
+    fn domain_limiter(&mut self, domid: DomId) -> Arc<Limiter> {
+        self.dom_limiters.entry(domid).or_default().clone()
+    }
+
+    /// Forget the limits of domains that are gone and have no device (a new
+    /// domain reusing the id starts unlimited).
+    fn prune_domain_limiters(&mut self) {
+        let gone: Vec<DomId> = self
+            .dom_limiters
+            .keys()
+            .copied()
+            .filter(|&d| {
+                !self.devices.keys().any(|k| k.0 == d)
+                    && !self.platform.domain_exists(d).unwrap_or(true)
+            })
+            .collect();
+        for d in gone {
+            debug!("dom{d}: gone, forgetting its limits");
+            self.dom_limiters.remove(&d);
+        }
+    }
+
+    /// A domain name or id → the id.
+    fn resolve_domain(&self, s: &str) -> Result<DomId, String> {
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            let d: DomId = s
+                .parse()
+                .map_err(|_| format!("{s}: not a domain id (0..65535)"))?;
+            let known = self.devices.keys().any(|k| k.0 == d)
+                || self.platform.domain_exists(d).unwrap_or(false);
+            return if known {
+                Ok(d)
+            } else {
+                Err(format!("domain {d} does not exist"))
+            };
+        }
+        for id in self.xs.directory(0, "/local/domain").unwrap_or_default() {
+            let Ok(d) = id.parse::<DomId>() else { continue };
+            let name = device::read_opt(&self.xs, &format!("/local/domain/{id}/name"));
+            if name.ok().flatten().as_deref() == Some(s) {
+                return Ok(d);
+            }
+        }
+        Err(format!(
+            "{s:?}: no domain of that name (no /local/domain/*/name is {s:?})"
+        ))
+    }
+
+    /// Parse a limit target (syntax in [`LimitTarget`]).
+    fn resolve_target(&self, t: &str) -> Result<LimitTarget, String> {
+        let bad_dev = |why: String| {
+            format!(
+                "{t}: {why} (a device is a backend path or DOMAIN/VDEV such as 5/xvda;                  a domain an id or a name)"
+            )
+        };
+        let key = if t.starts_with('/') {
+            self.key_of(t)
+                .ok_or_else(|| bad_dev(format!("not a vbd backend path under {}", self.base)))?
+        } else if let Some((dom, vdev)) = t.split_once('/') {
+            let d = self.resolve_domain(dom)?;
+            let id = vdev_to_devid(vdev)
+                .ok_or_else(|| bad_dev(format!("{vdev:?} is not a device id or xvd name")))?;
+            (d, id)
+        } else {
+            return Ok(LimitTarget::Domain(self.resolve_domain(t)?));
+        };
+        if !self.devices.contains_key(&key) {
+            return Err(format!("{t}: refblk serves no device {}/{}", key.0, key.1));
+        }
+        Ok(LimitTarget::Device(key))
+    }
+
+    fn set_limits(&mut self, target: &str, patch: &LimitsPatch) -> Result<LimitsSet, String> {
+        let t = self.resolve_target(target)?;
+        let (lim, describe) = match t {
+            LimitTarget::Domain(d) => {
+                let name = device::read_opt(&self.xs, &format!("/local/domain/{d}/name"))
+                    .ok()
+                    .flatten();
+                let desc = match name {
+                    Some(n) => format!("domain {d} ({n})"),
+                    None => format!("domain {d}"),
+                };
+                (self.domain_limiter(d), desc)
+            }
+            LimitTarget::Device(k) => {
+                let d = self.devices.get(&k).expect("resolved above");
+                (d.limiter.clone(), format!("vbd {}/{}", k.0, k.1))
+            }
+        };
+        let limits = lim.limits().patched(patch);
+        if !patch.is_empty() {
+            lim.set(limits);
+            info!("{describe}: limits now {limits}");
+        }
+        Ok(LimitsSet {
+            target: t,
+            describe,
+            limits,
+        })
     }
 
     fn attach(&mut self, be: &str, image: PathBuf, opts: &AttachOptions) -> Result<(), String> {
@@ -624,6 +845,8 @@ impl Backend {
             }
             let mut d = Device::new(key, be.clone());
             d.probe(xs, &self.cfg)?;
+            // limits: the domain's shared limiter.
+            d.dom_limiter = self.dom_limiters.entry(key.0).or_default().clone();
             self.devices.insert(key, d);
         }
         let d = self.devices.get_mut(&key).expect("inserted above");
@@ -696,4 +919,29 @@ impl Backend {
 fn parse_key(s: &str) -> Option<DevKey> {
     let (a, b) = s.split_once(':')?;
     Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{devid_to_vdev, vdev_to_devid};
+
+    #[test]
+    fn vdev_names_and_device_ids() {
+        // As libxl numbers xvd disks (docs/misc/vbd-interface in Xen).
+        assert_eq!(vdev_to_devid("xvda"), Some(51712));
+        assert_eq!(vdev_to_devid("xvdb"), Some(51728));
+        assert_eq!(vdev_to_devid("xvdp"), Some(51952));
+        assert_eq!(vdev_to_devid("xvdq"), Some((1 << 28) | (16 << 8)));
+        assert_eq!(vdev_to_devid("xvdaa"), Some((1 << 28) | (26 << 8)));
+        assert_eq!(vdev_to_devid("51712"), Some(51712));
+        for bad in ["", "xvd", "sda", "xvdA", "xvd1", "xvdabcd", "-1"] {
+            assert_eq!(vdev_to_devid(bad), None, "{bad}");
+        }
+        for v in ["xvda", "xvdp", "xvdq", "xvdz", "xvdaa", "xvdzz", "xvdabc"] {
+            let id = vdev_to_devid(v).unwrap();
+            assert_eq!(devid_to_vdev(id).as_deref(), Some(v), "{v} = {id}");
+        }
+        assert_eq!(devid_to_vdev(51713), None); // a partition
+        assert_eq!(devid_to_vdev(768), None); // hda
+    }
 }

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
+use super::limits::{LimiterChain, MAX_WAIT};
 use super::pgrants::PersistentGrants;
 use super::state::{Journal, Replay};
 use crate::blkif::{
@@ -52,22 +53,8 @@ const MAX_PENDING: usize = 64;
 /// Journal entry of a request on a queue without a journal.
 const NO_ENTRY: u32 = u32::MAX;
 
-/// Counters of one queue, shared with the device for status and tests.
-#[derive(Debug, Default)]
-pub struct QueueStats {
-    pub requests: AtomicU64,
-    pub reads: AtomicU64,
-    pub writes: AtomicU64,
-    pub flushes: AtomicU64,
-    pub discards: AtomicU64,
-    pub errors: AtomicU64,
-    pub rejected: AtomicU64,
-    pub fdatasyncs: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-    /// Requests re-executed after a restart.
-    pub replayed: AtomicU64,
-}
+// stats: the counters moved to stats.rs (re-exported here).
+pub use super::stats::QueueStats;
 
 /// What a queue did, in the order it did it (see [`IoObserver`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +118,8 @@ pub(crate) struct QueueCtx {
     pub replay: Vec<Replay>,
     /// Test hook: told about every step (None in production).
     pub observer: Option<Observer>,
+    /// limits: the device's and the domain's limiters (reads and writes only).
+    pub limiter: LimiterChain,
 }
 
 /// What a started request is waiting for.
@@ -154,6 +143,8 @@ struct Inflight {
     stage: Stage,
     pieces: Vec<Piece>,
     len: u64,
+    /// stats: when it was consumed (None: collection off).
+    t0: Option<Instant>,
 }
 
 /// A parsed request that has not been started yet.
@@ -201,6 +192,10 @@ pub(crate) struct Shared {
     pub indirect: Vec<u8>,
     /// Grant-copy results.
     pub copy_status: Vec<GrantStatus>,
+    /// stats: the time of the current batch (completions reaped, or a queue's
+    /// pump), so that the statistics read the clock once per batch rather
+    /// than twice per request.
+    pub now: Instant,
 }
 
 impl Shared {
@@ -209,6 +204,7 @@ impl Shared {
             engine,
             indirect: vec![0u8; xen_sys::blkif::BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST * PAGE_SIZE],
             copy_status: Vec::with_capacity(64),
+            now: Instant::now(),
         }
     }
 }
@@ -239,8 +235,11 @@ pub(crate) struct Queue {
     timer_at: Option<Instant>,
     slots: Vec<Option<Inflight>>,
     free_slots: Vec<usize>,
-    /// Parsed requests not started yet, with their journal entries.
-    pending: VecDeque<(u32, Pending)>,
+    /// Parsed requests not started yet, with their journal entries and
+    /// (stats) consume times.
+    pending: VecDeque<(u32, Pending, Option<Instant>)>,
+    /// stats: the batch time (see [`Shared::now`]).
+    now: Instant,
     /// A barrier is in progress: nothing else starts until it is answered.
     barrier_active: bool,
     stopping: bool,
@@ -290,6 +289,7 @@ impl Queue {
             slots: (0..nslots).map(|_| None).collect(),
             free_slots: (0..nslots).rev().collect(),
             pending: VecDeque::new(),
+            now: Instant::now(),
             barrier_active: false,
             stopping: false,
             failed: None,
@@ -321,7 +321,6 @@ impl Queue {
 
     /// Wake this queue at `at` (a delayed start). One timer at a time: an
     /// earlier one already armed covers it.
-    #[allow(dead_code)] // used by the I/O limits
     pub fn arm_timer(&mut self, sh: &mut Shared, at: Instant) {
         if self.timer_at.is_some_and(|t| t <= at) || self.stopping {
             return;
@@ -350,8 +349,9 @@ impl Queue {
         if self.failed.is_none() {
             self.failed = Some(why);
         }
-        for (jent, p) in std::mem::take(&mut self.pending) {
+        for (jent, p, t0) in std::mem::take(&mut self.pending) {
             let (id, op) = p.id_op();
+            self.ctx.stats.answered(t0, self.now, op, false, 0, false); // stats
             self.respond(jent, id, op, BLKIF_RSP_ERROR);
         }
         self.request_stop(sh);
@@ -391,6 +391,10 @@ impl Queue {
     /// Do all the work possible without waiting.
     pub fn pump(&mut self, sh: &mut Shared) -> Pump {
         self.dirty = false;
+        if self.ctx.stats.enabled {
+            sh.now = Instant::now(); // stats: the time of this batch
+        }
+        self.now = sh.now; // stats
         self.copy_out_reads(sh);
         self.refresh_disk();
         if !self.stopping {
@@ -442,6 +446,7 @@ impl Queue {
     /// A completion of one of this queue's ops (`tag` = low half of user_data).
     pub fn on_completion(&mut self, sh: &mut Shared, tag: u32, c: Completion) {
         self.ops -= 1;
+        self.now = sh.now; // stats: when the worker reaped this batch
         self.dirty = true;
         if let Err(e) = self.complete(sh, tag, c) {
             self.fail(sh, e);
@@ -561,21 +566,25 @@ impl Queue {
     /// Validate one consumed request: queue it, or answer a rejection.
     fn accept(&mut self, jent: u32, raw: &RawRequest) {
         self.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let t0 = self.ctx.stats.consumed(self.now); // stats: consume time, queue depth + 1
         self.observe(IoEvent::Consumed {
             id: raw.id(),
             op: raw.operation(),
         });
         match parse_request(raw, &self.ctx.disk) {
-            Ok(req) => self.enqueue(jent, req),
+            Ok(req) => self.enqueue(jent, req, t0),
             Err(rej) => {
                 debug!("{}: rejected request: {rej}", self.ctx.name);
                 self.ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                self.ctx
+                    .stats
+                    .answered(t0, self.now, rej.operation, false, 0, false); // stats
                 self.respond(jent, rej.id, rej.operation, rej.status);
             }
         }
     }
 
-    fn enqueue(&mut self, jent: u32, req: Request) {
+    fn enqueue(&mut self, jent: u32, req: Request, t0: Option<Instant>) {
         let op = req.response_op();
         let p = match req {
             Request::Rw(r) => Pending::Rw(r),
@@ -594,12 +603,12 @@ impl Queue {
                 secure,
             },
         };
-        self.pending.push_back((jent, p));
+        self.pending.push_back((jent, p, t0));
     }
 
     /// Start pending requests in order until one cannot start yet.
     fn start_pending(&mut self, sh: &mut Shared) {
-        while let Some((_, p)) = self.pending.front() {
+        while let Some((_, p, _)) = self.pending.front() {
             if self.barrier_active {
                 break;
             }
@@ -627,12 +636,14 @@ impl Queue {
                     None => {
                         // Nothing in flight and still no room: the slab is smaller
                         // than one request. Refuse it rather than stall the ring.
-                        let (jent, p) = self.pending.pop_front().expect("front exists");
+                        let (jent, p, t0) = self.pending.pop_front().expect("front exists");
                         if let Pending::Rw(r) = p {
                             warn!(
                                 "{}: request of {} bytes exceeds the buffer slab",
                                 self.ctx.name, r.len
                             );
+                            let st = &self.ctx.stats;
+                            st.answered(t0, self.now, r.response_op, false, r.len, false); // stats
                             self.respond(jent, r.id, r.response_op, BLKIF_RSP_ERROR);
                         }
                         continue;
@@ -641,9 +652,25 @@ impl Queue {
             } else {
                 None
             };
-            let (jent, p) = self.pending.pop_front().expect("front exists");
+            // limits: a read or write starts only when the device's and the
+            // domain's limiters admit it; else it waits (ring order kept) and the
+            // queue's timer wakes it. Not while stopping: a stop must not wait.
+            let cost = rw_cost(p).filter(|_| region.is_some() && !self.stopping);
+            if let Some((write, bytes)) = cost.filter(|_| self.ctx.limiter.is_active()) {
+                let now = Instant::now();
+                if let Err(at) = self.ctx.limiter.admit(write, bytes, now) {
+                    if let Some(r) = region {
+                        sh.engine.free(r);
+                    }
+                    self.ctx.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    // At most MAX_WAIT: a raised limit is seen soon.
+                    self.arm_timer(sh, at.min(now + MAX_WAIT));
+                    break;
+                }
+            }
+            let (jent, p, t0) = self.pending.pop_front().expect("front exists");
             self.free_slots.pop();
-            self.start(sh, slot, jent, p, region);
+            self.start(sh, slot, jent, p, region, t0);
         }
         self.copy_in_writes(sh);
     }
@@ -655,21 +682,29 @@ impl Queue {
         jent: u32,
         p: Pending,
         region: Option<BufRegion>,
+        t0: Option<Instant>,
     ) {
+        // stats: the request now runs on the image (in-flight gauge + 1); its
+        // answer (`finish`) takes it back off.
+        if !matches!(p, Pending::Indirect(_)) {
+            self.ctx.stats.started();
+        }
         match p {
             Pending::Indirect(ind) => {
                 // Fetch the segment list, then treat it as a plain read/write.
                 self.free_slots.push(slot);
                 match self.fetch_indirect(sh, &ind) {
-                    Ok(rw) => self.pending.push_front((jent, Pending::Rw(rw))),
+                    Ok(rw) => self.pending.push_front((jent, Pending::Rw(rw), t0)),
                     Err((status, why)) => {
                         debug!("{}: indirect request refused: {why}", self.ctx.name);
                         self.ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                        let op = ind.response_op();
+                        self.ctx.stats.answered(t0, self.now, op, false, 0, false); // stats
                         self.respond(jent, ind.id, ind.response_op(), status);
                     }
                 }
             }
-            Pending::Rw(r) => self.start_rw(sh, slot, jent, r, region),
+            Pending::Rw(r) => self.start_rw(sh, slot, jent, r, region, t0),
             Pending::Flush { id, op } => {
                 self.ctx.stats.flushes.fetch_add(1, Ordering::Relaxed);
                 self.slots[slot] = Some(Inflight {
@@ -679,6 +714,7 @@ impl Queue {
                     stage: Stage::Flush,
                     pieces: Vec::new(),
                     len: 0,
+                    t0,
                 });
                 self.submit_or_fail(sh, slot, Op::Fdatasync);
             }
@@ -694,6 +730,7 @@ impl Queue {
                     // Nothing to discard: done (Linux blkback answers OKAY too;
                     // fallocate would refuse a zero length).
                     self.free_slots.push(slot);
+                    self.ctx.stats.answered(t0, self.now, op, true, 0, true); // stats
                     self.respond(jent, id, op, BLKIF_RSP_OKAY);
                     return;
                 }
@@ -704,6 +741,7 @@ impl Queue {
                     stage: Stage::Discard,
                     pieces: Vec::new(),
                     len,
+                    t0,
                 });
                 let op = if secure {
                     Op::ZeroRange { offset, len }
@@ -722,6 +760,7 @@ impl Queue {
         jent: u32,
         r: RwRequest,
         region: Option<BufRegion>,
+        t0: Option<Instant>,
     ) {
         if r.barrier {
             self.barrier_active = true;
@@ -738,6 +777,7 @@ impl Queue {
             stage,
             pieces: r.pieces,
             len: r.len,
+            t0,
         });
         let Some(region) = region else {
             // A barrier without data: just the flush.
@@ -1119,6 +1159,11 @@ impl Queue {
         if status != BLKIF_RSP_OKAY {
             self.ctx.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
+        // stats: latency, sectors and ok/error per op; gauges - 1.
+        let ok = status == BLKIF_RSP_OKAY;
+        self.ctx
+            .stats
+            .answered(i.t0, self.now, i.op, true, i.len, ok);
         self.respond(i.jent, i.id, i.op, status);
     }
 
@@ -1149,6 +1194,15 @@ impl Queue {
                 warn!("{}: notify failed: {e}", self.ctx.name);
             }
         }
+    }
+}
+
+/// limits: what a pending request costs (write?, bytes); None for requests
+/// that are not limited (flush, discard, indirect not fetched yet).
+fn rw_cost(p: &Pending) -> Option<(bool, u64)> {
+    match p {
+        Pending::Rw(r) => Some((r.op == RwOp::Write, r.len)),
+        _ => None,
     }
 }
 

@@ -275,6 +275,9 @@ impl Worker {
             }
             let mut comps = std::mem::take(&mut self.comps);
             self.sh.engine.reap(&mut comps);
+            if !comps.is_empty() {
+                self.sh.now = std::time::Instant::now(); // stats: one clock read per batch
+            }
             for c in comps.drain(..) {
                 self.route(c);
             }

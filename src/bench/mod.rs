@@ -12,6 +12,7 @@ pub mod meta;
 pub mod profile;
 pub mod refblk;
 pub mod report;
+pub mod scale;
 pub mod stats;
 pub mod target;
 pub mod workload;

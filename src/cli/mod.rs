@@ -6,10 +6,12 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod demo;
+pub mod limit;
 pub mod pool;
 pub mod serve;
 pub mod signals;
 pub mod sim;
+pub mod status;
 
 /// A command's failure: a message for the administrator and the exit code.
 #[derive(Debug)]
@@ -82,6 +84,10 @@ pub enum Command {
     Volume(pool::VolumeCommand),
     /// Benchmark refblk against the raw image file and a loop device.
     Bench(bench::BenchArgs),
+    /// Change (or show) the I/O limits of a domain or a device on the running daemon.
+    Limit(limit::LimitCmdArgs),
+    /// Show every device with its IOPS, MiB/s, latency and limits (--watch, --json).
+    Status(status::StatusArgs),
 }
 
 /// Run the parsed command line.
@@ -94,5 +100,7 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Pool(c) => pool::run_pool(c),
         Command::Volume(c) => pool::run_volume(c),
         Command::Bench(a) => bench::run(a),
+        Command::Limit(a) => limit::run(a),
+        Command::Status(a) => status::run(a),
     }
 }

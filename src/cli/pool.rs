@@ -91,7 +91,7 @@ pub struct PoolArg {
 }
 
 impl PoolArg {
-    fn dir(&self) -> Result<PathBuf, CliError> {
+    pub(crate) fn dir(&self) -> Result<PathBuf, CliError> {
         match &self.pool {
             Some(p) => Ok(p.clone()),
             None => std::env::var_os("REFBLK_POOL")
@@ -103,7 +103,7 @@ impl PoolArg {
         }
     }
 
-    fn open(&self) -> Result<Pool, CliError> {
+    pub(crate) fn open(&self) -> Result<Pool, CliError> {
         // A running volume's resize is announced by the daemon serving it.
         let socket = std::env::var_os("REFBLK_CONTROL")
             .filter(|v| !v.is_empty())
@@ -328,6 +328,18 @@ pub enum VolumeCommand {
         vid: String,
         #[command(flatten)]
         ov: OverrideArgs,
+    },
+    /// Set (or show) the I/O limits the daemon applies when it serves the
+    /// volume (attach-volume); stored in .refblk/volumes/VID.limits. For a
+    /// running guest, also use `refblk limit`.
+    #[command(after_help = EXIT_CODES)]
+    Limit {
+        #[command(flatten)]
+        pool: PoolArg,
+        /// Volume id.
+        vid: String,
+        #[command(flatten)]
+        limits: super::limit::LimitArgs,
     },
 }
 
@@ -721,6 +733,9 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
                     .unwrap_or_default()
             );
             Ok(())
+        }
+        VolumeCommand::Limit { pool, vid, limits } => {
+            super::limit::run_volume(&pool, &vid, &limits)
         }
     }
 }

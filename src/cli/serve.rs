@@ -161,6 +161,10 @@ pub enum CtlCommand {
         /// Logical sector size (512 or 4096).
         #[arg(long, default_value_t = 512)]
         sector_size: u32,
+        /// An I/O limit of the device, KEY=VALUE (read-iops, write-iops,
+        /// read-bps, write-bps, iops, bps, burst); repeat for more.
+        #[arg(long = "limit", value_name = "KEY=VALUE")]
+        limits: Vec<String>,
     },
     /// Start a pool volume (FICLONE clean → dirty) and serve it on a claimed
     /// device; it is committed or discarded (by its kind) on `detach`.
@@ -177,6 +181,10 @@ pub enum CtlCommand {
         /// Logical sector size (512 or 4096).
         #[arg(long, default_value_t = 512)]
         sector_size: u32,
+        /// An I/O limit of the device, KEY=VALUE (read-iops, write-iops,
+        /// read-bps, write-bps, iops, bps, burst); repeat for more.
+        #[arg(long = "limit", value_name = "KEY=VALUE")]
+        limits: Vec<String>,
     },
     /// Release a device (the hotplug script's `remove`): close its image and
     /// commit/discard its pool volume.
@@ -194,6 +202,14 @@ pub enum CtlCommand {
     },
 }
 
+/// ` key=value ...` of `--limit` flags, checked here so that a bad value is a
+/// usage error naming the key.
+fn limit_words(limits: &[String]) -> Result<String, CliError> {
+    let p = crate::backend::limits::LimitsPatch::parse_pairs(limits.iter().map(String::as_str))
+        .map_err(|e| CliError::usage(format!("--limit {e}")))?;
+    Ok(p.to_pairs().iter().map(|w| format!(" {w}")).collect())
+}
+
 /// Run `refblk ctl`.
 pub fn run_ctl(a: CtlArgs) -> CliResult {
     let line = match &a.cmd {
@@ -202,6 +218,7 @@ pub fn run_ctl(a: CtlArgs) -> CliResult {
             image,
             ro,
             sector_size,
+            limits,
         } => {
             let img = image.to_str().filter(|s| !s.contains(char::is_whitespace));
             let Some(img) = img else {
@@ -211,8 +228,9 @@ pub fn run_ctl(a: CtlArgs) -> CliResult {
                 )));
             };
             format!(
-                "attach {backend_path} {img}{} sector-size={sector_size}",
-                if *ro { " ro" } else { "" }
+                "attach {backend_path} {img}{} sector-size={sector_size}{}",
+                if *ro { " ro" } else { "" },
+                limit_words(limits)?
             )
         }
         CtlCommand::AttachVolume {
@@ -221,6 +239,7 @@ pub fn run_ctl(a: CtlArgs) -> CliResult {
             vid,
             ro,
             sector_size,
+            limits,
         } => {
             let pool_s = pool.to_str().filter(|s| !s.contains(char::is_whitespace));
             let Some(pool_s) = pool_s else {
@@ -233,8 +252,9 @@ pub fn run_ctl(a: CtlArgs) -> CliResult {
                 return Err(CliError::usage(format!("{vid:?}: bad volume id")));
             }
             format!(
-                "attach-volume {backend_path} {pool_s} {vid}{} sector-size={sector_size}",
-                if *ro { " ro" } else { "" }
+                "attach-volume {backend_path} {pool_s} {vid}{} sector-size={sector_size}{}",
+                if *ro { " ro" } else { "" },
+                limit_words(limits)?
             )
         }
         CtlCommand::Detach { backend_path } => format!("detach {backend_path}"),

@@ -33,6 +33,7 @@ pub mod error;
 pub mod faults;
 pub mod fsops;
 pub mod layout;
+pub mod limits;
 mod volume;
 
 pub use config::{PoolConfig, VolumeConfig, VolumeKind};

@@ -364,6 +364,7 @@ impl Rig {
         let opts = AttachOptions {
             read_only: d.read_only,
             sector_size: d.lss,
+            ..AttachOptions::default()
         };
         self.backend
             .attach(&be, d.image.clone(), opts)
