@@ -54,6 +54,18 @@ fn wait_connected(sock: &Path, log: &Path) {
 
 #[test]
 fn a_pool_volume_is_taken_over_by_the_restarted_daemon_and_committed_on_detach() {
+    restart_with_volume(false);
+}
+
+/// The guest shuts down while no daemon runs (found by the Xen lab: a kill
+/// fell on the guest's poweroff). The new daemon cannot take the rings over,
+/// but it must keep the volume, so that the hotplug `remove` commits it.
+#[test]
+fn a_volume_whose_guest_closed_during_the_restart_is_still_committed() {
+    restart_with_volume(true);
+}
+
+fn restart_with_volume(closing_during_restart: bool) {
     if !require_memlock_or_skip() {
         return;
     }
@@ -119,6 +131,54 @@ fn a_pool_volume_is_taken_over_by_the_restarted_daemon_and_committed_on_detach()
     )
     .expect("kill -9");
     child.wait().expect("reap");
+    if closing_during_restart {
+        let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
+        xs.write(
+            0,
+            &format!("{}/state", fe.frontend_path()),
+            (XenbusState::Closing as u32).to_string().as_bytes(),
+        )
+        .expect("frontend Closing");
+        let (mut child, log) = spawn(dir.path(), 1);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("kept") {
+                assert!(text.contains("cannot take the device over"), "{text}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "volume not kept; log:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The frontend finishes closing; the toolstack's `remove` commits.
+        xs.write(
+            0,
+            &format!("{}/state", fe.frontend_path()),
+            (XenbusState::Closed as u32).to_string().as_bytes(),
+        )
+        .expect("frontend Closed");
+        let v = control::request(&sock, &format!("detach {}", vbd.backend_path)).expect("detach");
+        assert_eq!(v["ok"], true, "{v}");
+        let clean = std::fs::read(pool_dir.join(format!("{vid}.img"))).expect("clean image");
+        assert_eq!(
+            &clean[..a.len()],
+            &a[..],
+            "the guest's flushed write was not committed; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        assert!(
+            !pool_dir.join(format!("{vid}-dirty.img")).exists(),
+            "the dirty image is left"
+        );
+        std::mem::forget(fe); // its daemon-side is gone; don't wait on a close handshake
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        assert!(child.wait().expect("reap").success());
+        return;
+    }
     let (mut child, log) = spawn(dir.path(), 1);
     wait_connected(&sock, &log);
     let text = std::fs::read_to_string(&log).unwrap_or_default();

@@ -553,6 +553,78 @@ impl Device {
         Ok(())
     }
 
+    /// Open the image (taking a pool volume over with `Volume::resume`) that a
+    /// previous daemon served, as its state file records it.
+    fn reopen_image(&mut self, st: &DeviceState) -> io::Result<PathBuf> {
+        let d = self;
+        let path = match &st.volume {
+            None => st.image.clone(),
+            Some(v) => {
+                let pool = crate::pool::Pool::open(&v.pool)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let vol = pool
+                    .volume(&v.vid)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let p = vol
+                    .resume()
+                    .map_err(|e| io::Error::other(format!("volume {}: resume: {e}", v.vid)))?;
+                d.volume = Some(vol);
+                // limits: the volume's stored limits (a disk line's are not kept
+                // across a restart).
+                match crate::pool::limits::load(&v.pool, &v.vid) {
+                    Ok(l) => d.limiter.set(l),
+                    Err(e) => log::warn!("volume {}: {e}; serving it unlimited", v.vid),
+                }
+                p
+            }
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!st.read_only)
+            .open(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        d.image = Some(Image {
+            path: path.clone(),
+            file,
+            read_only: st.read_only,
+            sector_size: st.sector_size,
+        });
+        Ok(path)
+    }
+
+    /// A device whose takeover was refused (the guest was closing or
+    /// reconnecting while no daemon ran): keep what it served — the image,
+    /// and above all a pool volume, which the device's release must still
+    /// commit — without the old rings. The device then goes through the
+    /// xenbus handshake like a new one that already has its image.
+    pub fn adopt(
+        st: &DeviceState,
+        cfg: &BackendConfig,
+        dom_limiter: Arc<Limiter>,
+    ) -> io::Result<Device> {
+        let be = format!(
+            "/local/domain/{}/backend/vbd/{}/{}",
+            cfg.backend_domid, st.domid, st.devid
+        );
+        if be != st.backend {
+            return Err(err(format!("state is for {}, not {be}", st.backend)));
+        }
+        let mut d = Device::new((st.domid, st.devid), be);
+        d.dom_limiter = dom_limiter;
+        let path = d.reopen_image(st)?;
+        info!(
+            "{}: kept {}{} from the previous daemon",
+            d.name(),
+            path.display(),
+            if d.volume.is_some() {
+                " (pool volume, committed when the device is released)"
+            } else {
+                ""
+            }
+        );
+        Ok(d)
+    }
+
     /// Rebuild a device a previous daemon left Connected (a restart): no
     /// handshake, the guest never sees a state change. The rings are mapped
     /// again, the event channels re-bound, the image re-opened by path (a
@@ -619,38 +691,7 @@ impl Device {
                 "the frontend's ring references, channels or protocol changed".to_string(),
             ));
         }
-        let path = match &st.volume {
-            None => st.image.clone(),
-            Some(v) => {
-                let pool = crate::pool::Pool::open(&v.pool)
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                let vol = pool
-                    .volume(&v.vid)
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                let p = vol
-                    .resume()
-                    .map_err(|e| io::Error::other(format!("volume {}: resume: {e}", v.vid)))?;
-                d.volume = Some(vol);
-                // limits: the volume's stored limits (a disk line's are not kept
-                // across a restart).
-                match crate::pool::limits::load(&v.pool, &v.vid) {
-                    Ok(l) => d.limiter.set(l),
-                    Err(e) => log::warn!("volume {}: {e}; serving it unlimited", v.vid),
-                }
-                p
-            }
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!st.read_only)
-            .open(&path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        d.image = Some(Image {
-            path: path.clone(),
-            file,
-            read_only: st.read_only,
-            sector_size: st.sector_size,
-        });
+        let path = d.reopen_image(st)?;
         let img = d.image.as_ref().expect("set above");
         let file = Self::open_for_io(img, cfg)?;
         let domid = st.domid;

@@ -413,10 +413,23 @@ impl Backend {
                 Err(e) => {
                     warn!(
                         "vbd {}/{}: cannot take the device over ({e}); removing its state, \
-                         handling it as a new device",
+                         handling it as a new device that keeps its image",
                         key.0, key.1
                     );
                     sd.remove(key.0, key.1);
+                    // Keep the image and volume: the hotplug `add` already ran
+                    // for this device and will not run again, and a volume must
+                    // still be committed when the device goes.
+                    let dl = self.domain_limiter(st.domid);
+                    match Device::adopt(&st, &self.cfg, dl) {
+                        Ok(d) => {
+                            self.devices.insert(key, d);
+                        }
+                        Err(e) => warn!(
+                            "vbd {}/{}: cannot reopen its image either ({e})",
+                            key.0, key.1
+                        ),
+                    }
                 }
             }
         }
