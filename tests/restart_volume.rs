@@ -214,3 +214,76 @@ fn restart_with_volume(closing_during_restart: bool) {
     .expect("SIGTERM");
     assert!(child.wait().expect("reap").success());
 }
+
+/// Limits given on the disk line of a plain image (no pool volume to store
+/// them) survive a restart: the state file records them.
+#[test]
+fn a_plain_images_disk_line_limits_survive_a_restart() {
+    if !require_memlock_or_skip() {
+        return;
+    }
+    let dir = machine_dir();
+    let sim = SimXen::start(dir.path()).expect("simulated Xen");
+    let image = make_image(dir.path(), "plain.img", 8 * MIB);
+    let sock = dir.path().join("refblk.sock");
+    let (mut child, log) = spawn(dir.path(), 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while control::request(&sock, "status").is_err() {
+        assert!(Instant::now() < deadline, "control socket never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
+    let ts = Toolstack::with_control_socket(xs, &sock);
+    ts.create_domain(11).expect("domain");
+    let guest = std::sync::Arc::new(sim.create_guest(11, 2048).expect("guest"));
+    let spec = VbdSpec::new(11, XVDA, image.display().to_string());
+    let vbd = ts.create_vbd_nodes(&spec).expect("vbd nodes");
+    while ts.backend_state(&vbd).unwrap() != XenbusState::InitWait {
+        assert!(Instant::now() < deadline, "backend never reached InitWait");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let v = control::request(
+        &sock,
+        &format!(
+            "attach {} {} read-iops=77 write-bps=3M",
+            vbd.backend_path,
+            image.display()
+        ),
+    )
+    .expect("attach");
+    assert_eq!(v["ok"], true, "{v}");
+    let mut fe = Frontend::connect(
+        &sim.xenstored_path(),
+        guest.clone(),
+        XVDA,
+        FrontendOptions {
+            timeout: Duration::from_secs(60),
+            ..FrontendOptions::default()
+        },
+    )
+    .expect("frontend");
+    wait_connected(&sock, &log);
+    fe.write(0, &[7u8; 4096]).expect("write");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9");
+    child.wait().expect("reap");
+    let (mut child, log) = spawn(dir.path(), 1);
+    wait_connected(&sock, &log);
+    let v = control::request(&sock, "status").expect("status");
+    let l = &v["devices"][0]["limits"];
+    assert_eq!(l["read_iops"], 77, "{v}");
+    assert_eq!(l["write_bps"], 3 * MIB, "{v}");
+    assert_eq!(fe.read(0, 4096).unwrap(), vec![7u8; 4096]);
+    let v = control::request(&sock, &format!("detach {}", vbd.backend_path)).expect("detach");
+    assert_eq!(v["ok"], true, "{v}");
+    drop(fe);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    assert!(child.wait().expect("reap").success());
+}

@@ -385,6 +385,7 @@ impl Device {
                     discard,
                     discard_secure: secure,
                     max_indirect_segments: cfg.max_indirect_segments,
+                    limits: Some(self.limiter.limits()).filter(|l| !l.is_unlimited()),
                     queues: keys
                         .queues
                         .iter()
@@ -612,6 +613,9 @@ impl Device {
         let mut d = Device::new((st.domid, st.devid), be);
         d.dom_limiter = dom_limiter;
         let path = d.reopen_image(st)?;
+        if let Some(l) = st.limits {
+            d.limiter.set(l); // limits: as the device had them when it connected
+        }
         info!(
             "{}: kept {}{} from the previous daemon",
             d.name(),
@@ -692,6 +696,9 @@ impl Device {
             ));
         }
         let path = d.reopen_image(st)?;
+        if let Some(l) = st.limits {
+            d.limiter.set(l); // limits: as the device had them when it connected
+        }
         let img = d.image.as_ref().expect("set above");
         let file = Self::open_for_io(img, cfg)?;
         let domid = st.domid;

@@ -81,6 +81,10 @@ pub struct DeviceState {
     pub discard_secure: bool,
     pub max_indirect_segments: u32,
     pub queues: Vec<QueueState>,
+    /// The device's I/O limits when it connected (from the disk line, a
+    /// volume's stored limits, or `refblk limit`); `None` = unlimited.
+    /// Optional in the file (older files have none).
+    pub limits: Option<super::limits::Limits>,
 }
 
 fn bad(path: &Path, why: impl std::fmt::Display) -> io::Error {
@@ -112,6 +116,7 @@ impl DeviceState {
             "discard": self.discard,
             "discard_secure": self.discard_secure,
             "max_indirect_segments": self.max_indirect_segments,
+            "limits": self.limits.map(|l| l.to_string()),
             "queues": self.queues.iter().map(|q| json!({
                 "ring_refs": q.ring_refs,
                 "port": q.port,
@@ -197,6 +202,17 @@ impl DeviceState {
             discard_secure: b("discard_secure")?,
             max_indirect_segments: small("max_indirect_segments")?,
             queues,
+            limits: match &v["limits"] {
+                Value::Null => None,
+                l => Some(
+                    l.as_str()
+                        .ok_or_else(|| bad(path, "bad limits"))
+                        .and_then(|t| {
+                            super::limits::Limits::parse_list(t)
+                                .map_err(|e| bad(path, format!("limits: {e}")))
+                        })?,
+                ),
+            },
         })
     }
 }
@@ -668,9 +684,19 @@ mod tests {
                 ring_refs: vec![8, 9],
                 port: 3,
             }],
+            limits: Some(
+                crate::backend::limits::Limits::parse_list(
+                    "read-iops=500,write-bps=10M,burst=250ms",
+                )
+                .unwrap(),
+            ),
         };
         let p = Path::new("x.json");
         assert_eq!(DeviceState::from_json(p, &st.to_json()).unwrap(), st);
+        // A file of an older refblk has no limits: unlimited.
+        let mut old = st.to_json();
+        old.as_object_mut().unwrap().remove("limits");
+        assert_eq!(DeviceState::from_json(p, &old).unwrap().limits, None);
         let mut v = st.to_json();
         v["version"] = json!(2);
         assert!(DeviceState::from_json(p, &v).is_err());
