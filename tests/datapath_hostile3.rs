@@ -339,9 +339,10 @@ fn ring_grants_cleared_then_the_daemon_restarts() {
         "no reason logged for dom72; log:\n{log}"
     );
     // Its device is no longer Connected: the new daemon handles it as a new
-    // device (InitWait) that has no image until the toolstack attaches one
-    // again (docs/restart.md: not recoverable). The guest closes; once the
-    // toolstack re-runs the hotplug `add`, it connects again.
+    // device (InitWait) that keeps its image (docs/restart.md); the rings the
+    // frontend still advertises cannot be mapped, so it is closed. The guest
+    // closes; the toolstack re-runs the hotplug `add` (which replaces the
+    // image) and the guest connects again.
     let st = bad.backend_state().unwrap();
     assert_ne!(st, XenbusState::Connected);
     assert_ne!(

@@ -597,9 +597,12 @@ impl Device {
     /// reconnecting while no daemon ran): keep what it served — the image,
     /// and above all a pool volume, which the device's release must still
     /// commit — without the old rings. The device then goes through the
-    /// xenbus handshake like a new one that already has its image.
+    /// xenbus handshake (InitWait) like a new one that already has its image:
+    /// a frontend that closes is followed to Closed, one still Connected on
+    /// rings we cannot map is closed.
     pub fn adopt(
         st: &DeviceState,
+        xs: &XsClient,
         cfg: &BackendConfig,
         dom_limiter: Arc<Limiter>,
     ) -> io::Result<Device> {
@@ -616,6 +619,9 @@ impl Device {
         if let Some(l) = st.limits {
             d.limiter.set(l); // limits: as the device had them when it connected
         }
+        // Start the handshake over, as for a new device (InitWait): the old
+        // rings are not ours, and xenstore must not keep saying Connected.
+        d.probe(xs, cfg)?;
         info!(
             "{}: kept {}{} from the previous daemon",
             d.name(),

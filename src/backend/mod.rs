@@ -421,7 +421,7 @@ impl Backend {
                     // for this device and will not run again, and a volume must
                     // still be committed when the device goes.
                     let dl = self.domain_limiter(st.domid);
-                    match Device::adopt(&st, &self.cfg, dl) {
+                    match Device::adopt(&st, &self.xs, &self.cfg, dl) {
                         Ok(d) => {
                             self.devices.insert(key, d);
                         }
