@@ -52,6 +52,72 @@ fn wait_connected(sock: &Path, log: &Path) {
     }
 }
 
+/// A daemon (`refblk serve` child 0) serving one vbd of guest `domid`, given
+/// its image by the control-socket line `attach_line` (`{be}` = the backend
+/// path), and the guest's frontend connected to it.
+struct Served {
+    child: Child,
+    log: std::path::PathBuf,
+    vbd: refblk::frontend::Vbd,
+    fe: Frontend,
+}
+
+fn serve_one(
+    dir: &Path,
+    sim: &SimXen,
+    sock: &Path,
+    domid: u16,
+    target: &str,
+    attach_line: &str,
+) -> Served {
+    let (child, log) = spawn(dir, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while control::request(sock, "status").is_err() {
+        assert!(Instant::now() < deadline, "control socket never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
+    let ts = Toolstack::with_control_socket(xs, sock);
+    ts.create_domain(domid).expect("domain");
+    let guest = std::sync::Arc::new(sim.create_guest(domid, 2048).expect("guest"));
+    let vbd = ts
+        .create_vbd_nodes(&VbdSpec::new(domid, XVDA, target))
+        .expect("vbd nodes");
+    while ts.backend_state(&vbd).unwrap() != XenbusState::InitWait {
+        assert!(Instant::now() < deadline, "backend never reached InitWait");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let line = attach_line.replace("{be}", &vbd.backend_path);
+    let v = control::request(sock, &line).expect("attach");
+    assert_eq!(v["ok"], true, "{line}: {v}");
+    let fe = Frontend::connect(
+        &sim.xenstored_path(),
+        guest,
+        XVDA,
+        FrontendOptions {
+            timeout: Duration::from_secs(60),
+            ..FrontendOptions::default()
+        },
+    )
+    .expect("frontend");
+    wait_connected(sock, &log);
+    Served {
+        child,
+        log,
+        vbd,
+        fe,
+    }
+}
+
+fn kill9(child: &mut Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9");
+    child.wait().expect("reap");
+}
+
 #[test]
 fn a_pool_volume_is_taken_over_by_the_restarted_daemon_and_committed_on_detach() {
     restart_with_volume(false);
@@ -84,53 +150,25 @@ fn restart_with_volume(closing_during_restart: bool) {
     pool.create_volume(vid, VolumeConfig::origin(2), 8 * MIB)
         .expect("create volume");
     let sock = dir.path().join("refblk.sock");
-    let (mut child, log) = spawn(dir.path(), 0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while control::request(&sock, "status").is_err() {
-        assert!(Instant::now() < deadline, "control socket never came up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
-    let ts = Toolstack::with_control_socket(xs, &sock);
-    ts.create_domain(9).expect("domain");
-    let guest = std::sync::Arc::new(sim.create_guest(9, 2048).expect("guest"));
-    let spec = VbdSpec::new(9, XVDA, format!("refblk:{}:{vid}", pool_dir.display()));
-    let vbd = ts.create_vbd_nodes(&spec).expect("vbd nodes");
-    while ts.backend_state(&vbd).unwrap() != XenbusState::InitWait {
-        assert!(Instant::now() < deadline, "backend never reached InitWait");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let v = control::request(
+    let Served {
+        mut child,
+        log,
+        vbd,
+        mut fe,
+    } = serve_one(
+        dir.path(),
+        &sim,
         &sock,
-        &format!(
-            "attach-volume {} {} {vid}",
-            vbd.backend_path,
-            pool_dir.display()
-        ),
-    )
-    .expect("attach-volume");
-    assert_eq!(v["ok"], true, "{v}");
-    let mut fe = Frontend::connect(
-        &sim.xenstored_path(),
-        guest.clone(),
-        XVDA,
-        FrontendOptions {
-            timeout: Duration::from_secs(60),
-            ..FrontendOptions::default()
-        },
-    )
-    .expect("frontend");
-    wait_connected(&sock, &log);
+        9,
+        &format!("refblk:{}:{vid}", pool_dir.display()),
+        &format!("attach-volume {{be}} {} {vid}", pool_dir.display()),
+    );
     let a = vec![0xa1u8; 256 << 10];
     fe.write(0, &a).expect("write before the crash");
     fe.flush().expect("flush");
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill -9");
-    child.wait().expect("reap");
+    kill9(&mut child);
+    drop(log);
     if closing_during_restart {
         let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
         xs.write(
@@ -226,50 +264,25 @@ fn a_plain_images_disk_line_limits_survive_a_restart() {
     let sim = SimXen::start(dir.path()).expect("simulated Xen");
     let image = make_image(dir.path(), "plain.img", 8 * MIB);
     let sock = dir.path().join("refblk.sock");
-    let (mut child, log) = spawn(dir.path(), 0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while control::request(&sock, "status").is_err() {
-        assert!(Instant::now() < deadline, "control socket never came up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
-    let ts = Toolstack::with_control_socket(xs, &sock);
-    ts.create_domain(11).expect("domain");
-    let guest = std::sync::Arc::new(sim.create_guest(11, 2048).expect("guest"));
-    let spec = VbdSpec::new(11, XVDA, image.display().to_string());
-    let vbd = ts.create_vbd_nodes(&spec).expect("vbd nodes");
-    while ts.backend_state(&vbd).unwrap() != XenbusState::InitWait {
-        assert!(Instant::now() < deadline, "backend never reached InitWait");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let v = control::request(
+    let Served {
+        mut child,
+        log,
+        vbd,
+        mut fe,
+    } = serve_one(
+        dir.path(),
+        &sim,
         &sock,
+        11,
+        &image.display().to_string(),
         &format!(
-            "attach {} {} read-iops=77 write-bps=3M",
-            vbd.backend_path,
+            "attach {{be}} {} read-iops=77 write-bps=3M",
             image.display()
         ),
-    )
-    .expect("attach");
-    assert_eq!(v["ok"], true, "{v}");
-    let mut fe = Frontend::connect(
-        &sim.xenstored_path(),
-        guest.clone(),
-        XVDA,
-        FrontendOptions {
-            timeout: Duration::from_secs(60),
-            ..FrontendOptions::default()
-        },
-    )
-    .expect("frontend");
-    wait_connected(&sock, &log);
+    );
+    drop(log);
     fe.write(0, &[7u8; 4096]).expect("write");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill -9");
-    child.wait().expect("reap");
+    kill9(&mut child);
     let (mut child, log) = spawn(dir.path(), 1);
     wait_connected(&sock, &log);
     let v = control::request(&sock, "status").expect("status");
