@@ -895,15 +895,12 @@ impl Queue {
         region: &BufRegion,
     ) -> Result<(), GrantStatus> {
         let pieces = &self.slots[slot].as_ref().expect("slot in use").pieces;
-        let mut rest: &mut [u8] = sh.engine.buf_mut(region);
         let pg = self
             .ctx
             .persistent
             .as_mut()
             .ok_or(GrantStatus::GeneralError)?;
-        for p in pieces {
-            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(usize::from(p.len));
-            rest = tail;
+        for (p, dst) in split_mut(pieces, sh.engine.buf_mut(region)) {
             pg.copy_from(p.gref, p.offset, dst)?;
         }
         Ok(())
@@ -918,15 +915,12 @@ impl Queue {
         region: &BufRegion,
     ) -> Result<(), GrantStatus> {
         let pieces = &self.slots[slot].as_ref().expect("slot in use").pieces;
-        let mut rest: &[u8] = sh.engine.buf(region);
         let pg = self
             .ctx
             .persistent
             .as_mut()
             .ok_or(GrantStatus::GeneralError)?;
-        for p in pieces {
-            let (src, tail) = rest.split_at(usize::from(p.len));
-            rest = tail;
+        for (p, src) in split(pieces, sh.engine.buf(region)) {
             pg.copy_to(p.gref, p.offset, src)?;
         }
         Ok(())
@@ -944,16 +938,11 @@ impl Queue {
         let mut segs = Vec::new();
         for ((slot, _, _), buf) in batch.iter().zip(bufs) {
             let pieces = &self.slots[*slot].as_ref().expect("slot in use").pieces;
-            let mut rest: &mut [u8] = buf;
-            for p in pieces {
-                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(usize::from(p.len));
-                rest = tail;
-                segs.push(CopySeg::FromGuest {
-                    gref: p.gref,
-                    offset: p.offset,
-                    dst,
-                });
-            }
+            segs.extend(split_mut(pieces, buf).map(|(p, dst)| CopySeg::FromGuest {
+                gref: p.gref,
+                offset: p.offset,
+                dst,
+            }));
         }
         let ok = grant_copy_batch(
             &*self.ctx.platform,
@@ -990,16 +979,13 @@ impl Queue {
         let mut segs = Vec::new();
         for (slot, region) in &batch {
             let pieces = &self.slots[*slot].as_ref().expect("slot in use").pieces;
-            let mut rest: &[u8] = sh.engine.buf(region);
-            for p in pieces {
-                let (src, tail) = rest.split_at(usize::from(p.len));
-                rest = tail;
-                segs.push(CopySeg::ToGuest {
+            segs.extend(
+                split(pieces, sh.engine.buf(region)).map(|(p, src)| CopySeg::ToGuest {
                     gref: p.gref,
                     offset: p.offset,
                     src,
-                });
-            }
+                }),
+            );
         }
         let ok = grant_copy_batch(
             &*self.ctx.platform,
@@ -1204,6 +1190,30 @@ fn rw_cost(p: &Pending) -> Option<(bool, u64)> {
         Pending::Rw(r) => Some((r.op == RwOp::Write, r.len)),
         _ => None,
     }
+}
+
+/// A request's pieces with their parts of its buffer (laid out back to back).
+fn split<'a>(
+    pieces: &'a [Piece],
+    mut buf: &'a [u8],
+) -> impl Iterator<Item = (&'a Piece, &'a [u8])> {
+    pieces.iter().map(move |p| {
+        let (part, rest) = buf.split_at(usize::from(p.len));
+        buf = rest;
+        (p, part)
+    })
+}
+
+/// [`split`], mutably.
+fn split_mut<'a>(
+    pieces: &'a [Piece],
+    mut buf: &'a mut [u8],
+) -> impl Iterator<Item = (&'a Piece, &'a mut [u8])> {
+    pieces.iter().map(move |p| {
+        let (part, rest) = std::mem::take(&mut buf).split_at_mut(usize::from(p.len));
+        buf = rest;
+        (p, part)
+    })
 }
 
 /// One grant copy for many requests' segments: false if the call itself
