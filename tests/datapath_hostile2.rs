@@ -12,52 +12,11 @@ use datapath_support::hostile::{back_to_initialising, flood_ring};
 use datapath_support::*;
 use refblk::backend::AttachOptions;
 use refblk::frontend::wire::{self, Abi};
-use refblk::frontend::{Frontend, FrontendOptions, Protocol};
+use refblk::frontend::{FrontendOptions, Protocol};
 use xen_sys::xenbus::XenbusState;
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 4 * MIB;
-
-/// A well-behaved guest (domid `domid`) with a verified random workload in a
-/// thread; join returns the frontend and the model of its disk.
-fn good_guest(
-    rig: &Rig,
-    dir: &std::path::Path,
-    domid: u16,
-    seed: u64,
-) -> (
-    std::path::PathBuf,
-    std::thread::JoinHandle<(Frontend, Vec<u8>)>,
-) {
-    let img = make_image(dir, &format!("good{domid}.img"), DISK);
-    let guest = rig.guest(domid, 8192);
-    rig.attach(domid, XVDA, &img, "w", AttachOptions::default());
-    let mut fe = rig.connect(&guest, XVDA, FrontendOptions::default());
-    let worker = std::thread::spawn(move || {
-        let (_, model) = random_rw(&mut fe, seed, 400, 16, 64, DISK);
-        (fe, model)
-    });
-    (img, worker)
-}
-
-/// Join the good guest, check it saw no error and its image is its model.
-fn check_good_guest(
-    rig: &Rig,
-    domid: u16,
-    img: &std::path::Path,
-    worker: std::thread::JoinHandle<(Frontend, Vec<u8>)>,
-) {
-    let (mut good, model) = worker.join().expect("the good guest's verified I/O");
-    assert_eq!(good.backend_state().unwrap(), XenbusState::Connected);
-    assert!(good.anomalies().is_clean(), "{:?}", good.anomalies());
-    assert_eq!(rig.status(domid, XVDA).errors, 0);
-    good.disconnect().unwrap();
-    assert!(
-        std::fs::read(img).unwrap() == model,
-        "the good guest's image {} differs from its model",
-        img.display()
-    );
-}
 
 #[test]
 fn flooding_guest_that_never_consumes_responses() {
@@ -90,7 +49,7 @@ fn flooding_guest_that_never_consumes_responses() {
         if round == 0 {
             // The good guest runs its whole workload while this ring is
             // full of unconsumed responses.
-            good = Some(good_guest(&rig, d.path(), 91, 7));
+            good = Some(good_guest(&rig, d.path(), 91, 7, 400));
         }
         // Keep re-setting the producer index and kicking, without consuming,
         // until the good guest is done (at least 200 times).
@@ -160,7 +119,7 @@ fn reconnect_in_a_tight_loop() {
     let guest = rig.guest(92, 4096);
     rig.attach(92, XVDA, &img, "w", AttachOptions::default());
     let mut fe = rig.connect(&guest, XVDA, FrontendOptions::default());
-    let (good_img, worker) = good_guest(&rig, d.path(), 93, 11);
+    let (good_img, worker) = good_guest(&rig, d.path(), 93, 11, 400);
     fe.write(8, &[0x77; 4096]).unwrap();
     // At least 30 cycles, and as many as it takes to cover the good guest's
     // whole workload.

@@ -31,45 +31,6 @@ use xen_sys::xenbus::XenbusState;
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 4 * MIB;
 
-/// A well-behaved guest with a verified random workload in a thread.
-fn good_guest(
-    rig: &Rig,
-    dir: &std::path::Path,
-    domid: u16,
-    seed: u64,
-) -> (
-    std::path::PathBuf,
-    std::thread::JoinHandle<(Frontend, Vec<u8>)>,
-) {
-    let img = make_image(dir, &format!("good{domid}.img"), DISK);
-    let guest = rig.guest(domid, 8192);
-    rig.attach(domid, XVDA, &img, "w", AttachOptions::default());
-    let mut fe = rig.connect(&guest, XVDA, FrontendOptions::default());
-    let worker = std::thread::spawn(move || {
-        let (_, model) = random_rw(&mut fe, seed, 600, 16, 64, DISK);
-        (fe, model)
-    });
-    (img, worker)
-}
-
-fn check_good_guest(
-    rig: &Rig,
-    domid: u16,
-    img: &std::path::Path,
-    worker: std::thread::JoinHandle<(Frontend, Vec<u8>)>,
-) {
-    let (mut good, model) = worker.join().expect("the good guest's verified I/O");
-    assert_eq!(good.backend_state().unwrap(), XenbusState::Connected);
-    assert!(good.anomalies().is_clean(), "{:?}", good.anomalies());
-    assert_eq!(rig.status(domid, XVDA).errors, 0);
-    good.disconnect().unwrap();
-    assert!(
-        std::fs::read(img).unwrap() == model,
-        "the good guest's image {} differs from its model",
-        img.display()
-    );
-}
-
 /// A hostile guest `domid` with a connected device (`order`: ring page order).
 fn hostile(rig: &Rig, dir: &std::path::Path, domid: u16, order: u32) -> Frontend {
     let img = make_image(dir, &format!("bad{domid}.img"), DISK);
@@ -130,7 +91,7 @@ fn ring_freed_and_reused_while_connected() {
         return;
     };
     let d = machine_dir();
-    let (good_img, worker) = good_guest(&rig, d.path(), 41, 5);
+    let (good_img, worker) = good_guest(&rig, d.path(), 41, 5, 600);
     // Zeroed by the guest's allocator, and reused for random data; 1- and
     // 4-page rings.
     let cases = [
@@ -188,7 +149,7 @@ fn ring_ballooned_out_while_connected() {
         return;
     };
     let d = machine_dir();
-    let (good_img, worker) = good_guest(&rig, d.path(), 51, 6);
+    let (good_img, worker) = good_guest(&rig, d.path(), 51, 6, 600);
     let mut fe = hostile(&rig, d.path(), 52, 1);
     fe.write(0, &[7u8; 4096]).unwrap();
     let before = rig.status(52, XVDA).requests;
@@ -230,7 +191,7 @@ fn ring_grants_cleared_behind_the_backends_back() {
         return;
     };
     let d = machine_dir();
-    let (good_img, worker) = good_guest(&rig, d.path(), 61, 8);
+    let (good_img, worker) = good_guest(&rig, d.path(), 61, 8, 600);
     let mut fe = hostile(&rig, d.path(), 62, 2);
     let (_, _, grefs) = fe.raw_ring_pages(0).unwrap();
     assert_eq!(grefs.len(), 4);

@@ -344,3 +344,48 @@ pub fn submit_rw(
     };
     inflight.insert(t.0, (s, len, !write));
 }
+
+/// A well-behaved guest (domid `domid`, a 4 MiB disk) running `ops` verified
+/// random reads and writes in a thread; join returns the frontend and the
+/// model of its disk. The hostile-guest tests run one beside each hostile one.
+pub fn good_guest(
+    rig: &Rig,
+    dir: &Path,
+    domid: u16,
+    seed: u64,
+    ops: usize,
+) -> (PathBuf, JoinHandle<(Frontend, Vec<u8>)>) {
+    const DISK: u64 = 4 << 20;
+    let img = make_image(dir, &format!("good{domid}.img"), DISK);
+    let guest = rig.guest(domid, 8192);
+    rig.attach(domid, XVDA, &img, "w", AttachOptions::default());
+    let mut fe = rig.connect(&guest, XVDA, FrontendOptions::default());
+    let worker = std::thread::spawn(move || {
+        let (_, model) = random_rw(&mut fe, seed, ops, 16, 64, DISK);
+        (fe, model)
+    });
+    (img, worker)
+}
+
+/// Join a [`good_guest`]: it saw no error and no anomaly, stayed Connected,
+/// and its image file is its model.
+pub fn check_good_guest(
+    rig: &Rig,
+    domid: u16,
+    img: &Path,
+    worker: std::thread::JoinHandle<(Frontend, Vec<u8>)>,
+) {
+    let (mut good, model) = worker.join().expect("the good guest's verified I/O");
+    assert_eq!(
+        good.backend_state().unwrap(),
+        xen_sys::xenbus::XenbusState::Connected
+    );
+    assert!(good.anomalies().is_clean(), "{:?}", good.anomalies());
+    assert_eq!(rig.status(domid, XVDA).errors, 0);
+    good.disconnect().unwrap();
+    assert!(
+        std::fs::read(img).unwrap() == model,
+        "the good guest's image {} differs from its model",
+        img.display()
+    );
+}
