@@ -700,17 +700,29 @@ impl Backend {
         })
     }
 
-    fn attach(&mut self, be: &str, image: PathBuf, opts: &AttachOptions) -> Result<(), String> {
+    /// The device at backend path `be` for a hotplug `add`: claimed now if
+    /// the backend has not seen it yet.
+    fn device_to_attach(&mut self, be: &str) -> Result<DevKey, String> {
         let key = self
             .key_of(be)
             .ok_or_else(|| format!("{be}: not a vbd backend path under {}", self.base))?;
         if !self.devices.contains_key(&key) {
             self.reconcile(key);
         }
+        if !self.devices.contains_key(&key) {
+            return Err(format!(
+                "{be}: no such device, or its script is not refblk's"
+            ));
+        }
+        Ok(key)
+    }
+
+    fn attach(&mut self, be: &str, image: PathBuf, opts: &AttachOptions) -> Result<(), String> {
+        let key = self.device_to_attach(be)?;
         let d = self
             .devices
             .get_mut(&key)
-            .ok_or_else(|| format!("{be}: no such device, or its script is not refblk's"))?;
+            .expect("checked by device_to_attach");
         d.attach(&self.xs, image, opts).map_err(|e| e.to_string())?;
         self.reconcile(key);
         Ok(())
@@ -723,16 +735,11 @@ impl Backend {
         vid: &str,
         opts: &AttachOptions,
     ) -> Result<PathBuf, String> {
-        let key = self
-            .key_of(be)
-            .ok_or_else(|| format!("{be}: not a vbd backend path under {}", self.base))?;
-        if !self.devices.contains_key(&key) {
-            self.reconcile(key);
-        }
+        let key = self.device_to_attach(be)?;
         let d = self
             .devices
             .get_mut(&key)
-            .ok_or_else(|| format!("{be}: no such device, or its script is not refblk's"))?;
+            .expect("checked by device_to_attach");
         if d.image.is_some() {
             return Err(format!("{be}: already has an image"));
         }
