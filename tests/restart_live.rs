@@ -8,10 +8,11 @@
 //! whole disk (through the guest) and the image file equal the model.
 
 mod datapath_support;
+#[path = "datapath_support/serve.rs"]
+mod serve;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use refblk::backend::control;
 use refblk::frontend::{Frontend, FrontendOptions, IoRequest, Toolstack, VbdSpec};
 use refblk::platform::sim::SimXen;
 use refblk::xenstore::XsClient;
+use serve::Daemon;
 
 const DISK: u64 = 16 << 20;
 const CYCLES: usize = 20;
@@ -34,31 +36,15 @@ enum How {
     Handover,
 }
 
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
 fn spawn_daemon(dir: &Path, n: usize, how: How) -> Daemon {
-    let log = dir.join(format!("serve-{n}.log"));
-    let f = std::fs::File::create(&log).expect("daemon log");
-    let child = Command::new(env!("CARGO_BIN_EXE_refblk"))
-        .arg("serve")
-        .arg("--sim")
-        .arg(dir)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .args(match how {
-            How::Kill9 => &[][..],
-            How::Handover => &["--handover-on-exit"][..],
-        })
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(f)
-        .spawn()
-        .expect("start refblk serve");
-    Daemon { child, log }
+    Daemon::spawn(
+        dir,
+        n,
+        match how {
+            How::Kill9 => &[],
+            How::Handover => &["--handover-on-exit"],
+        },
+    )
 }
 
 fn status(sock: &Path) -> Option<serde_json::Value> {
@@ -77,15 +63,12 @@ fn wait_serving(sock: &Path, d: &mut Daemon) -> serde_json::Value {
             }
         }
         if let Ok(Some(st)) = d.child.try_wait() {
-            panic!(
-                "refblk serve exited ({st}); log:\n{}",
-                std::fs::read_to_string(&d.log).unwrap_or_default()
-            );
+            panic!("refblk serve exited ({st}); log:\n{}", d.log_text());
         }
         assert!(
             Instant::now() < deadline,
             "daemon not serving after 30 s; log:\n{}",
-            std::fs::read_to_string(&d.log).unwrap_or_default()
+            d.log_text()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -242,7 +225,7 @@ fn run_cycles(how: How, cycles: usize) {
             assert!(
                 t0.elapsed() < Duration::from_secs(60),
                 "cycle {cycle}: the guest made no progress; log:\n{}",
-                std::fs::read_to_string(&daemon.log).unwrap_or_default()
+                daemon.log_text()
             );
             assert!(!worker.is_finished(), "the guest workload died");
             std::thread::sleep(Duration::from_millis(10));
@@ -251,12 +234,10 @@ fn run_cycles(how: How, cycles: usize) {
             How::Kill9 => nix::sys::signal::Signal::SIGKILL,
             How::Handover => nix::sys::signal::Signal::SIGTERM,
         };
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.child.id() as i32), sig)
-            .expect("signal the daemon");
         let killed = Instant::now();
-        let st = daemon.child.wait().expect("reap the daemon");
+        let st = daemon.signal(sig);
         if how == How::Handover {
-            let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+            let log = daemon.log_text();
             assert!(st.success(), "daemon exit after SIGTERM: {st}; log:\n{log}");
             assert!(
                 log.contains("stay connected"),
@@ -268,7 +249,7 @@ fn run_cycles(how: How, cycles: usize) {
         let st = wait_serving(&sock, &mut daemon);
         resumes.push(killed.elapsed());
         replayed.push(st["replayed"].as_u64().unwrap_or(0));
-        let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+        let log = daemon.log_text();
         assert!(
             log.contains("resumed after a restart"),
             "cycle {cycle}: the new daemon did not take the device over; log:\n{log}"
@@ -348,21 +329,11 @@ fn run_cycles(how: How, cycles: usize) {
     // A clean stop of the last daemon closes the device and leaves no state.
     if how == How::Handover {
         // (this one would hand over: replace it by a plain daemon first)
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(daemon.child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .expect("kill");
-        daemon.child.wait().expect("reap");
+        daemon.kill9();
         daemon = spawn_daemon(dir.path(), cycles + 1, How::Kill9);
         wait_serving(&sock, &mut daemon);
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let st = daemon.child.wait().expect("reap");
+    let st = daemon.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(st.success(), "daemon exit after SIGTERM: {st}");
     let left: Vec<_> = std::fs::read_dir(dir.path().join("state"))
         .map(|d| d.flatten().map(|e| e.file_name()).collect())

@@ -5,9 +5,10 @@
 //! commits them into the volume's clean image.
 
 mod datapath_support;
+#[path = "datapath_support/serve.rs"]
+mod serve;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use datapath_support::*;
@@ -16,24 +17,10 @@ use refblk::frontend::{Frontend, FrontendOptions, Toolstack, VbdSpec};
 use refblk::platform::sim::SimXen;
 use refblk::pool::{InitOptions, Pool, VolumeConfig};
 use refblk::xenstore::XsClient;
+use serve::Daemon;
 use xen_sys::xenbus::XenbusState;
 
 const MIB: u64 = 1 << 20;
-
-fn spawn(dir: &Path, n: usize) -> (Child, std::path::PathBuf) {
-    let log = dir.join(format!("serve-{n}.log"));
-    let child = Command::new(env!("CARGO_BIN_EXE_refblk"))
-        .arg("serve")
-        .arg("--sim")
-        .arg(dir)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("start refblk serve");
-    (child, log)
-}
 
 fn wait_connected(sock: &Path, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -56,8 +43,7 @@ fn wait_connected(sock: &Path, log: &Path) {
 /// its image by the control-socket line `attach_line` (`{be}` = the backend
 /// path), and the guest's frontend connected to it.
 struct Served {
-    child: Child,
-    log: std::path::PathBuf,
+    daemon: Daemon,
     vbd: refblk::frontend::Vbd,
     fe: Frontend,
 }
@@ -70,7 +56,7 @@ fn serve_one(
     target: &str,
     attach_line: &str,
 ) -> Served {
-    let (child, log) = spawn(dir, 0);
+    let daemon = Daemon::spawn(dir, 0, &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while control::request(sock, "status").is_err() {
         assert!(Instant::now() < deadline, "control socket never came up");
@@ -100,22 +86,8 @@ fn serve_one(
         },
     )
     .expect("frontend");
-    wait_connected(sock, &log);
-    Served {
-        child,
-        log,
-        vbd,
-        fe,
-    }
-}
-
-fn kill9(child: &mut Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill -9");
-    child.wait().expect("reap");
+    wait_connected(sock, &daemon.log);
+    Served { daemon, vbd, fe }
 }
 
 #[test]
@@ -151,8 +123,7 @@ fn restart_with_volume(closing_during_restart: bool) {
         .expect("create volume");
     let sock = dir.path().join("refblk.sock");
     let Served {
-        mut child,
-        log,
+        mut daemon,
         vbd,
         mut fe,
     } = serve_one(
@@ -167,8 +138,7 @@ fn restart_with_volume(closing_during_restart: bool) {
     fe.write(0, &a).expect("write before the crash");
     fe.flush().expect("flush");
 
-    kill9(&mut child);
-    drop(log);
+    daemon.kill9();
     if closing_during_restart {
         let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
         xs.write(
@@ -177,10 +147,10 @@ fn restart_with_volume(closing_during_restart: bool) {
             (XenbusState::Closing as u32).to_string().as_bytes(),
         )
         .expect("frontend Closing");
-        let (mut child, log) = spawn(dir.path(), 1);
+        let mut daemon = Daemon::spawn(dir.path(), 1, &[]);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let text = daemon.log_text();
             if text.contains("kept") {
                 assert!(text.contains("cannot take the device over"), "{text}");
                 break;
@@ -202,24 +172,19 @@ fn restart_with_volume(closing_during_restart: bool) {
             &clean[..a.len()],
             &a[..],
             "the guest's flushed write was not committed; log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+            daemon.log_text()
         );
         assert!(
             !pool_dir.join(format!("{vid}-dirty.img")).exists(),
             "the dirty image is left"
         );
         std::mem::forget(fe); // its daemon-side is gone; don't wait on a close handshake
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM");
-        assert!(child.wait().expect("reap").success());
+        assert!(daemon.term(), "daemon exit after SIGTERM");
         return;
     }
-    let (mut child, log) = spawn(dir.path(), 1);
-    wait_connected(&sock, &log);
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let mut daemon = Daemon::spawn(dir.path(), 1, &[]);
+    wait_connected(&sock, &daemon.log);
+    let text = daemon.log_text();
     assert!(
         text.contains("resumed after a restart") && text.contains("taking over"),
         "the volume was not taken over; log:\n{text}"
@@ -245,12 +210,7 @@ fn restart_with_volume(closing_during_restart: bool) {
         "write after the restart not committed"
     );
     drop(fe);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    assert!(child.wait().expect("reap").success());
+    assert!(daemon.term(), "daemon exit after SIGTERM");
 }
 
 /// Limits given on the disk line of a plain image (no pool volume to store
@@ -265,8 +225,7 @@ fn a_plain_images_disk_line_limits_survive_a_restart() {
     let image = make_image(dir.path(), "plain.img", 8 * MIB);
     let sock = dir.path().join("refblk.sock");
     let Served {
-        mut child,
-        log,
+        mut daemon,
         vbd,
         mut fe,
     } = serve_one(
@@ -280,11 +239,10 @@ fn a_plain_images_disk_line_limits_survive_a_restart() {
             image.display()
         ),
     );
-    drop(log);
     fe.write(0, &[7u8; 4096]).expect("write");
-    kill9(&mut child);
-    let (mut child, log) = spawn(dir.path(), 1);
-    wait_connected(&sock, &log);
+    daemon.kill9();
+    let mut daemon = Daemon::spawn(dir.path(), 1, &[]);
+    wait_connected(&sock, &daemon.log);
     let v = control::request(&sock, "status").expect("status");
     let l = &v["devices"][0]["limits"];
     assert_eq!(l["read_iops"], 77, "{v}");
@@ -293,10 +251,5 @@ fn a_plain_images_disk_line_limits_survive_a_restart() {
     let v = control::request(&sock, &format!("detach {}", vbd.backend_path)).expect("detach");
     assert_eq!(v["ok"], true, "{v}");
     drop(fe);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    assert!(child.wait().expect("reap").success());
+    assert!(daemon.term(), "daemon exit after SIGTERM");
 }

@@ -57,24 +57,21 @@ impl Daemon {
         }
     }
 
+    /// Send `sig`, reap, and return how it exited.
+    pub fn signal(&mut self, sig: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
+            .expect("signal the daemon");
+        self.child.wait().expect("reap the daemon")
+    }
+
     /// SIGKILL and reap.
     pub fn kill9(&mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .expect("kill -9 the daemon");
-        self.child.wait().expect("reap the daemon");
+        self.signal(nix::sys::signal::Signal::SIGKILL);
     }
 
     /// SIGTERM, reap, and return whether it exited 0.
     pub fn term(&mut self) -> bool {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM the daemon");
-        self.child.wait().expect("reap the daemon").success()
+        self.signal(nix::sys::signal::Signal::SIGTERM).success()
     }
 }
 
