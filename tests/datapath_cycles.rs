@@ -12,23 +12,6 @@ use refblk::backend::AttachOptions;
 use refblk::frontend::{FrontendOptions, Protocol};
 use xen_sys::xenbus::XenbusState;
 
-fn fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-/// Our threads, not the kernel's io-wq workers (`iou-wrk-*`): the io_uring
-/// workers' rings live as long as the backend, and the kernel keeps the last
-/// io-wq thread of a ring alive even when idle.
-fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| !c.starts_with("iou-wrk"))
-        })
-        .count()
-}
-
 fn rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
     s.lines()

@@ -389,3 +389,21 @@ pub fn check_good_guest(
         img.display()
     );
 }
+
+/// This process's open file descriptors (leak checks).
+pub fn fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Our threads, not the kernel's io-wq workers (`iou-wrk-*`): the io_uring
+/// workers' rings live as long as the backend, and the kernel keeps the last
+/// io-wq thread of a ring alive even when idle (leak checks).
+pub fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| !c.starts_with("iou-wrk"))
+        })
+        .count()
+}
