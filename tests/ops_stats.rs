@@ -16,7 +16,6 @@ use refblk::backend::control::{handle_line, ControlServer};
 use refblk::backend::stats::{OpClass, StatsSnapshot};
 use refblk::backend::AttachOptions;
 use refblk::frontend::{FrontendOptions, IoRequest, Tag, VbdSpec};
-use refblk::pool::{InitOptions, Pool, VolumeConfig};
 
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(20);
@@ -275,18 +274,8 @@ fn status_and_limit_commands() {
 #[test]
 fn a_volumes_stored_limits_apply_on_attach_volume() {
     let Some(rig) = Rig::new() else { return };
-    let pool_dir = rig.dir.path().join("pool");
-    let pool = Pool::init(
-        &pool_dir,
-        &InitOptions {
-            setup_check: false,
-            ..InitOptions::default()
-        },
-    )
-    .expect("pool init");
     let vid = "appvms/work/private";
-    pool.create_volume(vid, VolumeConfig::origin(1), 8 * MIB)
-        .unwrap();
+    let pool_dir = pool_with_volume(rig.dir.path(), vid, 1, 8 * MIB);
     let p = pool_dir.to_str().unwrap();
     let o = refblk(&[
         "volume",

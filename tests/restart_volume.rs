@@ -15,7 +15,6 @@ use datapath_support::*;
 use refblk::backend::control;
 use refblk::frontend::{Frontend, FrontendOptions, Toolstack, VbdSpec};
 use refblk::platform::sim::SimXen;
-use refblk::pool::{InitOptions, Pool, VolumeConfig};
 use refblk::xenstore::XsClient;
 use serve::Daemon;
 use xen_sys::xenbus::XenbusState;
@@ -109,18 +108,8 @@ fn restart_with_volume(closing_during_restart: bool) {
     }
     let dir = machine_dir();
     let sim = SimXen::start(dir.path()).expect("simulated Xen");
-    let pool_dir = dir.path().join("pool");
-    let pool = Pool::init(
-        &pool_dir,
-        &InitOptions {
-            setup_check: false,
-            ..InitOptions::default()
-        },
-    )
-    .expect("pool init");
     let vid = "appvms/work/private";
-    pool.create_volume(vid, VolumeConfig::origin(2), 8 * MIB)
-        .expect("create volume");
+    let pool_dir = pool_with_volume(dir.path(), vid, 2, 8 * MIB);
     let sock = dir.path().join("refblk.sock");
     let Served {
         mut daemon,

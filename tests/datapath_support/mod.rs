@@ -407,3 +407,22 @@ pub fn threads() -> usize {
         })
         .count()
 }
+
+/// A Qubes-style pool in `parent/pool` (no file-system setup check) with one
+/// origin volume `vid` of `size` bytes keeping `revisions` revisions; returns
+/// the pool directory.
+pub fn pool_with_volume(parent: &Path, vid: &str, revisions: i64, size: u64) -> PathBuf {
+    use refblk::pool::{InitOptions, Pool, VolumeConfig};
+    let dir = parent.join("pool");
+    let pool = Pool::init(
+        &dir,
+        &InitOptions {
+            setup_check: false,
+            ..InitOptions::default()
+        },
+    )
+    .expect("pool init");
+    pool.create_volume(vid, VolumeConfig::origin(revisions), size)
+        .expect("create volume");
+    dir
+}
