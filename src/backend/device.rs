@@ -67,6 +67,23 @@ struct Connection {
     state_dir: Option<StateDir>,
 }
 
+impl Connection {
+    fn stop_queues(&self) {
+        stop_queues(&self.workers, &self.queues);
+    }
+}
+
+/// Ask every queue to stop (each answers what it consumed), then wait until
+/// all have let go of their rings and the image.
+fn stop_queues(workers: &Workers, queues: &[QueueHandle]) {
+    for q in queues {
+        workers.stop(&q.ticket);
+    }
+    for q in queues {
+        workers.wait(&q.ticket);
+    }
+}
+
 /// One queue ready to run: mapped ring, bound channel, journal and the
 /// requests to re-execute.
 struct Prepared {
@@ -528,12 +545,7 @@ impl Device {
             ) {
                 Ok(t) => t,
                 Err(e) => {
-                    for q in &queues {
-                        rt.workers.stop(&q.ticket);
-                    }
-                    for q in &queues {
-                        rt.workers.wait(&q.ticket);
-                    }
+                    stop_queues(&rt.workers, &queues);
                     return Err(e);
                 }
             };
@@ -771,13 +783,9 @@ impl Device {
         let Some(c) = self.conn.take() else {
             return;
         };
-        for q in &c.queues {
-            c.workers.stop(&q.ticket);
-        }
-        for q in &c.queues {
-            c.workers.wait(&q.ticket);
-            self.retired.push(q.stats.clone());
-        }
+        c.stop_queues();
+        self.retired
+            .extend(c.queues.iter().map(|q| q.stats.clone()));
         if let Some(sd) = &c.state_dir {
             sd.remove(self.key.0, self.key.1);
         }
@@ -791,12 +799,7 @@ impl Device {
         let Some(c) = self.conn.take() else {
             return;
         };
-        for q in &c.queues {
-            c.workers.stop(&q.ticket);
-        }
-        for q in &c.queues {
-            c.workers.wait(&q.ticket);
-        }
+        c.stop_queues();
         info!("{}: suspended for a successor", self.name());
     }
 
