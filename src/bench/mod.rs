@@ -7,6 +7,7 @@
 //! Every figure is the median of `reps` repetitions with the range shown; paths are
 //! interleaved within a repetition (rotated each time) so machine drift hits all.
 
+pub mod fio;
 pub mod loopdev;
 pub mod meta;
 pub mod profile;

@@ -208,12 +208,18 @@ mod tests {
     #[test]
     fn own_thread_cpu_is_visible_both_ways() {
         let t0 = thread_cpu_ns();
+        // Burn CPU (not sleep) until the counter moves, for at most 5 s of it.
+        let start = std::time::Instant::now();
         let mut x = 0u64;
-        for i in 0..2_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+        while thread_cpu_ns() == t0 && start.elapsed() < Duration::from_secs(5) {
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
         }
-        std::hint::black_box(x);
-        assert!(thread_cpu_ns() > t0);
+        assert!(
+            thread_cpu_ns() > t0,
+            "5 s of spinning did not show as CPU time"
+        );
         let tid = nix::unistd::gettid().as_raw() as u32;
         assert!(task_cpu_ns(tid).unwrap() > 0);
     }
