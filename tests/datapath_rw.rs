@@ -300,3 +300,81 @@ fn frontend_initialised_before_the_hotplug_step() {
     drop(fe);
     rig.shutdown();
 }
+
+#[test]
+fn in_place_requests_move_guest_pages_without_copies() {
+    // The bench's load requests: the data stays in guest memory, as an O_DIRECT
+    // application's does in a real guest.
+    use refblk::frontend::IoRequest;
+    use std::time::Duration;
+    let Some(rig) = Rig::new() else {
+        return;
+    };
+    let images = machine_dir();
+    let image = make_image(images.path(), "inplace.img", 4 * MIB);
+    let guest = rig.guest(32, 2048);
+    let vbd = rig.attach(32, XVDA, &image, "w", AttachOptions::default());
+    // Without indirect requests no descriptor page is recycled as a data page.
+    let opts = FrontendOptions {
+        indirect: false,
+        ..Default::default()
+    };
+    let mut fe = rig.connect(&guest, XVDA, opts);
+    // 16 pages of distinct data at sector 0 (page i is all i + 1).
+    let data: Vec<u8> = (0..16u8).flat_map(|i| [i + 1; 4096]).collect();
+    fe.write(0, &data).unwrap();
+    // Read it in place: it lands in guest pages, and no copy comes back.
+    let r = fe
+        .submit(
+            None,
+            IoRequest::ReadInPlace {
+                sector: 0,
+                len: 64 << 10,
+            },
+        )
+        .unwrap();
+    let c = fe.wait_for(r, Duration::from_secs(10)).unwrap();
+    assert_eq!(c.status, 0, "{c:?}");
+    assert!(c.data.is_empty(), "an in-place read hands back no copy");
+    // Write 64 KiB in place at sector 1024: the frontend's recycled data pages
+    // go to disk as they are, so every block written is a page the guest held:
+    // one of the pages read above, or a page it never used (zeros).
+    let w = fe
+        .submit(
+            None,
+            IoRequest::WriteInPlace {
+                sector: 1024,
+                len: 64 << 10,
+            },
+        )
+        .unwrap();
+    let c = fe.wait_for(w, Duration::from_secs(10)).unwrap();
+    assert_eq!(c.status, 0, "{c:?}");
+    let on_disk = std::fs::read(&image).unwrap();
+    let written = &on_disk[512 << 10..(512 << 10) + (64 << 10)];
+    let mut from_reads = 0;
+    for block in written.chunks(4096) {
+        let b = block[0];
+        assert!(
+            block.iter().all(|&x| x == b) && b <= 16,
+            "a block written in place is not a guest page's content"
+        );
+        from_reads += usize::from(b != 0);
+    }
+    assert!(
+        from_reads > 0,
+        "no page of the in-place read was written back"
+    );
+    assert!(
+        on_disk[(576 << 10)..].iter().all(|&b| b == 0),
+        "beyond the write"
+    );
+    let st = rig.status(32, XVDA);
+    // 64 KiB is two ring requests without indirect (11 + 5 segments).
+    assert_eq!((st.reads, st.bytes_read), (2, 64 << 10), "{st:?}");
+    assert_eq!((st.writes, st.bytes_written), (4, 128 << 10), "{st:?}");
+    assert!(fe.anomalies().is_clean(), "{:?}", fe.anomalies());
+    fe.disconnect().expect("disconnect");
+    assert!(rig.ts.remove_vbd(&vbd).expect("remove vbd"));
+    rig.shutdown();
+}

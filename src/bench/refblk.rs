@@ -22,7 +22,7 @@ use crate::platform::sim::{SimGuest, SimXen};
 use crate::xenstore::XsClient;
 
 use super::stats::{iowq_cpu_ns, task_cpu_ns, threads_named};
-use super::target::{fill_pattern, BlockTarget};
+use super::target::BlockTarget;
 
 /// Serving-side threads of the backend (its io_uring workers) are named `refblk-io<N>`.
 pub const QUEUE_THREAD_PREFIX: &str = "refblk-io";
@@ -52,7 +52,6 @@ pub struct RefblkTarget {
     dir: PathBuf,
     /// Frontend tag -> generator tag.
     tags: HashMap<u64, u64>,
-    pattern: Vec<u8>,
     size: u64,
     depth: usize,
     plugged: bool,
@@ -126,8 +125,6 @@ pub fn connect_with(
             "refblk bench: no backend worker thread {QUEUE_THREAD_PREFIX}*; serving CPU will read 0"
         );
     }
-    let mut pattern = vec![0u8; max_len];
-    fill_pattern(&mut pattern, 0x5eed);
     let mode = format!(
         "blkif ring {} slots, {} segs/request, {} queue(s) -> refblk io_uring",
         info.ring_size, info.segments_per_request, info.queues
@@ -141,7 +138,6 @@ pub fn connect_with(
         sim: Some(sim),
         dir,
         tags: HashMap::with_capacity(depth * 2),
-        pattern,
         size: info.sectors * 512,
         depth,
         plugged: false,
@@ -189,20 +185,14 @@ impl BlockTarget for RefblkTarget {
         }
         let sector = offset / 512;
         let len = len as usize;
-        if len > self.pattern.len() {
-            self.pattern.resize(len, 0);
-            fill_pattern(&mut self.pattern, 0x5eed);
-        }
         let fe = self.fe.as_mut().expect("frontend present until drop");
+        // The data stays in guest memory, as an O_DIRECT application's does in a
+        // real guest (blkfront grants its pages): the simulated guest copies
+        // nothing, as the `file` path copies nothing. Writes carry whatever the
+        // recycled guest pages hold, as the `file` path's carry its slab's.
         let t = match op {
-            IoOp::Read => fe.submit(None, IoRequest::Read { sector, len })?,
-            IoOp::Write => fe.submit(
-                None,
-                IoRequest::Write {
-                    sector,
-                    data: &self.pattern[..len],
-                },
-            )?,
+            IoOp::Read => fe.submit(None, IoRequest::ReadInPlace { sector, len })?,
+            IoOp::Write => fe.submit(None, IoRequest::WriteInPlace { sector, len })?,
             IoOp::Discard => fe.submit(
                 None,
                 IoRequest::Discard {

@@ -190,6 +190,16 @@ pub enum IoRequest<'a> {
     Read { sector: u64, len: usize },
     /// Write `data` at `sector`.
     Write { sector: u64, data: &'a [u8] },
+    /// Read `len` bytes at `sector` into guest pages and leave them there, as an
+    /// O_DIRECT read does in a real guest (blkfront grants the application's
+    /// pages; nothing is copied): the completion carries no data. For load
+    /// generation.
+    ReadInPlace { sector: u64, len: usize },
+    /// Write `len` bytes at `sector` from guest pages as they are, without
+    /// copying data into them first (an O_DIRECT write of a buffer the
+    /// application filled earlier). The bytes written are whatever those pages
+    /// hold. For load generation.
+    WriteInPlace { sector: u64, len: usize },
     /// FLUSH_DISKCACHE.
     Flush,
     /// WRITE_BARRIER with `data` (at most 11 pages; may be empty).
@@ -937,7 +947,9 @@ impl Frontend {
             _ => (false, 0),
         };
         let bytes = match req {
-            IoRequest::Read { len, .. } => Some((len, false)),
+            IoRequest::Read { len, .. }
+            | IoRequest::ReadInPlace { len, .. }
+            | IoRequest::WriteInPlace { len, .. } => Some((len, false)),
             IoRequest::Write { data, .. } => Some((data.len(), false)),
             IoRequest::Barrier { data, .. } => Some((data.len(), true)),
             IoRequest::Flush | IoRequest::Discard { .. } => None,
@@ -961,8 +973,11 @@ impl Frontend {
             },
         );
         let r = match req {
-            IoRequest::Read { sector, len } => {
+            IoRequest::Read { sector, len } | IoRequest::ReadInPlace { sector, len } => {
                 self.submit_rw(q, tag, wire::OP_READ, sector, None, len, &disk)
+            }
+            IoRequest::WriteInPlace { sector, len } => {
+                self.submit_rw(q, tag, wire::OP_WRITE, sector, None, len, &disk)
             }
             IoRequest::Write { sector, data } => self.submit_rw(
                 q,
