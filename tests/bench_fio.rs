@@ -5,10 +5,10 @@
 //! On tmpfs (/dev/shm), so the VM's virtual disk, whose throughput moves by
 //! ±10–30 % between runs, is out of the comparison and what is compared is the two
 //! generators on the same kernel path. The profiles are the 1 MiB ones: each I/O
-//! is a 1 MiB copy in the kernel, so the check holds in this unoptimised test build
-//! too (at 4 KiB on tmpfs a request costs ~1–2 µs and the generators' own
-//! bookkeeping, not the I/O, is measured; `bench/fio_crosscheck.rs` runs those by
-//! hand in a release build).
+//! is a 1 MiB copy in the kernel, so the generators' own bookkeeping is a few per
+//! cent even in the test build (`opt-level = 1`, Cargo.toml). At 4 KiB on tmpfs a
+//! request costs ~1–2 µs and that bookkeeping is what gets measured;
+//! `bench/fio_crosscheck.rs` runs those profiles by hand in a release build.
 //!
 //! Timing on a shared machine: the runs alternate and each fio run is compared with
 //! our runs around it (`refblk::bench::fio`), and the median of 9 ratios is
