@@ -84,12 +84,6 @@ impl LoopDev {
 
 impl Drop for LoopDev {
     fn drop(&mut self) {
-        for attempt in 0..10 {
-            if losetup(&["-d", &self.dev]).is_ok() {
-                return;
-            }
-            sleep(Duration::from_millis(100 * (attempt + 1)));
-        }
-        log::warn!("losetup -d {} failed; the device stays attached", self.dev);
+        crate::util::scratchfs::detach(&self.dev);
     }
 }

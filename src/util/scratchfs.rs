@@ -274,14 +274,33 @@ fn unmount(mnt: &Path) -> bool {
     run("umount", &["-l", &m]).is_ok()
 }
 
-fn detach(dev: &str) {
+/// `losetup -d DEV`, retried, and wait until the kernel has let go of it.
+pub(crate) fn detach(dev: &str) {
     for attempt in 0..10 {
         if run("losetup", &["-d", dev]).is_ok() {
+            wait_detached(dev);
             return;
         }
         sleep(Duration::from_millis(100 * (attempt + 1)));
     }
     log::warn!("losetup -d {dev} failed; the device stays attached");
+}
+
+/// `losetup -d` of a device someone still has open (udev probing it after the
+/// umount, say) succeeds but only marks it for detach at the last close; wait,
+/// up to 5 s, until the kernel has let go of the backing file.
+fn wait_detached(dev: &str) {
+    let backing = format!(
+        "/sys/block/{}/loop/backing_file",
+        dev.trim_start_matches("/dev/")
+    );
+    for _ in 0..100 {
+        if !Path::new(&backing).exists() {
+            return;
+        }
+        sleep(Duration::from_millis(50));
+    }
+    log::warn!("{dev} is still attached 5 s after losetup -d (someone holds it open)");
 }
 
 impl Drop for ScratchFs {
