@@ -4,9 +4,8 @@
 use std::fs;
 use std::io;
 use std::path::Path;
-use std::process::Command;
-use std::thread::sleep;
-use std::time::Duration;
+
+use crate::util::scratchfs::{attach_loop, detach, run};
 
 /// An attached loop device.
 #[derive(Debug)]
@@ -16,36 +15,24 @@ pub struct LoopDev {
     pub dio: bool,
 }
 
-fn losetup(args: &[&str]) -> io::Result<String> {
-    let out = Command::new("losetup")
-        .args(args)
-        .output()
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot run losetup: {e}")))?;
-    if !out.status.success() {
-        return Err(io::Error::other(format!(
-            "losetup {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+/// Whether the kernel runs `dev` with direct I/O (`/sys/block/loopN/loop/dio`).
+fn runs_direct_io(dev: &str) -> io::Result<bool> {
+    let name = dev.trim_start_matches("/dev/");
+    fs::read_to_string(format!("/sys/block/{name}/loop/dio"))
+        .map(|s| s.trim() == "1")
+        .map_err(|e| io::Error::new(e.kind(), format!("{dev}: reading loop/dio: {e}")))
 }
 
 /// Switch an attached loop device to direct I/O (`losetup --direct-io=on DEV`) and
 /// check that the kernel did.
 pub fn set_direct_io(dev: &str) -> io::Result<()> {
-    losetup(&["--direct-io=on", dev])?;
-    let name = dev.trim_start_matches("/dev/");
-    match fs::read_to_string(format!("/sys/block/{name}/loop/dio")) {
-        Ok(s) if s.trim() == "1" => Ok(()),
-        Ok(_) => Err(io::Error::other(format!(
+    run("losetup", &["--direct-io=on", dev])?;
+    if runs_direct_io(dev)? {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
             "{dev}: the kernel kept buffered I/O"
-        ))),
-        Err(e) => Err(io::Error::new(
-            e.kind(),
-            format!("{dev}: reading loop/dio: {e}"),
-        )),
+        )))
     }
 }
 
@@ -54,26 +41,13 @@ impl LoopDev {
     /// free devices).
     pub fn attach(image: &Path, direct_io: bool) -> io::Result<LoopDev> {
         let img = image.to_string_lossy();
-        let dio = format!("--direct-io={}", if direct_io { "on" } else { "off" });
-        let mut last = None;
-        for attempt in 0..20 {
-            match losetup(&["--find", "--show", &dio, &img]) {
-                Ok(dev) if dev.starts_with("/dev/loop") => {
-                    let name = dev.trim_start_matches("/dev/");
-                    let dio = fs::read_to_string(format!("/sys/block/{name}/loop/dio"))
-                        .map(|s| s.trim() == "1")
-                        .unwrap_or(false);
-                    if direct_io && !dio {
-                        log::warn!("{dev} over {img}: the kernel refused direct I/O");
-                    }
-                    return Ok(LoopDev { dev, dio });
-                }
-                Ok(other) => last = Some(io::Error::other(format!("losetup printed {other:?}"))),
-                Err(e) => last = Some(e),
-            }
-            sleep(Duration::from_millis(50 + 50 * attempt));
+        let opt = format!("--direct-io={}", if direct_io { "on" } else { "off" });
+        let dev = attach_loop(&img, &[&opt])?;
+        let dio = runs_direct_io(&dev).unwrap_or(false);
+        if direct_io && !dio {
+            log::warn!("{dev} over {img}: the kernel refused direct I/O");
         }
-        Err(last.unwrap_or_else(|| io::Error::other("losetup failed")))
+        Ok(LoopDev { dev, dio })
     }
 
     /// `/dev/loopN`.
@@ -84,6 +58,6 @@ impl LoopDev {
 
 impl Drop for LoopDev {
     fn drop(&mut self) {
-        crate::util::scratchfs::detach(&self.dev);
+        detach(&self.dev);
     }
 }

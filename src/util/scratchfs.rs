@@ -149,7 +149,7 @@ pub fn have_tool(tool: &str) -> bool {
     found
 }
 
-fn run(cmd: &str, args: &[&str]) -> io::Result<String> {
+pub(crate) fn run(cmd: &str, args: &[&str]) -> io::Result<String> {
     let out = Command::new(cmd)
         .args(args)
         .output()
@@ -197,7 +197,7 @@ impl ScratchFs {
         let mut args: Vec<&str> = kind.mkfs_args().to_vec();
         args.push(&img);
         run(kind.mkfs_program(), &args)?;
-        me.loopdev = Some(attach_loop(&img)?);
+        me.loopdev = Some(attach_loop(&img, &[])?);
         let dev = me.loopdev.clone().unwrap_or_default();
         let mnt = me.mountpoint.to_string_lossy().into_owned();
         run("mount", &["-t", &kind.to_string(), &dev, &mnt])?;
@@ -247,12 +247,15 @@ impl ScratchFs {
     }
 }
 
-/// `losetup --find --show`, retried: concurrent processes can grab the same free
-/// device between the kernel's "get free" and "configure" steps.
-fn attach_loop(img: &str) -> io::Result<String> {
+/// `losetup --find --show [OPTIONS] IMG`, retried: concurrent processes can grab the
+/// same free device between the kernel's "get free" and "configure" steps.
+pub(crate) fn attach_loop(img: &str, options: &[&str]) -> io::Result<String> {
     let mut last = None;
     for attempt in 0..20 {
-        match run("losetup", &["--find", "--show", img]) {
+        let mut args = vec!["--find", "--show"];
+        args.extend_from_slice(options);
+        args.push(img);
+        match run("losetup", &args) {
             Ok(dev) if dev.starts_with("/dev/") => return Ok(dev),
             Ok(other) => last = Some(io::Error::other(format!("losetup printed {other:?}"))),
             Err(e) => last = Some(e),
