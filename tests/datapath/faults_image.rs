@@ -24,12 +24,6 @@ fn bystander(rig: &Rig, domid: u16) -> Frontend {
     rig.connect(&g, XVDA, FrontendOptions::default())
 }
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    Rng::new(seed).fill(&mut v);
-    v
-}
-
 #[test]
 fn enospc_gives_write_errors_reads_keep_working() {
     let Some(sfs) = ScratchFs::new_or_skip(FsKind::Ext4, 64 * MIB) else {

@@ -16,12 +16,6 @@ fn status_of(fe: &mut Frontend, req: IoRequest<'_>) -> i16 {
     fe.wait_for(t, LONG).expect("answer").status
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    Rng::new(seed).fill(&mut v);
-    v
-}
-
 fn discard_frees_space(kind: FsKind) {
     let Some(fs) = ScratchFs::new_or_skip(kind, kind.min_size()) else {
         return;
@@ -36,7 +30,7 @@ fn discard_frees_space(kind: FsKind) {
     let info = fe.info().unwrap().clone();
     assert!(info.discard, "{kind}: discard not offered: {info:?}");
     assert!(info.discard_granularity >= 512);
-    let data = pattern((8 * MIB) as usize, 1);
+    let data = pattern(1, (8 * MIB) as usize);
     fe.write(0, &data).unwrap();
     fe.flush().unwrap();
     let blocks_before = std::fs::metadata(&image).unwrap().blocks();
@@ -102,7 +96,7 @@ fn flush_counts(dir: &Path) {
     let info = fe.info().unwrap().clone();
     assert!(info.flush && info.barrier, "{info:?}");
     let s0 = rig.status(8, XVDA).fdatasyncs;
-    fe.write(8, &pattern(4096, 2)).unwrap();
+    fe.write(8, &pattern(2, 4096)).unwrap();
     assert_eq!(
         rig.status(8, XVDA).fdatasyncs,
         s0,
@@ -112,7 +106,7 @@ fn flush_counts(dir: &Path) {
     let s1 = rig.status(8, XVDA).fdatasyncs;
     assert_eq!(s1, s0 + 1, "FLUSH_DISKCACHE did not reach fdatasync");
     // A barrier writes its data, then flushes.
-    let b = pattern(3 * 4096, 3);
+    let b = pattern(3, 3 * 4096);
     fe.barrier(64, &b).unwrap();
     assert_eq!(
         rig.status(8, XVDA).fdatasyncs,
@@ -126,7 +120,7 @@ fn flush_counts(dir: &Path) {
     // Writes queued before a barrier are on disk when it completes.
     let tags: Vec<_> = (0..16u64)
         .map(|i| {
-            let d = pattern(4096, 100 + i);
+            let d = pattern(100 + i, 4096);
             fe.submit(
                 None,
                 IoRequest::Write {
@@ -137,7 +131,7 @@ fn flush_counts(dir: &Path) {
             .unwrap()
         })
         .collect();
-    fe.barrier(512, &pattern(4096, 99)).unwrap();
+    fe.barrier(512, &pattern(99, 4096)).unwrap();
     for t in tags {
         assert_eq!(fe.wait_for(t, LONG).unwrap().status, wire::RSP_OKAY);
     }
@@ -145,7 +139,7 @@ fn flush_counts(dir: &Path) {
     for i in 0..16u64 {
         let off = ((256 + 8 * i) * 512) as usize;
         assert!(
-            file[off..off + 4096] == pattern(4096, 100 + i)[..],
+            file[off..off + 4096] == pattern(100 + i, 4096)[..],
             "write {i} before the barrier is not on disk"
         );
     }
@@ -187,10 +181,10 @@ fn logical_sector_4096_rejects_misaligned_requests() {
     assert_eq!(info.sector_size, 4096);
     // Units on the wire stay 512-byte sectors.
     assert_eq!(info.sectors, 4 * MIB / 512);
-    let good = pattern(8192, 4);
+    let good = pattern(4, 8192);
     fe.write(8, &good).unwrap();
     assert!(fe.read(8, 8192).unwrap() == good);
-    let bad = pattern(4096, 5);
+    let bad = pattern(5, 4096);
     // Misaligned start.
     assert_eq!(
         status_of(
@@ -218,7 +212,7 @@ fn logical_sector_4096_rejects_misaligned_requests() {
             &mut fe,
             IoRequest::Write {
                 sector: 32,
-                data: &pattern(4608, 6)
+                data: &pattern(6, 4608)
             }
         ),
         wire::RSP_ERROR
@@ -279,7 +273,7 @@ fn read_only_device_refuses_writes() {
     };
     let d = machine_dir();
     let image = make_image(d.path(), "ro.img", 4 * MIB);
-    let content = pattern((4 * MIB) as usize, 7);
+    let content = pattern(7, (4 * MIB) as usize);
     std::fs::write(&image, &content).unwrap();
     let guest = rig.guest(11, 2048);
     rig.attach(11, XVDA, &image, "r", AttachOptions::default());
@@ -288,7 +282,7 @@ fn read_only_device_refuses_writes() {
     assert!(info.read_only, "info {:#x} lacks VDISK_READONLY", info.info);
     assert!(!info.discard, "discard offered on a read-only device");
     assert!(fe.read(0, 65536).unwrap() == content[..65536]);
-    let data = pattern(4096, 8);
+    let data = pattern(8, 4096);
     assert_eq!(
         status_of(
             &mut fe,
@@ -300,7 +294,7 @@ fn read_only_device_refuses_writes() {
         wire::RSP_ERROR
     );
     // Through an indirect request too.
-    let big = pattern(256 * 1024, 9);
+    let big = pattern(9, 256 * 1024);
     assert_eq!(
         status_of(
             &mut fe,

@@ -8,31 +8,7 @@ use std::process::Command;
 
 use refblk::engine::{Completion, Engine, Op};
 
-/// xorshift64*: deterministic, dependency-free randomness for workloads.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.max(1))
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
+pub use crate::kit::Rng;
 
 /// Either the environment allows skipping (REFBLK_ALLOW_SKIP=1: print SKIP, return
 /// false) or the test fails with `why`.

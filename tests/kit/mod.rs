@@ -1,10 +1,18 @@
-//! Shared by the data-path tests: a simulated machine with a refblk backend
-//! and a toolstack ([`Rig`]), images, a PRNG and an in-memory disk model.
-#![allow(dead_code)]
+//! The test kit, included by every test binary (`#[path = "../kit/mod.rs"]
+//! mod kit;`): a simulated machine with a refblk backend and a toolstack
+//! ([`Rig`]), images, an in-memory disk model; the test PRNG, data pattern and
+//! scratch directory ([`data`]); leak counting ([`leak`]); hostile guests
+//! ([`hostile`]); `refblk serve` as a child process ([`serve`]).
+#![allow(dead_code, unused_imports)]
 
+pub mod data;
 pub mod hostile;
+pub mod leak;
 #[cfg(test)]
 pub mod serve;
+
+pub use data::{machine_dir, pattern, Rng};
+pub use leak::{fds, threads};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,23 +26,6 @@ use refblk::xenstore::XsClient;
 
 pub const XVDA: u32 = 51712;
 pub const LONG: Duration = Duration::from_secs(20);
-
-/// A machine directory, on tmpfs when there is one.
-pub fn machine_dir() -> tempfile::TempDir {
-    let base = Path::new("/dev/shm");
-    if base.is_dir() {
-        if let Ok(d) = tempfile::Builder::new()
-            .prefix("refblk-dp-test")
-            .tempdir_in(base)
-        {
-            return d;
-        }
-    }
-    tempfile::Builder::new()
-        .prefix("refblk-dp-test")
-        .tempdir()
-        .expect("temp dir")
-}
 
 /// A simulated machine running a refblk backend, with a toolstack.
 pub struct Rig {
@@ -156,32 +147,6 @@ pub fn make_image(dir: &Path, name: &str, size: u64) -> PathBuf {
     let f = std::fs::File::create(&p).expect("create image");
     f.set_len(size).expect("size image");
     p
-}
-
-/// xorshift64*: deterministic test randomness.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
 }
 
 /// Run `ops` random reads and writes, up to `qd` in flight, of up to
@@ -390,24 +355,6 @@ pub fn check_good_guest(
         "the good guest's image {} differs from its model",
         img.display()
     );
-}
-
-/// This process's open file descriptors (leak checks).
-pub fn fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-/// Our threads, not the kernel's io-wq workers (`iou-wrk-*`): the io_uring
-/// workers' rings live as long as the backend, and the kernel keeps the last
-/// io-wq thread of a ring alive even when idle (leak checks).
-pub fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| !c.starts_with("iou-wrk"))
-        })
-        .count()
 }
 
 /// A Qubes-style pool in `parent/pool` (no file-system setup check) with one

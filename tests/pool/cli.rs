@@ -98,7 +98,7 @@ fn cli_lifecycle_and_exit_codes() {
     f.set_len(1 << 30).unwrap();
     drop(f);
     for off in [0u64, 300 << 20, (1 << 30) - MIB] {
-        write_at(&big, off, &pattern(off as u8, MIB as usize));
+        write_at(&big, off, &pattern(off, MIB as usize));
     }
     let o = refblk(&[
         "volume",

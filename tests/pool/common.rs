@@ -24,12 +24,7 @@ pub fn pool(root: &Path, name: &str, kind: FsKind) -> Pool {
     Pool::init(&root.join(name), &opts).unwrap()
 }
 
-/// Deterministic, non-zero test data.
-pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (((i / 4096) as u32 * 31 + i as u32 * 7 + seed as u32 * 101) % 251 + 1) as u8)
-        .collect()
-}
+pub use crate::kit::pattern;
 
 /// Write `data` at `off` into an existing file.
 pub fn write_at(path: &Path, off: u64, data: &[u8]) {

@@ -21,7 +21,7 @@ const OFF: usize = 64 * 1024;
 
 fn content(seed: u8) -> Vec<u8> {
     let mut v = vec![0u8; SIZE as usize];
-    let p = pattern(seed, 96 * 1024);
+    let p = pattern(seed.into(), 96 * 1024);
     v[OFF..OFF + p.len()].copy_from_slice(&p);
     v
 }
@@ -29,7 +29,7 @@ fn content(seed: u8) -> Vec<u8> {
 /// Write only the non-zero part of `content(seed)` (the rest is zero in every
 /// version), so the test allocates little space.
 fn put(path: &Path, seed: u8) {
-    write_at(path, OFF as u64, &pattern(seed, 96 * 1024));
+    write_at(path, OFF as u64, &pattern(seed.into(), 96 * 1024));
 }
 
 /// Create `vid` and commit `content(seed)` into it (not counted).

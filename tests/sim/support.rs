@@ -18,13 +18,11 @@ pub const CHILD_ENV: &str = "REFBLK_SIM_PEER_DIR";
 /// Prefix of protocol lines (libtest prints its own lines too).
 const TAG: &str = "@@ ";
 
-/// The byte at `i` of a page filled with `pattern(seed)`.
-pub fn pattern_byte(seed: u32, i: usize) -> u8 {
-    (seed.wrapping_mul(131).wrapping_add(i as u32 * 7) ^ (i as u32 >> 8)) as u8
-}
+pub use crate::kit::machine_dir;
 
+/// A page of the kit's pattern for `seed`.
 pub fn pattern(seed: u32) -> Vec<u8> {
-    (0..PAGE_SIZE).map(|i| pattern_byte(seed, i)).collect()
+    crate::kit::pattern(seed.into(), PAGE_SIZE)
 }
 
 pub fn hex(b: &[u8]) -> String {
@@ -35,23 +33,6 @@ pub fn unhex(s: &str) -> Vec<u8> {
     (0..s.len() / 2)
         .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex"))
         .collect()
-}
-
-/// A machine directory, on tmpfs when there is one.
-pub fn machine_dir() -> tempfile::TempDir {
-    let base = Path::new("/dev/shm");
-    if base.is_dir() {
-        if let Ok(d) = tempfile::Builder::new()
-            .prefix("refblk-sim-test")
-            .tempdir_in(base)
-        {
-            return d;
-        }
-    }
-    tempfile::Builder::new()
-        .prefix("refblk-sim-test")
-        .tempdir()
-        .expect("temp dir")
 }
 
 /// A machine directory on the file system of the build's target directory

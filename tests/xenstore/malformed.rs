@@ -354,22 +354,18 @@ fn client_that_never_reads_events_is_dropped_not_waited_for() {
     still_serving(&xs);
 }
 
-/// A small deterministic generator (no external crates).
-struct Lcg(u64);
-impl Lcg {
+/// The kit's PRNG, 32 bits at a time.
+struct Rng32(crate::kit::Rng);
+impl Rng32 {
     fn next(&mut self) -> u32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) as u32
+        (self.0.next() >> 32) as u32
     }
 }
 
 #[test]
 fn garbage_never_kills_the_daemon() {
     let (_d, xs) = daemon();
-    let mut rng = Lcg(0x5eed);
+    let mut rng = Rng32(crate::kit::Rng::new(0x5eed));
     for round in 0..40u32 {
         let mut s = raw(xs.path());
         s.set_read_timeout(Some(Duration::from_millis(300)))
