@@ -1,10 +1,12 @@
 //! A guest destroyed with I/O in flight: the backend notices, answers what it
 //! can, unmaps, unbinds and closes the device, leaving no mapping of the
 //! guest's memory, no file descriptor and no thread behind; the toolstack
-//! then removes the device. Its own test binary (counts process resources).
+//! then removes the device. Counts process-wide resources: in the leaks
+//! binary, alone (`leak::exclusive`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::kit::leak::exclusive;
 use crate::kit::*;
 use refblk::backend::AttachOptions;
 use refblk::frontend::{FrontendOptions, IoRequest};
@@ -21,15 +23,10 @@ fn dead_maps(dir: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
-fn settle(ok: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    ok()
+/// Closing a dead guest's device and its connections is asynchronous: wait
+/// for it (a leak never settles).
+fn settle(ok: impl FnMut() -> bool) -> bool {
+    crate::kit::leak::settle(Duration::from_secs(30), ok)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -122,6 +119,7 @@ fn life(rig: &Rig, image: &std::path::Path, domid: u16, end: End) {
 
 #[test]
 fn destroyed_guest_leaves_nothing_behind() {
+    let _alone = exclusive();
     let Some(rig) = Rig::new() else {
         return;
     };

@@ -1,10 +1,10 @@
 //! Leak checks: each test counts a process-wide resource (open descriptors,
-//! threads) before and after many cycles, so these run in a binary of their own.
+//! threads, mappings) before and after many cycles. Other tests in the same
+//! process would move those counts, so these run in a binary of their own,
+//! and one at a time (each takes `kit::leak::exclusive` first).
 
 #[path = "../kit/mod.rs"]
 mod kit;
-#[path = "../sim/support.rs"]
-mod support;
 
 mod datapath_cycles;
 mod guest_death;

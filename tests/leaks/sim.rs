@@ -1,24 +1,20 @@
 //! Attach/detach cycles on the simulated Xen must not leak file descriptors
-//! (the backend must stay flat over many guest lifetimes). Its own test binary,
-//! because it counts the process's fds.
+//! (the backend must stay flat over many guest lifetimes). Counts the
+//! process's fds: in the leaks binary, alone (`leak::exclusive`).
 
 use std::time::Duration;
 
-use crate::support::machine_dir;
+use crate::kit::leak::{exclusive, fds, settle};
+use crate::kit::machine_dir;
 use refblk::platform::sim::{EvtchnBroker, SimGuest, SimPlatform};
 use refblk::platform::{ForeignMapping, Platform};
 
 const DOM: u16 = 8;
 const LONG: Duration = Duration::from_secs(10);
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .count()
-}
-
 #[test]
 fn attach_detach_cycles_leak_no_fds() {
+    let _alone = exclusive();
     // Guest, broker and backend all in this process, so every fd the simulation
     // opens is counted here.
     let dir = machine_dir();
@@ -55,21 +51,15 @@ fn attach_detach_cycles_leak_no_fds() {
         assert!(!p.domain_exists(DOM).unwrap());
     };
     cycle(0);
-    let before = open_fds();
+    let before = fds();
     for i in 1..=100 {
         cycle(i);
     }
-    // Broker connection threads close their ends asynchronously.
-    let mut after = open_fds();
-    for _ in 0..100 {
-        if after <= before {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-        after = open_fds();
-    }
+    // Broker connection threads close their ends asynchronously (a leak
+    // never settles).
     assert!(
-        after <= before,
-        "fds grew from {before} to {after} over 100 cycles"
+        settle(Duration::from_secs(30), || fds() <= before),
+        "fds grew from {before} to {} over 100 cycles",
+        fds()
     );
 }
