@@ -3,6 +3,8 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
@@ -369,16 +371,20 @@ fn poll_add_wakes_on_eventfd_write() {
     assert_eq!(e.in_flight_io(), 0, "polls do not count as I/O");
     let mut done = Vec::new();
     assert_eq!(e.reap(&mut done), 0, "poll fired without an event");
+    // The event comes 100 ms later (a window for a poll that fires without
+    // it); the flag says whether it had come when the poll completed.
+    let written = Arc::new(AtomicBool::new(false));
     let writer = {
         let efd = efd.clone();
+        let written = written.clone();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
+            written.store(true, Ordering::SeqCst);
             efd.write(1).unwrap();
         })
     };
-    let t = Instant::now();
     let c = wait_one(&mut e, &mut done);
-    assert!(t.elapsed() >= Duration::from_millis(50), "woke too early");
+    assert!(written.load(Ordering::SeqCst), "woke before the event");
     writer.join().unwrap();
     assert_eq!(c.user_data, 42);
     assert!(
@@ -625,7 +631,7 @@ fn reap_after_plain_submit_sees_completions_in_every_taskrun_mode() {
         }
         e.submit().unwrap();
         let mut done = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while done.len() < 8 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
             e.reap(&mut done);
@@ -718,7 +724,9 @@ fn drop_cancels_pending_waits_promptly() {
     e.submit().unwrap();
     let t = Instant::now();
     drop(e);
-    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // Not a speed target: waiting for the hour-long timer or the poll would
+    // never end; a loaded machine stays far below this bound.
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
 }
 
 #[test]
@@ -750,7 +758,7 @@ fn one_thread_sleeps_on_two_engines_via_poll_on_the_ring_fd() {
     b.submit().unwrap();
     // Sleep on engine a only; b's completion must wake it (bounded, so a regression
     // fails instead of hanging).
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while done.is_empty() && Instant::now() < deadline {
         a.submit_and_wait_timeout(1, Duration::from_millis(500))
             .unwrap();

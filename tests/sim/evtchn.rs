@@ -152,11 +152,13 @@ fn closing_either_side_leaves_the_other_working() {
     assert!(p.bind_interdomain(DOM, port).is_err(), "domain gone");
 }
 
-/// The broker closes a port when its connection closes; retry briefly since the
-/// close is processed by the broker's thread.
+/// The broker closes a port when its connection closes; retry until it has,
+/// since the close is processed by the broker's thread (at most 30 s: a
+/// bound on a hang, not a speed target).
 fn rebind(p: &SimPlatform, port: u32) -> Box<dyn EventChannel> {
     let mut last = None;
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
         match p.bind_interdomain(DOM, port) {
             Ok(c) => return c,
             Err(e) => last = Some(e),

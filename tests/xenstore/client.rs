@@ -2,7 +2,7 @@
 //! socket) and over a character-device-like stream (a FIFO): it must fail
 //! calls with an error, never panic or hang.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
@@ -11,7 +11,9 @@ use refblk::xenstore::wire::{self, Header};
 use refblk::xenstore::{WatchEvent, XsClient, XsError, XBT_NULL};
 use xen_sys::xs_wire as abi;
 
-const T: Duration = Duration::from_secs(5);
+/// A bound that turns a hang into a failure, not a speed target: a loaded
+/// machine must never reach it.
+const T: Duration = Duration::from_secs(30);
 
 /// A fake xenstored: accepts one connection and runs `script` on it.
 fn fake<F>(dir: &Path, script: F) -> (std::path::PathBuf, std::thread::JoinHandle<()>)
@@ -43,8 +45,9 @@ fn reply_with_oversized_length_fails_pending_and_later_calls() {
             len: 100_000,
         };
         s.write_all(&bad.to_bytes()).unwrap();
-        // Keep the connection open: the client must not wait for the bytes.
-        std::thread::sleep(Duration::from_millis(500));
+        // Keep the connection open until the client lets go: it must not
+        // wait for the bytes.
+        let _ = s.read(&mut [0u8; 1]);
     });
     let c = XsClient::connect_unix(&sock).unwrap();
     c.set_timeout(Some(T));
@@ -52,6 +55,7 @@ fn reply_with_oversized_length_fails_pending_and_later_calls() {
     assert!(matches!(e, XsError::Closed(_)), "{e}");
     let e = c.read(XBT_NULL, "/y").unwrap_err();
     assert!(e.is_connection_error(), "{e}");
+    drop(c);
     h.join().unwrap();
 }
 
@@ -62,7 +66,8 @@ fn reply_to_unknown_request_is_a_protocol_violation() {
         let (req, _) = recv(&mut s);
         let m = wire::encode(req.ty, req.req_id.wrapping_add(1000), 0, b"x").unwrap();
         s.write_all(&m).unwrap();
-        std::thread::sleep(Duration::from_millis(500));
+        // Keep the connection open until the client lets go.
+        let _ = s.read(&mut [0u8; 1]);
     });
     let c = XsClient::connect_unix(&sock).unwrap();
     c.set_timeout(Some(T));
@@ -71,6 +76,7 @@ fn reply_to_unknown_request_is_a_protocol_violation() {
         matches!(e, XsError::Closed(ref m) if m.contains("never sent")),
         "{e}"
     );
+    drop(c);
     h.join().unwrap();
 }
 
@@ -93,7 +99,9 @@ fn daemon_closing_mid_reply_fails_the_call() {
 #[test]
 fn wrong_reply_type_and_bad_payloads_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
-    let (sock, h) = fake(dir.path(), |mut s| {
+    // The late reply (5) is sent once the client has given up on it.
+    let (gave_up, late) = std::sync::mpsc::channel::<()>();
+    let (sock, h) = fake(dir.path(), move |mut s| {
         // 1: READ answered as WRITE.
         let (req, _) = recv(&mut s);
         s.write_all(&wire::encode(abi::XS_WRITE, req.req_id, 0, b"OK\0").unwrap())
@@ -116,7 +124,7 @@ fn wrong_reply_type_and_bad_payloads_are_errors_not_panics() {
             .unwrap();
         // 5: a timeout, then the late reply is ignored.
         let (req5, _) = recv(&mut s);
-        std::thread::sleep(Duration::from_millis(600));
+        let _ = late.recv();
         s.write_all(&wire::encode(req5.ty, req5.req_id, 0, b"late").unwrap())
             .unwrap();
         let (req6, _) = recv(&mut s);
@@ -144,6 +152,7 @@ fn wrong_reply_type_and_bad_payloads_are_errors_not_panics() {
     c.set_timeout(Some(Duration::from_millis(200)));
     let e = c.read(XBT_NULL, "/5").unwrap_err();
     assert!(matches!(e, XsError::TimedOut { .. }), "{e}");
+    gave_up.send(()).unwrap();
     c.set_timeout(Some(T));
     assert_eq!(c.read(XBT_NULL, "/6").unwrap(), b"fresh");
     h.join().unwrap();

@@ -12,7 +12,9 @@ use refblk::xenstore::wire::{self, Header, ReadError};
 use refblk::xenstore::XBT_NULL;
 use xen_sys::xs_wire as abi;
 
-const T: Duration = Duration::from_secs(5);
+/// A bound that turns a hang into a failure, not a speed target: a loaded
+/// machine must never reach it.
+const T: Duration = Duration::from_secs(30);
 
 fn daemon() -> (tempfile::TempDir, Xenstored) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -305,7 +307,9 @@ fn slow_client_does_not_block_others() {
     for _ in 0..20 {
         still_serving(&xs);
     }
-    assert!(t0.elapsed() < T, "other clients were served meanwhile");
+    // Each of them has its own bound (T): a daemon waiting for the slow
+    // client fails there; this one only turns a hang into a failure.
+    assert!(t0.elapsed() < 2 * T, "other clients were served meanwhile");
     // The slow client can still finish its message.
     let m = wire::encode(abi::XS_READ, 3, 0, b"/alive\0").unwrap();
     slow.write_all(&m[3..]).unwrap();
