@@ -277,13 +277,19 @@ fn ring_grants_cleared_then_the_daemon_restarts() {
     let b: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
     good.write(1024, &b).unwrap();
     assert!(good.read(1024, b.len()).unwrap() == b);
-    std::thread::sleep(Duration::from_millis(500));
-    let log = daemon.log_text();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("resumed after a restart") && l.contains("vbd 71/")),
-        "dom71 not resumed; log:\n{log}"
-    );
+    // The daemon takes the two devices over independently: wait (at most
+    // 30 s) until it has logged what it did with each, not a fixed time.
+    let resumed71 = |l: &str| l.contains("resumed after a restart") && l.contains("vbd 71/");
+    let refused72 = |l: &str| l.contains("vbd 72/") && l.contains("cannot take the device over");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let log = loop {
+        let log = daemon.log_text();
+        if (log.lines().any(resumed71) && log.lines().any(refused72)) || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(log.lines().any(resumed71), "dom71 not resumed; log:\n{log}");
     assert!(
         !log.lines()
             .any(|l| l.contains("resumed after a restart") && l.contains("vbd 72/")),

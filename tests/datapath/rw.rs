@@ -331,7 +331,7 @@ fn in_place_requests_move_guest_pages_without_copies() {
             },
         )
         .unwrap();
-    let c = fe.wait_for(r, Duration::from_secs(10)).unwrap();
+    let c = fe.wait_for(r, Duration::from_secs(30)).unwrap();
     assert_eq!(c.status, 0, "{c:?}");
     assert!(c.data.is_empty(), "an in-place read hands back no copy");
     // Write 64 KiB in place at sector 1024: the frontend's recycled data pages
@@ -346,7 +346,7 @@ fn in_place_requests_move_guest_pages_without_copies() {
             },
         )
         .unwrap();
-    let c = fe.wait_for(w, Duration::from_secs(10)).unwrap();
+    let c = fe.wait_for(w, Duration::from_secs(30)).unwrap();
     assert_eq!(c.status, 0, "{c:?}");
     let on_disk = std::fs::read(&image).unwrap();
     let written = &on_disk[512 << 10..(512 << 10) + (64 << 10)];

@@ -29,7 +29,7 @@ fn start_sim(dir: &Path) -> Sim {
         .spawn()
         .expect("spawn refblk sim");
     let sim = Sim(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !(dir.join("xenstored.sock").exists() && dir.join("evtchn.sock").exists()) {
         assert!(
             Instant::now() < deadline,
@@ -110,10 +110,10 @@ fn sim_process_serves_xenstore_grants_and_event_channels_then_stops_cleanly() {
     let b_ch = be.bind_interdomain(7, g_ch.local_port()).unwrap();
     assert!(!g_ch.wait_pending(Some(Duration::from_millis(50))).unwrap());
     b_ch.notify().unwrap();
-    assert!(g_ch.wait_pending(Some(Duration::from_secs(5))).unwrap());
+    assert!(g_ch.wait_pending(Some(Duration::from_secs(30))).unwrap());
     assert!(g_ch.ack().unwrap());
     g_ch.notify().unwrap();
-    assert!(b_ch.wait_pending(Some(Duration::from_secs(5))).unwrap());
+    assert!(b_ch.wait_pending(Some(Duration::from_secs(30))).unwrap());
     drop(b_ch);
     drop(g_ch);
     drop(xs);
@@ -124,7 +124,7 @@ fn sim_process_serves_xenstore_grants_and_event_channels_then_stops_cleanly() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = sim.0.try_wait().unwrap() {
             break s;
