@@ -1,5 +1,4 @@
-//! Helpers shared by the engine integration tests (included with `#[path]`; as a test
-//! target of its own it contains no tests).
+//! Helpers shared by the engine tests (a module of the engine binary).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -10,16 +9,7 @@ use refblk::engine::{Completion, Engine, Op};
 
 pub use crate::kit::Rng;
 
-/// Either the environment allows skipping (REFBLK_ALLOW_SKIP=1: print SKIP, return
-/// false) or the test fails with `why`.
-pub fn skip_or_fail(why: &str) -> bool {
-    if std::env::var("REFBLK_ALLOW_SKIP").as_deref() == Ok("1") {
-        println!("SKIP: {why}");
-        false
-    } else {
-        panic!("{why} (set REFBLK_ALLOW_SKIP=1 to skip instead of failing)");
-    }
-}
+pub use refblk::util::scratchfs::skip_or_fail;
 
 /// Drive a random read/write workload with up to `max_qd` ops in flight, checking every
 /// read against an in-memory model of the file (`model` must equal the file's content
