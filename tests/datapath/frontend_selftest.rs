@@ -3,7 +3,6 @@
 //! an id never sent is caught by `Frontend::anomalies`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use crate::kit::*;
 use refblk::backend::{Backend, BackendConfig};
@@ -12,11 +11,11 @@ use refblk::platform::Platform;
 use refblk::xenstore::XsClient;
 
 fn wait_key(xs: &XsClient, path: &str, want: &str) {
-    let deadline = Instant::now() + LONG;
-    while xs.try_read_string(0, path).unwrap().as_deref() != Some(want) {
-        assert!(Instant::now() < deadline, "{path} never became {want}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    assert!(
+        wait_until(LONG, || xs.try_read_string(0, path).unwrap().as_deref()
+            == Some(want)),
+        "{path} never became {want}"
+    );
 }
 
 #[test]
@@ -130,12 +129,13 @@ fn a_misbehaving_backend_is_caught() {
     // 3. An id never sent (the real request stays unanswered).
     let _t3 = front.submit(None, IoRequest::Flush).unwrap();
     respond(2, 0xdead_beef, 3, 0);
-    let deadline = Instant::now() + LONG;
-    while front.anomalies().unknown_id == 0 {
-        assert!(Instant::now() < deadline, "unknown id not noticed");
-        front.poll();
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    assert!(
+        wait_until(LONG, || {
+            front.poll();
+            front.anomalies().unknown_id != 0
+        }),
+        "unknown id not noticed"
+    );
     assert!(!front.anomalies().is_clean());
     drop(front);
     drop(ev);

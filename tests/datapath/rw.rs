@@ -276,14 +276,11 @@ fn frontend_initialised_before_the_hotplug_step() {
     });
     // Wait until the frontend published its rings and is Initialised.
     let fe_state = format!("{}/state", vbd.frontend_path);
-    let deadline = std::time::Instant::now() + LONG;
-    while rig.ts.xs().read_string(0, &fe_state).unwrap() != "3" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "frontend never Initialised"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    assert!(
+        wait_until(LONG, || rig.ts.xs().read_string(0, &fe_state).unwrap()
+            == "3"),
+        "frontend never Initialised"
+    );
     std::thread::sleep(std::time::Duration::from_millis(100));
     assert_eq!(
         rig.ts.backend_state(&vbd).unwrap(),

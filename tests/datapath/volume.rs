@@ -4,7 +4,6 @@
 //! still commits; a volatile volume's writes are thrown away.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use crate::kit::*;
 use refblk::backend::AttachOptions;
@@ -19,11 +18,11 @@ const MIB: u64 = 1 << 20;
 fn add_volume_vbd(rig: &Rig, domid: u16, pool: &Path, vid: &str) -> Vbd {
     let spec = VbdSpec::new(domid, XVDA, format!("refblk:{}:{vid}", pool.display()));
     let vbd = rig.ts.create_vbd_nodes(&spec).expect("vbd nodes");
-    let deadline = Instant::now() + LONG;
-    while rig.ts.backend_state(&vbd).unwrap() != XenbusState::InitWait {
-        assert!(Instant::now() < deadline, "backend never reached InitWait");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(
+        wait_until(LONG, || rig.ts.backend_state(&vbd).unwrap()
+            == XenbusState::InitWait),
+        "backend never reached InitWait"
+    );
     let served = rig
         .backend
         .attach_volume(&vbd.backend_path, pool, vid, AttachOptions::default())
@@ -114,11 +113,8 @@ fn run_on(pool_dir: &Path, setup_check: bool) {
     let spec = VbdSpec::new(33, XVDA, "unused");
     let _g33 = rig.guest(33, 16);
     let other = rig.ts.create_vbd_nodes(&spec).unwrap();
-    let deadline = Instant::now() + LONG;
-    while rig.ts.backend_state(&other).unwrap() != XenbusState::InitWait {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(wait_until(LONG, || rig.ts.backend_state(&other).unwrap()
+        == XenbusState::InitWait));
     let err = rig
         .backend
         .attach_volume(&other.backend_path, pool_dir, vid, AttachOptions::default())
@@ -132,11 +128,10 @@ fn run_on(pool_dir: &Path, setup_check: bool) {
     fe.disconnect().unwrap();
     drop(fe);
     rig.ts.force_remove_vbd(&vbd).unwrap();
-    let deadline = Instant::now() + LONG;
-    while clean(pool_dir, vid)[0] != 0xB2 {
-        assert!(Instant::now() < deadline, "not committed after removal");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        wait_until(LONG, || clean(pool_dir, vid)[0] == 0xB2),
+        "not committed after removal"
+    );
     assert_eq!(pool.volume(vid).unwrap().revisions().unwrap().len(), 2);
 
     // 4. A volatile volume: its writes are gone after detach.

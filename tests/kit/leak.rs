@@ -9,7 +9,7 @@
 //! raise a baseline, never make a count exceed it once it waits.
 
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 static EXCLUSIVE: Mutex<()> = Mutex::new(());
 /// Thread ids blocked in [`exclusive`].
@@ -54,17 +54,8 @@ pub fn threads() -> usize {
 
 /// Wait until `ok` holds (threads and descriptors of closed connections go
 /// away asynchronously), at most `bound`; whether it held.
-pub fn settle(bound: Duration, mut ok: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + bound;
-    loop {
-        if ok() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+pub fn settle(bound: Duration, ok: impl FnMut() -> bool) -> bool {
+    super::wait::wait_until(bound, ok)
 }
 
 /// Mappings in /proc/self/maps whose line contains `what` (a path, or

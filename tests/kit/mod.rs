@@ -10,9 +10,11 @@ pub mod hostile;
 pub mod leak;
 #[cfg(test)]
 pub mod serve;
+pub mod wait;
 
 pub use data::{machine_dir, pattern, Rng};
 pub use leak::{fds, threads};
+pub use wait::{wait_until, HANG};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -174,11 +174,10 @@ fn run_cycles(how: How, cycles: usize) {
     let sock = dir.path().join("refblk.sock");
     let image = make_image(dir.path(), "disk.img", DISK);
     let mut daemon = spawn_daemon(dir.path(), 0, how);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while control::request(&sock, "status").is_err() {
-        assert!(Instant::now() < deadline, "control socket never came up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        wait_until(HANG, || control::request(&sock, "status").is_ok()),
+        "control socket never came up"
+    );
     let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("toolstack xenstore");
     let ts = Toolstack::with_control_socket(xs, &sock);
     ts.create_domain(7).expect("domain");
@@ -233,11 +232,12 @@ fn run_cycles(how: How, cycles: usize) {
         let hold = how == How::Kill9 && cycle == cycles;
         if hold {
             control::request(&sock, "limit 7/xvda read-bps=1 write-bps=1").expect("limit");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while status(&sock).is_none_or(|s| s["stats"]["throttled"].as_u64() == Some(0)) {
-                assert!(Instant::now() < deadline, "the limit held nothing back");
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            assert!(
+                wait_until(HANG, || {
+                    status(&sock).is_some_and(|s| s["stats"]["throttled"].as_u64() != Some(0))
+                }),
+                "the limit held nothing back"
+            );
         }
         let sig = match how {
             How::Kill9 => nix::sys::signal::Signal::SIGKILL,

@@ -52,13 +52,13 @@ fn serve_one(
     attach_line: &str,
 ) -> Served {
     let daemon = Daemon::spawn(dir, 0, &[]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while control::request(sock, "status").is_err() {
-        assert!(Instant::now() < deadline, "control socket never came up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        wait_until(HANG, || control::request(sock, "status").is_ok()),
+        "control socket never came up"
+    );
     let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
     let ts = Toolstack::with_control_socket(xs, sock);
+    let deadline = Instant::now() + HANG;
     ts.create_domain(domid).expect("domain");
     let guest = std::sync::Arc::new(sim.create_guest(domid, 2048).expect("guest"));
     let vbd = ts

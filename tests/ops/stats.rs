@@ -308,11 +308,8 @@ fn a_volumes_stored_limits_apply_on_attach_volume() {
     let _g = rig.guest(21, 4096);
     let spec = VbdSpec::new(21, XVDA, "unused");
     let vbd = rig.ts.create_vbd_nodes(&spec).unwrap();
-    let deadline = std::time::Instant::now() + LONG;
-    while rig.ts.backend_state(&vbd).unwrap() != xen_sys::xenbus::XenbusState::InitWait {
-        assert!(std::time::Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(wait_until(LONG, || rig.ts.backend_state(&vbd).unwrap()
+        == xen_sys::xenbus::XenbusState::InitWait));
     // The disk line's keys override the stored ones.
     let v = handle_line(
         &format!("attach-volume {} {p} {vid} read-iops=40", vbd.backend_path),

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::kit::{wait_until, HANG};
 use refblk::platform::sim::{SimGuest, SimPlatform};
 use refblk::platform::{CopySeg, GrantStatus, Platform};
 use refblk::util::scratchfs::{have_tool, skip_or_fail};
@@ -29,14 +30,11 @@ fn start_sim(dir: &Path) -> Sim {
         .spawn()
         .expect("spawn refblk sim");
     let sim = Sim(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(dir.join("xenstored.sock").exists() && dir.join("evtchn.sock").exists()) {
-        assert!(
-            Instant::now() < deadline,
-            "refblk sim did not create its sockets"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        wait_until(HANG, || dir.join("xenstored.sock").exists()
+            && dir.join("evtchn.sock").exists()),
+        "refblk sim did not create its sockets"
+    );
     sim
 }
 
