@@ -8,7 +8,6 @@
 pub mod data;
 pub mod hostile;
 pub mod leak;
-#[cfg(test)]
 pub mod serve;
 pub mod wait;
 

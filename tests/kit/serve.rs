@@ -1,6 +1,7 @@
 //! `refblk serve --sim` as a child process, for tests that kill and restart
-//! the daemon. `CARGO_BIN_EXE_refblk` exists only for integration tests, so
-//! the benchmarks that include the kit too leave this module out (`cfg(test)`).
+//! the daemon. `CARGO_BIN_EXE_refblk` exists only for integration tests, not
+//! for the benchmarks that include the kit too: they compile, and cannot run
+//! a daemon.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -8,6 +9,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use refblk::backend::control;
+
+/// The refblk binary cargo built for the integration tests.
+fn refblk_exe() -> &'static str {
+    match option_env!("CARGO_BIN_EXE_refblk") {
+        Some(p) => p,
+        None => panic!("only integration tests can run the daemon"),
+    }
+}
 
 pub struct Daemon {
     pub child: Child,
@@ -20,7 +29,7 @@ impl Daemon {
     pub fn spawn(dir: &Path, n: usize, extra: &[&str]) -> Daemon {
         let log = dir.join(format!("serve-{n}.log"));
         let f = std::fs::File::create(&log).expect("daemon log");
-        let child = Command::new(env!("CARGO_BIN_EXE_refblk"))
+        let child = Command::new(refblk_exe())
             .arg("serve")
             .arg("--sim")
             .arg(dir)
