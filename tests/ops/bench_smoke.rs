@@ -71,8 +71,12 @@ fn every_path_produces_sane_numbers() {
                 s.lat_mean_us * 1e-6 <= s.secs,
                 "{what}: mean latency longer than the run"
             );
+            // Not > 0: the serving CPU includes the io_uring workers (io-wq)
+            // alive when it is sampled; one that exits during a short run
+            // takes its time with it, and the difference saturates at 0 (seen
+            // on a loaded machine: 11 operations, cpu_us_per_io 0).
             assert!(
-                s.cpu_us_per_io > 0.0 && s.cpu_us_per_io < 100_000.0,
+                s.cpu_us_per_io >= 0.0 && s.cpu_us_per_io < 100_000.0,
                 "{what}: CPU {s:?}"
             );
         }
