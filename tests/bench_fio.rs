@@ -1,35 +1,44 @@
-//! The issue's check of the benchmark's instrument: for a profile, our `file` path
-//! (the workload generator behind every `refblk bench` ratio) and fio with the same
-//! parameters agree within 15 %.
+//! The benchmark's instrument against fio, without timing: for a profile and a
+//! fixed number of operations, our workload generator (the `file` path behind every
+//! `refblk bench` ratio) and fio with the same parameters issue the same
+//! operations — the same count of reads and writes, the same sizes, offsets in the
+//! same range (for sequential profiles the same offsets in the same order), and the
+//! same queue depth reached. Ours come from the counters the generator keeps
+//! (`refblk::bench::workload::IoCounts`), fio's from its I/O log
+//! (`--write_iolog`) and its JSON summary (`total_ios`, `io_bytes`,
+//! `iodepth_level`); `refblk::bench::fio::mismatches` lists what differs.
 //!
-//! On tmpfs (/dev/shm), so the VM's virtual disk, whose throughput moves by
-//! ±10–30 % between runs, is out of the comparison and what is compared is the two
-//! generators on the same kernel path. The profiles are the 1 MiB ones: each I/O
-//! is a 1 MiB copy in the kernel, so the generators' own bookkeeping is a few per
-//! cent even in the test build (`opt-level = 1`, Cargo.toml). At 4 KiB on tmpfs a
-//! request costs ~1–2 µs and that bookkeeping is what gets measured;
-//! `bench/fio_crosscheck.rs` runs those profiles by hand in a release build.
+//! Nothing here depends on how fast either side runs: these can fail only if the
+//! generator issues something other than the profile (or fio changes its meaning of
+//! a parameter). How fast the two are side by side is what `refblk bench` reports
+//! in its calibration table (docs/benchmarks.md).
 //!
-//! Timing on a shared machine: the runs alternate and each fio run is compared with
-//! our runs around it (`refblk::bench::fio`), and the median of 9 ratios is
-//! taken. If that still misses, the comparison is made once more and must pass
-//! then: a burst from another tenant can spoil one set of runs, a generator that
-//! is off by more than 15 % fails both.
+//! On tmpfs (/dev/shm): small, and no disk in the way.
 
+use std::fs::File;
 use std::path::Path;
-use std::time::Duration;
 
-use refblk::bench::fio::compare;
-use refblk::bench::profile::{parse_profiles, Kind};
+use refblk::bench::fio::{issued, mismatches, run_ours};
+use refblk::bench::profile::{parse_profiles, Kind, Prep};
+use refblk::bench::workload::{Pattern, Stop};
 use refblk::bench::write_dense;
 use refblk::util::scratchfs::{have_tool, skip_or_fail};
 
-const SIZE: u64 = 128 << 20;
-const RUNS: usize = 9;
-const RUNTIME: Duration = Duration::from_millis(250);
+const SIZE: u64 = 64 << 20;
+
+/// Operations per run: enough to wrap the 64 one-MiB blocks three times, and for the
+/// random profiles' offsets to spread over the region (see `mismatches`).
+fn ops_for(bs: u32, pattern: Pattern) -> u64 {
+    match (pattern, bs) {
+        // Each block once: the whole region.
+        (Pattern::RandUnique, _) => SIZE / u64::from(bs),
+        (_, bs) if bs >= 1 << 20 => 200,
+        _ => 2000,
+    }
+}
 
 #[test]
-fn our_file_path_and_fio_agree_within_15_percent() {
+fn our_generator_and_fio_issue_the_same_operations() {
     if !have_tool("fio") && !skip_or_fail("fio is not installed (scripts/test installs it)") {
         return;
     }
@@ -42,25 +51,48 @@ fn our_file_path_and_fio_agree_within_15_percent() {
         .prefix("refblk-test-fio.")
         .tempdir_in(shm)
         .unwrap();
-    let file = dir.path().join("image");
-    write_dense(&file, SIZE).unwrap();
-    for p in parse_profiles("seq1m_q1t1_read,seq1m_q8t1_read").unwrap() {
-        let Kind::Io(spec, _) = p.kind else {
+    let dense = dir.path().join("image");
+    write_dense(&dense, SIZE).unwrap();
+    let profiles =
+        parse_profiles("seq1m_q8t1_read,seq1m_q1t1_write,rnd4k_q32t1_read,rnd4k_q1t1_write,alloc")
+            .unwrap();
+    let mut failed = Vec::new();
+    for p in profiles {
+        let Kind::Io(spec, prep) = p.kind else {
             panic!("{} is not an I/O profile", p.name)
         };
-        let first = compare(&file, &spec, SIZE, RUNS, RUNTIME).unwrap();
-        println!("{}: {}", p.name, first.summary());
-        if first.agrees(0.15) {
-            continue;
-        }
-        let second = compare(&file, &spec, SIZE, RUNS, RUNTIME).unwrap();
-        println!("{} (again): {}", p.name, second.summary());
-        assert!(
-            second.agrees(0.15),
-            "{}: our file path and fio disagree by more than 15 % twice in a row:\n  {}\n  {}",
-            p.name,
-            first.summary(),
-            second.summary()
+        // A sparse image for `alloc`, as `refblk bench` gives it; the dense one else.
+        let image = |side: &str| {
+            if prep == Prep::Sparse {
+                let f = dir.path().join(format!("{}.{side}", p.name));
+                File::create(&f).unwrap().set_len(SIZE).unwrap();
+                f
+            } else {
+                dense.clone()
+            }
+        };
+        let n = ops_for(spec.bs, spec.pattern);
+        let (ours, direct) = run_ours(&image("ours"), &spec, SIZE, Stop::Ops(n), 7).unwrap();
+        let fio = issued(&image("fio"), &spec, SIZE, n, direct).unwrap();
+        println!(
+            "{}: {n} operations, O_DIRECT {direct}\n  ours {:?}\n  fio  {:?}, iodepth_level {:?}",
+            p.name, ours.issued, fio.counts, fio.depth_levels
         );
+        assert_eq!(
+            ours.issued.ops(),
+            n,
+            "{}: ours issued a different count than asked",
+            p.name
+        );
+        assert_eq!(ours.ops, n, "{}: ours completed a different count", p.name);
+        let m = mismatches(&spec, SIZE, &ours.issued, &fio);
+        if !m.is_empty() {
+            failed.push(format!("{}:\n    {}", p.name, m.join("\n    ")));
+        }
     }
+    assert!(
+        failed.is_empty(),
+        "our generator and fio issued different operations:\n  {}",
+        failed.join("\n  ")
+    );
 }

@@ -42,6 +42,44 @@ fn every_path_produces_sane_numbers() {
         progress: false,
     };
     let rep = bench::run(&cfg).expect("bench run");
+    // fio calibrates the file path on every profile it can run (not discard), one
+    // run per repetition; without fio the report says so and the run goes on.
+    if rep.fio.is_some() {
+        let profiles: Vec<&str> = rep.calibration.iter().map(|c| c.profile).collect();
+        assert_eq!(
+            profiles,
+            [
+                "seq1m_q8t1_read",
+                "rnd4k_q32t1_write",
+                "rnd4k_q1t1_read",
+                "alloc",
+                "discard_64k"
+            ],
+            "calibrated profiles"
+        );
+        for c in &rep.calibration {
+            if c.profile == "discard_64k" {
+                assert!(c.samples.is_empty(), "fio cannot trim a file: {c:?}");
+                assert!(c.error.as_deref().unwrap_or("").contains("not calibrated"));
+                continue;
+            }
+            assert!(c.error.is_none(), "{} fio: {:?}", c.profile, c.error);
+            assert_eq!(c.samples.len(), cfg.reps, "{} fio samples", c.profile);
+            assert!(c.samples.iter().all(|s| s.ops > 0 && s.iops > 0.0), "{c:?}");
+            assert!(c
+                .command
+                .contains("--ioengine=io_uring --fixedbufs --registerfiles"));
+            assert!(c.command.contains("--direct=1"), "{}", c.command);
+        }
+    } else {
+        assert!(
+            rep.notes
+                .iter()
+                .any(|n| n.contains("not calibrated against fio")),
+            "{:?}",
+            rep.notes
+        );
+    }
     let mut paths_seen = Vec::new();
     for r in &rep.io {
         let what = format!("{} {} {}", r.place, r.profile, r.path);

@@ -557,13 +557,31 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// Most admission attempts [`run`] makes: far more than any limit in these
+    /// tests allows (the largest expects about 5050 admissions and as many
+    /// refusals), so reaching it means the limiter stopped limiting.
+    const MAX_ATTEMPTS: u64 = 1_000_000;
+
     /// Admit as many requests as the limiter allows over `secs` seconds with
     /// an injected clock that jumps to each retry time; returns the count.
+    /// The clock only moves on a refusal, so a limiter that never refuses
+    /// (say, a request drawing from the wrong, unlimited bucket) would keep
+    /// this loop at one instant forever: after [`MAX_ATTEMPTS`] it fails
+    /// instead.
     fn run(l: &Limiter, write: bool, bytes: u64, t0: Instant, secs: u64) -> u64 {
         let end = t0 + Duration::from_secs(secs);
         let mut now = t0;
         let mut n = 0;
+        let mut attempts = 0u64;
         while now < end {
+            attempts += 1;
+            assert!(
+                attempts <= MAX_ATTEMPTS,
+                "the limiter admitted {n} {} requests of {bytes} bytes and the simulated clock \
+                 got only {:?} into the {secs} s run: it does not limit these requests",
+                if write { "write" } else { "read" },
+                now - t0
+            );
             match l.admit(write, bytes, now) {
                 Ok(()) => n += 1,
                 Err(t) => {

@@ -105,6 +105,14 @@ impl Default for BackendConfig {
     }
 }
 
+/// The largest request's data (bytes) with `max_indirect_segments` offered:
+/// every segment a whole page.
+pub fn largest_request_bytes(max_indirect_segments: u32) -> usize {
+    let segs = (max_indirect_segments.min(crate::blkif::MAX_INDIRECT_SEGMENTS) as usize)
+        .max(xen_sys::blkif::BLKIF_MAX_SEGMENTS_PER_REQUEST);
+    segs * crate::platform::PAGE_SIZE
+}
+
 /// Messages to the control thread.
 pub(crate) enum Event {
     QueueExit {
@@ -353,7 +361,19 @@ const TOKEN_RELEASE: &str = "refblk:release";
 
 impl Backend {
     /// Connect to xenstore and set the watches.
-    pub fn new(platform: Arc<dyn Platform>, cfg: BackendConfig) -> io::Result<Backend> {
+    pub fn new(platform: Arc<dyn Platform>, mut cfg: BackendConfig) -> io::Result<Backend> {
+        // A request waits for buffer space rather than fail, so every worker's
+        // slab must hold the largest request a guest may send.
+        let largest = largest_request_bytes(cfg.max_indirect_segments);
+        if cfg.engine.slab_bytes < largest {
+            info!(
+                "buffer slab per worker grown from {} KiB to {} KiB: the largest request ({} segments) must fit",
+                cfg.engine.slab_bytes >> 10,
+                largest >> 10,
+                largest / crate::platform::PAGE_SIZE
+            );
+            cfg.engine.slab_bytes = largest;
+        }
         let xs = platform.xenstore()?;
         let base = format!("/local/domain/{}/backend/vbd", cfg.backend_domid);
         xs.watch(&base, TOKEN_BACKEND)

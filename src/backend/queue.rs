@@ -196,6 +196,15 @@ pub(crate) struct Shared {
     /// pump), so that the statistics read the clock once per batch rather
     /// than twice per request.
     pub now: Instant,
+    /// Queues (by table index) waiting for buffer space, first come first
+    /// served: while one waits, only the first may allocate, so a large
+    /// request is never starved by a stream of small ones from other queues.
+    /// Every buffer is released by an I/O in flight or by the next pump of
+    /// its queue, so the first in line always gets its turn.
+    buf_waiters: VecDeque<u32>,
+    /// Bumped when the first in line got its buffer or left the line (the
+    /// next one may try now).
+    buf_turns: u64,
 }
 
 impl Shared {
@@ -205,7 +214,55 @@ impl Shared {
             indirect: vec![0u8; xen_sys::blkif::BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST * PAGE_SIZE],
             copy_status: Vec::with_capacity(64),
             now: Instant::now(),
+            buf_waiters: VecDeque::new(),
+            buf_turns: 0,
         }
+    }
+
+    /// A buffer of `len` bytes for queue `q`, or None: `q` waits in line (see
+    /// `buf_waiters`) and is served again after buffers were freed.
+    fn alloc_for(&mut self, q: u32, len: usize) -> Option<BufRegion> {
+        let first = self.buf_waiters.front().copied();
+        let r = match first {
+            Some(f) if f != q => None,
+            _ => self.engine.alloc(len),
+        };
+        match (&r, first) {
+            (Some(_), Some(f)) if f == q => {
+                self.buf_waiters.pop_front();
+                self.buf_turns += 1;
+            }
+            (None, _) if !self.buf_waiters.contains(&q) => self.buf_waiters.push_back(q),
+            _ => {}
+        }
+        r
+    }
+
+    /// Queue `q` no longer waits for a buffer.
+    fn leave_buffer_line(&mut self, q: u32) {
+        if let Some(at) = self.buf_waiters.iter().position(|&w| w == q) {
+            self.buf_waiters.remove(at);
+            if at == 0 {
+                self.buf_turns += 1;
+            }
+        }
+    }
+
+    /// Something a waiting queue needs may have changed since `mark`
+    /// ([`progress_mark`](Self::progress_mark)): buffers were freed or the
+    /// line moved. The worker then serves its queues again before sleeping.
+    pub fn waiters_may_proceed(&self, mark: (u64, u64)) -> bool {
+        !self.buf_waiters.is_empty() && mark != self.progress_mark()
+    }
+
+    pub fn progress_mark(&self) -> (u64, u64) {
+        (self.engine.buffer_frees(), self.buf_turns)
+    }
+
+    /// Does any I/O of this worker run that will free buffers or engine
+    /// slots when it completes?
+    fn io_in_flight(&self) -> bool {
+        self.engine.in_flight_io() > 0
     }
 }
 
@@ -242,6 +299,16 @@ pub(crate) struct Queue {
     now: Instant,
     /// A barrier is in progress: nothing else starts until it is answered.
     barrier_active: bool,
+    /// The first pending request waits for the worker's buffers or engine
+    /// slots (not for anything of this queue's own).
+    waits_for_worker: bool,
+    /// Requests answered so far (a pump repeats its start pass while answers
+    /// unblock requests behind them).
+    answered: u64,
+    /// The first pending request has been counted in `buffer_waits`.
+    front_waited: bool,
+    /// A stall was reported when `answered` had this value.
+    stall_reported: Option<u64>,
     stopping: bool,
     /// Why the queue gave up (the device is disconnected).
     failed: Option<String>,
@@ -291,6 +358,10 @@ impl Queue {
             pending: VecDeque::new(),
             now: Instant::now(),
             barrier_active: false,
+            waits_for_worker: false,
+            answered: 0,
+            front_waited: false,
+            stall_reported: None,
             stopping: false,
             failed: None,
             dirty: true,
@@ -397,12 +468,28 @@ impl Queue {
         self.now = sh.now; // stats
         self.copy_out_reads(sh);
         self.refresh_disk();
-        if !self.stopping {
-            if let Err(e) = self.consume() {
-                self.fail(sh, e);
+        // Consume and start until nothing changes: an answer given on the way
+        // (a rejected request, a failed grant copy, a refused submission) can
+        // unblock the requests behind it (a drain, a barrier, ring space), and
+        // no completion would come to wake this queue for them. Each round
+        // answers a request; the bound keeps one busy ring from holding the
+        // worker (the queue is served again on the next pass).
+        for round in 0.. {
+            let answered = self.answered;
+            if !self.stopping {
+                if let Err(e) = self.consume() {
+                    self.fail(sh, e);
+                }
+            }
+            self.start_pending(sh);
+            if self.answered == answered {
+                break;
+            }
+            if round == self.ctx.ring.size() {
+                self.dirty = true;
+                break;
             }
         }
-        self.start_pending(sh);
         self.publish_responses();
         if self.stopping {
             if self.in_flight_requests() == 0 && self.pending.is_empty() && self.ops == 0 {
@@ -421,6 +508,7 @@ impl Queue {
     /// Take the queue off the worker: detach its image from the engine and
     /// report how it ended. Only after [`Pump::Finished`].
     pub fn finish_off(self, sh: &mut Shared) -> Result<(), String> {
+        sh.leave_buffer_line(self.index);
         if let Err(e) = sh.engine.detach(self.img) {
             warn!("{}: {e}", self.ctx.name);
         }
@@ -606,8 +694,13 @@ impl Queue {
         self.pending.push_back((jent, p, t0));
     }
 
-    /// Start pending requests in order until one cannot start yet.
+    /// Start pending requests in order until one cannot start yet. A request
+    /// that cannot start waits — for this queue's own I/O (a drain, a
+    /// barrier), a limit's timer, or the worker's buffers and engine slots —
+    /// and is never failed for it: that is backpressure, not an error.
     fn start_pending(&mut self, sh: &mut Shared) {
+        self.waits_for_worker = false;
+        let mut in_buffer_line = false;
         while let Some((_, p, _)) = self.pending.front() {
             if self.barrier_active {
                 break;
@@ -617,6 +710,7 @@ impl Queue {
             // requests than the engine takes ops; the rest wait here.
             // (Writes waiting for their batched grant copy take their slots later.)
             if sh.engine.free_slots() <= ENGINE_RESERVE + self.writes_to_copy.len() {
+                self.waits_for_worker = true;
                 break;
             }
             if p.needs_drain() && self.in_flight_requests() > 0 {
@@ -629,24 +723,21 @@ impl Queue {
                 Pending::Rw(r) => r.len as usize,
                 _ => 0,
             };
+            // The buffer comes from the worker's slab, shared with its other
+            // queues. None: wait in line for it (buffers are freed as I/O
+            // completes; the slab holds the largest request a guest may send,
+            // see `Backend::new`).
             let region = if need > 0 {
-                match sh.engine.alloc(need) {
+                match sh.alloc_for(self.index, need) {
                     Some(r) => Some(r),
-                    None if self.in_flight_requests() > 0 => break, // wait for buffers
                     None => {
-                        // Nothing in flight and still no room: the slab is smaller
-                        // than one request. Refuse it rather than stall the ring.
-                        let (jent, p, t0) = self.pending.pop_front().expect("front exists");
-                        if let Pending::Rw(r) = p {
-                            warn!(
-                                "{}: request of {} bytes exceeds the buffer slab",
-                                self.ctx.name, r.len
-                            );
-                            let st = &self.ctx.stats;
-                            st.answered(t0, self.now, r.response_op, false, r.len, false); // stats
-                            self.respond(jent, r.id, r.response_op, BLKIF_RSP_ERROR);
+                        if !self.front_waited {
+                            self.front_waited = true;
+                            self.ctx.stats.buffer_waits.fetch_add(1, Ordering::Relaxed);
                         }
-                        continue;
+                        self.waits_for_worker = true;
+                        in_buffer_line = true;
+                        break;
                     }
                 }
             } else {
@@ -669,10 +760,43 @@ impl Queue {
                 }
             }
             let (jent, p, t0) = self.pending.pop_front().expect("front exists");
+            self.front_waited = false;
             self.free_slots.pop();
             self.start(sh, slot, jent, p, region, t0);
         }
+        if !in_buffer_line {
+            sh.leave_buffer_line(self.index);
+        }
         self.copy_in_writes(sh);
+    }
+
+    /// Liveness, checked by the worker before it sleeps: consumed requests
+    /// must have something that will wake this queue for them — its own I/O
+    /// in flight, its timer, or worker I/O whose completion frees what they
+    /// wait for. Otherwise they would wait for the guest's next kick, which
+    /// may never come (a guest waiting for its fsync). Never happens unless
+    /// the backend has a bug: counted (`stalls`) and logged once per state,
+    /// and true is returned so that the worker serves its queues once more
+    /// before sleeping.
+    pub fn stalled(&mut self, sh: &Shared) -> bool {
+        if self.pending.is_empty() || self.in_flight_requests() > 0 || self.timer_at.is_some() {
+            return false;
+        }
+        if self.waits_for_worker && sh.io_in_flight() {
+            return false;
+        }
+        if self.stall_reported == Some(self.answered) {
+            return false; // reported already; nothing was answered since
+        }
+        self.stall_reported = Some(self.answered);
+        self.ctx.stats.stalls.fetch_add(1, Ordering::Relaxed);
+        log::error!(
+            "{}: {} consumed request(s) wait with nothing in flight that would wake them (a backend bug)",
+            self.ctx.name,
+            self.pending.len()
+        );
+        self.dirty = true;
+        true
     }
 
     fn start(
@@ -1154,6 +1278,7 @@ impl Queue {
     }
 
     fn respond(&mut self, jent: u32, id: u64, op: u8, status: i16) {
+        self.answered += 1;
         if let Some(j) = self.ctx.journal.as_mut() {
             if jent != NO_ENTRY && self.ctx.ring.outstanding() > 0 {
                 j.answered(jent, self.ctx.ring.rsp_prod_pvt());

@@ -141,6 +141,14 @@ pub struct QueueStats {
     pub queue_depth: AtomicU64,
     /// Times a request could not start because a limit said wait.
     pub throttled: AtomicU64,
+    /// Times a request had to wait for the worker's buffers (backpressure:
+    /// the worker's slab was full, or another queue was first in line).
+    pub buffer_waits: AtomicU64,
+    /// Liveness violations: times the worker went to sleep while this queue
+    /// held consumed requests with nothing that would wake it (no I/O of its
+    /// own in flight, no timer, no worker I/O it waits for). Always 0 unless
+    /// the backend has a bug; tests and the fuzz target assert it.
+    pub stalls: AtomicU64,
 }
 
 impl Default for QueueStats {
@@ -169,6 +177,8 @@ impl QueueStats {
             in_flight: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             throttled: AtomicU64::new(0),
+            buffer_waits: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
         }
     }
 
@@ -239,6 +249,8 @@ impl QueueStats {
             in_flight: g(&self.in_flight),
             queue_depth: g(&self.queue_depth),
             throttled: g(&self.throttled),
+            buffer_waits: g(&self.buffer_waits),
+            stalls: g(&self.stalls),
             ..StatsSnapshot::default()
         };
         for (o, c) in s.ops.iter_mut().zip(&self.ops) {
@@ -377,6 +389,10 @@ pub struct StatsSnapshot {
     pub in_flight: u64,
     pub queue_depth: u64,
     pub throttled: u64,
+    /// Requests that waited for the worker's buffers (see [`QueueStats`]).
+    pub buffer_waits: u64,
+    /// Liveness violations (see [`QueueStats`]); 0 unless there is a bug.
+    pub stalls: u64,
     /// Indexed by `OpClass as usize`.
     pub ops: [OpSnapshot; 4],
 }
@@ -395,6 +411,8 @@ impl StatsSnapshot {
         self.in_flight += o.in_flight;
         self.queue_depth += o.queue_depth;
         self.throttled += o.throttled;
+        self.buffer_waits += o.buffer_waits;
+        self.stalls += o.stalls;
         for (a, b) in self.ops.iter_mut().zip(&o.ops) {
             a.merge(b);
         }
@@ -419,6 +437,8 @@ impl StatsSnapshot {
             in_flight: self.in_flight,
             queue_depth: self.queue_depth,
             throttled: self.throttled.saturating_sub(earlier.throttled),
+            buffer_waits: self.buffer_waits.saturating_sub(earlier.buffer_waits),
+            stalls: self.stalls.saturating_sub(earlier.stalls),
             ops,
         }
     }
@@ -454,6 +474,8 @@ impl StatsSnapshot {
             "in_flight": self.in_flight,
             "queue_depth": self.queue_depth,
             "throttled": self.throttled,
+            "buffer_waits": self.buffer_waits,
+            "stalls": self.stalls,
             "latency_hist_unit": "log2 microseconds: bucket 0 < 1 us, bucket i in [2^(i-1), 2^i) us",
             "ops": Value::Object(ops),
         })
@@ -474,6 +496,8 @@ impl StatsSnapshot {
             in_flight: u("in_flight"),
             queue_depth: u("queue_depth"),
             throttled: u("throttled"),
+            buffer_waits: u("buffer_waits"),
+            stalls: u("stalls"),
             ..StatsSnapshot::default()
         };
         for c in OpClass::ALL {

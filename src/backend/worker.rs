@@ -258,12 +258,20 @@ impl Worker {
         self.arm_wake();
         loop {
             self.on_messages();
-            let again = self.pass();
+            let mark = self.sh.progress_mark();
+            let mut again = self.pass();
             if self.closing && self.queues.iter().all(Option::is_none) {
                 debug!("io worker {}: exiting", self.idx);
                 return;
             }
-            let r = if again || self.poll_for_work() {
+            // Buffers freed (or the line moved) during the pass, after a queue
+            // waiting for them was served: serve it again now, since no
+            // completion may come to wake it.
+            again |= self.sh.waiters_may_proceed(mark);
+            if !again {
+                again = self.poll_for_work() || self.stalled_queues();
+            }
+            let r = if again {
                 self.sh.engine.submit()
             } else {
                 self.sh.engine.submit_and_wait(1)
@@ -313,6 +321,16 @@ impl Worker {
             }
             std::hint::spin_loop();
         }
+    }
+
+    /// Before sleeping: does a queue hold requests that nothing will wake
+    /// (see [`Queue::stalled`])? Then it is served once more.
+    fn stalled_queues(&mut self) -> bool {
+        let mut any = false;
+        for e in self.queues.iter_mut().flatten() {
+            any |= e.q.stalled(&self.sh);
+        }
+        any
     }
 
     /// Serve every queue that has work, from a rotating start. True if some

@@ -6,6 +6,9 @@
 //!
 //! Every figure is the median of `reps` repetitions with the range shown; paths are
 //! interleaved within a repetition (rotated each time) so machine drift hits all.
+//! Where fio is installed, each repetition also runs fio with the same profile on the
+//! same image, interleaved the same way, which calibrates the `file` path (the
+//! ceiling every ratio divides by) against the instrument users know ([`fio`]).
 
 pub mod fio;
 pub mod loopdev;
@@ -29,6 +32,7 @@ use crate::util::scratchfs::{FsKind, ScratchFs};
 use loopdev::LoopDev;
 use profile::{Kind, PathKind, Prep, Profile};
 use target::{fill_pattern, BlockTarget, EngineTarget};
+use workload::Stop;
 
 /// Where to run: a fresh scratch file system, or a directory the user names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +130,20 @@ pub struct MetaResult {
     pub note: Option<String>,
 }
 
+/// fio beside our `file` path for one (file system, profile): the calibration of
+/// the ceiling every ratio divides by.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    pub place: String,
+    pub profile: &'static str,
+    /// The fio command line of the last run (the image is the one that run used).
+    pub command: String,
+    /// fio's runs, one per repetition (CPU and page-cache figures not measured).
+    pub samples: Vec<Sample>,
+    /// Why fio did not run (or stopped); the `file` path's samples stand.
+    pub error: Option<String>,
+}
+
 /// Everything a run produced.
 #[derive(Debug, Clone, Default)]
 pub struct BenchReport {
@@ -136,6 +154,9 @@ pub struct BenchReport {
     pub reps: usize,
     pub io: Vec<IoResult>,
     pub meta: Vec<MetaResult>,
+    /// fio's version when it calibrated the `file` path, None when it was missing.
+    pub fio: Option<String>,
+    pub calibration: Vec<Calibration>,
     /// Things the reader should know (paths skipped and why, ...).
     pub notes: Vec<String>,
 }
@@ -188,6 +209,16 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
         reps: cfg.reps,
         ..Default::default()
     };
+    let calibrate = cfg.paths.contains(&PathKind::File)
+        && cfg.profiles.iter().any(|p| matches!(p.kind, Kind::Io(..)));
+    if calibrate {
+        match fio::available() {
+            Ok(v) => rep.fio = Some(v),
+            Err(why) => rep.notes.push(format!(
+                "{why}: the file path is not calibrated against fio"
+            )),
+        }
+    }
     let progress = Progress::new(cfg.progress);
     for place in &cfg.places {
         run_place(cfg, place, &mut rep, &progress)?;
@@ -317,6 +348,20 @@ fn run_place(
                     error: None,
                 })
                 .collect();
+            // fio with the same profile on the same image, one run per repetition
+            // in the rotation with the paths (the last slot of the first one, so
+            // the file path has shown whether it gets O_DIRECT).
+            let calibrate = rep.fio.is_some() && paths.contains(&PathKind::File);
+            let mut cal = Calibration {
+                place: label.clone(),
+                profile: p.name,
+                command: String::new(),
+                samples: Vec::new(),
+                error: fio::args(&dense, &spec, cfg.size, Stop::After(cfg.runtime), true)
+                    .err()
+                    .map(|why| format!("not calibrated: {why}")),
+            };
+            let slots = paths.len() + usize::from(calibrate);
             if prep == Prep::Clone && !ws.reflink {
                 rep.notes.push(format!(
                     "{label}: {} starts from a full copy (no FICLONE on this file system)",
@@ -324,8 +369,41 @@ fn run_place(
                 ));
             }
             for r in 0..cfg.reps {
-                for i in 0..paths.len() {
-                    let k = (i + r) % paths.len();
+                for i in 0..slots {
+                    let k = (i + r) % slots;
+                    if k == paths.len() {
+                        if cal.error.is_some() {
+                            continue;
+                        }
+                        let file = results.iter().find(|x| x.path == PathKind::File);
+                        let direct = match file {
+                            Some(f) if f.error.is_none() && !f.io_mode.is_empty() => {
+                                f.io_mode == "O_DIRECT"
+                            }
+                            _ => {
+                                cal.error =
+                                    Some("not calibrated: the file path did not run".into());
+                                continue;
+                            }
+                        };
+                        progress.show(&format!(
+                            "{label}: {} rep {}/{} fio",
+                            p.name,
+                            r + 1,
+                            cfg.reps
+                        ));
+                        match fio_run(cfg, &ws, &dense, &spec, prep, direct) {
+                            Ok((s, command)) => {
+                                cal.samples.push(s);
+                                cal.command = command;
+                            }
+                            Err(e) => {
+                                log::warn!("{label} {} fio: {e}", p.name);
+                                cal.error = Some(e);
+                            }
+                        }
+                        continue;
+                    }
                     let res = &mut results[k];
                     if res.error.is_some() {
                         continue;
@@ -350,6 +428,9 @@ fn run_place(
                 }
             }
             rep.io.extend(results);
+            if calibrate {
+                rep.calibration.push(cal);
+            }
         }
         let _ = fs::remove_file(&dense);
     }
@@ -476,21 +557,8 @@ fn one_run(
     prep: Prep,
     rep: u64,
 ) -> Result<(Sample, String), String> {
-    let tmp = ws.dir.join("run.img");
-    let image: &Path = match prep {
-        Prep::Dense => dense,
-        Prep::Sparse => {
-            let f = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-            f.set_len(cfg.size)
-                .map_err(|e| format!("{}: truncate: {e}", tmp.display()))?;
-            &tmp
-        }
-        Prep::Clone => {
-            clone_or_copy(dense, &tmp).map_err(|e| format!("clone {}: {e}", dense.display()))?;
-            &tmp
-        }
-    };
-    drop_cache(image).map_err(|e| format!("{}: dropping the page cache: {e}", image.display()))?;
+    let image = prepare(cfg, ws, dense, prep)?;
+    let image = image.as_path();
     let (mut opened, mode) = open_path(ws, path, image, spec)?;
     let h0 = stats::machine_busy_ns();
     let r = workload::run(
@@ -504,8 +572,8 @@ fn one_run(
     let h1 = stats::machine_busy_ns();
     drop(opened);
     let cache_bytes = fincore(image).unwrap_or(0);
-    if image == tmp {
-        let _ = fs::remove_file(&tmp);
+    if image != dense {
+        let _ = fs::remove_file(image);
     }
     let host = if r.ops > 0 {
         h1.saturating_sub(h0) as f64 / 1000.0 / r.ops as f64
@@ -526,6 +594,52 @@ fn one_run(
         },
         mode,
     ))
+}
+
+/// The image a run of a `prep` profile starts from (the dense image itself, or a
+/// new sparse file or clone of it, which the caller removes), out of the page cache.
+fn prepare(cfg: &BenchConfig, ws: &Workspace, dense: &Path, prep: Prep) -> Result<PathBuf, String> {
+    let tmp = ws.dir.join("run.img");
+    let image = match prep {
+        Prep::Dense => dense.to_path_buf(),
+        Prep::Sparse => {
+            let _ = fs::remove_file(&tmp);
+            let f = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+            f.set_len(cfg.size)
+                .map_err(|e| format!("{}: truncate: {e}", tmp.display()))?;
+            tmp
+        }
+        Prep::Clone => {
+            clone_or_copy(dense, &tmp).map_err(|e| format!("clone {}: {e}", dense.display()))?;
+            tmp
+        }
+    };
+    drop_cache(&image).map_err(|e| format!("{}: dropping the page cache: {e}", image.display()))?;
+    Ok(image)
+}
+
+/// One timed fio run of `spec` on the image `prep` makes: its sample and command line.
+fn fio_run(
+    cfg: &BenchConfig,
+    ws: &Workspace,
+    dense: &Path,
+    spec: &workload::IoSpec,
+    prep: Prep,
+    direct: bool,
+) -> Result<(Sample, String), String> {
+    let image = prepare(cfg, ws, dense, prep)?;
+    let res = fio::args(&image, spec, cfg.size, Stop::After(cfg.runtime), direct).and_then(|a| {
+        let s = fio::run_timed(&a, &image, spec.op).map_err(|e| e.to_string())?;
+        Ok((s, fio::command_line(&a)))
+    });
+    let res = res.map(|(mut s, c)| {
+        s.cache_bytes = fincore(&image).unwrap_or(0);
+        (s, c)
+    });
+    if image != dense {
+        let _ = fs::remove_file(&image);
+    }
+    res
 }
 
 /// Write `size` bytes of the pattern to a new file at `path` (buffered, large

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::profile::PathKind;
 use super::stats::Spread;
-use super::{fmt_bytes, BenchReport, IoResult, Sample};
+use super::{fmt_bytes, BenchReport, Calibration, IoResult, Sample};
 
 fn spread(r: &IoResult, f: impl Fn(&Sample) -> f64) -> Spread {
     Spread::of(&r.samples.iter().map(f).collect::<Vec<_>>())
@@ -34,6 +34,24 @@ pub fn ratio(
     let x = median_iops(rep, place, profile, a)?;
     let y = median_iops(rep, place, profile, b)?;
     (y > 0.0).then(|| x / y)
+}
+
+/// Our `file` path's IOPS ÷ fio's, per repetition where both ran (the runs of one
+/// repetition are interleaved, so each ratio compares runs made close together).
+pub fn calibration_ratios(rep: &BenchReport, c: &Calibration) -> Vec<f64> {
+    let Some(file) = rep
+        .io
+        .iter()
+        .find(|r| r.place == c.place && r.profile == c.profile && r.path == PathKind::File)
+    else {
+        return Vec::new();
+    };
+    file.samples
+        .iter()
+        .zip(&c.samples)
+        .filter(|(_, f)| f.iops > 0.0)
+        .map(|(o, f)| o.iops / f.iops)
+        .collect()
 }
 
 fn places(rep: &BenchReport) -> Vec<String> {
@@ -133,6 +151,60 @@ pub fn markdown(rep: &BenchReport) -> String {
             }
             let _ = writeln!(s);
         }
+        let cal: Vec<&Calibration> = rep
+            .calibration
+            .iter()
+            .filter(|c| c.place == place)
+            .collect();
+        if !cal.is_empty() {
+            let _ = writeln!(
+                s,
+                "Calibration of the ceiling: our `file` path ÷ fio ({}) on the same image, same profile, interleaved; median of the per-rep ratios (range)\n",
+                rep.fio.as_deref().unwrap_or("fio")
+            );
+            let _ = writeln!(
+                s,
+                "| profile | file IOPS | fio IOPS | fio MB/s | fio mean µs | fio p99 µs | file ÷ fio |"
+            );
+            let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+            for c in cal {
+                let ours = median_iops(rep, &place, c.profile, PathKind::File)
+                    .map(fmt_num)
+                    .unwrap_or_else(|| "—".into());
+                let ratios = calibration_ratios(rep, c);
+                if c.samples.is_empty() || ratios.is_empty() {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {ours} | — | | | | {} |",
+                        c.profile,
+                        c.error.as_deref().unwrap_or("not measured")
+                    );
+                    continue;
+                }
+                let sp = |f: fn(&Sample) -> f64| {
+                    Spread::of(&c.samples.iter().map(f).collect::<Vec<_>>())
+                };
+                let r = Spread::of(&ratios);
+                let _ = writeln!(
+                    s,
+                    "| {} | {ours} | {} ±{:.0}% | {} | {} | {} | {:.2} ({:.2}–{:.2}) |{}",
+                    c.profile,
+                    fmt_num(sp(|x| x.iops).median),
+                    sp(|x| x.iops).spread_pct(),
+                    fmt_num(sp(|x| x.mbps).median),
+                    fmt_num(sp(|x| x.lat_mean_us).median),
+                    fmt_num(sp(|x| x.lat_p99_us).median),
+                    r.median,
+                    r.min,
+                    r.max,
+                    c.error
+                        .as_deref()
+                        .map(|e| format!(" {e}"))
+                        .unwrap_or_default()
+                );
+            }
+            let _ = writeln!(s);
+        }
     }
     if !rep.meta.is_empty() {
         let _ = writeln!(
@@ -224,6 +296,34 @@ pub fn to_json(rep: &BenchReport) -> Value {
             })
         })
         .collect();
+    let calibration: Vec<Value> = rep
+        .calibration
+        .iter()
+        .map(|c| {
+            let sp = |f: fn(&Sample) -> f64| {
+                spread_json(Spread::of(&c.samples.iter().map(f).collect::<Vec<_>>()))
+            };
+            let ratios = calibration_ratios(rep, c);
+            json!({
+                "fs": c.place,
+                "profile": c.profile,
+                "fio_command": c.command,
+                "error": c.error,
+                "file_iops": median_iops(rep, &c.place, c.profile, PathKind::File),
+                "fio_iops": sp(|x| x.iops),
+                "fio_mbps": sp(|x| x.mbps),
+                "fio_lat_mean_us": sp(|x| x.lat_mean_us),
+                "fio_lat_p99_us": sp(|x| x.lat_p99_us),
+                "file_over_fio": (!ratios.is_empty()).then(|| spread_json(Spread::of(&ratios))),
+                "ratios": ratios,
+                "fio_samples": c.samples.iter().map(|x| json!({
+                    "iops": x.iops, "mbps": x.mbps, "lat_mean_us": x.lat_mean_us,
+                    "lat_p99_us": x.lat_p99_us, "cache_bytes": x.cache_bytes,
+                    "ops": x.ops, "secs": x.secs,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
     json!({
         "started_utc": rep.started_utc,
         "host": rep.host,
@@ -232,6 +332,8 @@ pub fn to_json(rep: &BenchReport) -> Value {
         "reps": rep.reps,
         "io": io,
         "meta": meta,
+        "fio": rep.fio,
+        "calibration": calibration,
         "notes": rep.notes,
     })
 }
@@ -413,5 +515,55 @@ mod tests {
         assert!(svg.contains(">0.80<"));
         let j = to_json(&rep);
         assert_eq!(j["io"][1]["ratio_to_file"].as_f64().unwrap(), r);
+        assert!(j["fio"].is_null() && j["calibration"].as_array().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_calibration_divides_each_file_run_by_the_fio_run_of_its_rep() {
+        let mut file = res(PathKind::File, 1000.0);
+        file.samples.push(Sample {
+            iops: 900.0,
+            ..Default::default()
+        });
+        let fio = |iops| Sample {
+            iops,
+            ..Default::default()
+        };
+        let rep = BenchReport {
+            io: vec![file],
+            reps: 2,
+            fio: Some("fio-3.33".into()),
+            calibration: vec![
+                Calibration {
+                    place: "xfs".into(),
+                    profile: "rnd4k_q1t1_read",
+                    command: "fio --rw=randread".into(),
+                    samples: vec![fio(800.0), fio(1000.0)],
+                    error: None,
+                },
+                Calibration {
+                    place: "xfs".into(),
+                    profile: "discard_4k",
+                    command: String::new(),
+                    samples: vec![],
+                    error: Some("not calibrated: fio trims only block devices".into()),
+                },
+            ],
+            ..Default::default()
+        };
+        let c = &rep.calibration[0];
+        assert_eq!(calibration_ratios(&rep, c), [1.25, 0.9]);
+        let md = markdown(&rep);
+        assert!(md.contains("Calibration of the ceiling"), "{md}");
+        assert!(md.contains("| rnd4k_q1t1_read | 950 | 900 ±11% |"), "{md}");
+        assert!(md.contains("| 1.07 (0.90–1.25) |"), "{md}");
+        assert!(md.contains("fio trims only block devices"), "{md}");
+        let j = to_json(&rep);
+        assert_eq!(j["fio"], "fio-3.33");
+        let c = &j["calibration"][0];
+        assert_eq!(c["file_over_fio"]["median"].as_f64().unwrap(), 1.075);
+        assert_eq!(c["fio_iops"]["median"].as_f64().unwrap(), 900.0);
+        assert_eq!(c["fio_command"], "fio --rw=randread");
+        assert!(j["calibration"][1]["file_over_fio"].is_null());
     }
 }

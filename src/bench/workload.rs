@@ -1,7 +1,9 @@
 //! The workload generator: keeps `qd` operations of `bs` bytes in flight on a
-//! [`BlockTarget`] for a fixed time, sequentially, at random, or at random offsets that
-//! are each used once (first writes, CoW breaks, discards), and measures throughput,
-//! latency and the serving side's CPU time.
+//! [`BlockTarget`] for a fixed time (or a fixed number of operations), sequentially,
+//! at random, or at random offsets that are each used once (first writes, CoW
+//! breaks, discards), and measures throughput, latency and the serving side's CPU
+//! time. It also counts what it issued ([`IoCounts`]), which `tests/bench_fio.rs`
+//! compares with what fio issues for the same profile.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -32,11 +34,79 @@ pub struct IoSpec {
     pub pattern: Pattern,
 }
 
+/// When a run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Issue for this long (the benchmark's timed runs; fio `time_based`, `runtime=`).
+    After(Duration),
+    /// Issue exactly this many operations, fewer if a unique pattern runs out of
+    /// blocks first (fio `io_size=` of that many blocks).
+    Ops(u64),
+}
+
+/// What a run issued, counted at submission, in submission order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IoCounts {
+    pub reads: u64,
+    pub writes: u64,
+    pub discards: u64,
+    pub bytes: u64,
+    /// Smallest and largest operation, bytes (0 when none was issued).
+    pub min_len: u32,
+    pub max_len: u32,
+    /// Lowest offset and highest end (offset + length) of any operation (0 when none).
+    pub min_offset: u64,
+    pub max_end: u64,
+    /// Operations whose offset is not a multiple of their length.
+    pub misaligned: u64,
+    /// Operations that start where the one issued just before them ended.
+    pub sequential: u64,
+    /// Most operations in flight at once, counted right after a submission.
+    pub max_depth: u32,
+    /// Where the last operation ended.
+    last_end: u64,
+}
+
+impl IoCounts {
+    /// Operations issued.
+    pub fn ops(&self) -> u64 {
+        self.reads + self.writes + self.discards
+    }
+
+    /// Count one operation; `depth` is the number in flight including it.
+    pub fn issue(&mut self, op: IoOp, offset: u64, len: u32, depth: u32) {
+        let end = offset + u64::from(len);
+        if self.ops() == 0 {
+            self.min_len = len;
+            self.min_offset = offset;
+        } else if offset == self.last_end {
+            self.sequential += 1;
+        }
+        match op {
+            IoOp::Read => self.reads += 1,
+            IoOp::Write => self.writes += 1,
+            IoOp::Discard => self.discards += 1,
+        }
+        self.bytes += u64::from(len);
+        self.min_len = self.min_len.min(len);
+        self.max_len = self.max_len.max(len);
+        self.min_offset = self.min_offset.min(offset);
+        self.max_end = self.max_end.max(end);
+        if len == 0 || !offset.is_multiple_of(u64::from(len)) {
+            self.misaligned += 1;
+        }
+        self.max_depth = self.max_depth.max(depth);
+        self.last_end = end;
+    }
+}
+
 /// What one run measured.
 #[derive(Debug, Clone, Default)]
 pub struct RunResult {
     pub ops: u64,
     pub bytes: u64,
+    /// What was issued (see [`IoCounts`]).
+    pub issued: IoCounts,
     /// From the first submission to the last completion.
     pub secs: f64,
     pub lat_mean_us: f64,
@@ -143,6 +213,17 @@ pub fn run(
     runtime: Duration,
     seed: u64,
 ) -> io::Result<RunResult> {
+    run_until(target, spec, region, Stop::After(runtime), seed)
+}
+
+/// Run `spec` on the first `region` bytes of `target` until `stop`.
+pub fn run_until(
+    target: &mut dyn BlockTarget,
+    spec: &IoSpec,
+    region: u64,
+    stop: Stop,
+    seed: u64,
+) -> io::Result<RunResult> {
     let bs = spec.bs as u64;
     let blocks = region / bs;
     if blocks == 0 {
@@ -163,20 +244,29 @@ pub fn run(
 
     let cpu0 = target.serving_cpu_ns();
     let t0 = Instant::now();
-    let deadline = t0 + runtime;
+    let (deadline, max_ops) = match stop {
+        Stop::After(runtime) => (Some(t0 + runtime), u64::MAX),
+        Stop::Ops(n) => (None, n),
+    };
     let mut now = t0;
     loop {
         // Refill the queue.
-        if now < deadline && !exhausted {
+        if deadline.is_none_or(|d| now < d) && !exhausted {
             while let Some(&tag) = free.last() {
+                if result.issued.ops() >= max_ops {
+                    exhausted = true;
+                    break;
+                }
                 let Some(b) = offs.next() else {
                     exhausted = true;
                     break;
                 };
                 free.pop();
                 started[tag as usize] = now;
-                target.submit(tag, spec.op, b * bs, spec.bs)?;
+                let (offset, len) = (b * bs, spec.bs);
+                target.submit(tag, spec.op, offset, len)?;
                 in_flight += 1;
+                result.issued.issue(spec.op, offset, len, in_flight as u32);
             }
         }
         if in_flight == 0 {
@@ -231,6 +321,72 @@ mod tests {
             }
             assert!(seen.iter().all(|&s| s), "not all of {blocks} blocks");
         }
+    }
+
+    /// Completes every operation at once, in submission order.
+    struct Instant0 {
+        queued: Vec<u64>,
+    }
+
+    impl BlockTarget for Instant0 {
+        fn size(&self) -> u64 {
+            1 << 30
+        }
+        fn max_depth(&self) -> usize {
+            64
+        }
+        fn submit(&mut self, tag: u64, _: IoOp, _: u64, _: u32) -> io::Result<()> {
+            self.queued.push(tag);
+            Ok(())
+        }
+        fn kick(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn wait(&mut self, _: usize, out: &mut Vec<(u64, i32)>) -> io::Result<()> {
+            out.extend(self.queued.drain(..).map(|t| (t, 0)));
+            Ok(())
+        }
+        fn serving_cpu_ns(&self) -> u64 {
+            0
+        }
+        fn write_at(&mut self, _: u64, _: &[u8]) -> io::Result<()> {
+            Ok(())
+        }
+        fn read_at(&mut self, _: u64, _: &mut [u8]) -> io::Result<()> {
+            Ok(())
+        }
+        fn io_mode(&self) -> String {
+            "test".into()
+        }
+    }
+
+    #[test]
+    fn a_fixed_count_run_issues_that_many_and_counts_them() {
+        let spec = IoSpec {
+            op: IoOp::Write,
+            bs: 4096,
+            qd: 8,
+            pattern: Pattern::Seq,
+        };
+        let mut t = Instant0 { queued: Vec::new() };
+        let r = run_until(&mut t, &spec, 10 * 4096, Stop::Ops(25), 1).unwrap();
+        let c = r.issued;
+        assert_eq!((r.ops, c.ops(), c.writes, c.reads), (25, 25, 25, 0));
+        assert_eq!((c.bytes, c.min_len, c.max_len), (25 * 4096, 4096, 4096));
+        assert_eq!((c.min_offset, c.max_end, c.misaligned), (0, 10 * 4096, 0));
+        // 25 blocks over a region of 10: two wraps break the sequence.
+        assert_eq!((c.sequential, c.max_depth), (22, 8));
+        let mut t = Instant0 { queued: Vec::new() };
+        let u = IoSpec {
+            pattern: Pattern::RandUnique,
+            ..spec
+        };
+        let r = run_until(&mut t, &u, 10 * 4096, Stop::Ops(1000), 1).unwrap();
+        assert_eq!(
+            r.issued.ops(),
+            10,
+            "a unique pattern ends when its blocks do"
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -200,9 +200,38 @@ pub(crate) fn open_image(
             },
         });
     }
+    // The buffered twin must not read ahead. Readahead caches pages next to
+    // the ones asked for, possibly while an O_DIRECT write to them is in
+    // flight: the cached page keeps the old data, a later unaligned write
+    // modifies that stale page and its writeback puts the old bytes back on
+    // disk over the direct write (the kernel logs "Page cache invalidation
+    // failure on direct I/O. Possible data corruption due to collision with
+    // buffered I/O!"; seen in engine_fs on XFS with 4 KiB sectors). With
+    // POSIX_FADV_RANDOM a buffered read caches only the pages it covers, and
+    // those overlap any direct I/O on them byte for byte, which requests in
+    // flight never do unless the guest sends overlapping I/O to its own disk.
+    let buffered = open_buffered()?;
+    if let Err(e) = nix::fcntl::posix_fadvise(
+        buffered.as_fd(),
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM,
+    ) {
+        log::info!(
+            "{}: cannot turn readahead off for unaligned requests ({e}); using buffered I/O",
+            path.display()
+        );
+        return Ok(OpenedImage {
+            primary: buffered,
+            buffered: None,
+            mode: IoMode::Buffered {
+                reason: format!("posix_fadvise(RANDOM) for the unaligned-request fd failed: {e}"),
+            },
+        });
+    }
     Ok(OpenedImage {
         primary: direct,
-        buffered: Some(open_buffered()?),
+        buffered: Some(buffered),
         mode: IoMode::Direct {
             offset_align,
             mem_align,

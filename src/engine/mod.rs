@@ -713,6 +713,12 @@ impl Engine {
         self.slab.free_bytes()
     }
 
+    /// How many regions were freed so far: a caller that found no room
+    /// watches it change before it tries again.
+    pub fn buffer_frees(&self) -> u64 {
+        self.slab.frees()
+    }
+
     /// A region's bytes. Panics like `free` on a foreign region.
     pub fn buf(&self, r: &BufRegion) -> &[u8] {
         self.slab.buf(r)

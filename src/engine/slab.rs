@@ -66,6 +66,8 @@ pub(crate) struct Slab {
     pages: usize,
     free_bits: Vec<u64>,
     free_pages: usize,
+    /// Regions freed so far (callers waiting for space watch it change).
+    frees: u64,
 }
 
 // SAFETY: the slab is plain anonymous memory owned by this struct; moving it to another
@@ -110,6 +112,7 @@ impl Slab {
             pages,
             free_bits,
             free_pages: pages,
+            frees: 0,
         })
     }
 
@@ -206,6 +209,11 @@ impl Slab {
         debug_assert!((first..first + n).all(|p| !self.is_free(p)));
         self.set_range(first, n, true);
         self.free_pages += n;
+        self.frees += 1;
+    }
+
+    pub(crate) fn frees(&self) -> u64 {
+        self.frees
     }
 
     /// Raw pointer to byte `at` of region `r`, for building SQEs. `at <= r.len()`.

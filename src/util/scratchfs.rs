@@ -9,6 +9,10 @@
 //! directory name (`refblk-scratch.<pid>.<n>`) and cleaned up by the next
 //! [`ScratchFs::new`] once that pid is gone.
 //!
+//! For power-failure tests, [`ScratchFs::shutdown_without_log_flush`] takes the
+//! file system down as a power cut would (dirty page cache and in-memory journal
+//! lost) and [`ScratchFs::remount`] mounts it again from what reached the device.
+//!
 //! The project rule for tests that need root or a tool: FAIL with a message saying
 //! what is missing, unless `REFBLK_ALLOW_SKIP=1`, in which case print `SKIP: reason`
 //! and return. [`require_root_or_skip`] and [`ScratchFs::new_or_skip`] implement it.
@@ -244,6 +248,58 @@ impl ScratchFs {
     /// The backing image file (on the host file system).
     pub fn image(&self) -> &Path {
         &self.image
+    }
+
+    /// Take the file system down at once, the way a power cut would:
+    /// `xfs_io -x -c shutdown MNT` *without* `-f`, i.e. `FS_IOC_SHUTDOWN` with
+    /// `NOLOGFLUSH`. Dirty pages in the page cache and the part of the journal
+    /// still in memory are thrown away; only what the file system had already
+    /// written to the loop device stays (the loop device's backing file is the
+    /// "disk"). Every later operation on the mount fails with EIO until
+    /// [`remount`](Self::remount). XFS and ext4 implement the ioctl; needs
+    /// `xfs_io` (xfsprogs) and root.
+    pub fn shutdown_without_log_flush(&self) -> io::Result<()> {
+        let mnt = self.mountpoint.to_string_lossy().into_owned();
+        run("xfs_io", &["-x", "-c", "shutdown", &mnt]).map(|_| ())
+    }
+
+    /// Unmount, drop the loop device's buffer cache (`blockdev --flushbufs`) and
+    /// mount again: after [`shutdown_without_log_flush`](Self::shutdown_without_log_flush)
+    /// the new mount replays the journal from the device, and reads come from
+    /// the device, not from the old mount's page cache. The unmount is strict (no
+    /// lazy fallback, unlike drop): a lazily detached mount would keep its
+    /// superblock, and with it its cached pages, for the next mount of the same
+    /// device. So close every file on the file system first; an error says which
+    /// step failed and leaves the value droppable (drop cleans up whatever is
+    /// still mounted or attached).
+    pub fn remount(&mut self) -> io::Result<()> {
+        let mnt = self.mountpoint.to_string_lossy().into_owned();
+        let dev = self
+            .loopdev
+            .clone()
+            .ok_or_else(|| io::Error::other("scratch file system has no loop device"))?;
+        if self.mounted {
+            let mut last = None;
+            for attempt in 0..5 {
+                match run("umount", &[&mnt]) {
+                    Ok(_) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+                sleep(Duration::from_millis(100 * (attempt + 1)));
+            }
+            if let Some(e) = last {
+                return Err(e);
+            }
+            self.mounted = false;
+        }
+        run("blockdev", &["--flushbufs", &dev])?;
+        run("mount", &["-t", &self.kind.to_string(), &dev, &mnt])?;
+        self.mounted = true;
+        log::debug!("scratch {} on {dev} remounted at {mnt}", self.kind);
+        Ok(())
     }
 }
 

@@ -15,6 +15,10 @@
 //!   (id, operation) of the responses is that of the requests), and the status
 //!   is what an independent model says (`blkif::model`, plus which grant refs
 //!   the guest really granted and how);
+//! - liveness: the backend's stall counter (`QueueStats::stalls`: consumed
+//!   requests left with nothing in flight to wake them, checked by each
+//!   worker before it sleeps) stays 0 — asserted while waiting for answers,
+//!   so a stalled request fails at once instead of after the timeout;
 //! - a bogus producer index disconnects the device (and it reconnects);
 //! - no byte the backend was not meant to write changes: response padding is
 //!   zero, the rest of each slot keeps the guest's request bytes, the ring
@@ -329,6 +333,12 @@ impl Rig {
             .flatten()
             .and_then(|s| s.parse().ok())
             .unwrap_or(0)
+    }
+
+    /// Liveness violations the backend counted on any device (see
+    /// `QueueStats::stalls`).
+    fn stalls(&self) -> u64 {
+        self.backend.status().iter().map(|d| d.stats.stalls).sum()
     }
 
     fn wait_state(&self, i: usize, want: &[u32], what: &str) -> u32 {
@@ -824,6 +834,15 @@ fn batch(rig: &mut Rig, i: usize, inp: &mut Input) {
             disconnected = true;
             break;
         }
+        // Liveness: the backend's workers check, before each sleep, that no
+        // consumed request waits with nothing in flight to wake it. One that
+        // does is a failure now, not after the timeout.
+        let stalls = rig.stalls();
+        assert!(
+            stalls == 0,
+            "device {i}: liveness: {got} of {want} requests answered and the backend \
+             reports {stalls} stall(s): a consumed request waits with nothing in flight"
+        );
         assert!(
             t0.elapsed() < TIMEOUT,
             "device {i}: {got} of {want} requests answered after {TIMEOUT:?} (bogus index: {bogus}, violations {:?})",
@@ -846,6 +865,11 @@ fn batch(rig: &mut Rig, i: usize, inp: &mut Input) {
     }
     let v = std::mem::take(&mut *rig.platform.violations.lock().unwrap());
     assert!(v.is_empty(), "backend broke grant-copy rules: {v:?}");
+    let stalls = rig.stalls();
+    assert!(
+        stalls == 0,
+        "device {i}: liveness: the backend reports {stalls} stall(s) after the batch"
+    );
     if bogus {
         assert!(disconnected);
         let len = std::fs::metadata(&rig.devs[i].image).unwrap().len();
