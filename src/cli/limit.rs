@@ -81,7 +81,7 @@ Exit codes: 0 ok, 1 the daemon refused (unknown target) or is unreachable, \
 2 bad value.")]
 pub struct LimitCmdArgs {
     /// The daemon's control socket.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL)]
+    #[arg(long, value_name = "PATH", env = "REFBLK_CONTROL", default_value = DEFAULT_CONTROL)]
     pub control: PathBuf,
     /// A domain (id or name) or a device (DOMAIN/VDEV or a backend path).
     pub target: String,

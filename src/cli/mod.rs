@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod demo;
 pub mod limit;
+pub mod metrics;
+pub mod notify;
 pub mod pool;
 pub mod serve;
 pub mod signals;
@@ -57,9 +59,18 @@ impl From<std::io::Error> for CliError {
 /// Result of a subcommand.
 pub type CliResult = Result<(), CliError>;
 
+/// `refblk --version`: the package version and the git commit it was built
+/// from (`unknown` outside a git checkout; see build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("REFBLK_GIT_COMMIT"),
+    ")"
+);
+
 /// refblk: a userspace Xen block backend for file images, with a reflink pool.
 #[derive(Parser, Debug)]
-#[command(name = "refblk", version, about, long_about = None)]
+#[command(name = "refblk", version = VERSION, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
