@@ -13,6 +13,7 @@ pub mod pool;
 pub mod serve;
 pub mod signals;
 pub mod sim;
+pub mod simguest;
 pub mod status;
 
 /// A command's failure: a message for the administrator and the exit code.
