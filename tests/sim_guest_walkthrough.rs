@@ -219,6 +219,27 @@ fn the_readme_walkthrough_runs_a_verified_guest_that_status_sees_and_limit_slows
         tail <= 1500.0,
         "the limit did not slow the guest: {rates:?}\n{out}"
     );
+    // --sim DIR names the daemon's socket for every client command.
+    for args in [
+        &["status", "--json", "--sim"][..],
+        &["ctl", "--sim"][..],
+        &["limit", "work", "--sim"][..],
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_refblk"));
+        c.args(args).arg(&dir).env_remove("REFBLK_CONTROL");
+        if args[0] == "ctl" {
+            c.arg("status");
+        }
+        let o = c.output().unwrap();
+        // limit: the guest's domain is gone by now, so the daemon answers
+        // (no such domain) rather than the socket being missing.
+        if args[0] == "limit" {
+            let e = String::from_utf8_lossy(&o.stderr);
+            assert!(!e.contains("is `refblk serve` running"), "{}", text(&o));
+        } else {
+            assert!(o.status.success(), "{args:?}: {}", text(&o));
+        }
+    }
     // Its disk was detached and its domain removed.
     let o = Command::new(env!("CARGO_BIN_EXE_refblk"))
         .args(["status", "--json", "--control"])

@@ -57,6 +57,16 @@ impl From<std::io::Error> for CliError {
     }
 }
 
+/// The control socket a client command uses: DIR/refblk.sock with `--sim
+/// DIR`, else `--control` (which clap fills from `$REFBLK_CONTROL` or the
+/// default).
+pub fn socket_of(control: &std::path::Path, sim: Option<&std::path::Path>) -> std::path::PathBuf {
+    match sim {
+        Some(dir) => dir.join("refblk.sock"),
+        None => control.to_path_buf(),
+    }
+}
+
 /// Result of a subcommand.
 pub type CliResult = Result<(), CliError>;
 

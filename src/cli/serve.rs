@@ -6,7 +6,7 @@ use std::sync::Arc;
 use log::info;
 
 use super::metrics::MetricsServer;
-use super::{CliError, CliResult};
+use super::{socket_of, CliError, CliResult};
 use crate::backend::control::{self, Access, ControlServer};
 use crate::backend::{Backend, BackendConfig};
 use crate::engine::DirectPolicy;
@@ -218,6 +218,10 @@ pub struct CtlArgs {
     /// The daemon's control socket.
     #[arg(long, value_name = "PATH", env = "REFBLK_CONTROL", default_value = DEFAULT_CONTROL)]
     pub control: PathBuf,
+    /// Talk to the daemon of the simulated Xen in DIR (its DIR/refblk.sock;
+    /// overrides --control).
+    #[arg(long, value_name = "DIR")]
+    pub sim: Option<PathBuf>,
     #[command(subcommand)]
     pub cmd: CtlCommand,
 }
@@ -337,7 +341,7 @@ pub fn run_ctl(a: CtlArgs) -> CliResult {
         CtlCommand::Resize => "resize".into(),
         CtlCommand::Status { .. } => "status".into(),
     };
-    let v = control::request(&a.control, &line)?;
+    let v = control::request(&socket_of(&a.control, a.sim.as_deref()), &line)?;
     if v["ok"] != serde_json::Value::Bool(true) {
         return Err(CliError::failed(
             v["error"].as_str().unwrap_or("unknown error").to_string(),

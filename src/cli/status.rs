@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use super::serve::DEFAULT_CONTROL;
-use super::{CliError, CliResult};
+use super::{socket_of, CliError, CliResult};
 use crate::backend::control;
 use crate::backend::stats::{OpClass, StatsSnapshot};
 
@@ -31,6 +31,10 @@ pub struct StatusArgs {
     /// The daemon's control socket (or its read-only status socket).
     #[arg(long, value_name = "PATH", env = "REFBLK_CONTROL", default_value = DEFAULT_CONTROL)]
     pub control: PathBuf,
+    /// Talk to the daemon of the simulated Xen in DIR (its DIR/refblk.sock;
+    /// overrides --control).
+    #[arg(long, value_name = "DIR")]
+    pub sim: Option<PathBuf>,
     /// Redraw every INTERVAL seconds until interrupted (like top).
     #[arg(long)]
     pub watch: bool,
@@ -70,7 +74,7 @@ fn write_atomically(path: &std::path::Path, text: &str) -> CliResult {
 }
 
 fn sample(a: &StatusArgs) -> Result<(Value, Instant), CliError> {
-    let v = control::request(&a.control, "status")?;
+    let v = control::request(&socket_of(&a.control, a.sim.as_deref()), "status")?;
     if v["ok"] != Value::Bool(true) {
         return Err(CliError::failed(
             v["error"].as_str().unwrap_or("unknown error").to_string(),
