@@ -16,6 +16,8 @@ pub mod pgrants;
 pub mod queue;
 pub mod state;
 pub mod stats;
+#[doc(hidden)]
+pub mod testing;
 pub(crate) mod worker;
 
 use std::collections::BTreeMap;

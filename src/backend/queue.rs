@@ -532,6 +532,35 @@ impl Queue {
         r
     }
 
+    /// The flag the device reads to learn that this queue has finished.
+    pub fn finished_flag(&self) -> Arc<AtomicBool> {
+        self.ctx.finished.clone()
+    }
+
+    /// The queue panicked (a bug in refblk): let go of what can be let go of
+    /// without trusting its request state — its place in the buffer line, its
+    /// event channel poll and timer, the buffers it holds between two stages,
+    /// its ring and event channel — and mark it finished. What is in flight
+    /// stays with the engine: those completions come back to the worker, which
+    /// frees their buffers. Returns the image to detach from the engine once
+    /// they have.
+    pub fn abandon(self, sh: &mut Shared) -> ImageId {
+        sh.leave_buffer_line(self.index);
+        for tag in [TAG_EVTCHN, TAG_TIMER] {
+            let _ = sh.engine.cancel(self.ud(tag), self.ud(TAG_CANCEL));
+        }
+        for (_, r, _) in self.writes_to_copy {
+            sh.engine.free(r);
+        }
+        for (_, r) in self.reads_to_copy {
+            sh.engine.free(r);
+        }
+        let finished = self.ctx.finished.clone();
+        drop(self.ctx); // unmaps the ring, unbinds the event channel
+        finished.store(true, Ordering::Release);
+        self.img
+    }
+
     /// A completion of one of this queue's ops (`tag` = low half of user_data).
     pub fn on_completion(&mut self, sh: &mut Shared, tag: u32, c: Completion) {
         self.ops -= 1;
@@ -654,6 +683,7 @@ impl Queue {
 
     /// Validate one consumed request: queue it, or answer a rejection.
     fn accept(&mut self, jent: u32, raw: &RawRequest) {
+        super::testing::maybe_panic(&self.ctx.name);
         self.ctx.stats.requests.fetch_add(1, Ordering::Relaxed);
         let t0 = self.ctx.stats.consumed(self.now); // stats: consume time, queue depth + 1
         self.observe(IoEvent::Consumed {

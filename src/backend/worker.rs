@@ -15,24 +15,34 @@
 //! each queue's event channel is a one-shot poll on the worker's ring, and so is
 //! the worker's own wake-up eventfd (written after a message is sent).
 //!
+//! A bug is contained in its queue: a panic while a queue pumps, completes or
+//! is checked for stalls takes that queue (and so its device, which the
+//! control thread then closes) off the worker; the worker's other queues go on.
+//! The panicked queue's table index is never used again, since completions of
+//! its ops may still come: they free their buffers, and its image is detached
+//! from the engine once the last of its I/O is back.
+//!
 //! Fairness: each pass serves the queues that have work, starting one place
 //! further every pass; a queue that cannot start a request for lack of buffers
 //! or engine slots is served again on the next pass, after completions freed
 //! some.
 
+use std::any::Any;
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::queue::{Pump, Queue, QueueCtx, Shared};
-use crate::engine::{Completion, Engine, EngineConfig, Op};
+use crate::engine::{Completion, Engine, EngineConfig, ImageId, Op};
 
 /// How a finished queue is reported (called on the worker thread).
 pub(crate) type ExitFn = Box<dyn FnOnce(Result<(), String>) + Send>;
@@ -215,6 +225,9 @@ struct Worker {
     poll: Duration,
     /// The last pass or its completions did work (polling is worth it).
     busy: bool,
+    /// Table indices of queues that panicked (never reused), with the image
+    /// still attached to the engine while I/O of theirs is in flight.
+    poisoned: HashMap<u32, Option<ImageId>>,
 }
 
 impl Worker {
@@ -238,6 +251,7 @@ impl Worker {
             closing: false,
             poll,
             busy: false,
+            poisoned: HashMap::new(),
         }
     }
 
@@ -327,8 +341,14 @@ impl Worker {
     /// (see [`Queue::stalled`])? Then it is served once more.
     fn stalled_queues(&mut self) -> bool {
         let mut any = false;
-        for e in self.queues.iter_mut().flatten() {
-            any |= e.q.stalled(&self.sh);
+        for i in 0..self.queues.len() {
+            let Some(e) = self.queues[i].as_mut() else {
+                continue;
+            };
+            match catch_unwind(AssertUnwindSafe(|| e.q.stalled(&self.sh))) {
+                Ok(stalled) => any |= stalled,
+                Err(p) => self.poison(i, p),
+            }
         }
         any
     }
@@ -347,14 +367,17 @@ impl Worker {
                 continue;
             }
             self.busy = true;
-            match e.q.pump(&mut self.sh) {
-                Pump::Idle => {}
-                Pump::Again => again = true,
-                Pump::Finished => self.remove(i),
+            match catch_unwind(AssertUnwindSafe(|| e.q.pump(&mut self.sh))) {
+                Ok(Pump::Idle) => {}
+                Ok(Pump::Again) => again = true,
+                Ok(Pump::Finished) => self.remove(i),
+                Err(p) => self.poison(i, p),
             }
         }
         self.rr = self.rr.wrapping_add(1);
-        while matches!(self.queues.last(), Some(None)) {
+        while matches!(self.queues.last(), Some(None))
+            && !self.poisoned.contains_key(&(self.queues.len() as u32 - 1))
+        {
             self.queues.pop();
         }
         again
@@ -369,6 +392,46 @@ impl Worker {
         (e.exit)(r);
     }
 
+    /// Queue `i` panicked: take it off the worker (see the module doc) and
+    /// report it, so that its device is closed; nothing else on this worker
+    /// is touched.
+    fn poison(&mut self, i: usize, payload: Box<dyn Any + Send>) {
+        let Some(e) = self.queues[i].take() else {
+            return;
+        };
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_string());
+        let name = e.q.name().to_string();
+        error!(
+            "{name}: a bug in refblk: this queue panicked ({what}); its device is closed, \
+             the other queues of io worker {} go on",
+            self.idx
+        );
+        let finished = e.q.finished_flag();
+        let sh = &mut self.sh;
+        let img = catch_unwind(AssertUnwindSafe(|| e.q.abandon(sh))).ok();
+        finished.store(true, Ordering::Release);
+        self.poisoned.insert(i as u32, img);
+        self.release_poisoned_image(i as u32);
+        self.load.fetch_sub(1, Ordering::Relaxed);
+        (e.exit)(Err(format!("the queue panicked (a bug in refblk): {what}")));
+    }
+
+    /// Detach a panicked queue's image from the engine once none of its I/O
+    /// is in flight any more.
+    fn release_poisoned_image(&mut self, i: u32) {
+        if let Some(slot) = self.poisoned.get_mut(&i) {
+            if let Some(img) = *slot {
+                if self.sh.engine.detach(img).is_ok() {
+                    *slot = None;
+                }
+            }
+        }
+    }
+
     fn route(&mut self, c: Completion) {
         if c.user_data == WAKE {
             let _ = self.wake.read();
@@ -379,7 +442,18 @@ impl Worker {
         }
         let (i, tag) = ((c.user_data >> 32) as usize, c.user_data as u32);
         match self.queues.get_mut(i).and_then(Option::as_mut) {
-            Some(e) => e.q.on_completion(&mut self.sh, tag, c),
+            Some(e) => {
+                let sh = &mut self.sh;
+                if let Err(p) = catch_unwind(AssertUnwindSafe(|| e.q.on_completion(sh, tag, c))) {
+                    self.poison(i, p);
+                }
+            }
+            None if self.poisoned.contains_key(&(i as u32)) => {
+                if let Some(r) = c.region {
+                    self.sh.engine.free(r);
+                }
+                self.release_poisoned_image(i as u32);
+            }
             None => {
                 warn!(
                     "io worker {}: completion for no queue (user_data {:#x})",
@@ -419,7 +493,10 @@ impl Worker {
     }
 
     fn add(&mut self, id: u64, ctx: Box<QueueCtx>, exit: ExitFn) {
-        let i = match self.queues.iter().position(Option::is_none) {
+        let poisoned = &self.poisoned;
+        let free =
+            |(i, q): &(usize, &Option<Entry>)| q.is_none() && !poisoned.contains_key(&(*i as u32));
+        let i = match self.queues.iter().enumerate().find(free).map(|(i, _)| i) {
             Some(i) => i,
             None => {
                 self.queues.push(None);

@@ -17,6 +17,7 @@ mod hostile;
 mod hostile2;
 mod hostile3;
 mod large;
+mod panic;
 mod persistent;
 mod power_loss;
 mod rw;
