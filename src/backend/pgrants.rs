@@ -141,7 +141,9 @@ mod tests {
         live: Arc<Mutex<HashSet<GrantRef>>>,
     }
 
-    impl ForeignMapping for Page {
+    // SAFETY: a boxed page, owned by the value and reached only through
+    // as_ptr() (UnsafeCell).
+    unsafe impl ForeignMapping for Page {
         fn as_ptr(&self) -> *mut u8 {
             self.mem.get().cast()
         }

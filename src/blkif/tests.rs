@@ -60,7 +60,10 @@ struct FakeMapping {
     len: usize,
 }
 
-impl ForeignMapping for FakeMapping {
+// SAFETY: the words live as long as the mapping (an Arc); the test's own
+// side reads and writes them only as atomics, never through references to
+// bytes.
+unsafe impl ForeignMapping for FakeMapping {
     fn as_ptr(&self) -> *mut u8 {
         self.mem.0.as_ptr() as *mut u8
     }

@@ -97,7 +97,19 @@ pub enum CopySeg<'a> {
 
 /// A mapping of one or more foreign granted pages, contiguous in our address
 /// space. Unmapped when dropped.
-pub trait ForeignMapping: Send {
+///
+/// # Safety
+///
+/// The copies below (and the ring's index accesses) dereference [`as_ptr`]
+/// on the strength of this promise, so an implementor must keep it:
+/// `as_ptr()` is valid for reads of `len()` bytes — and for writes too if
+/// `is_writable()` — for as long as the value lives, the same pointer and
+/// length every time; and no Rust reference to that memory exists (another
+/// domain may write it at any time, so it is only ever accessed through raw
+/// pointers, with volatile accesses).
+///
+/// [`as_ptr`]: ForeignMapping::as_ptr
+pub unsafe trait ForeignMapping: Send {
     /// Start of the mapping.
     fn as_ptr(&self) -> *mut u8;
     /// Length in bytes (`PAGE_SIZE * number of refs`).
@@ -112,15 +124,14 @@ pub trait ForeignMapping: Send {
     }
     /// Copy `buf.len()` bytes at `offset` out of the mapping (e.g. a request
     /// copied out of a shared ring once). The other domain may write these pages
-    /// concurrently; the copy is a plain memcpy of whatever is there.
+    /// concurrently: the copy reads them with volatile loads ([`volatile_read`])
+    /// and the caller validates what it got, never the pages themselves.
     fn copy_out(&self, offset: usize, buf: &mut [u8]) -> io::Result<()> {
         check_range(offset, buf.len(), self.len())?;
-        // SAFETY: implementors guarantee as_ptr() is valid for len() bytes while
-        // `self` lives; the range was checked; `buf` is local memory that cannot
-        // alias the foreign mapping through a reference.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.as_ptr().add(offset), buf.as_mut_ptr(), buf.len())
-        };
+        // SAFETY: the trait's contract makes as_ptr() valid for reads of len()
+        // bytes while `self` lives; the range was checked; `buf` is our own
+        // memory, which the foreign mapping cannot overlap.
+        unsafe { volatile_read(self.as_ptr().add(offset), buf) };
         Ok(())
     }
     /// Copy `data` into the mapping at `offset` (needs a writable mapping).
@@ -132,11 +143,69 @@ pub trait ForeignMapping: Send {
             ));
         }
         check_range(offset, data.len(), self.len())?;
-        // SAFETY: as in copy_out, and the mapping is writable.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(offset), data.len())
-        };
+        // SAFETY: as in copy_out, and the mapping is writable (checked above;
+        // the contract makes as_ptr() valid for writes then).
+        unsafe { volatile_write(data, self.as_ptr().add(offset)) };
         Ok(())
+    }
+}
+
+/// Copy `dst.len()` bytes from `src`, memory another domain may write while we
+/// read it: volatile loads, so the compiler never reads a byte twice or
+/// assumes it stable, 8 bytes at a time once `src` is aligned.
+///
+/// # Safety
+///
+/// `src` must be valid for reads of `dst.len()` bytes and must not overlap
+/// `dst`.
+pub(crate) unsafe fn volatile_read(src: *const u8, dst: &mut [u8]) {
+    let n = dst.len();
+    let head = src.align_offset(8).min(n);
+    let mut i = 0;
+    while i < head {
+        // SAFETY: i < n, inside the range the caller vouched for.
+        dst[i] = unsafe { src.add(i).read_volatile() };
+        i += 1;
+    }
+    while i + 8 <= n {
+        // SAFETY: src + i is 8-aligned (after `head`) and i + 8 <= n.
+        let w = unsafe { src.add(i).cast::<u64>().read_volatile() };
+        dst[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+        i += 8;
+    }
+    while i < n {
+        // SAFETY: i < n.
+        dst[i] = unsafe { src.add(i).read_volatile() };
+        i += 1;
+    }
+}
+
+/// Copy `src` to `dst`, memory another domain may read or write meanwhile:
+/// volatile stores, 8 bytes at a time once `dst` is aligned.
+///
+/// # Safety
+///
+/// `dst` must be valid for writes of `src.len()` bytes and must not overlap
+/// `src`.
+pub(crate) unsafe fn volatile_write(src: &[u8], dst: *mut u8) {
+    let n = src.len();
+    let head = dst.align_offset(8).min(n);
+    let mut i = 0;
+    while i < head {
+        // SAFETY: i < n, inside the range the caller vouched for.
+        unsafe { dst.add(i).write_volatile(src[i]) };
+        i += 1;
+    }
+    while i + 8 <= n {
+        let w = u64::from_ne_bytes(src[i..i + 8].try_into().expect("8 bytes"));
+        // SAFETY: dst + i is 8-aligned (after `head`) and i + 8 <= n.
+        unsafe { dst.add(i).cast::<u64>().write_volatile(w) };
+        i += 8;
+    }
+    while i < n {
+        // SAFETY: i < n.
+        unsafe { dst.add(i).write_volatile(src[i]) };
+        i += 1;
     }
 }
 
@@ -290,3 +359,42 @@ impl std::fmt::Display for GrantMapError {
 }
 
 impl std::error::Error for GrantMapError {}
+
+#[cfg(test)]
+mod tests {
+    use super::{volatile_read, volatile_write};
+
+    /// Every start alignment and length around the 8-byte steps copies
+    /// exactly the bytes asked for and touches nothing beside them.
+    #[test]
+    fn volatile_copies_are_exact_at_every_alignment() {
+        let src: Vec<u8> = (0..64u8)
+            .map(|b| b.wrapping_mul(37).wrapping_add(1))
+            .collect();
+        for off in 0..9 {
+            for len in 0..40 {
+                let mut dst = vec![0xeeu8; len];
+                // SAFETY: off + len <= 48 < src.len(); dst is separate memory.
+                unsafe { volatile_read(src.as_ptr().add(off), &mut dst) };
+                assert_eq!(dst, src[off..off + len], "read off {off} len {len}");
+
+                let mut page = vec![0xeeu8; 64];
+                // SAFETY: off + len <= 48 < page.len(); src is separate memory.
+                unsafe { volatile_write(&src[..len], page.as_mut_ptr().add(off)) };
+                assert_eq!(
+                    page[off..off + len],
+                    src[..len],
+                    "write off {off} len {len}"
+                );
+                assert!(
+                    page[..off].iter().all(|&b| b == 0xee),
+                    "before: off {off} len {len}"
+                );
+                assert!(
+                    page[off + len..].iter().all(|&b| b == 0xee),
+                    "after: off {off} len {len}"
+                );
+            }
+        }
+    }
+}

@@ -115,7 +115,9 @@ struct RealMapping {
 // SAFETY: only raw pointers are handed out; the mapping lives until drop.
 unsafe impl Send for RealMapping {}
 
-impl ForeignMapping for RealMapping {
+// SAFETY: the gntdev mapping of len bytes at ptr lives until drop, writable
+// exactly when mapped with PROT_WRITE (`writable`).
+unsafe impl ForeignMapping for RealMapping {
     fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }

@@ -33,7 +33,10 @@ impl Mem {
 
 struct Map(Mem);
 
-impl ForeignMapping for Map {
+// SAFETY: the words live as long as the mapping (an Arc); the test's own
+// side reads and writes them only as atomics, never through references to
+// bytes.
+unsafe impl ForeignMapping for Map {
     fn as_ptr(&self) -> *mut u8 {
         self.0 .0.as_ptr() as *mut u8
     }

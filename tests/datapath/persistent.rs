@@ -97,7 +97,8 @@ struct CountedMap {
     count: Arc<MapCount>,
 }
 
-impl ForeignMapping for CountedMap {
+// SAFETY: forwards to the wrapped mapping, which keeps the contract.
+unsafe impl ForeignMapping for CountedMap {
     fn as_ptr(&self) -> *mut u8 {
         self.inner.as_ptr()
     }

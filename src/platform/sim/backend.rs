@@ -129,7 +129,9 @@ struct SimMapping {
     refs: Vec<GrantRef>,
 }
 
-impl ForeignMapping for SimMapping {
+// SAFETY: the frames stay mapped until drop; len() is that mapping's length
+// (0 with no mapping, where as_ptr() is null and nothing is in range).
+unsafe impl ForeignMapping for SimMapping {
     fn as_ptr(&self) -> *mut u8 {
         self.map
             .as_ref()

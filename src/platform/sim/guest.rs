@@ -368,7 +368,9 @@ pub struct GuestPages {
     len: usize,
 }
 
-impl ForeignMapping for GuestPages {
+// SAFETY: the range was checked against the domain's shared memory at
+// creation, and that memory stays mapped while the Arc<DomainShm> lives.
+unsafe impl ForeignMapping for GuestPages {
     fn as_ptr(&self) -> *mut u8 {
         self.shm
             .mem
