@@ -469,7 +469,21 @@ fn info_line(i: &VolumeInfo) -> String {
         i.size.map(format_size).unwrap_or_else(|| "-".into()),
         i.revisions.len(),
         if i.outdated { "  outdated" } else { "" }
-    )
+    ) + &i
+        .owner
+        .as_ref()
+        .map(|(o, l)| {
+            format!(
+                "  served: {}{}",
+                o.short(),
+                if *l == crate::pool::Liveness::Live {
+                    ""
+                } else {
+                    " (daemon died; restart it)"
+                }
+            )
+        })
+        .unwrap_or_default()
 }
 
 /// Run a volume command.
@@ -674,6 +688,17 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
                 }
             );
             println!("state             {}", i.state.as_str());
+            if let Some((o, l)) = &i.owner {
+                println!(
+                    "served by         {}{}",
+                    o.short(),
+                    if *l == crate::pool::Liveness::Live {
+                        ""
+                    } else {
+                        " (daemon died; its restart state remains)"
+                    }
+                );
+            }
             println!(
                 "size              {}",
                 i.size.map(format_size).unwrap_or_else(|| "-".into())

@@ -34,12 +34,14 @@ pub mod faults;
 pub mod fsops;
 pub mod layout;
 pub mod limits;
+pub mod owner;
 mod volume;
 
 pub use config::{PoolConfig, VolumeConfig, VolumeKind};
 pub use error::{ErrorKind, PoolError, Result};
 pub use faults::{FaultMode, Faults};
 pub use layout::Revision;
+pub use owner::{Liveness, Owner};
 pub use volume::{
     CheckItem, ImportSource, Overrides, StopOutcome, Volume, VolumeInfo, VolumeState,
 };

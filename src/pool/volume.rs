@@ -12,6 +12,7 @@ use super::config::{VolumeConfig, VolumeKind};
 use super::error::{ErrorKind, IoContext, PoolError, Result};
 use super::fsops::Ops;
 use super::layout::{self, Revision, VolPaths};
+use super::owner::{Liveness, Owner};
 use super::{dev_ino, read_json_file, write_json, Pool};
 
 /// Command-line overrides of a volume's settings (for volumes without a sidecar,
@@ -96,6 +97,8 @@ pub struct VolumeInfo {
     pub revisions: Vec<Revision>,
     /// Snapshot volume whose clean is not the source's current clean.
     pub outdated: bool,
+    /// The daemon serving it, while its claim holds.
+    pub owner: Option<(Owner, Liveness)>,
 }
 
 impl VolumeInfo {
@@ -115,6 +118,11 @@ impl VolumeInfo {
             "clean_exists": self.clean_exists,
             "path": self.dirty,
             "outdated": self.outdated,
+            "owner": self.owner.as_ref().map(|(o, l)| {
+                let mut v = o.to_json();
+                v["daemon_alive"] = json!(*l == Liveness::Live);
+                v
+            }),
             "revisions": self.revisions.iter().map(|r| json!({
                 "revision": r.n.to_string(),
                 "timestamp": format!("{}Z", r.timestamp),
@@ -280,6 +288,19 @@ impl Volume {
         Ok(VolumeLock { _lock: lock })
     }
 
+    /// The volume's flock if its lock file exists (never creates it).
+    fn lock_existing(&self) -> Result<Option<VolumeLock>> {
+        let lp = self.pool.meta_path(&self.vid, ".lock");
+        let f = match OpenOptions::new().read(true).open(&lp) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(PoolError::io(format!("open lock file {}", lp.display()), e)),
+        };
+        let lock = Flock::lock(f, FlockArg::LockShared)
+            .map_err(|(_, e)| PoolError::io(format!("flock {}", lp.display()), e.into()))?;
+        Ok(Some(VolumeLock { _lock: lock }))
+    }
+
     fn source_volume(&self, cfg: &VolumeConfig) -> Result<VolPaths> {
         let s = cfg.source.as_deref().ok_or_else(|| {
             PoolError::new(
@@ -298,6 +319,34 @@ impl Volume {
         match read_json_file(&self.marker_path()) {
             Ok(Some(v)) => v.get("boot_id").and_then(|b| b.as_str()) == Some(&boot_id()),
             _ => false,
+        }
+    }
+
+    /// The daemon that serves this volume, while its claim holds (see
+    /// [`super::owner`]): from the start record of this boot.
+    pub fn claim(&self) -> Option<(Owner, Liveness)> {
+        if !exists(&self.paths.dirty) {
+            return None;
+        }
+        let m = read_json_file(&self.marker_path()).ok().flatten()?;
+        if m.get("boot_id").and_then(|b| b.as_str()) != Some(&boot_id()) {
+            return None;
+        }
+        let o = Owner::from_json(m.get("owner")?)?;
+        match o.liveness() {
+            Liveness::Stale => None,
+            l => Some((o, l)),
+        }
+    }
+
+    /// Refuse `what` while a daemon other than this process serves the volume.
+    fn refuse_owned(&self, what: &str) -> Result<()> {
+        match self.claim() {
+            Some((o, l)) if !o.is_this_process() => Err(PoolError::new(
+                ErrorKind::Busy,
+                format!("cannot {what} volume {}: {}", self.vid, o.explain(l)),
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -376,6 +425,7 @@ impl Volume {
             dirty: self.paths.dirty.clone(),
             revisions: self.revisions()?,
             outdated: self.is_outdated().unwrap_or(false),
+            owner: self.claim(),
             config,
         })
     }
@@ -583,6 +633,7 @@ impl Volume {
     /// overrides) to the volume's sidecar, under the lock. Returns them.
     pub fn save_settings(&self) -> Result<VolumeConfig> {
         let _l = self.lock()?;
+        self.refuse_owned("change the settings of")?;
         let kind = self.config()?.kind;
         if !self.exists()? && kind.save_on_stop() && !kind.snap_on_start() {
             return Err(PoolError::new(
@@ -683,18 +734,44 @@ impl Volume {
     /// Refused if the volume is already running; a dirty image left by a crash is
     /// reused.
     pub fn start(&self) -> Result<PathBuf> {
-        self.start_inner(false)
+        self.start_inner(false, None)
+    }
+
+    /// [`Volume::start`] for a daemon that serves the volume: the start record
+    /// names `owner`, and every refblk process refuses to change the volume while
+    /// that claim holds (see [`super::owner`]).
+    pub fn start_owned(&self, owner: &Owner) -> Result<PathBuf> {
+        self.start_inner(false, Some(owner))
+    }
+
+    /// [`Volume::resume`] for a daemon taking a device over from its dead
+    /// predecessor: the claim passes to `owner`. Refused while another live daemon
+    /// holds it.
+    pub fn resume_owned(&self, owner: &Owner) -> Result<PathBuf> {
+        self.start_inner(true, Some(owner))
     }
 
     /// Like [`Volume::start`], but a volume recorded as running in this boot is taken
     /// over instead of refused: its dirty image is served again as it is. For a daemon
     /// that restarts after a crash while its guests kept running (`start --takeover`).
     pub fn resume(&self) -> Result<PathBuf> {
-        self.start_inner(true)
+        self.start_inner(true, None)
     }
 
-    fn start_inner(&self, takeover: bool) -> Result<PathBuf> {
+    fn start_inner(&self, takeover: bool, owner: Option<&Owner>) -> Result<PathBuf> {
         let _l = self.lock()?;
+        if let Some((o, l)) = self.claim() {
+            if !(takeover && owner.is_some() && l == Liveness::Orphaned) && !o.is_this_process() {
+                return Err(PoolError::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "cannot start volume {}: it is running; {}",
+                        self.vid,
+                        o.explain(l)
+                    ),
+                ));
+            }
+        }
         let cfg = self.config()?;
         let p = &self.paths;
         let ops = self.ops();
@@ -770,11 +847,14 @@ impl Volume {
             })?;
             self.io(ops.create_sparse(&p.dirty, size), "create volatile image")?;
         }
-        let marker = json!({
+        let mut marker = json!({
             "boot_id": boot_id(),
             "pid": std::process::id(),
             "started": now_secs(),
         });
+        if let Some(o) = owner {
+            marker["owner"] = o.to_json();
+        }
         write_json(&ops, &self.marker_path(), &marker)?;
         log::info!("started volume {} -> {}", self.vid, p.dirty.display());
         Ok(p.dirty.clone())
@@ -794,6 +874,7 @@ impl Volume {
 
     fn stop_inner(&self, discard: bool) -> Result<StopOutcome> {
         let _l = self.lock()?;
+        self.refuse_owned(if discard { "discard" } else { "stop" })?;
         let cfg = self.config()?;
         let p = &self.paths;
         let ops = self.ops();
@@ -892,6 +973,7 @@ impl Volume {
                 ),
             ));
         }
+        self.refuse_owned("revert")?;
         self.refuse_running("revert")?;
         self.unshare_clean()?;
         let rev = match revision {
@@ -915,6 +997,7 @@ impl Volume {
     /// stopped origin's clean image is replaced by a resized reflink.
     pub fn resize(&self, size: u64, allow_shrink: bool) -> Result<()> {
         let _l = self.lock()?;
+        self.refuse_owned("resize")?;
         let cfg = self.config()?;
         let p = &self.paths;
         if !cfg.rw {
@@ -992,6 +1075,7 @@ impl Volume {
                 ),
             ));
         }
+        self.refuse_owned("import into")?;
         self.refuse_running("import into")?;
         let p = &self.paths;
         let ops = self.ops();
@@ -1101,6 +1185,7 @@ impl Volume {
                 ),
             ));
         }
+        self.refuse_owned("remove")?;
         if !force && self.state() == VolumeState::Running {
             self.refuse_running("remove")?;
         }
@@ -1120,7 +1205,16 @@ impl Volume {
 
     /// Find (and with `repair` fix) leftovers of interrupted operations.
     pub fn check(&self, repair: bool) -> Result<Vec<CheckItem>> {
-        let _l = self.lock()?;
+        // Report-only writes nothing, not even a lock file: it takes the lock only
+        // if the lock file is there already (readers only see complete files).
+        let _l = if repair {
+            Some(self.lock()?)
+        } else {
+            self.lock_existing()?
+        };
+        // A volume a daemon serves is only reported, never repaired.
+        let owned = self.claim().filter(|(o, _)| !o.is_this_process());
+        let repair = repair && owned.is_none();
         let mut out = Vec::new();
         let ops = self.ops();
         let p = &self.paths;
@@ -1130,6 +1224,10 @@ impl Volume {
                 true
             } else {
                 false
+            };
+            let problem = match &owned {
+                Some((o, _)) => format!("{problem} [not repaired: served to {}]", o.short()),
+                None => problem,
             };
             out.push(CheckItem {
                 vid: self.vid.clone(),
