@@ -200,7 +200,17 @@ fn cli_lifecycle_and_exit_codes() {
         .unwrap();
     assert_eq!(o.stdout, read(&out));
     let mut child = Command::new(env!("CARGO_BIN_EXE_refblk"))
-        .args(["volume", "import", "-p", d, "appvms/w/private", "-"])
+        // (3 MiB into a 2 MiB volume: the size grows only when asked)
+        .args([
+            "volume",
+            "import",
+            "-p",
+            d,
+            "appvms/w/private",
+            "-",
+            "--size",
+            "3M",
+        ])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

@@ -33,8 +33,17 @@ impl From<PoolError> for CliError {
     }
 }
 
-fn size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
+/// A volume size: positive whole 512-byte sectors, at most the largest file size.
+fn volume_size_arg(s: &str) -> Result<u64, String> {
+    let n = parse_size(s).map_err(|e| e.to_string())?;
+    crate::pool::check_size("", n).map_err(|e| {
+        e.msg.strip_prefix("volume : ").unwrap_or(&e.msg).replacen(
+            &format!("invalid size {n}"),
+            &format!("invalid size {s:?} ({n} bytes)"),
+            1,
+        )
+    })?;
+    Ok(n)
 }
 
 fn kind_arg(s: &str) -> Result<VolumeKind, String> {
@@ -128,7 +137,7 @@ pub struct OverrideArgs {
     #[arg(long, allow_hyphen_values = true)]
     pub revisions_to_keep: Option<i64>,
     /// Size of a volatile volume without a sidecar (e.g. 10G).
-    #[arg(long, value_parser = size_arg, value_name = "SIZE")]
+    #[arg(long, value_parser = volume_size_arg, value_name = "SIZE")]
     pub volatile_size: Option<u64>,
 }
 
@@ -154,8 +163,8 @@ pub enum VolumeCommand {
         pool: PoolArg,
         /// Volume id, e.g. appvms/work/private.
         vid: String,
-        /// Size, e.g. 10G, 512M, 4096.
-        #[arg(long, value_parser = size_arg)]
+        /// Size, e.g. 10G, 512M, 4096 (whole 512-byte sectors).
+        #[arg(long, value_parser = volume_size_arg)]
         size: u64,
         /// Volume kind: origin, snapshot, origin+snapshot, volatile.
         #[arg(long, value_parser = kind_arg, default_value = "origin")]
@@ -180,9 +189,13 @@ pub enum VolumeCommand {
         vid: String,
         /// Image file, or '-' for stdin.
         file: PathBuf,
-        /// New volume size (default: the file's length / bytes read).
-        #[arg(long, value_parser = size_arg)]
+        /// New volume size (default: the volume's current size; the data may be
+        /// shorter, never longer).
+        #[arg(long, value_parser = volume_size_arg)]
         size: Option<u64>,
+        /// Allow --size below the current size (data beyond it is lost).
+        #[arg(long)]
+        allow_shrink: bool,
         #[command(flatten)]
         ov: OverrideArgs,
     },
@@ -225,7 +238,7 @@ pub enum VolumeCommand {
         /// Volume id.
         vid: String,
         /// New size, e.g. 20G.
-        #[arg(value_parser = size_arg)]
+        #[arg(value_parser = volume_size_arg)]
         size: u64,
         /// Allow shrinking (data beyond the new end is lost).
         #[arg(long)]
@@ -349,8 +362,18 @@ fn print_json(v: &serde_json::Value) -> CliResult {
     Ok(())
 }
 
+/// The result of a pool/volume command goes to stdout once: the library's
+/// info-level log of the same event (on stderr) is kept quiet unless RUST_LOG
+/// asks for it.
+fn quiet_log() {
+    if std::env::var_os("RUST_LOG").is_none() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}
+
 /// Run a pool command.
 pub fn run_pool(c: PoolCommand) -> CliResult {
+    quiet_log();
     match c {
         PoolCommand::Init {
             dir,
@@ -455,6 +478,26 @@ pub fn run_pool(c: PoolCommand) -> CliResult {
     }
 }
 
+/// Refuse (exit 3, before any lock file is made) a verb on a volume that has no
+/// file at all, unless --kind says it is one that needs none while stopped
+/// (snapshot, volatile).
+fn require_exists(v: &Volume, pool: &PoolArg, ov: &OverrideArgs) -> CliResult {
+    let fileless_kind = ov
+        .kind
+        .is_some_and(|k| !k.save_on_stop() || k.snap_on_start());
+    if fileless_kind || v.exists()? {
+        return Ok(());
+    }
+    Err(CliError {
+        code: 3,
+        msg: format!(
+            "volume {} does not exist in {} (see `refblk volume list`)",
+            v.vid(),
+            pool.dir()?.display()
+        ),
+    })
+}
+
 fn open_volume(pool: &PoolArg, vid: &str, ov: &OverrideArgs) -> Result<Volume, CliError> {
     let p = pool.open()?;
     Ok(p.volume_with(vid, ov.overrides())?)
@@ -488,6 +531,7 @@ fn info_line(i: &VolumeInfo) -> String {
 
 /// Run a volume command.
 pub fn run_volume(c: VolumeCommand) -> CliResult {
+    quiet_log();
     match c {
         VolumeCommand::Create {
             pool,
@@ -519,9 +563,51 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             vid,
             file,
             size,
+            allow_shrink,
             ov,
         } => {
             let v = open_volume(&pool, &vid, &ov)?;
+            if !v.exists()? {
+                return Err(CliError {
+                    code: 3,
+                    msg: format!(
+                        "volume {vid} does not exist in {}; create it first",
+                        pool.dir()?.display()
+                    ),
+                });
+            }
+            // The size changes only when asked: default = the current size.
+            let cur = v.size()?;
+            let size = match (size, cur) {
+                (Some(s), Some(c)) if s < c && !allow_shrink => {
+                    return Err(CliError::usage(format!(
+                        "refusing to shrink volume {vid} from {c} to {s} bytes by import; \
+                         pass --allow-shrink if you mean it"
+                    )))
+                }
+                (Some(s), _) => Some(s),
+                (None, c) => c,
+            };
+            if let (Some(s), false) = (size, file.as_os_str() == "-") {
+                let len = std::fs::metadata(&file)
+                    .map_err(|e| CliError {
+                        code: if e.kind() == io::ErrorKind::NotFound {
+                            3
+                        } else {
+                            1
+                        },
+                        msg: format!("import into {vid}: {}: {e}", file.display()),
+                    })?
+                    .len();
+                if len > s {
+                    return Err(CliError::usage(format!(
+                        "{} holds {len} bytes, more than volume {vid}'s {s} bytes; \
+                         pass --size {} to grow the volume",
+                        file.display(),
+                        len.div_ceil(512) * 512
+                    )));
+                }
+            }
             if file.as_os_str() == "-" {
                 let stdin = io::stdin();
                 let mut lock = stdin.lock();
@@ -592,6 +678,7 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             ov,
         } => {
             let v = open_volume(&pool, &vid, &ov)?;
+            require_exists(&v, &pool, &ov)?;
             v.resize(size, allow_shrink)?;
             println!("resized {} to {}", v.vid(), format_size(size));
             Ok(())
@@ -603,6 +690,7 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             ov,
         } => {
             let v = open_volume(&pool, &vid, &ov)?;
+            require_exists(&v, &pool, &ov)?;
             let path = if takeover { v.resume()? } else { v.start()? };
             println!("{}", path.display());
             Ok(())
@@ -614,6 +702,7 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             ov,
         } => {
             let v = open_volume(&pool, &vid, &ov)?;
+            require_exists(&v, &pool, &ov)?;
             let o = if discard { v.discard()? } else { v.stop()? };
             println!(
                 "{}: {}",
@@ -633,12 +722,19 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             ov,
         } => {
             let v = open_volume(&pool, &vid, &ov)?;
+            require_exists(&v, &pool, &ov)?;
             let r = v.revert(revision.as_deref())?;
             println!("reverted {} to revision {}@{}Z", v.vid(), r.n, r.timestamp);
             Ok(())
         }
         VolumeCommand::Revisions { pool, vid, json } => {
             let v = open_volume(&pool, &vid, &OverrideArgs::default())?;
+            if !v.exists()? {
+                return Err(CliError {
+                    code: 3,
+                    msg: format!("volume {vid} does not exist in {}", pool.dir()?.display()),
+                });
+            }
             let revs = v.revisions()?;
             if json {
                 return print_json(&json!(revs
@@ -741,6 +837,9 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
         }
         VolumeCommand::Remove { pool, vid, force } => {
             let v = open_volume(&pool, &vid, &OverrideArgs::default())?;
+            if !v.exists()? && !v.precache_path().exists() {
+                require_exists(&v, &pool, &OverrideArgs::default())?;
+            }
             v.remove(force)?;
             println!("removed {}", v.vid());
             Ok(())

@@ -116,7 +116,7 @@ pub fn run(a: ServeArgs) -> CliResult {
         &control,
     )?];
     if let Some(sd) = &state_dir {
-        _instance.push(instance_lock(&sd.join("daemon.lock"), "refblk serve", sd)?);
+        _instance.push(dir_lock(sd)?);
     }
     if control.exists() && std::os::unix::net::UnixStream::connect(&control).is_ok() {
         return Err(CliError {
@@ -216,6 +216,33 @@ pub(crate) fn instance_lock(
             })
         }
         Err((_, e)) => Err(CliError::failed(format!("flock {}: {e}", lock.display()))),
+    }
+}
+
+/// Take the exclusive, non-blocking `flock` of the state directory itself
+/// (created, mode 0700, if missing): no file is left in it, so a clean stop
+/// still leaves the directory empty.
+fn dir_lock(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, CliError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| CliError::failed(format!("{}: {e}", dir.display())))?;
+    let f = std::fs::File::open(dir)
+        .map_err(|e| CliError::failed(format!("{}: {e}", dir.display())))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(l),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(CliError {
+            code: INSTANCE_BUSY,
+            msg: format!(
+                "{}: another refblk serve keeps its restart state in this directory (it holds \
+                 its lock); stop that one first, or give this one its own --state-dir. \
+                 Nothing was changed",
+                dir.display()
+            ),
+        }),
+        Err((_, e)) => Err(CliError::failed(format!("flock {}: {e}", dir.display()))),
     }
 }
 

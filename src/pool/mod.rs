@@ -43,7 +43,8 @@ pub use faults::{FaultMode, Faults};
 pub use layout::Revision;
 pub use owner::{Liveness, Owner};
 pub use volume::{
-    CheckItem, ImportSource, Overrides, StopOutcome, Volume, VolumeInfo, VolumeState,
+    check_size, CheckItem, ImportSource, Overrides, StopOutcome, Volume, VolumeInfo, VolumeState,
+    MAX_VOLUME_SIZE,
 };
 
 use error::IoContext;
@@ -208,16 +209,22 @@ impl Pool {
         }
         let faults = Arc::new(Faults::new());
         let ops = Ops::new(&faults);
-        let created = ops
-            .create_dir_all(dir)
+        // The directories this init creates (dir and missing parents, deepest
+        // first), removed again if it refuses.
+        let made: Vec<PathBuf> = dir
+            .ancestors()
+            .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+            .map(Path::to_path_buf)
+            .collect();
+        ops.create_dir_all(dir)
             .doing(|| format!("create pool directory {}", dir.display()))?;
         if opts.setup_check {
             let ok = reflink_supported(dir)
                 .doing(|| format!("test reflink support in {}", dir.display()))?;
             if !ok {
                 let fs_name = fs_type_name(dir);
-                if created {
-                    let _ = ops.remove_empty_dir(dir);
+                for d in &made {
+                    let _ = ops.remove_empty_dir(d);
                 }
                 return Err(PoolError::new(
                     ErrorKind::Unsupported,

@@ -159,6 +159,36 @@ pub struct VolumeLock {
     _lock: Flock<File>,
 }
 
+/// Largest volume size: the largest file size Linux allows (`i64::MAX`), rounded
+/// down to whole 512-byte sectors.
+pub const MAX_VOLUME_SIZE: u64 = (i64::MAX as u64) & !511;
+
+/// A volume size must be positive, whole 512-byte sectors (the block device's
+/// unit: a guest sees `size / 512` sectors) and at most [`MAX_VOLUME_SIZE`].
+pub fn check_size(vid: &str, size: u64) -> Result<()> {
+    let why = if size == 0 {
+        "a volume cannot be empty".to_string()
+    } else if size % 512 != 0 {
+        let (down, up) = (size / 512 * 512, (size / 512 + 1) * 512);
+        format!(
+            "not a whole number of 512-byte sectors (a guest would see {down} bytes); use {}",
+            if down == 0 {
+                up.to_string()
+            } else {
+                format!("{down} or {up}")
+            }
+        )
+    } else if size > MAX_VOLUME_SIZE {
+        format!("more than the largest file size Linux allows ({MAX_VOLUME_SIZE} bytes)")
+    } else {
+        return Ok(());
+    };
+    Err(PoolError::new(
+        ErrorKind::InvalidInput,
+        format!("volume {vid}: invalid size {size}: {why}"),
+    ))
+}
+
 fn exists(p: &Path) -> bool {
     fs::symlink_metadata(p).is_ok()
 }
@@ -632,21 +662,40 @@ impl Volume {
     /// Write the settings in effect (sidecar or defaults, with this handle's
     /// overrides) to the volume's sidecar, under the lock. Returns them.
     pub fn save_settings(&self) -> Result<VolumeConfig> {
+        // Checked before the lock too, so that a refusal leaves no lock file.
+        self.check_settable()?;
         let _l = self.lock()?;
         self.refuse_owned("change the settings of")?;
-        let kind = self.config()?.kind;
-        if !self.exists()? && kind.save_on_stop() && !kind.snap_on_start() {
-            return Err(PoolError::new(
-                ErrorKind::NotFound,
-                format!("volume {} does not exist; use `volume create`", self.vid),
-            ));
-        }
+        self.check_settable()?;
         let mut c = self.config()?;
         if c.size.is_none() {
             c.size = self.size()?;
         }
         self.save_config(&c)?;
         Ok(c)
+    }
+
+    fn check_settable(&self) -> Result<()> {
+        // A volume without files is one only when its settings say so: a
+        // stopped snapshot of an existing source, or a volatile volume with a
+        // size (Qubes keeps no files for either while stopped). Anything else
+        // would be a phantom volume (e.g. a typo).
+        let cfg = self.config()?;
+        let fileless = (cfg.kind.snap_on_start()
+            && !cfg.kind.save_on_stop()
+            && self.source_volume(&cfg).is_ok_and(|s| exists(&s.clean)))
+            || (cfg.kind == VolumeKind::Volatile && self.ov.size.is_some());
+        if !self.exists()? && !fileless {
+            return Err(PoolError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "volume {} does not exist in {}; use `volume create` (a snapshot volume needs --kind snapshot --source VID of an existing volume, a volatile one --kind volatile --volatile-size SIZE)",
+                    self.vid,
+                    self.pool.dir().display()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn save_config(&self, cfg: &VolumeConfig) -> Result<()> {
@@ -719,12 +768,27 @@ impl Volume {
                 ));
             }
         }
+        check_size(vid, size)?;
         let mut c = cfg.clone();
         c.size = Some(size);
         v.save_config(&c)?;
         if cfg.kind.save_on_stop() && !cfg.kind.snap_on_start() {
             let ops = v.ops();
-            v.update_precache(|| v.io(ops.create_sparse(&v.paths.clean, size), "create image"))?;
+            let r =
+                v.update_precache(|| v.io(ops.create_sparse(&v.paths.clean, size), "create image"));
+            if let Err(e) = r {
+                // A refused create leaves no volume behind (a *killed* one leaves
+                // the sidecar: an interrupted create, see `pool check`).
+                for p in [&v.paths.clean, &v.paths.precache, &v.sidecar_path()] {
+                    if let Err(e2) = ops.remove_file(p) {
+                        log::warn!("volume {vid}: cannot undo the create: {e2}");
+                    }
+                }
+                if let Err(e2) = ops.remove_empty_dir(&v.paths.dir) {
+                    log::warn!("volume {vid}: cannot undo the create: {e2}");
+                }
+                return Err(e);
+            }
         }
         log::info!("created {} volume {vid} ({size} bytes)", cfg.kind);
         Ok(v)
@@ -998,6 +1062,7 @@ impl Volume {
     pub fn resize(&self, size: u64, allow_shrink: bool) -> Result<()> {
         let _l = self.lock()?;
         self.refuse_owned("resize")?;
+        check_size(&self.vid, size)?;
         let cfg = self.config()?;
         let p = &self.paths;
         if !cfg.rw {
@@ -1065,6 +1130,9 @@ impl Volume {
     }
 
     fn import_locked(&self, src: ImportSource<'_>, size: Option<u64>) -> Result<()> {
+        if let Some(s) = size {
+            check_size(&self.vid, s)?;
+        }
         let cfg = self.config()?;
         if !cfg.kind.save_on_stop() {
             return Err(PoolError::new(
@@ -1139,6 +1207,21 @@ impl Volume {
         match dst {
             None => Ok(self.paths.clean.clone()),
             Some(d) => {
+                let parent = match d.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+                if !parent.is_dir() {
+                    return Err(PoolError::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "export volume {} to {}: directory {} does not exist",
+                            self.vid,
+                            d.display(),
+                            parent.display()
+                        ),
+                    ));
+                }
                 self.ops()
                     .copy_file(&self.paths.clean, d, None, false)
                     .doing(|| format!("export volume {} to {}", self.vid, d.display()))?;
@@ -1151,6 +1234,15 @@ impl Volume {
     /// import (old data archived), or as a new origin volume (settings from `cfg` or
     /// the pool defaults). Works across pools (sparse copy when reflink is impossible).
     pub fn clone_from(&self, src: &Volume, cfg: Option<VolumeConfig>) -> Result<()> {
+        if src.pool.dir() == self.pool.dir() && src.vid == self.vid {
+            return Err(PoolError::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "cannot clone volume {} onto itself; give another destination",
+                    self.vid
+                ),
+            ));
+        }
         let src_clean = src.export(None)?;
         let _l = self.lock()?;
         if !self.exists()? {
