@@ -109,6 +109,8 @@ fn cli_lifecycle_and_exit_codes() {
         e4s,
         "appvms/big/private",
         big.to_str().unwrap(),
+        "--size", // import grows a volume only when asked
+        "1G",
     ]);
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);

@@ -387,3 +387,44 @@ fn refusals_leave_no_directories() {
     assert!(!o.status.success(), "{}", text(&o));
     assert!(!b.exists(), "bench --dir created {}", b.display());
 }
+
+/// `pool check` without --repair writes nothing, not even lock files (a pool laid
+/// out by hand or by Qubes has none); --repair says what it did.
+#[test]
+fn check_without_repair_writes_nothing() {
+    let Some(fs) = scratch(FsKind::Btrfs) else {
+        return;
+    };
+    let pool = fs.path().join("pool");
+    let d = pool.to_str().unwrap();
+    ok(&["pool", "init", d]);
+    // a volume laid out by hand: images only, no sidecar, no lock file
+    std::fs::create_dir_all(pool.join("appvms/q")).unwrap();
+    std::fs::write(pool.join("appvms/q/private.img"), vec![1u8; 8192]).unwrap();
+    std::fs::write(pool.join("appvms/q/private.img~abcdefgh"), b"junk").unwrap();
+    std::fs::write(pool.join("appvms/q/root-dirty.img"), vec![2u8; 8192]).unwrap();
+    let before = listing(&pool);
+    let o = refblk(&["pool", "check", d]);
+    assert_eq!(o.status.code(), Some(9), "{}", text(&o));
+    assert!(text(&o).contains("private.img~abcdefgh"), "{}", text(&o));
+    assert_eq!(
+        listing(&pool),
+        before,
+        "report-only check wrote into the pool"
+    );
+    let o = refblk(&["pool", "check", d, "--json"]);
+    assert_eq!(o.status.code(), Some(9), "{}", text(&o));
+    assert_eq!(
+        listing(&pool),
+        before,
+        "report-only check wrote into the pool"
+    );
+    let o = refblk(&["pool", "check", d, "--repair"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("repaired: appvms/q/private: leftover temporary file"),
+        "{}",
+        text(&o)
+    );
+    assert!(!pool.join("appvms/q/private.img~abcdefgh").exists());
+}

@@ -120,7 +120,7 @@ fn attach_guest(
         .create_vbd_nodes(&VbdSpec::new(
             domid,
             XVDA,
-            &format!("refblk:{}:{vid}", pool.display()),
+            format!("refblk:{}:{vid}", pool.display()),
         ))
         .expect("vbd nodes");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -201,7 +201,8 @@ fn all_verbs_refused(pool: &Path, scratch: &Path, domid: u16, pid: u32, phase: &
     }
     // the listing shows who serves it
     let o = refblk(&["volume", "list", "-p", d, "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect(&text(&o));
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("{}", text(&o)));
     let me = v
         .as_array()
         .unwrap()

@@ -962,6 +962,17 @@ fn parse_key(s: &str) -> Option<DevKey> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
+/// The claim this daemon puts on a pool volume it serves on device `key` at
+/// backend path `be`: its pid and the device's restart-state file (see
+/// `crate::pool::owner`; the file name is `StateDir::state_path`'s).
+pub(crate) fn volume_claim(cfg: &BackendConfig, key: DevKey, be: &str) -> crate::pool::Owner {
+    let state_file = cfg
+        .state_dir
+        .as_ref()
+        .map(|d| d.join(format!("vbd-{}-{}.json", key.0, key.1)));
+    crate::pool::Owner::this_process(u32::from(key.0), key.1, be, state_file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::{devid_to_vdev, vdev_to_devid};
@@ -985,15 +996,4 @@ mod tests {
         assert_eq!(devid_to_vdev(51713), None); // a partition
         assert_eq!(devid_to_vdev(768), None); // hda
     }
-}
-
-/// The claim this daemon puts on a pool volume it serves on device `key` at
-/// backend path `be`: its pid and the device's restart-state file (see
-/// `crate::pool::owner`; the file name is `StateDir::state_path`'s).
-pub(crate) fn volume_claim(cfg: &BackendConfig, key: DevKey, be: &str) -> crate::pool::Owner {
-    let state_file = cfg
-        .state_dir
-        .as_ref()
-        .map(|d| d.join(format!("vbd-{}-{}.json", key.0, key.1)));
-    crate::pool::Owner::this_process(u32::from(key.0), key.1, be, state_file)
 }

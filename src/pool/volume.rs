@@ -168,7 +168,7 @@ pub const MAX_VOLUME_SIZE: u64 = (i64::MAX as u64) & !511;
 pub fn check_size(vid: &str, size: u64) -> Result<()> {
     let why = if size == 0 {
         "a volume cannot be empty".to_string()
-    } else if size % 512 != 0 {
+    } else if !size.is_multiple_of(512) {
         let (down, up) = (size / 512 * 512, (size / 512 + 1) * 512);
         format!(
             "not a whole number of 512-byte sectors (a guest would see {down} bytes); use {}",
@@ -825,7 +825,8 @@ impl Volume {
     fn start_inner(&self, takeover: bool, owner: Option<&Owner>) -> Result<PathBuf> {
         let _l = self.lock()?;
         if let Some((o, l)) = self.claim() {
-            if !(takeover && owner.is_some() && l == Liveness::Orphaned) && !o.is_this_process() {
+            let handed_over = takeover && owner.is_some() && l == Liveness::Orphaned;
+            if !handed_over && !o.is_this_process() {
                 return Err(PoolError::new(
                     ErrorKind::Busy,
                     format!(
