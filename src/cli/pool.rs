@@ -527,6 +527,18 @@ fn info_line(i: &VolumeInfo) -> String {
             )
         })
         .unwrap_or_default()
+        + &if i.users.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "  used by: {}",
+                i.users
+                    .iter()
+                    .map(|u| u.who.clone())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
 }
 
 /// Run a volume command.
@@ -784,6 +796,9 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
                 }
             );
             println!("state             {}", i.state.as_str());
+            for u in &i.users {
+                println!("used by           {u}");
+            }
             if let Some((o, l)) = &i.owner {
                 println!(
                     "served by         {}{}",

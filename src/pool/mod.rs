@@ -35,6 +35,7 @@ pub mod fsops;
 pub mod layout;
 pub mod limits;
 pub mod owner;
+pub mod users;
 mod volume;
 
 pub use config::{PoolConfig, VolumeConfig, VolumeKind};

@@ -13,6 +13,7 @@ use super::error::{ErrorKind, IoContext, PoolError, Result};
 use super::fsops::Ops;
 use super::layout::{self, Revision, VolPaths};
 use super::owner::{Liveness, Owner};
+use super::users::{users_of, User};
 use super::{dev_ino, read_json_file, write_json, Pool};
 
 /// Command-line overrides of a volume's settings (for volumes without a sidecar,
@@ -99,6 +100,8 @@ pub struct VolumeInfo {
     pub outdated: bool,
     /// The daemon serving it, while its claim holds.
     pub owner: Option<(Owner, Liveness)>,
+    /// Other programs using its images (a writer, a loop device).
+    pub users: Vec<User>,
 }
 
 impl VolumeInfo {
@@ -118,6 +121,11 @@ impl VolumeInfo {
             "clean_exists": self.clean_exists,
             "path": self.dirty,
             "outdated": self.outdated,
+            "users": self.users.iter().map(|u| json!({
+                "pid": u.pid,
+                "who": u.who,
+                "image": u.image,
+            })).collect::<Vec<_>>(),
             "owner": self.owner.as_ref().map(|(o, l)| {
                 let mut v = o.to_json();
                 v["daemon_alive"] = json!(*l == Liveness::Live);
@@ -380,6 +388,35 @@ impl Volume {
         }
     }
 
+    /// Programs other than refblk (and other than the daemon holding the claim)
+    /// that write one of the volume's images or back a loop device with it
+    /// (see [`super::users`]).
+    pub fn foreign_users(&self) -> Vec<User> {
+        let mut exclude = Vec::new();
+        if let Some((o, Liveness::Live)) = self.claim() {
+            exclude.push(o.pid);
+        }
+        users_of(&[&self.paths.dirty, &self.paths.clean], &exclude)
+    }
+
+    /// Refuse `what` while another program uses the volume's images.
+    fn refuse_foreign(&self, what: &str) -> Result<()> {
+        let u = self.foreign_users();
+        if u.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = u.iter().map(User::to_string).collect();
+        Err(PoolError::new(
+            ErrorKind::Busy,
+            format!(
+                "cannot {what} volume {}: it is running, used by another program: {}. \
+                 Stop that program first (shut the VM down, `losetup -d` the loop device)",
+                self.vid,
+                list.join("; ")
+            ),
+        ))
+    }
+
     /// Runtime state.
     pub fn state(&self) -> VolumeState {
         if !exists(&self.paths.dirty) {
@@ -444,10 +481,20 @@ impl Volume {
             .find_map(|p| fs::metadata(p).ok())
             .map(|m| m.blocks() * 512)
             .unwrap_or(0);
+        let users = if exists(&self.paths.dirty) {
+            self.foreign_users()
+        } else {
+            Vec::new()
+        };
+        let state = match self.state() {
+            // run by another program: not an interrupted run of ours
+            VolumeState::Interrupted if !users.is_empty() => VolumeState::Running,
+            s => s,
+        };
         Ok(VolumeInfo {
             vid: self.vid.clone(),
             has_sidecar: self.has_sidecar(),
-            state: self.state(),
+            state,
             size: self.size()?,
             usage,
             clean: self.paths.clean.clone(),
@@ -456,6 +503,7 @@ impl Volume {
             revisions: self.revisions()?,
             outdated: self.is_outdated().unwrap_or(false),
             owner: self.claim(),
+            users,
             config,
         })
     }
@@ -837,6 +885,7 @@ impl Volume {
                 ));
             }
         }
+        self.refuse_foreign("start")?;
         let cfg = self.config()?;
         let p = &self.paths;
         let ops = self.ops();
@@ -940,6 +989,7 @@ impl Volume {
     fn stop_inner(&self, discard: bool) -> Result<StopOutcome> {
         let _l = self.lock()?;
         self.refuse_owned(if discard { "discard" } else { "stop" })?;
+        self.refuse_foreign(if discard { "discard" } else { "stop" })?;
         let cfg = self.config()?;
         let p = &self.paths;
         let ops = self.ops();
@@ -1039,6 +1089,7 @@ impl Volume {
             ));
         }
         self.refuse_owned("revert")?;
+        self.refuse_foreign("revert")?;
         self.refuse_running("revert")?;
         self.unshare_clean()?;
         let rev = match revision {
@@ -1063,6 +1114,7 @@ impl Volume {
     pub fn resize(&self, size: u64, allow_shrink: bool) -> Result<()> {
         let _l = self.lock()?;
         self.refuse_owned("resize")?;
+        self.refuse_foreign("resize")?;
         check_size(&self.vid, size)?;
         let cfg = self.config()?;
         let p = &self.paths;
@@ -1145,6 +1197,7 @@ impl Volume {
             ));
         }
         self.refuse_owned("import into")?;
+        self.refuse_foreign("import into")?;
         self.refuse_running("import into")?;
         let p = &self.paths;
         let ops = self.ops();
@@ -1279,6 +1332,7 @@ impl Volume {
             ));
         }
         self.refuse_owned("remove")?;
+        self.refuse_foreign("remove")?;
         if !force && self.state() == VolumeState::Running {
             self.refuse_running("remove")?;
         }
@@ -1307,7 +1361,13 @@ impl Volume {
         };
         // A volume a daemon serves is only reported, never repaired.
         let owned = self.claim().filter(|(o, _)| !o.is_this_process());
-        let repair = repair && owned.is_none();
+        // A volume another program runs is neither "interrupted" nor repaired.
+        let users = if exists(&self.paths.dirty) && owned.is_none() {
+            self.foreign_users()
+        } else {
+            Vec::new()
+        };
+        let repair = repair && owned.is_none() && users.is_empty();
         let mut out = Vec::new();
         let ops = self.ops();
         let p = &self.paths;
@@ -1381,14 +1441,14 @@ impl Volume {
         }
         let marker = self.marker_path();
         let dirty = exists(&p.dirty);
-        if exists(&marker) && (!dirty || !self.marker_this_boot()) {
+        if exists(&marker) && (!dirty || !self.marker_this_boot()) && users.is_empty() {
             item(
                 format!("stale start record {} (remove it)", marker.display()),
                 true,
                 &mut || self.io(ops.remove_file(&marker).map(|_| ()), "remove start record"),
             )?;
         }
-        let running = dirty && self.marker_this_boot();
+        let running = dirty && (self.marker_this_boot() || !users.is_empty());
         if dirty && !running {
             if cfg.kind.save_on_stop() {
                 item(

@@ -1,0 +1,149 @@
+//! Programs other than refblk that use a volume's images: a process holding an
+//! image open for writing (from `/proc/<pid>/fd` and `/proc/<pid>/fdinfo`), and a
+//! loop device backed by an image (`/sys/block/loop*/loop/backing_file`). Such a
+//! volume is running, by someone else: refblk shows it so and refuses to start,
+//! stop, revert, resize, import or remove it.
+
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// One foreign use of an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// The process (0 for a loop device).
+    pub pid: u32,
+    /// What uses it, for messages: `pid 1234 (qemu-system-x86)` or `/dev/loop3`.
+    pub who: String,
+    /// The image it uses.
+    pub image: String,
+}
+
+impl std::fmt::Display for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.pid == 0 {
+            write!(f, "loop device {} is backed by {}", self.who, self.image)
+        } else {
+            write!(f, "{} has {} open for writing", self.who, self.image)
+        }
+    }
+}
+
+/// Who other than the processes in `exclude` (and this one) writes to one of
+/// `images` or has it behind a loop device. Missing images are skipped.
+pub fn users_of(images: &[&Path], exclude: &[u32]) -> Vec<User> {
+    let targets: Vec<((u64, u64), &Path)> = images
+        .iter()
+        .filter_map(|p| fs::metadata(p).ok().map(|m| ((m.dev(), m.ino()), *p)))
+        .collect();
+    if targets.is_empty() {
+        return Vec::new();
+    }
+    let find = |dev: u64, ino: u64| {
+        targets
+            .iter()
+            .find(|(k, _)| *k == (dev, ino))
+            .map(|(_, p)| p.display().to_string())
+    };
+    let me = std::process::id();
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for ent in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me || exclude.contains(&pid) {
+            continue;
+        }
+        let base = ent.path();
+        for fd in fs::read_dir(base.join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(m) = fs::metadata(fd.path()) else {
+                continue;
+            };
+            let Some(image) = find(m.dev(), m.ino()) else {
+                continue;
+            };
+            let flags = fs::read_to_string(base.join("fdinfo").join(fd.file_name()))
+                .ok()
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("flags:"))
+                        .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+                });
+            let writable = flags.is_some_and(|f| f & libc::O_ACCMODE as u32 != 0);
+            if writable && seen.insert((pid, image.clone())) {
+                let comm = fs::read_to_string(base.join("comm")).unwrap_or_default();
+                out.push(User {
+                    pid,
+                    who: format!("pid {pid} ({})", comm.trim()),
+                    image,
+                });
+            }
+        }
+    }
+    for ent in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let name = ent.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(b) = fs::read_to_string(ent.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let b = b.trim_end_matches('\n');
+        let b = b.strip_suffix(" (deleted)").unwrap_or(b);
+        let hit = fs::metadata(b)
+            .ok()
+            .and_then(|m| find(m.dev(), m.ino()))
+            .or_else(|| {
+                targets
+                    .iter()
+                    .find(|(_, p)| Path::new(b) == *p)
+                    .map(|(_, p)| p.display().to_string())
+            });
+        if let Some(image) = hit {
+            out.push(User {
+                pid: 0,
+                who: format!("/dev/{name}"),
+                image,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_holding_a_file_for_writing_is_found() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("x-dirty.img");
+        fs::write(&img, b"data").unwrap();
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec 3<>'{}'; read x", img.display()))
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let u = loop {
+            let u = users_of(&[&img], &[]);
+            if !u.is_empty() || std::time::Instant::now() > deadline {
+                break u;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert_eq!(u.len(), 1, "{u:?}");
+        assert_eq!(u[0].pid, child.id());
+        assert!(users_of(&[&img], &[child.id()]).is_empty());
+        drop(child.stdin.take());
+        child.wait().unwrap();
+        assert!(users_of(&[&img], &[]).is_empty());
+    }
+}
