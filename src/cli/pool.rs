@@ -3,7 +3,7 @@
 //!
 //! Exit codes (stable, for scripts): 0 success; 1 I/O failure; 2 bad input or usage;
 //! 3 not found (volume, image, revision, pool); 4 volume already exists; 5 busy (the
-//! volume is running); 6 wrong volume kind or state for the operation; 7 file system
+//! volume is running, served by a daemon, or used by another program); 6 wrong volume kind or state for the operation; 7 file system
 //! full; 8 file system cannot reflink (`pool init` without `--no-setup-check`);
 //! 9 `pool check` found problems it did not repair.
 
@@ -21,7 +21,8 @@ use crate::pool::{
 use crate::util::size::{format_size, parse_size};
 
 const EXIT_CODES: &str = "Exit codes: 0 ok, 1 I/O failure, 2 bad input/usage, 3 not found, \
-4 already exists, 5 busy (volume running), 6 wrong kind/state, 7 file system full, \
+4 already exists, 5 busy (volume running, served by refblk serve, or used by another \
+program: the message names it), 6 wrong kind/state, 7 file system full, \
 8 no reflink support, 9 check found unrepaired problems.";
 
 impl From<PoolError> for CliError {
@@ -230,7 +231,7 @@ pub enum VolumeCommand {
         revisions_to_keep: Option<i64>,
     },
     /// Resize a volume (grow only unless --allow-shrink); a running volume's backend is
-    /// told the new size.
+    /// told the new size. A volume `refblk serve` serves is refused: detach it first.
     #[command(after_help = EXIT_CODES)]
     Resize {
         #[command(flatten)]
