@@ -396,14 +396,25 @@ fn detach_of_a_volume_that_is_not_running_fails() {
 fn a_second_simulator_in_one_directory_is_refused() {
     let mdir = machine_dir();
     let log = std::fs::File::create(mdir.path().join("sim1.log")).unwrap();
-    let mut first = Command::new(env!("CARGO_BIN_EXE_refblk"))
+    /// Stops a simulator it was given, also when the test fails.
+    struct Sim(std::process::Child);
+    impl Drop for Sim {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = self.0.wait();
+        }
+    }
+    let mut first = Sim(Command::new(env!("CARGO_BIN_EXE_refblk"))
         .args(["sim", "--dir"])
         .arg(mdir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .unwrap();
+        .unwrap());
     let xs = mdir.path().join("xenstored.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
     while XsClient::connect_unix(&xs).is_err() {
@@ -412,15 +423,38 @@ fn a_second_simulator_in_one_directory_is_refused() {
     }
     let ino = |p: &Path| std::fs::metadata(p).map(|m| m.ino()).ok();
     let (xs_ino, ev_ino) = (ino(&xs), ino(&mdir.path().join("evtchn.sock")));
-    let o = Command::new(env!("CARGO_BIN_EXE_refblk"))
+    // (spawned with a guard: a broken build runs a second simulator that
+    // never exits by itself)
+    let second = Sim(Command::new(env!("CARGO_BIN_EXE_refblk"))
         .args(["sim", "--dir"])
         .arg(mdir.path())
         .stdin(Stdio::null())
-        .output()
-        .unwrap();
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut second = second;
+    let status = loop {
+        if let Some(st) = second.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a second simulator kept running in the first one's directory"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(second.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let o = Output {
+        status,
+        stdout: Vec::new(),
+        stderr: err.into_bytes(),
+    };
     assert_eq!(o.status.code(), Some(5), "{}", text(&o));
     assert!(
-        text(&o).contains("another refblk sim") && text(&o).contains(&first.id().to_string()),
+        text(&o).contains("another refblk sim") && text(&o).contains(&first.0.id().to_string()),
         "{}",
         text(&o)
     );
@@ -433,9 +467,9 @@ fn a_second_simulator_in_one_directory_is_refused() {
     let c = XsClient::connect_unix(&xs).expect("the first simulator still answers");
     c.write(0, "/probe", b"1").expect("xenstore write");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(first.id() as i32),
+        nix::unistd::Pid::from_raw(first.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(first.wait().unwrap().success());
+    assert!(first.0.wait().unwrap().success());
 }
