@@ -95,6 +95,37 @@ fn wait_connected(sock: &Path, d: &Daemon) {
     }
 }
 
+/// Kills a daemon the test started if it still runs when the test ends (a
+/// failing assertion must not leave `refblk serve` behind).
+struct Reap(u32);
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let cmd = std::fs::read(format!("/proc/{}/cmdline", self.0)).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains("serve") {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0 as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// How a daemon that must refuse to start exited; a daemon still running
+/// after 30 s is killed and the test fails.
+fn exits_soon(d: &mut Daemon) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = d.child.try_wait().expect("try_wait") {
+            return st;
+        }
+        if Instant::now() > deadline {
+            d.kill9();
+            panic!("a second daemon kept running; log:\n{}", d.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn wait_control(sock: &Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while control::request(sock, "status").is_err() {
@@ -262,6 +293,7 @@ fn served_volume_refuses_every_verb(kind: FsKind) {
     }
     let sock = mdir.path().join("refblk.sock");
     let mut daemon = Daemon::spawn(mdir.path(), 0, &[]);
+    let _reap0 = Reap(daemon.child.id());
     wait_control(&sock);
     let domid = 7;
     let (vbd, mut fe) = attach_guest(&sim, &sock, domid, &pool, VID);
@@ -277,12 +309,25 @@ fn served_volume_refuses_every_verb(kind: FsKind) {
     let before = listing(&pool);
     let state_before = listing(&mdir.path().join("state"));
     let mut second = Daemon::spawn(mdir.path(), 2, &[]);
-    let st = second.child.wait().expect("second daemon exits");
+    let _reap2 = Reap(second.child.id());
+    let st = exits_soon(&mut second);
     let log2 = second.log_text();
     assert_eq!(st.code(), Some(5), "second daemon: {log2}");
     assert!(
         log2.contains("another refblk serve") && log2.contains(&daemon.child.id().to_string()),
         "{log2}"
+    );
+    // ... also with its own control socket: the state directory is locked
+    let other = mdir.path().join("other.sock");
+    let mut third = Daemon::spawn(mdir.path(), 3, &["--control", other.to_str().unwrap()]);
+    let _reap3 = Reap(third.child.id());
+    let st = exits_soon(&mut third);
+    let log3 = third.log_text();
+    assert_eq!(st.code(), Some(5), "daemon on the same state dir: {log3}");
+    assert!(log3.contains("restart state"), "{log3}");
+    assert!(
+        !other.exists(),
+        "the refused daemon made its control socket"
     );
     assert_eq!(listing(&pool), before, "the second daemon changed the pool");
     assert_eq!(
@@ -304,6 +349,7 @@ fn served_volume_refuses_every_verb(kind: FsKind) {
     all_verbs_refused(&pool, fs.path(), domid, dead, "daemon killed");
     // restart: the new daemon takes the device and the claim over
     let mut daemon = Daemon::spawn(mdir.path(), 1, &[]);
+    let _reap1 = Reap(daemon.child.id());
     wait_connected(&sock, &daemon);
     assert_eq!(fe.read(0, a.len()).unwrap(), a);
     all_verbs_refused(&pool, fs.path(), domid, daemon.child.id(), "restarted");
@@ -372,6 +418,7 @@ fn detach_of_a_volume_that_is_not_running_fails() {
     let pool = pool_with_volume(mdir.path(), VID, 1, 8 * MIB);
     let sock = mdir.path().join("refblk.sock");
     let mut daemon = Daemon::spawn(mdir.path(), 0, &[]);
+    let _reap = Reap(daemon.child.id());
     wait_control(&sock);
     let (vbd, fe) = attach_guest(&sim, &sock, 3, &pool, VID);
     wait_connected(&sock, &daemon);
