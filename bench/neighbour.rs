@@ -4,7 +4,7 @@
 //! 4 KiB reads and writes (half each) at queue depth 8 over a 16 MiB disk,
 //! every read checked against a model of what B wrote, for `--secs` seconds.
 //! It runs alone, then while guest A misbehaves in each way of
-//! `tests/datapath_support/hostile.rs` (the same code the hostile-guest tests
+//! `tests/kit/hostile.rs` (the same code the hostile-guest tests
 //! use): flooding its ring without consuming responses, reconnecting in a
 //! tight loop, revoking grants mid-request, sending garbage requests,
 //! unmapping and reusing its ring, switching `protocol` on every reconnect.
@@ -36,7 +36,7 @@
 //!
 //! Figures and their machine load: docs/security.md.
 
-#[path = "../tests/datapath_support/mod.rs"]
+#[path = "../tests/kit/mod.rs"]
 mod support;
 
 use std::collections::HashMap;

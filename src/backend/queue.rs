@@ -422,6 +422,7 @@ impl Queue {
         }
         for (jent, p, t0) in std::mem::take(&mut self.pending) {
             let (id, op) = p.id_op();
+            self.ctx.stats.errors.fetch_add(1, Ordering::Relaxed);
             self.ctx.stats.answered(t0, self.now, op, false, 0, false); // stats
             self.respond(jent, id, op, BLKIF_RSP_ERROR);
         }

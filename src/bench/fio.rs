@@ -7,7 +7,7 @@
 //! - `refblk bench` calibrates its ceiling with it: every repetition runs fio for
 //!   the same time as the paths, interleaved with them, and the report shows our
 //!   `file` path ÷ fio ([`run_timed`]; docs/benchmarks.md, "Calibration").
-//! - `tests/bench_fio.rs` checks, without timing anything, that for a fixed number
+//! - `tests/ops/bench_fio.rs` checks, without timing anything, that for a fixed number
 //!   of operations the two issue the same operations ([`issued`], compared by
 //!   [`mismatches`]).
 

@@ -28,7 +28,7 @@
 //!    heap, as freed memory is reused in another order).
 //!
 //! Used by `bench/scale.rs` (`cargo run --release --example scale`, the
-//! issue's figures and targets) and `tests/scale_guests.rs` (a reduced run
+//! issue's figures and targets) and `tests/ops/scale_guests.rs` (a reduced run
 //! asserting progress, data and leaks only). See `docs/benchmarks.md`.
 
 use std::collections::HashMap;

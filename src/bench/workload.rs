@@ -2,7 +2,7 @@
 //! [`BlockTarget`] for a fixed time (or a fixed number of operations), sequentially,
 //! at random, or at random offsets that are each used once (first writes, CoW
 //! breaks, discards), and measures throughput, latency and the serving side's CPU
-//! time. It also counts what it issued ([`IoCounts`]), which `tests/bench_fio.rs`
+//! time. It also counts what it issued ([`IoCounts`]), which `tests/ops/bench_fio.rs`
 //! compares with what fio issues for the same profile.
 
 use std::io;

@@ -1,0 +1,171 @@
+//! Pool volumes on the hotplug path: `attach_volume` starts the volume (FICLONE
+//! clean → dirty) and serves the dirty image; `detach` (hotplug `remove`)
+//! commits it; a backend directory removed without `detach` (toolstack crash)
+//! still commits; a volatile volume's writes are thrown away.
+
+use std::path::Path;
+
+use crate::kit::*;
+use refblk::backend::AttachOptions;
+use refblk::frontend::{FrontendOptions, Vbd, VbdSpec};
+use refblk::pool::{InitOptions, Pool, VolumeConfig, VolumeKind};
+use refblk::util::scratchfs::{FsKind, ScratchFs};
+use xen_sys::xenbus::XenbusState;
+
+const MIB: u64 = 1 << 20;
+
+/// The toolstack's part of `xl block-attach` with a pool volume as target.
+fn add_volume_vbd(rig: &Rig, domid: u16, pool: &Path, vid: &str) -> Vbd {
+    let spec = VbdSpec::new(domid, XVDA, format!("refblk:{}:{vid}", pool.display()));
+    let vbd = rig.ts.create_vbd_nodes(&spec).expect("vbd nodes");
+    assert!(
+        wait_until(LONG, || rig.ts.backend_state(&vbd).unwrap()
+            == XenbusState::InitWait),
+        "backend never reached InitWait"
+    );
+    let served = rig
+        .backend
+        .attach_volume(&vbd.backend_path, pool, vid, AttachOptions::default())
+        .expect("attach volume");
+    assert!(
+        served.to_string_lossy().ends_with("-dirty.img"),
+        "{served:?}"
+    );
+    rig.ts
+        .xs()
+        .write(
+            0,
+            &format!("{}/hotplug-status", vbd.backend_path),
+            b"connected",
+        )
+        .unwrap();
+    vbd
+}
+
+fn guest_writes(
+    rig: &Rig,
+    guest: &std::sync::Arc<refblk::platform::sim::SimGuest>,
+    byte: u8,
+) -> refblk::frontend::Frontend {
+    let mut fe = rig.connect(guest, XVDA, FrontendOptions::default());
+    fe.write(0, &vec![byte; 64 * 1024]).expect("guest write");
+    fe.flush().expect("guest flush");
+    fe
+}
+
+fn clean(pool: &Path, vid: &str) -> Vec<u8> {
+    std::fs::read(pool.join(format!("{vid}.img"))).expect("clean image")
+}
+
+fn run_on(pool_dir: &Path, setup_check: bool) {
+    let Some(rig) = Rig::new() else { return };
+    let pool = Pool::init(
+        pool_dir,
+        &InitOptions {
+            setup_check,
+            ..InitOptions::default()
+        },
+    )
+    .expect("pool init");
+    pool.create_volume("appvms/work/private", VolumeConfig::origin(2), 8 * MIB)
+        .expect("create origin");
+    pool.create_volume(
+        "appvms/work/volatile",
+        VolumeConfig {
+            kind: VolumeKind::Volatile,
+            source: None,
+            revisions_to_keep: 0,
+            size: Some(8 * MIB),
+            rw: true,
+        },
+        8 * MIB,
+    )
+    .expect("create volatile");
+    let vid = "appvms/work/private";
+
+    // 1. Start, write, hotplug remove (detach) commits.
+    let g31 = rig.guest(31, 4096);
+    let vbd = add_volume_vbd(&rig, 31, pool_dir, vid);
+    let mut fe = guest_writes(&rig, &g31, 0xA1);
+    assert!(
+        clean(pool_dir, vid).iter().all(|&b| b == 0),
+        "committed early"
+    );
+    fe.disconnect().unwrap();
+    let what = rig.backend.detach(&vbd.backend_path).expect("detach");
+    assert!(what.contains("Committed"), "{what}");
+    assert!(rig.ts.remove_vbd(&vbd).unwrap());
+    let c = clean(pool_dir, vid);
+    assert!(c[..64 * 1024].iter().all(|&b| b == 0xA1), "not committed");
+    let vol = pool.volume(vid).unwrap();
+    assert_eq!(
+        vol.revisions().unwrap().len(),
+        1,
+        "the old clean image is a revision"
+    );
+    drop(fe);
+    rig.ts.destroy_domain(31).unwrap();
+
+    // 2. A second start while the first still runs is refused, and the pool is
+    //    left as it was.
+    let g32 = rig.guest(32, 4096);
+    let vbd = add_volume_vbd(&rig, 32, pool_dir, vid);
+    let spec = VbdSpec::new(33, XVDA, "unused");
+    let _g33 = rig.guest(33, 16);
+    let other = rig.ts.create_vbd_nodes(&spec).unwrap();
+    assert!(wait_until(LONG, || rig.ts.backend_state(&other).unwrap()
+        == XenbusState::InitWait));
+    let err = rig
+        .backend
+        .attach_volume(&other.backend_path, pool_dir, vid, AttachOptions::default())
+        .expect_err("second start of a running volume");
+    assert!(err.contains("running") || err.contains("busy"), "{err}");
+    rig.ts.force_remove_vbd(&other).unwrap();
+
+    // 3. Guest writes, then the toolstack removes the backend directory without
+    //    a hotplug remove: the daemon still commits.
+    let mut fe = guest_writes(&rig, &g32, 0xB2);
+    fe.disconnect().unwrap();
+    drop(fe);
+    rig.ts.force_remove_vbd(&vbd).unwrap();
+    assert!(
+        wait_until(LONG, || clean(pool_dir, vid)[0] == 0xB2),
+        "not committed after removal"
+    );
+    assert_eq!(pool.volume(vid).unwrap().revisions().unwrap().len(), 2);
+
+    // 4. A volatile volume: its writes are gone after detach.
+    let vv = "appvms/work/volatile";
+    let g34 = rig.guest(34, 4096);
+    let vbd = add_volume_vbd(&rig, 34, pool_dir, vv);
+    let mut fe = guest_writes(&rig, &g34, 0xC3);
+    fe.disconnect().unwrap();
+    let what = rig.backend.detach(&vbd.backend_path).expect("detach");
+    assert!(!what.contains("Committed"), "{what}");
+    assert!(!pool_dir.join(format!("{vv}-dirty.img")).exists());
+    assert!(rig.ts.remove_vbd(&vbd).unwrap());
+    drop(fe);
+    rig.shutdown();
+}
+
+#[test]
+fn volumes_on_tmpfs_with_the_copy_fallback() {
+    let d = machine_dir();
+    run_on(&d.path().join("pool"), false);
+}
+
+#[test]
+fn volumes_on_btrfs() {
+    let Some(fs) = ScratchFs::new_or_skip(FsKind::Btrfs, 256 * MIB) else {
+        return;
+    };
+    run_on(&fs.path().join("pool"), true);
+}
+
+#[test]
+fn volumes_on_xfs() {
+    let Some(fs) = ScratchFs::new_or_skip(FsKind::Xfs, 320 * MIB) else {
+        return;
+    };
+    run_on(&fs.path().join("pool"), true);
+}

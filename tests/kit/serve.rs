@@ -1,0 +1,94 @@
+//! `refblk serve --sim` as a child process, for tests that kill and restart
+//! the daemon. `CARGO_BIN_EXE_refblk` exists only for integration tests, not
+//! for the benchmarks that include the kit too: they compile, and cannot run
+//! a daemon.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use refblk::backend::control;
+
+/// The refblk binary cargo built for the integration tests.
+fn refblk_exe() -> &'static str {
+    match option_env!("CARGO_BIN_EXE_refblk") {
+        Some(p) => p,
+        None => panic!("only integration tests can run the daemon"),
+    }
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// `refblk serve --sim DIR --state-dir DIR/state EXTRA...`, its log in
+    /// `DIR/serve-N.log`.
+    pub fn spawn(dir: &Path, n: usize, extra: &[&str]) -> Daemon {
+        let log = dir.join(format!("serve-{n}.log"));
+        let f = std::fs::File::create(&log).expect("daemon log");
+        let child = Command::new(refblk_exe())
+            .arg("serve")
+            .arg("--sim")
+            .arg(dir)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .expect("start refblk serve");
+        Daemon { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until the control socket answers `status` (30 s).
+    pub fn wait_control(&mut self, sock: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while control::request(sock, "status").is_err() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("refblk serve exited ({st}); log:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "control socket never came up; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Send `sig`, reap, and return how it exited.
+    pub fn signal(&mut self, sig: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
+            .expect("signal the daemon");
+        self.child.wait().expect("reap the daemon")
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+
+    /// SIGTERM, reap, and return whether it exited 0.
+    pub fn term(&mut self) -> bool {
+        self.signal(nix::sys::signal::Signal::SIGTERM).success()
+    }
+}
+
+/// The daemon's status of device (domid, XVDA-like devid), if it knows it.
+pub fn device_status(sock: &Path, domid: u16, devid: u32) -> Option<serde_json::Value> {
+    let v = control::request(sock, "status").ok()?;
+    v["devices"]
+        .as_array()?
+        .iter()
+        .find(|d| d["domid"] == domid && d["devid"] == devid)
+        .cloned()
+}

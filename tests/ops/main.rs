@@ -1,0 +1,14 @@
+//! Operations: limits, statistics, restart and hand-over of the daemon,
+//! the benchmark machinery and many guests on one daemon.
+
+#[path = "../kit/mod.rs"]
+mod kit;
+mod load;
+
+mod bench_fio;
+mod bench_smoke;
+mod limits;
+mod restart_live;
+mod restart_volume;
+mod scale_guests;
+mod stats;

@@ -1,0 +1,240 @@
+//! Restart with a pool volume: `refblk serve` serving a volume's dirty image
+//! is killed with SIGKILL and started again; the new daemon takes the volume
+//! over (`Volume::resume`) with the device, the guest's writes before and
+//! after the restart are on the disk, and the hotplug `remove` (`detach`)
+//! commits them into the volume's clean image.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::kit::serve::Daemon;
+use crate::kit::*;
+use refblk::backend::control;
+use refblk::frontend::{Frontend, FrontendOptions, Toolstack, VbdSpec};
+use refblk::platform::sim::SimXen;
+use refblk::xenstore::XsClient;
+use xen_sys::xenbus::XenbusState;
+
+const MIB: u64 = 1 << 20;
+
+fn wait_connected(sock: &Path, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(v) = control::request(sock, "status") {
+            if v["devices"][0]["state"] == "Connected" {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "device not Connected; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A daemon (`refblk serve` child 0) serving one vbd of guest `domid`, given
+/// its image by the control-socket line `attach_line` (`{be}` = the backend
+/// path), and the guest's frontend connected to it.
+struct Served {
+    daemon: Daemon,
+    vbd: refblk::frontend::Vbd,
+    fe: Frontend,
+}
+
+fn serve_one(
+    dir: &Path,
+    sim: &SimXen,
+    sock: &Path,
+    domid: u16,
+    target: &str,
+    attach_line: &str,
+) -> Served {
+    let daemon = Daemon::spawn(dir, 0, &[]);
+    assert!(
+        wait_until(HANG, || control::request(sock, "status").is_ok()),
+        "control socket never came up"
+    );
+    let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
+    let ts = Toolstack::with_control_socket(xs, sock);
+    let deadline = Instant::now() + HANG;
+    ts.create_domain(domid).expect("domain");
+    let guest = std::sync::Arc::new(sim.create_guest(domid, 2048).expect("guest"));
+    let vbd = ts
+        .create_vbd_nodes(&VbdSpec::new(domid, XVDA, target))
+        .expect("vbd nodes");
+    while ts.backend_state(&vbd).unwrap() != XenbusState::InitWait {
+        assert!(Instant::now() < deadline, "backend never reached InitWait");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let line = attach_line.replace("{be}", &vbd.backend_path);
+    let v = control::request(sock, &line).expect("attach");
+    assert_eq!(v["ok"], true, "{line}: {v}");
+    let fe = Frontend::connect(
+        &sim.xenstored_path(),
+        guest,
+        XVDA,
+        FrontendOptions {
+            timeout: Duration::from_secs(60),
+            ..FrontendOptions::default()
+        },
+    )
+    .expect("frontend");
+    wait_connected(sock, &daemon.log);
+    Served { daemon, vbd, fe }
+}
+
+#[test]
+fn a_pool_volume_is_taken_over_by_the_restarted_daemon_and_committed_on_detach() {
+    restart_with_volume(false);
+}
+
+/// The guest shuts down while no daemon runs (found by the Xen lab: a kill
+/// fell on the guest's poweroff). The new daemon cannot take the rings over,
+/// but it must keep the volume, so that the hotplug `remove` commits it.
+#[test]
+fn a_volume_whose_guest_closed_during_the_restart_is_still_committed() {
+    restart_with_volume(true);
+}
+
+fn restart_with_volume(closing_during_restart: bool) {
+    if !require_memlock_or_skip() {
+        return;
+    }
+    let dir = machine_dir();
+    let sim = SimXen::start(dir.path()).expect("simulated Xen");
+    let vid = "appvms/work/private";
+    let pool_dir = pool_with_volume(dir.path(), vid, 2, 8 * MIB);
+    let sock = dir.path().join("refblk.sock");
+    let Served {
+        mut daemon,
+        vbd,
+        mut fe,
+    } = serve_one(
+        dir.path(),
+        &sim,
+        &sock,
+        9,
+        &format!("refblk:{}:{vid}", pool_dir.display()),
+        &format!("attach-volume {{be}} {} {vid}", pool_dir.display()),
+    );
+    let a = vec![0xa1u8; 256 << 10];
+    fe.write(0, &a).expect("write before the crash");
+    fe.flush().expect("flush");
+
+    daemon.kill9();
+    if closing_during_restart {
+        let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
+        xs.write(
+            0,
+            &format!("{}/state", fe.frontend_path()),
+            (XenbusState::Closing as u32).to_string().as_bytes(),
+        )
+        .expect("frontend Closing");
+        let mut daemon = Daemon::spawn(dir.path(), 1, &[]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = daemon.log_text();
+            if text.contains("kept") {
+                assert!(text.contains("cannot take the device over"), "{text}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "volume not kept; log:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The frontend finishes closing; the toolstack's `remove` commits.
+        xs.write(
+            0,
+            &format!("{}/state", fe.frontend_path()),
+            (XenbusState::Closed as u32).to_string().as_bytes(),
+        )
+        .expect("frontend Closed");
+        let v = control::request(&sock, &format!("detach {}", vbd.backend_path)).expect("detach");
+        assert_eq!(v["ok"], true, "{v}");
+        let clean = std::fs::read(pool_dir.join(format!("{vid}.img"))).expect("clean image");
+        assert_eq!(
+            &clean[..a.len()],
+            &a[..],
+            "the guest's flushed write was not committed; log:\n{}",
+            daemon.log_text()
+        );
+        assert!(
+            !pool_dir.join(format!("{vid}-dirty.img")).exists(),
+            "the dirty image is left"
+        );
+        std::mem::forget(fe); // its daemon-side is gone; don't wait on a close handshake
+        assert!(daemon.term(), "daemon exit after SIGTERM");
+        return;
+    }
+    let mut daemon = Daemon::spawn(dir.path(), 1, &[]);
+    wait_connected(&sock, &daemon.log);
+    let text = daemon.log_text();
+    assert!(
+        text.contains("resumed after a restart") && text.contains("taking over"),
+        "the volume was not taken over; log:\n{text}"
+    );
+    let b = vec![0xb2u8; 256 << 10];
+    fe.write(MIB / 512, &b).expect("write after the restart");
+    fe.flush().expect("flush");
+    assert_eq!(fe.read(0, a.len()).unwrap(), a);
+    assert_eq!(fe.read(MIB / 512, b.len()).unwrap(), b);
+
+    // The hotplug `remove`: the device closes and the volume is committed.
+    let v = control::request(&sock, &format!("detach {}", vbd.backend_path)).expect("detach");
+    assert_eq!(v["ok"], true, "{v}");
+    let clean = std::fs::read(pool_dir.join(format!("{vid}.img"))).expect("clean image");
+    assert_eq!(
+        &clean[..a.len()],
+        &a[..],
+        "write before the crash not committed"
+    );
+    assert_eq!(
+        &clean[MIB as usize..MIB as usize + b.len()],
+        &b[..],
+        "write after the restart not committed"
+    );
+    drop(fe);
+    assert!(daemon.term(), "daemon exit after SIGTERM");
+}
+
+/// Limits given on the disk line of a plain image (no pool volume to store
+/// them) survive a restart: the state file records them.
+#[test]
+fn a_plain_images_disk_line_limits_survive_a_restart() {
+    if !require_memlock_or_skip() {
+        return;
+    }
+    let dir = machine_dir();
+    let sim = SimXen::start(dir.path()).expect("simulated Xen");
+    let image = make_image(dir.path(), "plain.img", 8 * MIB);
+    let sock = dir.path().join("refblk.sock");
+    let Served {
+        mut daemon,
+        vbd,
+        mut fe,
+    } = serve_one(
+        dir.path(),
+        &sim,
+        &sock,
+        11,
+        &image.display().to_string(),
+        &format!(
+            "attach {{be}} {} read-iops=77 write-bps=3M",
+            image.display()
+        ),
+    );
+    fe.write(0, &[7u8; 4096]).expect("write");
+    daemon.kill9();
+    let mut daemon = Daemon::spawn(dir.path(), 1, &[]);
+    wait_connected(&sock, &daemon.log);
+    let v = control::request(&sock, "status").expect("status");
+    let l = &v["devices"][0]["limits"];
+    assert_eq!(l["read_iops"], 77, "{v}");
+    assert_eq!(l["write_bps"], 3 * MIB, "{v}");
+    assert_eq!(fe.read(0, 4096).unwrap(), vec![7u8; 4096]);
+    let v = control::request(&sock, &format!("detach {}", vbd.backend_path)).expect("detach");
+    assert_eq!(v["ok"], true, "{v}");
+    drop(fe);
+    assert!(daemon.term(), "daemon exit after SIGTERM");
+}
