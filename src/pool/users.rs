@@ -47,6 +47,7 @@ pub fn users_of(images: &[&Path], exclude: &[u32]) -> Vec<User> {
             .map(|(_, p)| p.display().to_string())
     };
     let me = std::process::id();
+    let my_exe = fs::read_link("/proc/self/exe").ok();
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for ent in fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -57,6 +58,9 @@ pub fn users_of(images: &[&Path], exclude: &[u32]) -> Vec<User> {
             continue;
         }
         let base = ent.path();
+        if forked_not_yet_exec(&base, me, my_exe.as_deref()) {
+            continue;
+        }
         for fd in fs::read_dir(base.join("fd"))
             .into_iter()
             .flatten()
@@ -114,6 +118,21 @@ pub fn users_of(images: &[&Path], exclude: &[u32]) -> Vec<User> {
         }
     }
     out
+}
+
+/// Whether the process at `/proc/<pid>` (`base`) is a child of ours that has
+/// not exec'd yet: between fork and exec it holds copies of all our
+/// descriptors, close-on-exec ones included — our own use, not another
+/// program's (seen when a thread spawns a command while another works on a
+/// volume).
+fn forked_not_yet_exec(base: &Path, me: u32, my_exe: Option<&Path>) -> bool {
+    let ppid = fs::read_to_string(base.join("stat")).ok().and_then(|s| {
+        let rest = &s[s.rfind(')')? + 1..];
+        rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+    });
+    ppid == Some(me)
+        && my_exe.is_some()
+        && fs::read_link(base.join("exe")).ok().as_deref() == my_exe
 }
 
 #[cfg(test)]

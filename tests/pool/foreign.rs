@@ -5,14 +5,12 @@
 //! byte-identical; `pool check` neither calls it interrupted nor repairs it.
 //! Once the program lets go, the verbs work.
 
-mod pool_common;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use pool_common::*;
+use crate::common::*;
 use refblk::util::scratchfs::FsKind;
 
 const VID: &str = "appvms/q/private";

@@ -7,10 +7,6 @@
 //! directory is refused without changing anything of the first, and `ctl
 //! detach` of a device whose volume is no longer running says so (non-zero).
 
-mod datapath_support;
-#[path = "datapath_support/serve.rs"]
-mod serve;
-
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
@@ -18,13 +14,13 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use datapath_support::*;
+use crate::kit::serve::Daemon;
+use crate::kit::*;
 use refblk::backend::control;
 use refblk::frontend::{Frontend, FrontendOptions, Toolstack, VbdSpec};
 use refblk::platform::sim::SimXen;
 use refblk::util::scratchfs::{FsKind, ScratchFs};
 use refblk::xenstore::XsClient;
-use serve::Daemon;
 use xen_sys::xenbus::XenbusState;
 
 const MIB: u64 = 1 << 20;

@@ -3,13 +3,11 @@
 //! what is wrong, and leaves the pool byte-identical — no phantom volume, no
 //! half-created directory, no lock file. Results go to stdout once.
 
-mod pool_common;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use pool_common::*;
+use crate::common::*;
 use refblk::util::scratchfs::FsKind;
 
 fn refblk(args: &[&str]) -> Output {
@@ -67,7 +65,10 @@ fn listing(dir: &Path) -> Vec<String> {
     out
 }
 
-static FAILURES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+thread_local! {
+    /// This test's misses (each test runs on its own thread).
+    static FAILURES: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// `args` exits `code`, its message contains `want`, prints nothing on stdout,
 /// and `dir` is unchanged. A miss is recorded (all are reported at the end, so
@@ -92,25 +93,21 @@ fn refused(dir: &Path, args: &[&str], code: i32, want: &str) {
         let added: Vec<_> = after.iter().filter(|l| !before.contains(l)).collect();
         let gone: Vec<_> = before.iter().filter(|l| !after.contains(l)).collect();
         bad.push(format!("the pool changed: +{added:?} -{gone:?}"));
-        // put it back for the next case: not possible in general; stop here
-        FAILURES
-            .lock()
-            .unwrap()
-            .push(format!("{args:?}: {}: {t}", bad.join("; ")));
-        panic!("{:#?}", FAILURES.lock().unwrap());
+        // a changed pool cannot be put back for the next case: stop here
+        let miss = format!("{args:?}: {}: {t}", bad.join("; "));
+        FAILURES.with(|f| f.borrow_mut().push(miss));
+        panic!("{:#?}", FAILURES.with(|f| f.borrow().clone()));
     }
     if bad.is_empty() {
         eprintln!("bad input {args:?} -> exit {code}: {}", msg.trim());
     } else {
-        FAILURES
-            .lock()
-            .unwrap()
-            .push(format!("{args:?}: {}: {t}", bad.join("; ")));
+        let miss = format!("{args:?}: {}: {t}", bad.join("; "));
+        FAILURES.with(|f| f.borrow_mut().push(miss));
     }
 }
 
 fn no_failures() {
-    let f = FAILURES.lock().unwrap();
+    let f = FAILURES.with(|f| f.borrow().clone());
     assert!(
         f.is_empty(),
         "{} bad input(s) not refused properly:\n{}",
