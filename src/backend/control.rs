@@ -15,7 +15,11 @@
 //! LIMIT is one of `read-iops`, `write-iops`, `read-bps`, `write-bps`,
 //! `iops`, `bps`, `burst` (see [`super::limits`]).
 //!
-//! Answers: `{"ok":true, ...}` or `{"ok":false,"error":"..."}`.
+//! Answers: `{"version":1,"ok":true, ...}` or `{"version":1,"ok":false,"error":"..."}`
+//! (`version`: [`JSON_VERSION`], the shape convention in docs/operations.md).
+//!
+//! A second, read-only socket ([`Access::StatusOnly`]) answers `status` only,
+//! for a non-root exporter (`refblk serve --status-group GROUP`).
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -36,6 +40,63 @@ use super::{AttachOptions, BackendHandle, DeviceStatus, LimitTarget};
 /// Longest request line accepted.
 const MAX_LINE: usize = 8192;
 
+/// The version of every JSON answer's shape (the `version` field). It grows
+/// when a field changes meaning or goes away; new fields do not change it.
+pub const JSON_VERSION: u64 = 1;
+
+/// What a socket's clients may ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Everything (the root-only control socket).
+    Full,
+    /// `status` only (the group-readable status socket).
+    StatusOnly,
+}
+
+/// Facts about the daemon that `status` reports beside its devices.
+#[derive(Debug, Clone, Copy)]
+pub struct DaemonInfo {
+    /// io_uring worker threads.
+    pub workers: usize,
+    /// When the daemon started.
+    pub started: std::time::Instant,
+    /// The same moment on the wall clock, seconds since the epoch.
+    pub started_unix: f64,
+}
+
+static DAEMON: std::sync::OnceLock<DaemonInfo> = std::sync::OnceLock::new();
+
+/// Record the daemon's facts for `status` (once, by `refblk serve`).
+pub fn set_daemon_info(workers: usize) {
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let _ = DAEMON.set(DaemonInfo {
+        workers,
+        started: std::time::Instant::now(),
+        started_unix,
+    });
+}
+
+/// The version and git commit this binary was built from (`build.rs`).
+pub const BUILD_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit (`unknown` outside a git checkout).
+pub const BUILD_COMMIT: &str = env!("REFBLK_GIT_COMMIT");
+
+/// Make the socket at `path` readable and writable by its owner and by
+/// `group` (mode 0660, group `group`), or by its owner only (0600) without
+/// one. Connecting to a unix socket needs write permission on it.
+pub fn share_with_group(path: &Path, group: Option<nix::unistd::Gid>) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    if let Some(g) = group {
+        nix::unistd::chown(path, None, Some(g))
+            .map_err(|e| io::Error::other(format!("chgrp {}: {e}", path.display())))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io::Error::new(e.kind(), format!("chmod {}: {e}", path.display())))
+}
+
 /// A listening control socket; removed when dropped.
 pub struct ControlServer {
     path: PathBuf,
@@ -46,6 +107,26 @@ pub struct ControlServer {
 impl ControlServer {
     /// Listen on `path` (a stale socket file is replaced).
     pub fn spawn(path: &Path, backend: BackendHandle) -> io::Result<ControlServer> {
+        Self::spawn_with(path, backend, Access::Full)
+    }
+
+    /// Listen on `path` answering what `access` allows.
+    pub fn spawn_with(
+        path: &Path,
+        backend: BackendHandle,
+        access: Access,
+    ) -> io::Result<ControlServer> {
+        Self::spawn_shared(path, backend, access, None)
+    }
+
+    /// Listen on `path` answering what `access` allows; `group` (with
+    /// [`Access::StatusOnly`]) may connect too (see [`share_with_group`]).
+    pub fn spawn_shared(
+        path: &Path,
+        backend: BackendHandle,
+        access: Access,
+        group: Option<nix::unistd::Gid>,
+    ) -> io::Result<ControlServer> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
@@ -61,10 +142,16 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(path)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        if access == Access::StatusOnly {
+            share_with_group(path, group)?;
+        }
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
-        info!("control socket {}", path.display());
+        match access {
+            Access::Full => info!("control socket {}", path.display()),
+            Access::StatusOnly => info!("read-only status socket {}", path.display()),
+        }
         let thread = std::thread::Builder::new()
             .name("refblk-ctl".into())
             .spawn(move || {
@@ -74,7 +161,7 @@ impl ControlServer {
                             let b = backend.clone();
                             let _ = std::thread::Builder::new()
                                 .name("refblk-ctl-conn".into())
-                                .spawn(move || serve_conn(s, b));
+                                .spawn(move || serve_conn(s, b, access));
                         }
                         // Sleep until a client connects (answered at once: the
                         // hotplug script waits on this), waking now and then to
@@ -108,7 +195,7 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve_conn(s: UnixStream, backend: BackendHandle) {
+fn serve_conn(s: UnixStream, backend: BackendHandle, access: Access) {
     let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
     let Ok(mut w) = s.try_clone() else { return };
@@ -124,7 +211,16 @@ fn serve_conn(s: UnixStream, backend: BackendHandle) {
             }
             Ok(_) => {}
         }
-        let answer = handle_line(line.trim_end(), &backend);
+        let line = line.trim_end();
+        let answer = if access == Access::StatusOnly
+            && line.split_whitespace().next() != Some("status")
+        {
+            versioned(
+                json!({"ok": false, "error": "this is the read-only status socket: only `status` is answered"}),
+            )
+        } else {
+            handle_line(line, &backend)
+        };
         if writeln!(w, "{answer}").is_err() {
             return;
         }
@@ -167,8 +263,36 @@ fn sampled_us() -> u64 {
         .as_micros() as u64
 }
 
+/// `v` with `"version": JSON_VERSION` first.
+fn versioned(v: Value) -> Value {
+    let mut m = serde_json::Map::new();
+    m.insert("version".into(), json!(JSON_VERSION));
+    if let Value::Object(o) = v {
+        m.extend(o);
+    }
+    Value::Object(m)
+}
+
+/// The `daemon` object of a `status` answer.
+fn daemon_json(devices: usize) -> Value {
+    let d = DAEMON.get();
+    json!({
+        "version": BUILD_VERSION,
+        "commit": BUILD_COMMIT,
+        "pid": std::process::id(),
+        "workers": d.map(|d| d.workers),
+        "devices": devices,
+        "uptime_seconds": d.map(|d| d.started.elapsed().as_secs_f64()),
+        "start_time_seconds": d.map(|d| d.started_unix),
+    })
+}
+
 /// Answer one request line.
 pub fn handle_line(line: &str, backend: &BackendHandle) -> Value {
+    versioned(answer_line(line, backend))
+}
+
+fn answer_line(line: &str, backend: &BackendHandle) -> Value {
     let mut words = line.split_whitespace();
     let fail = |e: String| json!({"ok": false, "error": e});
     let options =
@@ -267,7 +391,8 @@ pub fn handle_line(line: &str, backend: &BackendHandle) -> Value {
             let devs: Vec<Value> = backend.status().iter().map(status_json).collect();
             // When the counters were read (µs of the daemon's monotonic clock),
             // so that rates from two answers do not depend on the reader's timing.
-            json!({"ok": true, "sampled_us": sampled_us(), "devices": devs})
+            let daemon = daemon_json(devs.len());
+            json!({"ok": true, "sampled_us": sampled_us(), "daemon": daemon, "devices": devs})
         }
         Some(other) => fail(format!("unknown request {other:?}")),
         None => fail("empty request".into()),

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use super::serve::DEFAULT_CONTROL;
-use super::{CliError, CliResult};
+use super::{socket_of, CliError, CliResult};
 use crate::backend::control;
 use crate::backend::limits::{Limits, LimitsPatch, DEFAULT_BURST_MS};
 
@@ -81,8 +81,12 @@ Exit codes: 0 ok, 1 the daemon refused (unknown target) or is unreachable, \
 2 bad value.")]
 pub struct LimitCmdArgs {
     /// The daemon's control socket.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL)]
+    #[arg(long, value_name = "PATH", env = "REFBLK_CONTROL", default_value = DEFAULT_CONTROL)]
     pub control: PathBuf,
+    /// Talk to the daemon of the simulated Xen in DIR (its DIR/refblk.sock;
+    /// overrides --control).
+    #[arg(long, value_name = "DIR")]
+    pub sim: Option<PathBuf>,
     /// A domain (id or name) or a device (DOMAIN/VDEV or a backend path).
     pub target: String,
     #[command(flatten)]
@@ -101,7 +105,7 @@ pub fn run(a: LimitCmdArgs) -> CliResult {
         line.push(' ');
         line.push_str(&p);
     }
-    let v = control::request(&a.control, &line)?;
+    let v = control::request(&socket_of(&a.control, a.sim.as_deref()), &line)?;
     if v["ok"] != serde_json::Value::Bool(true) {
         return Err(CliError::failed(
             v["error"].as_str().unwrap_or("unknown error").to_string(),

@@ -7,10 +7,13 @@ use clap::{Parser, Subcommand};
 pub mod bench;
 pub mod demo;
 pub mod limit;
+pub mod metrics;
+pub mod notify;
 pub mod pool;
 pub mod serve;
 pub mod signals;
 pub mod sim;
+pub mod simguest;
 pub mod status;
 
 /// A command's failure: a message for the administrator and the exit code.
@@ -54,12 +57,31 @@ impl From<std::io::Error> for CliError {
     }
 }
 
+/// The control socket a client command uses: DIR/refblk.sock with `--sim
+/// DIR`, else `--control` (which clap fills from `$REFBLK_CONTROL` or the
+/// default).
+pub fn socket_of(control: &std::path::Path, sim: Option<&std::path::Path>) -> std::path::PathBuf {
+    match sim {
+        Some(dir) => dir.join("refblk.sock"),
+        None => control.to_path_buf(),
+    }
+}
+
 /// Result of a subcommand.
 pub type CliResult = Result<(), CliError>;
 
+/// `refblk --version`: the package version and the git commit it was built
+/// from (`unknown` outside a git checkout; see build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("REFBLK_GIT_COMMIT"),
+    ")"
+);
+
 /// refblk: a userspace Xen block backend for file images, with a reflink pool.
 #[derive(Parser, Debug)]
-#[command(name = "refblk", version, about, long_about = None)]
+#[command(name = "refblk", version = VERSION, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -88,6 +110,61 @@ pub enum Command {
     Limit(limit::LimitCmdArgs),
     /// Show every device with its IOPS, MiB/s, latency and limits (--watch, --json).
     Status(status::StatusArgs),
+    /// Write man pages (refblk.1, refblk-SUBCOMMAND.1) generated from the
+    /// command line definitions into DIR (the package build uses it).
+    #[command(hide = true)]
+    GenMan {
+        /// Output directory (created).
+        dir: std::path::PathBuf,
+    },
+    /// Write bash, zsh and fish completions into DIR (refblk.bash, _refblk,
+    /// refblk.fish).
+    #[command(hide = true)]
+    GenCompletions {
+        /// Output directory (created).
+        dir: std::path::PathBuf,
+    },
+}
+
+/// Man pages for `refblk` and every visible subcommand (nested ones too).
+fn gen_man(dir: &std::path::Path) -> CliResult {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    fn walk(cmd: &clap::Command, name: String, bin: String, dir: &std::path::Path) -> CliResult {
+        // clap wants a 'static name (without its "string" feature); this
+        // one-shot command may leak the few names.
+        let n: &'static str = Box::leak(name.clone().into_boxed_str());
+        let cmd = cmd.clone().name(n).display_name(n).bin_name(bin.clone());
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd.clone())
+            .render(&mut buf)
+            .map_err(|e| CliError::failed(format!("man page {name}: {e}")))?;
+        std::fs::write(dir.join(format!("{name}.1")), buf)?;
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            if sub.get_name() == "help" {
+                continue;
+            }
+            let s = sub.get_name();
+            walk(sub, format!("{name}-{s}"), format!("{bin} {s}"), dir)?;
+        }
+        Ok(())
+    }
+    walk(&cmd, "refblk".into(), "refblk".into(), dir)
+}
+
+/// Shell completions for bash, zsh and fish.
+fn gen_completions(dir: &std::path::Path) -> CliResult {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    std::fs::create_dir_all(dir)?;
+    for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+        let mut cmd = Cli::command();
+        clap_complete::generate_to(shell, &mut cmd, "refblk", dir)
+            .map_err(|e| CliError::failed(format!("{shell} completions: {e}")))?;
+    }
+    Ok(())
 }
 
 /// Run the parsed command line.
@@ -102,5 +179,7 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Bench(a) => bench::run(a),
         Command::Limit(a) => limit::run(a),
         Command::Status(a) => status::run(a),
+        Command::GenMan { dir } => gen_man(&dir),
+        Command::GenCompletions { dir } => gen_completions(&dir),
     }
 }

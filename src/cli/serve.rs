@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use log::info;
 
-use super::{CliError, CliResult};
-use crate::backend::control::{self, ControlServer};
+use super::metrics::MetricsServer;
+use super::{socket_of, CliError, CliResult};
+use crate::backend::control::{self, Access, ControlServer};
 use crate::backend::{Backend, BackendConfig};
 use crate::engine::DirectPolicy;
 use crate::platform::real::RealXen;
@@ -68,6 +69,34 @@ pub struct ServeArgs {
     /// Keep no restart state: a restarted daemon cannot resume live guests.
     #[arg(long, conflicts_with = "state_dir")]
     pub no_state: bool,
+    /// Serve Prometheus metrics over HTTP (`GET /metrics`) on a unix socket
+    /// (unix:PATH) or a loopback TCP address (127.0.0.1:PORT, [::1]:PORT).
+    /// Off by default.
+    #[arg(long, value_name = "unix:PATH|127.0.0.1:PORT")]
+    pub metrics: Option<super::metrics::MetricsAddr>,
+    /// Open a read-only status socket (answers `status` only) that members of
+    /// GROUP may use, e.g. a non-root Prometheus exporter; a unix --metrics
+    /// socket is shared with GROUP too.
+    #[arg(long, value_name = "GROUP")]
+    pub status_group: Option<String>,
+    /// The read-only status socket. Default: status.sock beside the control
+    /// socket. Needs --status-group.
+    #[arg(long, value_name = "PATH", requires = "status_group")]
+    pub status_socket: Option<PathBuf>,
+}
+
+/// The gid of a group name or number.
+fn lookup_group(g: &str) -> Result<nix::unistd::Gid, CliError> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(nix::unistd::Gid::from_raw(n));
+    }
+    match nix::unistd::Group::from_name(g) {
+        Ok(Some(gr)) => Ok(gr.gid),
+        Ok(None) => Err(CliError::usage(format!(
+            "--status-group {g}: no such group"
+        ))),
+        Err(e) => Err(CliError::failed(format!("--status-group {g}: {e}"))),
+    }
 }
 
 /// Run `refblk serve`.
@@ -75,6 +104,7 @@ pub fn run(a: ServeArgs) -> CliResult {
     super::signals::block_terminate()
         .map_err(|e| CliError::failed(format!("blocking signals: {e}")))?;
     raise_fd_limit();
+    let group = a.status_group.as_deref().map(lookup_group).transpose()?;
     let platform: Arc<dyn Platform> = match &a.sim {
         Some(dir) => Arc::new(SimPlatform::new(dir).map_err(|e| {
             CliError::failed(format!(
@@ -142,15 +172,61 @@ pub fn run(a: ServeArgs) -> CliResult {
     if a.buffered {
         cfg.engine.direct = DirectPolicy::Never;
     }
+    let workers = if a.workers == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        a.workers
+    };
+    control::set_daemon_info(workers);
     let backend = Backend::new(platform, cfg).map_err(|e| CliError::failed(e.to_string()))?;
     let handle = backend.handle();
     let _ctl = ControlServer::spawn(&control, handle.clone())
         .map_err(|e| CliError::failed(format!("control socket: {e}")))?;
+    let _status = match &group {
+        Some(g) => {
+            let path = a
+                .status_socket
+                .clone()
+                .unwrap_or_else(|| control.with_file_name("status.sock"));
+            Some(
+                ControlServer::spawn_shared(&path, handle.clone(), Access::StatusOnly, Some(*g))
+                    .map_err(|e| CliError::failed(format!("status socket: {e}")))?,
+            )
+        }
+        None => None,
+    };
+    let _metrics = match &a.metrics {
+        Some(addr) => Some(
+            MetricsServer::spawn(addr, handle.clone(), group)
+                .map_err(|e| CliError::failed(format!("--metrics: {e}")))?,
+        ),
+        None => None,
+    };
     let h2 = handle.clone();
     let handover = a.handover_on_exit;
-    super::signals::on_terminate(move || if handover { h2.handover() } else { h2.stop() })
-        .map_err(|e| CliError::failed(format!("signal handler: {e}")))?;
-    info!("refblk serve: ready");
+    super::signals::on_terminate(move || {
+        let _ = super::notify::notify("STOPPING=1");
+        if handover {
+            h2.handover()
+        } else {
+            h2.stop()
+        }
+    })
+    .map_err(|e| CliError::failed(format!("signal handler: {e}")))?;
+    // Ready once the control socket answers a request (the backend's loop
+    // runs in this thread, so ask from another): then tell systemd.
+    let ctl2 = control.clone();
+    let _ = std::thread::Builder::new()
+        .name("refblk-ready".into())
+        .spawn(move || match control::request(&ctl2, "status") {
+            Ok(_) => {
+                info!("refblk serve: ready");
+                if let Err(e) = super::notify::notify("READY=1") {
+                    log::warn!("sd_notify READY=1: {e}");
+                }
+            }
+            Err(e) => log::error!("control socket does not answer: {e}"),
+        });
     backend.run().map_err(|e| CliError::failed(e.to_string()))?;
     info!("refblk serve: stopped");
     Ok(())
@@ -250,8 +326,12 @@ fn dir_lock(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, CliError> {
 #[derive(clap::Args, Debug)]
 pub struct CtlArgs {
     /// The daemon's control socket.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL)]
+    #[arg(long, value_name = "PATH", env = "REFBLK_CONTROL", default_value = DEFAULT_CONTROL)]
     pub control: PathBuf,
+    /// Talk to the daemon of the simulated Xen in DIR (its DIR/refblk.sock;
+    /// overrides --control).
+    #[arg(long, value_name = "DIR")]
+    pub sim: Option<PathBuf>,
     #[command(subcommand)]
     pub cmd: CtlCommand,
 }
@@ -371,7 +451,7 @@ pub fn run_ctl(a: CtlArgs) -> CliResult {
         CtlCommand::Resize => "resize".into(),
         CtlCommand::Status { .. } => "status".into(),
     };
-    let v = control::request(&a.control, &line)?;
+    let v = control::request(&socket_of(&a.control, a.sim.as_deref()), &line)?;
     if v["ok"] != serde_json::Value::Bool(true) {
         return Err(CliError::failed(
             v["error"].as_str().unwrap_or("unknown error").to_string(),

@@ -19,14 +19,33 @@ use crate::platform::sim::SimXen;
         Put DIR on tmpfs (e.g. /dev/shm) for speed; any directory works. \
         See docs/platform.md."
 )]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct SimArgs {
     /// Directory of the simulated machine (created if missing).
     #[arg(long, value_name = "DIR")]
-    pub dir: PathBuf,
+    pub dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Option<SimCommand>,
+}
+
+/// What else `refblk sim` does.
+#[derive(clap::Subcommand, Debug)]
+pub enum SimCommand {
+    /// Start a simulated guest with a live (verified) workload on a running
+    /// `refblk sim` + `refblk serve --sim`.
+    Guest(super::simguest::GuestArgs),
 }
 
 /// Run `refblk sim`.
 pub fn run(args: SimArgs) -> CliResult {
+    if let Some(SimCommand::Guest(g)) = args.cmd {
+        return super::simguest::run(g);
+    }
+    let Some(dir) = args.dir else {
+        return Err(CliError::usage(
+            "refblk sim: --dir DIR (run the simulated Xen) or `refblk sim guest ...`",
+        ));
+    };
     // Block the stop signals before any thread starts, so every thread inherits
     // the mask and only sigwait below sees them.
     let mut set = SigSet::empty();
@@ -36,8 +55,8 @@ pub fn run(args: SimArgs) -> CliResult {
         .map_err(|e| CliError::failed(format!("refblk sim: blocking signals: {e}")))?;
     // Another simulator in DIR? Find out before touching its sockets.
     let _instance =
-        super::serve::instance_lock(&args.dir.join("sim.lock"), "refblk sim", &args.dir)?;
-    let xs = args.dir.join(crate::platform::sim::XENSTORED_SOCK);
+        super::serve::instance_lock(&dir.join("sim.lock"), "refblk sim", &dir)?;
+    let xs = dir.join(crate::platform::sim::XENSTORED_SOCK);
     if std::os::unix::net::UnixStream::connect(&xs).is_ok() {
         return Err(CliError {
             code: super::serve::INSTANCE_BUSY,
@@ -47,8 +66,8 @@ pub fn run(args: SimArgs) -> CliResult {
             ),
         });
     }
-    let sim = SimXen::start(&args.dir)
-        .map_err(|e| CliError::failed(format!("refblk sim: {}: {e}", args.dir.display())))?;
+    let sim = SimXen::start(&dir)
+        .map_err(|e| CliError::failed(format!("refblk sim: {}: {e}", dir.display())))?;
     log::info!(
         "simulated Xen running in {}: xenstored {}, event channels {}, domains in {}",
         sim.dir().display(),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use super::serve::DEFAULT_CONTROL;
-use super::{CliError, CliResult};
+use super::{socket_of, CliError, CliResult};
 use crate::backend::control;
 use crate::backend::stats::{OpClass, StatsSnapshot};
 
@@ -22,11 +22,19 @@ histograms, all operations) are measured between two samples INTERVAL \
 apart, so the table appears after one interval. QD is the number of \
 requests taken off the ring and not answered yet. LIMIT shows the device's \
 limits and, after a '+', its domain's. --json prints the daemon's answer \
-(cumulative counters and histograms; see docs/operations.md) at once.")]
+(cumulative counters and histograms; see docs/operations.md) at once; \
+--prometheus the same as Prometheus metrics (for node_exporter's textfile \
+collector: --prometheus --output FILE writes FILE atomically). With --watch, \
+a daemon that stops answering (a restart) is waited for and the screen \
+says so.")]
 pub struct StatusArgs {
-    /// The daemon's control socket.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL)]
+    /// The daemon's control socket (or its read-only status socket).
+    #[arg(long, value_name = "PATH", env = "REFBLK_CONTROL", default_value = DEFAULT_CONTROL)]
     pub control: PathBuf,
+    /// Talk to the daemon of the simulated Xen in DIR (its DIR/refblk.sock;
+    /// overrides --control).
+    #[arg(long, value_name = "DIR")]
+    pub sim: Option<PathBuf>,
     /// Redraw every INTERVAL seconds until interrupted (like top).
     #[arg(long)]
     pub watch: bool,
@@ -37,12 +45,36 @@ pub struct StatusArgs {
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
     /// Print JSON (one object per sample; with --watch one line per interval).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prometheus")]
     pub json: bool,
+    /// Print Prometheus metrics (text format 0.0.4) of one sample.
+    #[arg(long, conflicts_with = "watch")]
+    pub prometheus: bool,
+    /// With --prometheus: write FILE (through a temporary file and a rename,
+    /// so a collector never reads half of it) instead of standard output.
+    #[arg(long, value_name = "FILE", requires = "prometheus")]
+    pub output: Option<PathBuf>,
+}
+
+/// Write `text` to `path` atomically (a temporary file beside it, renamed).
+fn write_atomically(path: &std::path::Path, text: &str) -> CliResult {
+    let name = path
+        .file_name()
+        .ok_or_else(|| CliError::usage(format!("{}: not a file name", path.display())))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let fail = |e: std::io::Error| CliError::failed(format!("{}: {e}", tmp.display()));
+    std::fs::write(&tmp, text).map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        CliError::failed(format!("{}: {e}", path.display()))
+    })
 }
 
 fn sample(a: &StatusArgs) -> Result<(Value, Instant), CliError> {
-    let v = control::request(&a.control, "status")?;
+    let v = control::request(&socket_of(&a.control, a.sim.as_deref()), "status")?;
     if v["ok"] != Value::Bool(true) {
         return Err(CliError::failed(
             v["error"].as_str().unwrap_or("unknown error").to_string(),
@@ -60,6 +92,19 @@ pub fn run(a: StatusArgs) -> CliResult {
         )));
     }
     let interval = Duration::from_secs_f64(a.interval);
+    if a.prometheus {
+        let (v, _) = sample(&a)?;
+        let text = super::metrics::render(&v);
+        return match &a.output {
+            Some(p) => write_atomically(p, &text),
+            None => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(text.as_bytes())?;
+                out.flush()?;
+                Ok(())
+            }
+        };
+    }
     if a.json && !a.watch {
         let (v, _) = sample(&a)?;
         println!("{v}");
@@ -69,7 +114,29 @@ pub fn run(a: StatusArgs) -> CliResult {
     let mut screens = 0u64;
     loop {
         std::thread::sleep(interval);
-        let cur = sample(&a)?;
+        let cur = match sample(&a) {
+            Ok(c) => c,
+            // A restarting daemon (`systemctl restart`): wait for it.
+            Err(e) if a.watch => {
+                eprintln!("refblk status: {e}; waiting for the daemon to answer again");
+                loop {
+                    std::thread::sleep(interval);
+                    if let Ok(c) = sample(&a) {
+                        break c;
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        if a.watch && cur.0["daemon"]["pid"] != prev.0["daemon"]["pid"] {
+            // A new daemon: its counters are not comparable with the old ones.
+            eprintln!(
+                "refblk status: reconnected (daemon pid {} -> {})",
+                prev.0["daemon"]["pid"], cur.0["daemon"]["pid"]
+            );
+            prev = cur;
+            continue;
+        }
         let mut out = std::io::stdout().lock();
         if a.json {
             writeln!(out, "{}", cur.0)?;

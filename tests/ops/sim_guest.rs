@@ -1,0 +1,271 @@
+//! README's "A guest anyone can start" walk-through, executed: its commands
+//! are read from README.md (between the walkthrough markers), the machine
+//! directory moved into a scratch directory, the long-running ones started
+//! in the background (the guest for a few seconds, `status --watch` for two
+//! screens), and the guest must verify reads, see no error, and slow down to
+//! the limit set while it runs.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const T: Duration = crate::kit::HANG;
+
+/// A child stopped with SIGTERM (then killed) when dropped.
+struct Bg(Child);
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + T;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The walk-through's command lines, comments and continuation lines removed.
+fn walkthrough() -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("<!-- walkthrough")
+        .expect("README has the walkthrough");
+    let end = readme[start..].find("<!-- end walkthrough -->").unwrap() + start;
+    readme[start..end]
+        .lines()
+        .filter_map(|l| {
+            let cmd = l.split(" #").next().unwrap().trim();
+            (cmd.starts_with("refblk ") || cmd.starts_with("export ")).then(|| cmd.to_string())
+        })
+        .collect()
+}
+
+fn words(line: &str, dir: &Path) -> Vec<String> {
+    line.replace("/dev/shm/xen", &dir.display().to_string())
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+fn refblk(args: &[String], control: Option<&str>) -> Command {
+    assert_eq!(args[0], "refblk");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_refblk"));
+    c.args(&args[1..]).env("RUST_LOG", "warn");
+    match control {
+        Some(p) => c.env("REFBLK_CONTROL", p),
+        None => c.env_remove("REFBLK_CONTROL"),
+    };
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn the_readme_walkthrough_runs_a_verified_guest_that_status_sees_and_limit_slows() {
+    // The daemon pins io_uring buffers (locked memory): root.
+    if !nix::unistd::geteuid().is_root()
+        && !refblk::util::scratchfs::skip_or_fail("refblk serve needs root (locked memory)")
+    {
+        return;
+    }
+    let lines = walkthrough();
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    let tmp = tempfile::Builder::new()
+        .prefix("refblk-walk")
+        .tempdir_in(if Path::new("/dev/shm").is_dir() {
+            "/dev/shm"
+        } else {
+            "/tmp"
+        })
+        .unwrap();
+    let dir = tmp.path().join("xen");
+
+    // Terminal 1: the simulated Xen.
+    let sim = words(&lines[0], &dir);
+    assert_eq!(sim[1], "sim");
+    let _sim = Bg(refblk(&sim, None).stdin(Stdio::null()).spawn().unwrap());
+    let deadline = Instant::now() + T;
+    while !dir.join("xenstored.sock").exists() || !dir.join("evtchn.sock").exists() {
+        assert!(Instant::now() < deadline, "refblk sim did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Terminal 2: the daemon (one worker: the test machine is small).
+    let mut serve = words(&lines[1], &dir);
+    assert_eq!(serve[1], "serve");
+    serve.extend(["--workers".into(), "1".into()]);
+    let _serve = Bg(refblk(&serve, None).stdin(Stdio::null()).spawn().unwrap());
+    let control = dir.join("refblk.sock");
+    let deadline = Instant::now() + T;
+    while !control.exists() {
+        assert!(Instant::now() < deadline, "refblk serve did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Terminal 3: the guest, for 6 seconds.
+    let mut guest = words(&lines[2], &dir);
+    assert_eq!(guest[1..3], ["sim".to_string(), "guest".to_string()]);
+    for (i, w) in guest.clone().iter().enumerate() {
+        if w == "--size" {
+            guest[i + 1] = "32M".into(); // smaller than the README's, same command
+        }
+    }
+    guest.extend(["--seconds".into(), "6".into()]);
+    let guest_out = tmp.path().join("guest.out");
+    let g = refblk(&guest, None)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&guest_out).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut g = Bg(g);
+
+    // Terminal 4: REFBLK_CONTROL, status, limit.
+    let export = &lines[3];
+    let control_s = export
+        .strip_prefix("export REFBLK_CONTROL=")
+        .unwrap()
+        .replace("/dev/shm/xen", &dir.display().to_string());
+    assert_eq!(Path::new(&control_s), control);
+    // Wait until the guest's disk is served.
+    let deadline = Instant::now() + T;
+    loop {
+        let o = Command::new(env!("CARGO_BIN_EXE_refblk"))
+            .args(["status", "--json", "--control"])
+            .arg(&control)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if v["devices"][0]["state"] == "Connected" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest's disk never connected"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut status = words(&lines[4], &dir);
+    assert_eq!(status[1..3], ["status".to_string(), "--watch".to_string()]);
+    status.extend(["--count", "1", "--interval", "0.5"].map(String::from));
+    // One screen of `status --watch` shows the guest's I/O. Rates over half a
+    // second: on a loaded machine one screen may catch none, so look again
+    // (bounded by the hang bound), never judge a rate.
+    let mut last = String::new();
+    let seen = crate::kit::wait_until(T, || {
+        let o = refblk(&status, Some(&control_s)).output().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let screen = String::from_utf8_lossy(&o.stdout).to_string();
+        let row = screen
+            .lines()
+            .find(|l| l.starts_with("work "))
+            .unwrap_or_else(|| panic!("no row of the guest work:\n{screen}"))
+            .to_string();
+        let iops: f64 = row.split_whitespace().nth(3).unwrap().parse().unwrap();
+        last = row;
+        iops > 0.0
+    });
+    assert!(seen, "status --watch never showed the guest's I/O: {last}");
+
+    let limit = words(&lines[5], &dir);
+    let o = refblk(&limit, Some(&control_s)).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("read-iops=500 write-iops=500"),
+        "{}",
+        text(&o)
+    );
+
+    // The guest finishes by itself, with no error and verified reads.
+    let deadline = Instant::now() + T;
+    let st = loop {
+        if let Some(s) = g.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the guest did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(g.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let out = std::fs::read_to_string(&guest_out).unwrap();
+    assert!(st.success(), "guest: {st:?}\n{out}\n{err}");
+    let last = out.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("done: ") && last.ends_with(" 0 errors"),
+        "{out}"
+    );
+    let verified: u64 = last
+        .split(", ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{last}"));
+    assert!(verified > 0, "no read was verified:\n{out}");
+    // A progress line printed a second or more after the limit shows at most
+    // the limit's rate (500 reads + 500 writes per second), with slack for
+    // the burst and a line's interval straddling the change.
+    let rates: Vec<f64> = out
+        .lines()
+        .filter(|l| l.contains(" IOPS "))
+        .map(|l| l.split_whitespace().nth(2).unwrap().parse().unwrap())
+        .collect();
+    let tail = rates.last().copied().unwrap_or(f64::MAX);
+    assert!(
+        tail <= 1500.0,
+        "the limit did not slow the guest: {rates:?}\n{out}"
+    );
+    // --sim DIR names the daemon's socket for every client command.
+    for args in [
+        &["status", "--json", "--sim"][..],
+        &["ctl", "--sim"][..],
+        &["limit", "work", "--sim"][..],
+    ] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_refblk"));
+        c.args(args).arg(&dir).env_remove("REFBLK_CONTROL");
+        if args[0] == "ctl" {
+            c.arg("status");
+        }
+        let o = c.output().unwrap();
+        // limit: the guest's domain is gone by now, so the daemon answers
+        // (no such domain) rather than the socket being missing.
+        if args[0] == "limit" {
+            let e = String::from_utf8_lossy(&o.stderr);
+            assert!(!e.contains("is `refblk serve` running"), "{}", text(&o));
+        } else {
+            assert!(o.status.success(), "{args:?}: {}", text(&o));
+        }
+    }
+    // Its disk was detached and its domain removed.
+    let o = Command::new(env!("CARGO_BIN_EXE_refblk"))
+        .args(["status", "--json", "--control"])
+        .arg(&control)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let deadline = Instant::now() + T;
+    let mut v = v;
+    while v["devices"].as_array().is_some_and(|d| !d.is_empty()) {
+        assert!(Instant::now() < deadline, "the guest's disk stayed: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+        let o = Command::new(env!("CARGO_BIN_EXE_refblk"))
+            .args(["status", "--json", "--control"])
+            .arg(&control)
+            .output()
+            .unwrap();
+        v = serde_json::from_slice(&o.stdout).unwrap();
+    }
+}
