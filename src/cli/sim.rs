@@ -54,8 +54,7 @@ pub fn run(args: SimArgs) -> CliResult {
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
         .map_err(|e| CliError::failed(format!("refblk sim: blocking signals: {e}")))?;
     // Another simulator in DIR? Find out before touching its sockets.
-    let _instance =
-        super::serve::instance_lock(&dir.join("sim.lock"), "refblk sim", &dir)?;
+    let _instance = super::serve::instance_lock(&dir.join("sim.lock"), "refblk sim", &dir)?;
     let xs = dir.join(crate::platform::sim::XENSTORED_SOCK);
     if std::os::unix::net::UnixStream::connect(&xs).is_ok() {
         return Err(CliError {
