@@ -15,8 +15,8 @@ use serde_json::json;
 
 use super::{CliError, CliResult};
 use crate::pool::{
-    ImportSource, InitOptions, Overrides, Pool, PoolError, StopOutcome, Volume, VolumeConfig,
-    VolumeInfo, VolumeKind,
+    ImportSource, InitOptions, OpenOptions, Overrides, Pool, PoolError, QubesXmlSetting,
+    StopOutcome, Volume, VolumeConfig, VolumeInfo, VolumeKind, XenstoreSetting,
 };
 use crate::util::size::{format_size, parse_size};
 
@@ -76,6 +76,8 @@ pub enum PoolCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        around: AroundArgs,
     },
     /// Look for leftovers of interrupted operations (temporary files, interrupted
     /// imports, stale precaches and start records); --repair removes them.
@@ -89,7 +91,39 @@ pub enum PoolCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        around: AroundArgs,
     },
+}
+
+/// What is around a pool: Qubes' settings, a xenstore.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AroundArgs {
+    /// Qubes' qubes.xml: when it names a file-reflink pool in this directory,
+    /// volume settings are read from it (read-only) and win over refblk's;
+    /// 'none': no Qubes [default: /var/lib/qubes/qubes.xml when it exists].
+    #[arg(long, value_name = "PATH", env = "REFBLK_QUBES_XML")]
+    pub qubes_xml: Option<String>,
+    /// Look for xenstore backends naming a volume's images in the simulated Xen
+    /// in DIR [default: the real xenstore, when there is one].
+    #[arg(long, value_name = "DIR")]
+    pub sim: Option<PathBuf>,
+}
+
+impl AroundArgs {
+    fn options(&self) -> OpenOptions {
+        OpenOptions {
+            qubes_xml: self
+                .qubes_xml
+                .as_deref()
+                .map(QubesXmlSetting::parse)
+                .unwrap_or_default(),
+            xenstore: match &self.sim {
+                Some(d) => XenstoreSetting::Sim(d.clone()),
+                None => XenstoreSetting::Auto,
+            },
+        }
+    }
 }
 
 /// Which pool (`--pool DIR` or `$REFBLK_POOL`).
@@ -98,6 +132,8 @@ pub struct PoolArg {
     /// The pool directory [default: $REFBLK_POOL].
     #[arg(short, long, value_name = "DIR")]
     pub pool: Option<PathBuf>,
+    #[command(flatten)]
+    pub around: AroundArgs,
 }
 
 impl PoolArg {
@@ -119,9 +155,11 @@ impl PoolArg {
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(super::serve::DEFAULT_CONTROL));
-        Ok(Pool::open(&self.dir()?)?.with_notifier(std::sync::Arc::new(
-            crate::backend::control::DaemonNotifier::new(socket),
-        )))
+        Ok(
+            Pool::open_with(&self.dir()?, &self.around.options())?.with_notifier(
+                std::sync::Arc::new(crate::backend::control::DaemonNotifier::new(socket)),
+            ),
+        )
     }
 }
 
@@ -391,8 +429,8 @@ pub fn run_pool(c: PoolCommand) -> CliResult {
             println!("initialized pool {}", p.dir().display());
             Ok(())
         }
-        PoolCommand::Info { dir, json } => {
-            let p = Pool::open(&dir)?;
+        PoolCommand::Info { dir, json, around } => {
+            let p = Pool::open_with(&dir, &around.options())?;
             let i = p.info()?;
             if json {
                 return print_json(&json!({
@@ -406,6 +444,11 @@ pub fn run_pool(c: PoolCommand) -> CliResult {
                     "setup_check": i.config.setup_check,
                     "initialized": i.initialized,
                     "volumes": i.volumes,
+                    "qubes": p.qubes().map(|q| json!({
+                        "xml": q.xml,
+                        "pool": q.pool_name,
+                        "revisions_to_keep": q.revisions_to_keep,
+                    })),
                 }));
             }
             println!("dir               {}", i.dir.display());
@@ -430,11 +473,22 @@ pub fn run_pool(c: PoolCommand) -> CliResult {
                     "no (.refblk/pool.json missing; defaults used)"
                 }
             );
+            if let Some(q) = p.qubes() {
+                println!(
+                    "managed by Qubes  {} (volume settings read from it)",
+                    q.describe()
+                );
+            }
             println!("volumes           {}", i.volumes);
             Ok(())
         }
-        PoolCommand::Check { dir, repair, json } => {
-            let p = Pool::open(&dir)?;
+        PoolCommand::Check {
+            dir,
+            repair,
+            json,
+            around,
+        } => {
+            let p = Pool::open_with(&dir, &around.options())?;
             let items = p.check(repair)?;
             let open: Vec<_> = items.iter().filter(|i| !i.repaired).collect();
             if json {
@@ -540,6 +594,22 @@ fn info_line(i: &VolumeInfo) -> String {
                     .join(", ")
             )
         }
+}
+
+/// `volume list`'s volumes that could not be shown: the first error's exit
+/// code, every message.
+fn list_failures(bad: Vec<PoolError>) -> CliResult {
+    let Some(code) = bad.first().map(|e| e.kind.exit_code()) else {
+        return Ok(());
+    };
+    Err(CliError {
+        code,
+        msg: bad
+            .into_iter()
+            .map(|e| e.msg)
+            .collect::<Vec<_>>()
+            .join("\nrefblk: "),
+    })
 }
 
 /// Run a volume command.
@@ -673,7 +743,7 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
         } => {
             let p = pool.open()?;
             let sp = match &src_pool {
-                Some(d) => Pool::open(d)?,
+                Some(d) => Pool::open_with(d, &pool.around.options())?,
                 None => p.clone(),
             };
             let s = sp.volume(&src)?;
@@ -790,10 +860,10 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             println!("rw                {}", i.config.rw);
             println!(
                 "settings          {}",
-                if i.has_sidecar {
-                    "sidecar"
-                } else {
-                    "defaults (no sidecar)"
+                match (i.settings, &i.qubes) {
+                    ("qubes.xml", Some((d, n))) => format!("qubes.xml (qube {d}, volume {n})"),
+                    ("sidecar", _) => "sidecar".to_string(),
+                    _ => "defaults (no sidecar)".to_string(),
                 }
             );
             println!("state             {}", i.state.as_str());
@@ -833,14 +903,21 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
         VolumeCommand::List { pool, json } => {
             let p = pool.open()?;
             let mut infos = Vec::new();
+            // One volume with unusable settings (e.g. a bad value in qubes.xml)
+            // does not hide the others; the command fails after the listing.
+            let mut bad = Vec::new();
             for vid in p.list()? {
-                infos.push(p.volume(&vid)?.info()?);
+                match p.volume(&vid).and_then(|v| v.info()) {
+                    Ok(i) => infos.push(i),
+                    Err(e) => bad.push(e),
+                }
             }
             if json {
-                return print_json(&json!(infos
+                print_json(&json!(infos
                     .iter()
                     .map(VolumeInfo::to_json)
-                    .collect::<Vec<_>>()));
+                    .collect::<Vec<_>>()))?;
+                return list_failures(bad);
             }
             println!(
                 "{:<40} {:<16} {:<11} {:>8} {:>9}",
@@ -849,7 +926,7 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             for i in &infos {
                 println!("{}", info_line(i));
             }
-            Ok(())
+            list_failures(bad)
         }
         VolumeCommand::Remove { pool, vid, force } => {
             let v = open_volume(&pool, &vid, &OverrideArgs::default())?;

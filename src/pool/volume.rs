@@ -13,7 +13,7 @@ use super::error::{ErrorKind, IoContext, PoolError, Result};
 use super::fsops::Ops;
 use super::layout::{self, Revision, VolPaths};
 use super::owner::{Liveness, Owner};
-use super::users::{users_of, User};
+use super::users::{users_of, xenstore_users, User};
 use super::{dev_ino, read_json_file, write_json, Pool};
 
 /// Command-line overrides of a volume's settings (for volumes without a sidecar,
@@ -100,8 +100,13 @@ pub struct VolumeInfo {
     pub outdated: bool,
     /// The daemon serving it, while its claim holds.
     pub owner: Option<(Owner, Liveness)>,
-    /// Other programs using its images (a writer, a loop device).
+    /// Other programs using its images (a writer, a loop device, a xenstore
+    /// backend).
     pub users: Vec<User>,
+    /// Where the settings come from: `qubes.xml`, `sidecar` or `defaults`.
+    pub settings: &'static str,
+    /// The qube and volume name qubes.xml gives it.
+    pub qubes: Option<(String, String)>,
 }
 
 impl VolumeInfo {
@@ -114,6 +119,8 @@ impl VolumeInfo {
             "revisions_to_keep": self.config.revisions_to_keep,
             "rw": self.config.rw,
             "sidecar": self.has_sidecar,
+            "settings": self.settings,
+            "qube": self.qubes.as_ref().map(|(d, n)| json!({"name": d, "volume": n})),
             "state": self.state.as_str(),
             "size": self.size,
             "usage": self.usage,
@@ -278,13 +285,170 @@ impl Volume {
         self.sidecar_path().is_file()
     }
 
-    /// The settings in effect: sidecar (or defaults) with overrides applied.
-    pub fn config(&self) -> Result<VolumeConfig> {
+    /// The volume as qubes.xml names it, in a pool Qubes manages.
+    fn qubes_volume(&self) -> Option<&super::qubes::QubesVolume> {
+        self.pool.qubes()?.volume(&self.vid)
+    }
+
+    /// Whether Qubes' qubes.xml names this volume (its settings come from there).
+    pub fn managed_by_qubes(&self) -> bool {
+        self.qubes_volume().is_some()
+    }
+
+    /// The settings qubes.xml gives; a warning for each that the sidecar
+    /// contradicts; a refusal for each command-line override that does.
+    fn qubes_config(&self, q: &super::qubes::QubesVolume) -> Result<VolumeConfig> {
+        let view = self.pool.qubes().map(|v| v.describe()).unwrap_or_default();
+        let c = q.config.clone().map_err(|m| {
+            PoolError::new(
+                ErrorKind::InvalidInput,
+                format!("volume {}: unusable settings in {m}", self.vid),
+            )
+        })?;
+        let fields = |x: &VolumeConfig| {
+            [
+                ("kind", x.kind.as_str().to_string()),
+                ("source", x.source.clone().unwrap_or_else(|| "none".into())),
+                ("revisions_to_keep", x.revisions_to_keep.to_string()),
+                ("rw", x.rw.to_string()),
+            ]
+        };
         let sp = self.sidecar_path();
-        let mut c = match read_json_file(&sp)? {
+        if let Ok(Some(v)) = read_json_file(&sp) {
+            if let Ok(side) = VolumeConfig::from_json(&v) {
+                let mut diffs: Vec<String> = fields(&c)
+                    .into_iter()
+                    .zip(fields(&side))
+                    .filter(|(a, b)| a.1 != b.1)
+                    .map(|(a, b)| format!("{} {} (refblk's sidecar: {})", a.0, a.1, b.1))
+                    .collect();
+                if !c.kind.save_on_stop() && c.size.is_some() && side.size != c.size {
+                    diffs.push(format!(
+                        "size {} (refblk's sidecar: {})",
+                        c.size.unwrap_or(0),
+                        side.size.map_or("none".into(), |s| s.to_string())
+                    ));
+                }
+                if !diffs.is_empty() && self.pool.first_warning(&self.vid) {
+                    log::warn!(
+                        "volume {}: Qubes' settings win over refblk's sidecar {}: qubes.xml {view} says {}; \
+                         `refblk pool check --repair` removes the sidecar",
+                        self.vid,
+                        sp.display(),
+                        diffs.join(", ")
+                    );
+                }
+            }
+        }
+        let o = &self.ov;
+        let clash = [
+            o.kind
+                .filter(|k| *k != c.kind)
+                .map(|k| format!("--kind {k} (qubes.xml: {})", c.kind)),
+            o.source
+                .as_ref()
+                .filter(|s| c.source.as_ref() != Some(*s))
+                .map(|s| {
+                    format!(
+                        "--source {s} (qubes.xml: {})",
+                        c.source.as_deref().unwrap_or("none")
+                    )
+                }),
+            o.revisions_to_keep
+                .filter(|r| *r != c.revisions_to_keep)
+                .map(|r| {
+                    format!(
+                        "--revisions-to-keep {r} (qubes.xml: {})",
+                        c.revisions_to_keep
+                    )
+                }),
+            o.size
+                .filter(|s| c.kind == VolumeKind::Volatile && Some(*s) != c.size)
+                .map(|s| {
+                    format!(
+                        "--volatile-size {s} (qubes.xml: {})",
+                        c.size.map_or("none".into(), |s| s.to_string())
+                    )
+                }),
+        ];
+        let clash: Vec<String> = clash.into_iter().flatten().collect();
+        if !clash.is_empty() {
+            return Err(PoolError::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "volume {} is managed by Qubes ({view}, qube {}, volume {}): {} contradict(s) its settings there; drop the flag, or change the setting with qvm-volume config / qvm-prefs",
+                    self.vid,
+                    q.domain,
+                    q.name,
+                    clash.join(", ")
+                ),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// In a pool Qubes manages: a sidecar that is all there is of a volume
+    /// qubes.xml does not name and refblk did not create (its `"created"` is not
+    /// true) — the settings of a volume Qubes has removed since.
+    pub(crate) fn stale_sidecar_only(&self) -> bool {
+        let p = &self.paths;
+        self.pool.qubes().is_some()
+            && !self.managed_by_qubes()
+            && self.has_sidecar()
+            && !exists(&p.clean)
+            && !exists(&p.dirty)
+            && !exists(&p.precache)
+            && self.revisions().map(|r| r.is_empty()).unwrap_or(false)
+            && !read_json_file(&self.sidecar_path())
+                .ok()
+                .flatten()
+                .is_some_and(|v| v.get("created") == Some(&serde_json::Value::Bool(true)))
+    }
+
+    /// Whether refblk keeps this volume's settings in its sidecar: there is one,
+    /// and qubes.xml does not name the volume.
+    fn sidecar_in_use(&self) -> bool {
+        !self.managed_by_qubes() && self.has_sidecar() && !self.stale_sidecar_only()
+    }
+
+    /// Refuse `what` on a volume qubes.xml names (its existence and settings are
+    /// Qubes' to change).
+    fn refuse_qubes(&self, what: &str, how: &str) -> Result<()> {
+        match self.qubes_volume() {
+            Some(q) => Err(PoolError::new(
+                ErrorKind::WrongKind,
+                format!(
+                    "cannot {what} volume {}: Qubes manages it ({}, qube {}, volume {}); {how}",
+                    self.vid,
+                    self.pool.qubes().map(|v| v.describe()).unwrap_or_default(),
+                    q.domain,
+                    q.name
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The settings in effect: qubes.xml's in a pool Qubes manages, else the
+    /// sidecar (or defaults), with overrides applied.
+    pub fn config(&self) -> Result<VolumeConfig> {
+        if let Some(q) = self.qubes_volume() {
+            return self.qubes_config(q);
+        }
+        let sp = self.sidecar_path();
+        let default_rtk = match self.pool.qubes() {
+            Some(q) => q.revisions_to_keep.max(0),
+            None => self.pool.config().revisions_to_keep,
+        };
+        let side = if self.stale_sidecar_only() {
+            None
+        } else {
+            read_json_file(&sp)?
+        };
+        let mut c = match side {
             Some(v) => VolumeConfig::from_json(&v)
                 .map_err(|e| PoolError::new(ErrorKind::Io, format!("{}: {e}", sp.display())))?,
-            None => VolumeConfig::origin(self.pool.config().revisions_to_keep),
+            None => VolumeConfig::origin(default_rtk),
         };
         if let Some(k) = self.ov.kind {
             c.kind = k;
@@ -393,10 +557,15 @@ impl Volume {
     /// (see [`super::users`]).
     pub fn foreign_users(&self) -> Vec<User> {
         let mut exclude = Vec::new();
-        if let Some((o, Liveness::Live)) = self.claim() {
+        let claim = self.claim();
+        if let Some((o, Liveness::Live)) = &claim {
             exclude.push(o.pid);
         }
-        users_of(&[&self.paths.dirty, &self.paths.clean], &exclude)
+        let images = [self.paths.dirty.as_path(), self.paths.clean.as_path()];
+        let mut u = users_of(&images, &exclude);
+        let backends: Vec<&str> = claim.iter().map(|(o, _)| o.backend.as_str()).collect();
+        u.extend(xenstore_users(&images, &backends, self.pool.xenstore()));
+        u
     }
 
     /// Refuse `what` while another program uses the volume's images.
@@ -504,6 +673,16 @@ impl Volume {
             outdated: self.is_outdated().unwrap_or(false),
             owner: self.claim(),
             users,
+            settings: if self.managed_by_qubes() {
+                "qubes.xml"
+            } else if self.sidecar_in_use() {
+                "sidecar"
+            } else {
+                "defaults"
+            },
+            qubes: self
+                .qubes_volume()
+                .map(|q| (q.domain.clone(), q.name.clone())),
             config,
         })
     }
@@ -711,6 +890,10 @@ impl Volume {
     /// overrides) to the volume's sidecar, under the lock. Returns them.
     pub fn save_settings(&self) -> Result<VolumeConfig> {
         // Checked before the lock too, so that a refusal leaves no lock file.
+        self.refuse_qubes(
+            "store settings for",
+            "its settings are read from qubes.xml (change them with qvm-volume config / qvm-prefs)",
+        )?;
         self.check_settable()?;
         let _l = self.lock()?;
         self.refuse_owned("change the settings of")?;
@@ -746,15 +929,37 @@ impl Volume {
         Ok(())
     }
 
+    /// Write the sidecar, keeping its `"created"` mark.
     fn save_config(&self, cfg: &VolumeConfig) -> Result<()> {
-        write_json(&self.ops(), &self.sidecar_path(), &cfg.to_json())
+        let created = read_json_file(&self.sidecar_path())
+            .ok()
+            .flatten()
+            .and_then(|v| v.get("created").and_then(|c| c.as_bool()))
+            .unwrap_or(false);
+        self.write_config(cfg, created)
     }
 
-    /// Whether any file of this volume exists (images, revisions, sidecar).
+    /// Write the sidecar of a volume refblk creates (`"created": true`: in a pool
+    /// Qubes manages, its settings are refblk's to keep).
+    fn save_config_created(&self, cfg: &VolumeConfig) -> Result<()> {
+        self.write_config(cfg, true)
+    }
+
+    fn write_config(&self, cfg: &VolumeConfig, created: bool) -> Result<()> {
+        let mut j = cfg.to_json();
+        if created {
+            j["created"] = json!(true);
+        }
+        write_json(&self.ops(), &self.sidecar_path(), &j)
+    }
+
+    /// Whether the volume exists: qubes.xml names it, or any file of it exists
+    /// (images, revisions, a sidecar that is not stale).
     pub fn exists(&self) -> Result<bool> {
-        Ok(exists(&self.paths.clean)
+        Ok(self.managed_by_qubes()
+            || exists(&self.paths.clean)
             || exists(&self.paths.dirty)
-            || self.has_sidecar()
+            || (self.has_sidecar() && !self.stale_sidecar_only())
             || !self.revisions()?.is_empty())
     }
 
@@ -767,7 +972,7 @@ impl Volume {
         };
         Ok(cfg.kind.save_on_stop()
             && !cfg.kind.snap_on_start()
-            && self.has_sidecar()
+            && self.sidecar_in_use()
             && !exists(&p.clean)
             && !exists(&p.dirty)
             && !exists(&p.precache)
@@ -794,6 +999,17 @@ impl Volume {
         cfg.validate()
             .map_err(|m| PoolError::new(ErrorKind::InvalidInput, format!("volume {vid}: {m}")))?;
         let v = Volume::open(pool, vid, Overrides::default())?;
+        if let Some(q) = v.qubes_volume() {
+            return Err(PoolError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "volume {vid} already exists: Qubes manages it ({}, qube {}, volume {}); Qubes creates its files",
+                    pool.qubes().map(|v| v.describe()).unwrap_or_default(),
+                    q.domain,
+                    q.name
+                ),
+            ));
+        }
         let _l = v.lock()?;
         if v.interrupted_create()? {
             log::warn!("volume {vid}: redoing an interrupted create");
@@ -819,7 +1035,7 @@ impl Volume {
         check_size(vid, size)?;
         let mut c = cfg.clone();
         c.size = Some(size);
-        v.save_config(&c)?;
+        v.save_config_created(&c)?;
         if cfg.kind.save_on_stop() && !cfg.kind.snap_on_start() {
             let ops = v.ops();
             let r =
@@ -1018,7 +1234,7 @@ impl Volume {
             log::info!("committed volume {}", self.vid);
             return Ok(StopOutcome::Committed);
         }
-        if cfg.kind == VolumeKind::Volatile && self.has_sidecar() {
+        if cfg.kind == VolumeKind::Volatile && self.sidecar_in_use() {
             if let Ok(m) = fs::metadata(&p.dirty) {
                 if cfg.size != Some(m.len()) {
                     let mut c = cfg.clone();
@@ -1118,6 +1334,13 @@ impl Volume {
         check_size(&self.vid, size)?;
         let cfg = self.config()?;
         let p = &self.paths;
+        if self.managed_by_qubes() && !(cfg.kind.save_on_stop() && !cfg.kind.snap_on_start()) {
+            // its size lives in qubes.xml, which refblk never writes
+            self.refuse_qubes(
+                "resize",
+                "Qubes keeps its size in qubes.xml: use `qvm-volume resize`",
+            )?;
+        }
         if !cfg.rw {
             return Err(PoolError::new(
                 ErrorKind::WrongKind,
@@ -1155,7 +1378,7 @@ impl Volume {
                 .map(|_| ())
             })?;
         }
-        if self.has_sidecar() {
+        if self.sidecar_in_use() {
             let mut c = self.config()?;
             c.size = Some(size);
             self.save_config(&c)?;
@@ -1233,7 +1456,7 @@ impl Volume {
             }
             return Err(e);
         }
-        if self.has_sidecar() {
+        if self.sidecar_in_use() {
             let mut c = self.config()?;
             c.size = fs::metadata(&p.clean).ok().map(|m| m.len());
             self.save_config(&c)?;
@@ -1312,7 +1535,7 @@ impl Volume {
                 ));
             }
             c.size = fs::metadata(&src_clean).ok().map(|m| m.len());
-            self.save_config(&c)?;
+            self.save_config_created(&c)?;
         }
         self.import_locked(ImportSource::File(&src_clean), None)
     }
@@ -1331,6 +1554,10 @@ impl Volume {
                 ),
             ));
         }
+        self.refuse_qubes(
+            "remove",
+            "remove the qube with qvm-remove, or its volume with Qubes' tools",
+        )?;
         self.refuse_owned("remove")?;
         self.refuse_foreign("remove")?;
         if !force && self.state() == VolumeState::Running {
@@ -1397,6 +1624,28 @@ impl Volume {
                 return Ok(out);
             }
         };
+        let sc = self.sidecar_path();
+        if self.stale_sidecar_only() {
+            item(
+                format!(
+                    "settings {} of a volume that no longer exists: qubes.xml does not name it and it has no image (remove them)",
+                    sc.display()
+                ),
+                true,
+                &mut || self.io(ops.remove_file(&sc).map(|_| ()), "remove settings"),
+            )?;
+            return Ok(out);
+        }
+        if self.managed_by_qubes() && self.has_sidecar() {
+            item(
+                format!(
+                    "settings {} are not used: Qubes' qubes.xml names this volume and its settings win (remove them)",
+                    sc.display()
+                ),
+                true,
+                &mut || self.io(ops.remove_file(&sc).map(|_| ()), "remove settings"),
+            )?;
+        }
         if let Ok(rd) = fs::read_dir(&p.dir) {
             for e in rd.filter_map(|e| e.ok()) {
                 let name = e.file_name();
