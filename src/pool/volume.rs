@@ -1328,12 +1328,8 @@ impl Volume {
     /// dirty image is truncated and the pool's [`super::ResizeNotifier`] told; a
     /// stopped origin's clean image is replaced by a resized reflink.
     pub fn resize(&self, size: u64, allow_shrink: bool) -> Result<()> {
-        let _l = self.lock()?;
-        self.refuse_owned("resize")?;
-        self.refuse_foreign("resize")?;
-        check_size(&self.vid, size)?;
+        // Before the lock: a refusal writes nothing, not even a lock file.
         let cfg = self.config()?;
-        let p = &self.paths;
         if self.managed_by_qubes() && !(cfg.kind.save_on_stop() && !cfg.kind.snap_on_start()) {
             // its size lives in qubes.xml, which refblk never writes
             self.refuse_qubes(
@@ -1341,6 +1337,12 @@ impl Volume {
                 "Qubes keeps its size in qubes.xml: use `qvm-volume resize`",
             )?;
         }
+        let _l = self.lock()?;
+        self.refuse_owned("resize")?;
+        self.refuse_foreign("resize")?;
+        check_size(&self.vid, size)?;
+        let cfg = self.config()?;
+        let p = &self.paths;
         if !cfg.rw {
             return Err(PoolError::new(
                 ErrorKind::WrongKind,
@@ -1543,6 +1545,11 @@ impl Volume {
     /// Remove all files of the volume (revisions oldest first, images, sidecar) and
     /// its directory if empty. Refused while running unless `force`.
     pub fn remove(&self, force: bool) -> Result<()> {
+        // Before the lock: a refusal writes nothing, not even a lock file.
+        self.refuse_qubes(
+            "remove",
+            "remove the qube with qvm-remove, or its volume with Qubes' tools",
+        )?;
         let _l = self.lock()?;
         if !self.exists()? && !exists(&self.paths.precache) {
             return Err(PoolError::new(
@@ -1554,10 +1561,6 @@ impl Volume {
                 ),
             ));
         }
-        self.refuse_qubes(
-            "remove",
-            "remove the qube with qvm-remove, or its volume with Qubes' tools",
-        )?;
         self.refuse_owned("remove")?;
         self.refuse_foreign("remove")?;
         if !force && self.state() == VolumeState::Running {

@@ -13,5 +13,6 @@ mod foreign;
 mod input;
 mod lifecycle;
 mod owner;
+mod qubes;
 mod qubes_compat;
 mod scratchfs;
