@@ -370,8 +370,9 @@ pub enum VolumeCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Store settings for an existing volume (e.g. one laid out by Qubes) in its
-    /// sidecar .refblk/volumes/VID.json, without touching images.
+    /// Store settings for an existing volume (e.g. one laid out by hand) in its
+    /// sidecar .refblk/volumes/VID.json, without touching images. Refused for a
+    /// volume qubes.xml names: its settings are read from there.
     #[command(after_help = EXIT_CODES)]
     Config {
         #[command(flatten)]
