@@ -1330,7 +1330,7 @@ impl Volume {
     pub fn resize(&self, size: u64, allow_shrink: bool) -> Result<()> {
         // Before the lock: a refusal writes nothing, not even a lock file.
         let cfg = self.config()?;
-        if self.managed_by_qubes() && !(cfg.kind.save_on_stop() && !cfg.kind.snap_on_start()) {
+        if self.managed_by_qubes() && (!cfg.kind.save_on_stop() || cfg.kind.snap_on_start()) {
             // its size lives in qubes.xml, which refblk never writes
             self.refuse_qubes(
                 "resize",
