@@ -568,7 +568,7 @@ impl Device {
 
     /// Open the image (taking a pool volume over with `Volume::resume`) that a
     /// previous daemon served, as its state file records it.
-    fn reopen_image(&mut self, st: &DeviceState) -> io::Result<PathBuf> {
+    fn reopen_image(&mut self, st: &DeviceState, cfg: &BackendConfig) -> io::Result<PathBuf> {
         let d = self;
         let path = match &st.volume {
             None => st.image.clone(),
@@ -578,8 +578,9 @@ impl Device {
                 let vol = pool
                     .volume(&v.vid)
                     .map_err(|e| io::Error::other(e.to_string()))?;
+                let owner = super::volume_claim(cfg, (st.domid, st.devid), &st.backend);
                 let p = vol
-                    .resume()
+                    .resume_owned(&owner)
                     .map_err(|e| io::Error::other(format!("volume {}: resume: {e}", v.vid)))?;
                 d.volume = Some(vol);
                 // limits: the volume's stored limits (a disk line's are not kept
@@ -627,7 +628,7 @@ impl Device {
         }
         let mut d = Device::new((st.domid, st.devid), be);
         d.dom_limiter = dom_limiter;
-        let path = d.reopen_image(st)?;
+        let path = d.reopen_image(st, cfg)?;
         if let Some(l) = st.limits {
             d.limiter.set(l); // limits: as the device had them when it connected
         }
@@ -713,7 +714,7 @@ impl Device {
                 "the frontend's ring references, channels or protocol changed".to_string(),
             ));
         }
-        let path = d.reopen_image(st)?;
+        let path = d.reopen_image(st, cfg)?;
         if let Some(l) = st.limits {
             d.limiter.set(l); // limits: as the device had them when it connected
         }
@@ -813,12 +814,19 @@ impl Device {
             None => Ok("released".into()),
             Some(v) => {
                 let vid = v.vid().to_string();
-                v.stop()
-                    .map(|o| {
+                match v.stop() {
+                    Ok(crate::pool::StopOutcome::NotRunning) => Err(format!(
+                        "volume {vid} was not running when the device was released: its dirty \
+                         image {} was gone (stopped or removed behind the daemon's back); \
+                         nothing was committed",
+                        v.dirty_path().display()
+                    )),
+                    Ok(o) => {
                         info!("{}: volume {vid}: {o:?}", self.name());
-                        format!("volume {vid}: {o:?}")
-                    })
-                    .map_err(|e| format!("volume {vid}: stop: {e}"))
+                        Ok(format!("volume {vid}: {o:?}"))
+                    }
+                    Err(e) => Err(format!("volume {vid}: stop: {e}")),
+                }
             }
         }
     }

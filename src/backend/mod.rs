@@ -768,7 +768,8 @@ impl Backend {
         let pool = crate::pool::Pool::open(pool).map_err(|e| e.to_string())?;
         let vol = pool.volume(vid).map_err(|e| e.to_string())?;
         let fresh = vol.state() == crate::pool::VolumeState::Stopped;
-        let path = vol.start().map_err(|e| e.to_string())?;
+        let owner = volume_claim(&self.cfg, key, be);
+        let path = vol.start_owned(&owner).map_err(|e| e.to_string())?;
         if let Err(e) = d.attach(&self.xs, path.clone(), opts) {
             if fresh {
                 // Leave the pool as it was: the new dirty image is an unused clone.
@@ -961,6 +962,17 @@ impl Backend {
 fn parse_key(s: &str) -> Option<DevKey> {
     let (a, b) = s.split_once(':')?;
     Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// The claim this daemon puts on a pool volume it serves on device `key` at
+/// backend path `be`: its pid and the device's restart-state file (see
+/// `crate::pool::owner`; the file name is `StateDir::state_path`'s).
+pub(crate) fn volume_claim(cfg: &BackendConfig, key: DevKey, be: &str) -> crate::pool::Owner {
+    let state_file = cfg
+        .state_dir
+        .as_ref()
+        .map(|d| d.join(format!("vbd-{}-{}.json", key.0, key.1)));
+    crate::pool::Owner::this_process(u32::from(key.0), key.1, be, state_file)
 }
 
 #[cfg(test)]

@@ -273,9 +273,12 @@ fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
             })
         }
         Place::Dir(d) => {
+            // --dir names an existing directory: a typo must not create one.
+            if !d.is_dir() {
+                return Err(format!("--dir {}: no such directory", d.display()));
+            }
             let dir = d.join(format!("refblk-bench.{}", std::process::id()));
-            fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             let reflink = crate::pool::reflink_supported(&dir).unwrap_or(false);
             Ok(Workspace {
                 dir,

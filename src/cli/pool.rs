@@ -3,7 +3,7 @@
 //!
 //! Exit codes (stable, for scripts): 0 success; 1 I/O failure; 2 bad input or usage;
 //! 3 not found (volume, image, revision, pool); 4 volume already exists; 5 busy (the
-//! volume is running); 6 wrong volume kind or state for the operation; 7 file system
+//! volume is running, served by a daemon, or used by another program); 6 wrong volume kind or state for the operation; 7 file system
 //! full; 8 file system cannot reflink (`pool init` without `--no-setup-check`);
 //! 9 `pool check` found problems it did not repair.
 
@@ -15,13 +15,14 @@ use serde_json::json;
 
 use super::{CliError, CliResult};
 use crate::pool::{
-    ImportSource, InitOptions, Overrides, Pool, PoolError, StopOutcome, Volume, VolumeConfig,
-    VolumeInfo, VolumeKind,
+    ImportSource, InitOptions, OpenOptions, Overrides, Pool, PoolError, QubesXmlSetting,
+    StopOutcome, Volume, VolumeConfig, VolumeInfo, VolumeKind, XenstoreSetting,
 };
 use crate::util::size::{format_size, parse_size};
 
 const EXIT_CODES: &str = "Exit codes: 0 ok, 1 I/O failure, 2 bad input/usage, 3 not found, \
-4 already exists, 5 busy (volume running), 6 wrong kind/state, 7 file system full, \
+4 already exists, 5 busy (volume running, served by refblk serve, or used by another \
+program: the message names it), 6 wrong kind/state, 7 file system full, \
 8 no reflink support, 9 check found unrepaired problems.";
 
 impl From<PoolError> for CliError {
@@ -33,8 +34,17 @@ impl From<PoolError> for CliError {
     }
 }
 
-fn size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
+/// A volume size: positive whole 512-byte sectors, at most the largest file size.
+fn volume_size_arg(s: &str) -> Result<u64, String> {
+    let n = parse_size(s).map_err(|e| e.to_string())?;
+    crate::pool::check_size("", n).map_err(|e| {
+        e.msg.strip_prefix("volume : ").unwrap_or(&e.msg).replacen(
+            &format!("invalid size {n}"),
+            &format!("invalid size {s:?} ({n} bytes)"),
+            1,
+        )
+    })?;
+    Ok(n)
 }
 
 fn kind_arg(s: &str) -> Result<VolumeKind, String> {
@@ -66,6 +76,8 @@ pub enum PoolCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        around: AroundArgs,
     },
     /// Look for leftovers of interrupted operations (temporary files, interrupted
     /// imports, stale precaches and start records); --repair removes them.
@@ -79,7 +91,39 @@ pub enum PoolCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        around: AroundArgs,
     },
+}
+
+/// What is around a pool: Qubes' settings, a xenstore.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AroundArgs {
+    /// Qubes' qubes.xml: when it names a file-reflink pool in this directory,
+    /// volume settings are read from it (read-only) and win over refblk's;
+    /// 'none': no Qubes [default: /var/lib/qubes/qubes.xml when it exists].
+    #[arg(long, value_name = "PATH", env = "REFBLK_QUBES_XML")]
+    pub qubes_xml: Option<String>,
+    /// Look for xenstore backends naming a volume's images in the simulated Xen
+    /// in DIR [default: the real xenstore, when there is one].
+    #[arg(long, value_name = "DIR")]
+    pub sim: Option<PathBuf>,
+}
+
+impl AroundArgs {
+    fn options(&self) -> OpenOptions {
+        OpenOptions {
+            qubes_xml: self
+                .qubes_xml
+                .as_deref()
+                .map(QubesXmlSetting::parse)
+                .unwrap_or_default(),
+            xenstore: match &self.sim {
+                Some(d) => XenstoreSetting::Sim(d.clone()),
+                None => XenstoreSetting::Auto,
+            },
+        }
+    }
 }
 
 /// Which pool (`--pool DIR` or `$REFBLK_POOL`).
@@ -88,6 +132,8 @@ pub struct PoolArg {
     /// The pool directory [default: $REFBLK_POOL].
     #[arg(short, long, value_name = "DIR")]
     pub pool: Option<PathBuf>,
+    #[command(flatten)]
+    pub around: AroundArgs,
 }
 
 impl PoolArg {
@@ -109,9 +155,11 @@ impl PoolArg {
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(super::serve::DEFAULT_CONTROL));
-        Ok(Pool::open(&self.dir()?)?.with_notifier(std::sync::Arc::new(
-            crate::backend::control::DaemonNotifier::new(socket),
-        )))
+        Ok(
+            Pool::open_with(&self.dir()?, &self.around.options())?.with_notifier(
+                std::sync::Arc::new(crate::backend::control::DaemonNotifier::new(socket)),
+            ),
+        )
     }
 }
 
@@ -128,7 +176,7 @@ pub struct OverrideArgs {
     #[arg(long, allow_hyphen_values = true)]
     pub revisions_to_keep: Option<i64>,
     /// Size of a volatile volume without a sidecar (e.g. 10G).
-    #[arg(long, value_parser = size_arg, value_name = "SIZE")]
+    #[arg(long, value_parser = volume_size_arg, value_name = "SIZE")]
     pub volatile_size: Option<u64>,
 }
 
@@ -154,8 +202,8 @@ pub enum VolumeCommand {
         pool: PoolArg,
         /// Volume id, e.g. appvms/work/private.
         vid: String,
-        /// Size, e.g. 10G, 512M, 4096.
-        #[arg(long, value_parser = size_arg)]
+        /// Size, e.g. 10G, 512M, 4096 (whole 512-byte sectors).
+        #[arg(long, value_parser = volume_size_arg)]
         size: u64,
         /// Volume kind: origin, snapshot, origin+snapshot, volatile.
         #[arg(long, value_parser = kind_arg, default_value = "origin")]
@@ -180,9 +228,13 @@ pub enum VolumeCommand {
         vid: String,
         /// Image file, or '-' for stdin.
         file: PathBuf,
-        /// New volume size (default: the file's length / bytes read).
-        #[arg(long, value_parser = size_arg)]
+        /// New volume size (default: the volume's current size; the data may be
+        /// shorter, never longer).
+        #[arg(long, value_parser = volume_size_arg)]
         size: Option<u64>,
+        /// Allow --size below the current size (data beyond it is lost).
+        #[arg(long)]
+        allow_shrink: bool,
         #[command(flatten)]
         ov: OverrideArgs,
     },
@@ -217,7 +269,7 @@ pub enum VolumeCommand {
         revisions_to_keep: Option<i64>,
     },
     /// Resize a volume (grow only unless --allow-shrink); a running volume's backend is
-    /// told the new size.
+    /// told the new size. A volume `refblk serve` serves is refused: detach it first.
     #[command(after_help = EXIT_CODES)]
     Resize {
         #[command(flatten)]
@@ -225,7 +277,7 @@ pub enum VolumeCommand {
         /// Volume id.
         vid: String,
         /// New size, e.g. 20G.
-        #[arg(value_parser = size_arg)]
+        #[arg(value_parser = volume_size_arg)]
         size: u64,
         /// Allow shrinking (data beyond the new end is lost).
         #[arg(long)]
@@ -318,8 +370,9 @@ pub enum VolumeCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Store settings for an existing volume (e.g. one laid out by Qubes) in its
-    /// sidecar .refblk/volumes/VID.json, without touching images.
+    /// Store settings for an existing volume (e.g. one laid out by hand) in its
+    /// sidecar .refblk/volumes/VID.json, without touching images. Refused for a
+    /// volume qubes.xml names: its settings are read from there.
     #[command(after_help = EXIT_CODES)]
     Config {
         #[command(flatten)]
@@ -349,8 +402,18 @@ fn print_json(v: &serde_json::Value) -> CliResult {
     Ok(())
 }
 
+/// The result of a pool/volume command goes to stdout once: the library's
+/// info-level log of the same event (on stderr) is kept quiet unless RUST_LOG
+/// asks for it.
+fn quiet_log() {
+    if std::env::var_os("RUST_LOG").is_none() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}
+
 /// Run a pool command.
 pub fn run_pool(c: PoolCommand) -> CliResult {
+    quiet_log();
     match c {
         PoolCommand::Init {
             dir,
@@ -367,8 +430,8 @@ pub fn run_pool(c: PoolCommand) -> CliResult {
             println!("initialized pool {}", p.dir().display());
             Ok(())
         }
-        PoolCommand::Info { dir, json } => {
-            let p = Pool::open(&dir)?;
+        PoolCommand::Info { dir, json, around } => {
+            let p = Pool::open_with(&dir, &around.options())?;
             let i = p.info()?;
             if json {
                 return print_json(&json!({
@@ -382,6 +445,11 @@ pub fn run_pool(c: PoolCommand) -> CliResult {
                     "setup_check": i.config.setup_check,
                     "initialized": i.initialized,
                     "volumes": i.volumes,
+                    "qubes": p.qubes().map(|q| json!({
+                        "xml": q.xml,
+                        "pool": q.pool_name,
+                        "revisions_to_keep": q.revisions_to_keep,
+                    })),
                 }));
             }
             println!("dir               {}", i.dir.display());
@@ -406,11 +474,22 @@ pub fn run_pool(c: PoolCommand) -> CliResult {
                     "no (.refblk/pool.json missing; defaults used)"
                 }
             );
+            if let Some(q) = p.qubes() {
+                println!(
+                    "managed by Qubes  {} (volume settings read from it)",
+                    q.describe()
+                );
+            }
             println!("volumes           {}", i.volumes);
             Ok(())
         }
-        PoolCommand::Check { dir, repair, json } => {
-            let p = Pool::open(&dir)?;
+        PoolCommand::Check {
+            dir,
+            repair,
+            json,
+            around,
+        } => {
+            let p = Pool::open_with(&dir, &around.options())?;
             let items = p.check(repair)?;
             let open: Vec<_> = items.iter().filter(|i| !i.repaired).collect();
             if json {
@@ -455,6 +534,26 @@ pub fn run_pool(c: PoolCommand) -> CliResult {
     }
 }
 
+/// Refuse (exit 3, before any lock file is made) a verb on a volume that has no
+/// file at all, unless --kind says it is one that needs none while stopped
+/// (snapshot, volatile).
+fn require_exists(v: &Volume, pool: &PoolArg, ov: &OverrideArgs) -> CliResult {
+    let fileless_kind = ov
+        .kind
+        .is_some_and(|k| !k.save_on_stop() || k.snap_on_start());
+    if fileless_kind || v.exists()? {
+        return Ok(());
+    }
+    Err(CliError {
+        code: 3,
+        msg: format!(
+            "volume {} does not exist in {} (see `refblk volume list`)",
+            v.vid(),
+            pool.dir()?.display()
+        ),
+    })
+}
+
 fn open_volume(pool: &PoolArg, vid: &str, ov: &OverrideArgs) -> Result<Volume, CliError> {
     let p = pool.open()?;
     Ok(p.volume_with(vid, ov.overrides())?)
@@ -469,11 +568,54 @@ fn info_line(i: &VolumeInfo) -> String {
         i.size.map(format_size).unwrap_or_else(|| "-".into()),
         i.revisions.len(),
         if i.outdated { "  outdated" } else { "" }
-    )
+    ) + &i
+        .owner
+        .as_ref()
+        .map(|(o, l)| {
+            format!(
+                "  served: {}{}",
+                o.short(),
+                if *l == crate::pool::Liveness::Live {
+                    ""
+                } else {
+                    " (daemon died; restart it)"
+                }
+            )
+        })
+        .unwrap_or_default()
+        + &if i.users.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "  used by: {}",
+                i.users
+                    .iter()
+                    .map(|u| u.who.clone())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+}
+
+/// `volume list`'s volumes that could not be shown: the first error's exit
+/// code, every message.
+fn list_failures(bad: Vec<PoolError>) -> CliResult {
+    let Some(code) = bad.first().map(|e| e.kind.exit_code()) else {
+        return Ok(());
+    };
+    Err(CliError {
+        code,
+        msg: bad
+            .into_iter()
+            .map(|e| e.msg)
+            .collect::<Vec<_>>()
+            .join("\nrefblk: "),
+    })
 }
 
 /// Run a volume command.
 pub fn run_volume(c: VolumeCommand) -> CliResult {
+    quiet_log();
     match c {
         VolumeCommand::Create {
             pool,
@@ -505,9 +647,51 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             vid,
             file,
             size,
+            allow_shrink,
             ov,
         } => {
             let v = open_volume(&pool, &vid, &ov)?;
+            if !v.exists()? {
+                return Err(CliError {
+                    code: 3,
+                    msg: format!(
+                        "volume {vid} does not exist in {}; create it first",
+                        pool.dir()?.display()
+                    ),
+                });
+            }
+            // The size changes only when asked: default = the current size.
+            let cur = v.size()?;
+            let size = match (size, cur) {
+                (Some(s), Some(c)) if s < c && !allow_shrink => {
+                    return Err(CliError::usage(format!(
+                        "refusing to shrink volume {vid} from {c} to {s} bytes by import; \
+                         pass --allow-shrink if you mean it"
+                    )))
+                }
+                (Some(s), _) => Some(s),
+                (None, c) => c,
+            };
+            if let (Some(s), false) = (size, file.as_os_str() == "-") {
+                let len = std::fs::metadata(&file)
+                    .map_err(|e| CliError {
+                        code: if e.kind() == io::ErrorKind::NotFound {
+                            3
+                        } else {
+                            1
+                        },
+                        msg: format!("import into {vid}: {}: {e}", file.display()),
+                    })?
+                    .len();
+                if len > s {
+                    return Err(CliError::usage(format!(
+                        "{} holds {len} bytes, more than volume {vid}'s {s} bytes; \
+                         pass --size {} to grow the volume",
+                        file.display(),
+                        len.div_ceil(512) * 512
+                    )));
+                }
+            }
             if file.as_os_str() == "-" {
                 let stdin = io::stdin();
                 let mut lock = stdin.lock();
@@ -560,7 +744,7 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
         } => {
             let p = pool.open()?;
             let sp = match &src_pool {
-                Some(d) => Pool::open(d)?,
+                Some(d) => Pool::open_with(d, &pool.around.options())?,
                 None => p.clone(),
             };
             let s = sp.volume(&src)?;
@@ -578,6 +762,7 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             ov,
         } => {
             let v = open_volume(&pool, &vid, &ov)?;
+            require_exists(&v, &pool, &ov)?;
             v.resize(size, allow_shrink)?;
             println!("resized {} to {}", v.vid(), format_size(size));
             Ok(())
@@ -589,6 +774,7 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             ov,
         } => {
             let v = open_volume(&pool, &vid, &ov)?;
+            require_exists(&v, &pool, &ov)?;
             let path = if takeover { v.resume()? } else { v.start()? };
             println!("{}", path.display());
             Ok(())
@@ -600,6 +786,7 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             ov,
         } => {
             let v = open_volume(&pool, &vid, &ov)?;
+            require_exists(&v, &pool, &ov)?;
             let o = if discard { v.discard()? } else { v.stop()? };
             println!(
                 "{}: {}",
@@ -619,12 +806,19 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             ov,
         } => {
             let v = open_volume(&pool, &vid, &ov)?;
+            require_exists(&v, &pool, &ov)?;
             let r = v.revert(revision.as_deref())?;
             println!("reverted {} to revision {}@{}Z", v.vid(), r.n, r.timestamp);
             Ok(())
         }
         VolumeCommand::Revisions { pool, vid, json } => {
             let v = open_volume(&pool, &vid, &OverrideArgs::default())?;
+            if !v.exists()? {
+                return Err(CliError {
+                    code: 3,
+                    msg: format!("volume {vid} does not exist in {}", pool.dir()?.display()),
+                });
+            }
             let revs = v.revisions()?;
             if json {
                 return print_json(&json!(revs
@@ -667,13 +861,27 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             println!("rw                {}", i.config.rw);
             println!(
                 "settings          {}",
-                if i.has_sidecar {
-                    "sidecar"
-                } else {
-                    "defaults (no sidecar)"
+                match (i.settings, &i.qubes) {
+                    ("qubes.xml", Some((d, n))) => format!("qubes.xml (qube {d}, volume {n})"),
+                    ("sidecar", _) => "sidecar".to_string(),
+                    _ => "defaults (no sidecar)".to_string(),
                 }
             );
             println!("state             {}", i.state.as_str());
+            for u in &i.users {
+                println!("used by           {u}");
+            }
+            if let Some((o, l)) = &i.owner {
+                println!(
+                    "served by         {}{}",
+                    o.short(),
+                    if *l == crate::pool::Liveness::Live {
+                        ""
+                    } else {
+                        " (daemon died; its restart state remains)"
+                    }
+                );
+            }
             println!(
                 "size              {}",
                 i.size.map(format_size).unwrap_or_else(|| "-".into())
@@ -696,14 +904,21 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
         VolumeCommand::List { pool, json } => {
             let p = pool.open()?;
             let mut infos = Vec::new();
+            // One volume with unusable settings (e.g. a bad value in qubes.xml)
+            // does not hide the others; the command fails after the listing.
+            let mut bad = Vec::new();
             for vid in p.list()? {
-                infos.push(p.volume(&vid)?.info()?);
+                match p.volume(&vid).and_then(|v| v.info()) {
+                    Ok(i) => infos.push(i),
+                    Err(e) => bad.push(e),
+                }
             }
             if json {
-                return print_json(&json!(infos
+                print_json(&json!(infos
                     .iter()
                     .map(VolumeInfo::to_json)
-                    .collect::<Vec<_>>()));
+                    .collect::<Vec<_>>()))?;
+                return list_failures(bad);
             }
             println!(
                 "{:<40} {:<16} {:<11} {:>8} {:>9}",
@@ -712,10 +927,13 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             for i in &infos {
                 println!("{}", info_line(i));
             }
-            Ok(())
+            list_failures(bad)
         }
         VolumeCommand::Remove { pool, vid, force } => {
             let v = open_volume(&pool, &vid, &OverrideArgs::default())?;
+            if !v.exists()? && !v.precache_path().exists() {
+                require_exists(&v, &pool, &OverrideArgs::default())?;
+            }
             v.remove(force)?;
             println!("removed {}", v.vid());
             Ok(())

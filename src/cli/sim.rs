@@ -10,7 +10,9 @@ use crate::platform::sim::SimXen;
 /// Arguments of `refblk sim`.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Runs in the foreground until SIGINT or SIGTERM, then removes its sockets.\n\n\
+    after_help = "Runs in the foreground until SIGINT or SIGTERM, then removes its sockets. \
+        A second `refblk sim` in the same DIR exits with code 5 and changes nothing \
+        (DIR/sim.lock is held while one runs).\n\n\
         DIR/xenstored.sock serves the xenstore wire protocol (use XENSTORED_PATH=DIR/xenstored.sock \
         with xenstore-read/-write/-ls/-watch), DIR/evtchn.sock brokers event channels, and \
         simulated guests keep their memory and grant tables in DIR/dom/<domid>/. \
@@ -51,6 +53,18 @@ pub fn run(args: SimArgs) -> CliResult {
     set.add(Signal::SIGTERM);
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
         .map_err(|e| CliError::failed(format!("refblk sim: blocking signals: {e}")))?;
+    // Another simulator in DIR? Find out before touching its sockets.
+    let _instance = super::serve::instance_lock(&dir.join("sim.lock"), "refblk sim", &dir)?;
+    let xs = dir.join(crate::platform::sim::XENSTORED_SOCK);
+    if std::os::unix::net::UnixStream::connect(&xs).is_ok() {
+        return Err(CliError {
+            code: super::serve::INSTANCE_BUSY,
+            msg: format!(
+                "{}: another simulated Xen answers on this socket; stop it first (nothing was changed)",
+                xs.display()
+            ),
+        });
+    }
     let sim = SimXen::start(&dir)
         .map_err(|e| CliError::failed(format!("refblk sim: {}: {e}", dir.display())))?;
     log::info!(

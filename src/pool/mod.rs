@@ -34,14 +34,21 @@ pub mod faults;
 pub mod fsops;
 pub mod layout;
 pub mod limits;
+pub mod owner;
+pub mod qubes;
+pub mod users;
 mod volume;
 
 pub use config::{PoolConfig, VolumeConfig, VolumeKind};
 pub use error::{ErrorKind, PoolError, Result};
 pub use faults::{FaultMode, Faults};
 pub use layout::Revision;
+pub use owner::{Liveness, Owner};
+pub use qubes::{QubesView, QubesXmlSetting};
+pub use users::XenstoreSetting;
 pub use volume::{
-    CheckItem, ImportSource, Overrides, StopOutcome, Volume, VolumeInfo, VolumeState,
+    check_size, CheckItem, ImportSource, Overrides, StopOutcome, Volume, VolumeInfo, VolumeState,
+    MAX_VOLUME_SIZE,
 };
 
 use error::IoContext;
@@ -107,12 +114,35 @@ pub struct PoolInfo {
     pub volumes: usize,
 }
 
+/// How [`Pool::open_with`] finds the programs and settings around the pool.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Qubes' qubes.xml (volume settings of a pool Qubes manages).
+    pub qubes_xml: QubesXmlSetting,
+    /// The xenstore whose backends may name a volume's images.
+    pub xenstore: XenstoreSetting,
+}
+
+impl OpenOptions {
+    /// From the environment: `$REFBLK_QUBES_XML`, the default xenstore.
+    pub fn from_env() -> OpenOptions {
+        OpenOptions {
+            qubes_xml: QubesXmlSetting::from_env(),
+            xenstore: XenstoreSetting::Auto,
+        }
+    }
+}
+
 struct Inner {
     dir: PathBuf,
     config: PoolConfig,
     initialized: bool,
     faults: Arc<Faults>,
     notifier: Arc<dyn ResizeNotifier>,
+    qubes: Option<QubesView>,
+    xenstore: XenstoreSetting,
+    /// Volumes whose differing sidecar was already warned about.
+    warned: std::sync::Mutex<BTreeSet<String>>,
 }
 
 /// An open pool. Cheap to clone.
@@ -206,16 +236,22 @@ impl Pool {
         }
         let faults = Arc::new(Faults::new());
         let ops = Ops::new(&faults);
-        let created = ops
-            .create_dir_all(dir)
+        // The directories this init creates (dir and missing parents, deepest
+        // first), removed again if it refuses.
+        let made: Vec<PathBuf> = dir
+            .ancestors()
+            .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+            .map(Path::to_path_buf)
+            .collect();
+        ops.create_dir_all(dir)
             .doing(|| format!("create pool directory {}", dir.display()))?;
         if opts.setup_check {
             let ok = reflink_supported(dir)
                 .doing(|| format!("test reflink support in {}", dir.display()))?;
             if !ok {
                 let fs_name = fs_type_name(dir);
-                if created {
-                    let _ = ops.remove_empty_dir(dir);
+                for d in &made {
+                    let _ = ops.remove_empty_dir(d);
                 }
                 return Err(PoolError::new(
                     ErrorKind::Unsupported,
@@ -243,9 +279,15 @@ impl Pool {
         Pool::open(dir)
     }
 
-    /// Open an existing pool directory (with or without `.refblk/`). The environment
+    /// Open an existing pool directory (with or without `.refblk/`), with the
+    /// options from the environment ([`OpenOptions::from_env`]). The environment
     /// variable `REFBLK_FAULT` arms fault injection (a test hook; see [`faults`]).
     pub fn open(dir: &Path) -> Result<Pool> {
+        Pool::open_with(dir, &OpenOptions::from_env())
+    }
+
+    /// [`Pool::open`] with explicit options.
+    pub fn open_with(dir: &Path, opts: &OpenOptions) -> Result<Pool> {
         let md = fs::metadata(dir).doing(|| format!("open pool directory {}", dir.display()))?;
         if !md.is_dir() {
             return Err(PoolError::new(
@@ -263,6 +305,14 @@ impl Pool {
             ),
             None => (PoolConfig::default(), false),
         };
+        let qubes = qubes::load(&opts.qubes_xml, &dir)?;
+        if let Some(q) = &qubes {
+            log::debug!(
+                "pool {}: volume settings from Qubes' {}",
+                dir.display(),
+                q.describe()
+            );
+        }
         let faults = Arc::new(Faults::new());
         if let Ok(spec) = std::env::var("REFBLK_FAULT") {
             match Faults::parse(&spec) {
@@ -285,6 +335,9 @@ impl Pool {
                 initialized,
                 faults,
                 notifier: Arc::new(LogNotifier),
+                qubes,
+                xenstore: opts.xenstore.clone(),
+                warned: Default::default(),
             }),
         })
     }
@@ -297,6 +350,9 @@ impl Pool {
                 initialized: self.inner.initialized,
                 faults,
                 notifier,
+                qubes: self.inner.qubes.clone(),
+                xenstore: self.inner.xenstore.clone(),
+                warned: Default::default(),
             }),
         }
     }
@@ -319,6 +375,25 @@ impl Pool {
     /// Pool settings.
     pub fn config(&self) -> &PoolConfig {
         &self.inner.config
+    }
+
+    /// What Qubes' qubes.xml says about this pool, when Qubes manages it.
+    pub fn qubes(&self) -> Option<&QubesView> {
+        self.inner.qubes.as_ref()
+    }
+
+    pub(crate) fn xenstore(&self) -> &XenstoreSetting {
+        &self.inner.xenstore
+    }
+
+    /// Whether `key` is reported for the first time by this pool handle (for
+    /// warnings that every call of a volume's settings would repeat).
+    pub(crate) fn first_warning(&self, key: &str) -> bool {
+        self.inner
+            .warned
+            .lock()
+            .map(|mut w| w.insert(key.to_string()))
+            .unwrap_or(true)
     }
 
     /// The fault counter.
@@ -363,12 +438,30 @@ impl Pool {
     }
 
     /// The volume ids present in the pool (from image files and sidecars), sorted.
+    /// In a pool Qubes manages: the volumes qubes.xml names, image files only
+    /// under `appvms/` and `vm-templates/` (not `vm-kernels/`, another pool), and
+    /// sidecars only of volumes refblk created there.
     pub fn list(&self) -> Result<Vec<String>> {
+        let mut all = self.list_all()?;
+        all.retain(|vid| {
+            self.volume(vid)
+                .map(|v| !v.stale_sidecar_only())
+                .unwrap_or(true)
+        });
+        Ok(all)
+    }
+
+    /// [`Pool::list`] including volumes that are only a stale sidecar.
+    fn list_all(&self) -> Result<Vec<String>> {
         let mut out = BTreeSet::new();
+        let qubes = self.qubes();
         walk(&self.inner.dir, "", 0, &mut |rel, name, is_dir| {
             if !is_dir {
                 if let Some((vid, _)) = layout::classify(rel, name) {
-                    out.insert(vid);
+                    let top = vid.split('/').next().unwrap_or("");
+                    if qubes.is_none() || qubes::VOLUME_DIRS.contains(&top) {
+                        out.insert(vid);
+                    }
                 }
             }
         })
@@ -391,6 +484,13 @@ impl Pool {
                 }
             })
             .doing(|| format!("list {}", meta.display()))?;
+        }
+        if let Some(q) = qubes {
+            out.extend(
+                q.vids()
+                    .filter(|v| layout::validate_vid(v).is_ok())
+                    .cloned(),
+            );
         }
         Ok(out.into_iter().collect())
     }
@@ -418,7 +518,7 @@ impl Pool {
     /// what can be fixed without touching committed data.
     pub fn check(&self, repair: bool) -> Result<Vec<CheckItem>> {
         let mut items = Vec::new();
-        for vid in self.list()? {
+        for vid in self.list_all()? {
             match self.volume(&vid) {
                 Ok(v) => items.extend(v.check(repair)?),
                 Err(e) => items.push(CheckItem {

@@ -12,6 +12,8 @@ use super::config::{VolumeConfig, VolumeKind};
 use super::error::{ErrorKind, IoContext, PoolError, Result};
 use super::fsops::Ops;
 use super::layout::{self, Revision, VolPaths};
+use super::owner::{Liveness, Owner};
+use super::users::{users_of, xenstore_users, User};
 use super::{dev_ino, read_json_file, write_json, Pool};
 
 /// Command-line overrides of a volume's settings (for volumes without a sidecar,
@@ -96,6 +98,15 @@ pub struct VolumeInfo {
     pub revisions: Vec<Revision>,
     /// Snapshot volume whose clean is not the source's current clean.
     pub outdated: bool,
+    /// The daemon serving it, while its claim holds.
+    pub owner: Option<(Owner, Liveness)>,
+    /// Other programs using its images (a writer, a loop device, a xenstore
+    /// backend).
+    pub users: Vec<User>,
+    /// Where the settings come from: `qubes.xml`, `sidecar` or `defaults`.
+    pub settings: &'static str,
+    /// The qube and volume name qubes.xml gives it.
+    pub qubes: Option<(String, String)>,
 }
 
 impl VolumeInfo {
@@ -108,6 +119,8 @@ impl VolumeInfo {
             "revisions_to_keep": self.config.revisions_to_keep,
             "rw": self.config.rw,
             "sidecar": self.has_sidecar,
+            "settings": self.settings,
+            "qube": self.qubes.as_ref().map(|(d, n)| json!({"name": d, "volume": n})),
             "state": self.state.as_str(),
             "size": self.size,
             "usage": self.usage,
@@ -115,6 +128,16 @@ impl VolumeInfo {
             "clean_exists": self.clean_exists,
             "path": self.dirty,
             "outdated": self.outdated,
+            "users": self.users.iter().map(|u| json!({
+                "pid": u.pid,
+                "who": u.who,
+                "image": u.image,
+            })).collect::<Vec<_>>(),
+            "owner": self.owner.as_ref().map(|(o, l)| {
+                let mut v = o.to_json();
+                v["daemon_alive"] = json!(*l == Liveness::Live);
+                v
+            }),
             "revisions": self.revisions.iter().map(|r| json!({
                 "revision": r.n.to_string(),
                 "timestamp": format!("{}Z", r.timestamp),
@@ -149,6 +172,36 @@ pub struct Volume {
 /// The held per-volume flock; released on drop.
 pub struct VolumeLock {
     _lock: Flock<File>,
+}
+
+/// Largest volume size: the largest file size Linux allows (`i64::MAX`), rounded
+/// down to whole 512-byte sectors.
+pub const MAX_VOLUME_SIZE: u64 = (i64::MAX as u64) & !511;
+
+/// A volume size must be positive, whole 512-byte sectors (the block device's
+/// unit: a guest sees `size / 512` sectors) and at most [`MAX_VOLUME_SIZE`].
+pub fn check_size(vid: &str, size: u64) -> Result<()> {
+    let why = if size == 0 {
+        "a volume cannot be empty".to_string()
+    } else if !size.is_multiple_of(512) {
+        let (down, up) = (size / 512 * 512, (size / 512 + 1) * 512);
+        format!(
+            "not a whole number of 512-byte sectors (a guest would see {down} bytes); use {}",
+            if down == 0 {
+                up.to_string()
+            } else {
+                format!("{down} or {up}")
+            }
+        )
+    } else if size > MAX_VOLUME_SIZE {
+        format!("more than the largest file size Linux allows ({MAX_VOLUME_SIZE} bytes)")
+    } else {
+        return Ok(());
+    };
+    Err(PoolError::new(
+        ErrorKind::InvalidInput,
+        format!("volume {vid}: invalid size {size}: {why}"),
+    ))
 }
 
 fn exists(p: &Path) -> bool {
@@ -232,13 +285,170 @@ impl Volume {
         self.sidecar_path().is_file()
     }
 
-    /// The settings in effect: sidecar (or defaults) with overrides applied.
-    pub fn config(&self) -> Result<VolumeConfig> {
+    /// The volume as qubes.xml names it, in a pool Qubes manages.
+    fn qubes_volume(&self) -> Option<&super::qubes::QubesVolume> {
+        self.pool.qubes()?.volume(&self.vid)
+    }
+
+    /// Whether Qubes' qubes.xml names this volume (its settings come from there).
+    pub fn managed_by_qubes(&self) -> bool {
+        self.qubes_volume().is_some()
+    }
+
+    /// The settings qubes.xml gives; a warning for each that the sidecar
+    /// contradicts; a refusal for each command-line override that does.
+    fn qubes_config(&self, q: &super::qubes::QubesVolume) -> Result<VolumeConfig> {
+        let view = self.pool.qubes().map(|v| v.describe()).unwrap_or_default();
+        let c = q.config.clone().map_err(|m| {
+            PoolError::new(
+                ErrorKind::InvalidInput,
+                format!("volume {}: unusable settings in {m}", self.vid),
+            )
+        })?;
+        let fields = |x: &VolumeConfig| {
+            [
+                ("kind", x.kind.as_str().to_string()),
+                ("source", x.source.clone().unwrap_or_else(|| "none".into())),
+                ("revisions_to_keep", x.revisions_to_keep.to_string()),
+                ("rw", x.rw.to_string()),
+            ]
+        };
         let sp = self.sidecar_path();
-        let mut c = match read_json_file(&sp)? {
+        if let Ok(Some(v)) = read_json_file(&sp) {
+            if let Ok(side) = VolumeConfig::from_json(&v) {
+                let mut diffs: Vec<String> = fields(&c)
+                    .into_iter()
+                    .zip(fields(&side))
+                    .filter(|(a, b)| a.1 != b.1)
+                    .map(|(a, b)| format!("{} {} (refblk's sidecar: {})", a.0, a.1, b.1))
+                    .collect();
+                if !c.kind.save_on_stop() && c.size.is_some() && side.size != c.size {
+                    diffs.push(format!(
+                        "size {} (refblk's sidecar: {})",
+                        c.size.unwrap_or(0),
+                        side.size.map_or("none".into(), |s| s.to_string())
+                    ));
+                }
+                if !diffs.is_empty() && self.pool.first_warning(&self.vid) {
+                    log::warn!(
+                        "volume {}: Qubes' settings win over refblk's sidecar {}: qubes.xml {view} says {}; \
+                         `refblk pool check --repair` removes the sidecar",
+                        self.vid,
+                        sp.display(),
+                        diffs.join(", ")
+                    );
+                }
+            }
+        }
+        let o = &self.ov;
+        let clash = [
+            o.kind
+                .filter(|k| *k != c.kind)
+                .map(|k| format!("--kind {k} (qubes.xml: {})", c.kind)),
+            o.source
+                .as_ref()
+                .filter(|s| c.source.as_ref() != Some(*s))
+                .map(|s| {
+                    format!(
+                        "--source {s} (qubes.xml: {})",
+                        c.source.as_deref().unwrap_or("none")
+                    )
+                }),
+            o.revisions_to_keep
+                .filter(|r| *r != c.revisions_to_keep)
+                .map(|r| {
+                    format!(
+                        "--revisions-to-keep {r} (qubes.xml: {})",
+                        c.revisions_to_keep
+                    )
+                }),
+            o.size
+                .filter(|s| c.kind == VolumeKind::Volatile && Some(*s) != c.size)
+                .map(|s| {
+                    format!(
+                        "--volatile-size {s} (qubes.xml: {})",
+                        c.size.map_or("none".into(), |s| s.to_string())
+                    )
+                }),
+        ];
+        let clash: Vec<String> = clash.into_iter().flatten().collect();
+        if !clash.is_empty() {
+            return Err(PoolError::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "volume {} is managed by Qubes ({view}, qube {}, volume {}): {} contradict(s) its settings there; drop the flag, or change the setting with qvm-volume config / qvm-prefs",
+                    self.vid,
+                    q.domain,
+                    q.name,
+                    clash.join(", ")
+                ),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// In a pool Qubes manages: a sidecar that is all there is of a volume
+    /// qubes.xml does not name and refblk did not create (its `"created"` is not
+    /// true) — the settings of a volume Qubes has removed since.
+    pub(crate) fn stale_sidecar_only(&self) -> bool {
+        let p = &self.paths;
+        self.pool.qubes().is_some()
+            && !self.managed_by_qubes()
+            && self.has_sidecar()
+            && !exists(&p.clean)
+            && !exists(&p.dirty)
+            && !exists(&p.precache)
+            && self.revisions().map(|r| r.is_empty()).unwrap_or(false)
+            && !read_json_file(&self.sidecar_path())
+                .ok()
+                .flatten()
+                .is_some_and(|v| v.get("created") == Some(&serde_json::Value::Bool(true)))
+    }
+
+    /// Whether refblk keeps this volume's settings in its sidecar: there is one,
+    /// and qubes.xml does not name the volume.
+    fn sidecar_in_use(&self) -> bool {
+        !self.managed_by_qubes() && self.has_sidecar() && !self.stale_sidecar_only()
+    }
+
+    /// Refuse `what` on a volume qubes.xml names (its existence and settings are
+    /// Qubes' to change).
+    fn refuse_qubes(&self, what: &str, how: &str) -> Result<()> {
+        match self.qubes_volume() {
+            Some(q) => Err(PoolError::new(
+                ErrorKind::WrongKind,
+                format!(
+                    "cannot {what} volume {}: Qubes manages it ({}, qube {}, volume {}); {how}",
+                    self.vid,
+                    self.pool.qubes().map(|v| v.describe()).unwrap_or_default(),
+                    q.domain,
+                    q.name
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The settings in effect: qubes.xml's in a pool Qubes manages, else the
+    /// sidecar (or defaults), with overrides applied.
+    pub fn config(&self) -> Result<VolumeConfig> {
+        if let Some(q) = self.qubes_volume() {
+            return self.qubes_config(q);
+        }
+        let sp = self.sidecar_path();
+        let default_rtk = match self.pool.qubes() {
+            Some(q) => q.revisions_to_keep.max(0),
+            None => self.pool.config().revisions_to_keep,
+        };
+        let side = if self.stale_sidecar_only() {
+            None
+        } else {
+            read_json_file(&sp)?
+        };
+        let mut c = match side {
             Some(v) => VolumeConfig::from_json(&v)
                 .map_err(|e| PoolError::new(ErrorKind::Io, format!("{}: {e}", sp.display())))?,
-            None => VolumeConfig::origin(self.pool.config().revisions_to_keep),
+            None => VolumeConfig::origin(default_rtk),
         };
         if let Some(k) = self.ov.kind {
             c.kind = k;
@@ -280,6 +490,19 @@ impl Volume {
         Ok(VolumeLock { _lock: lock })
     }
 
+    /// The volume's flock if its lock file exists (never creates it).
+    fn lock_existing(&self) -> Result<Option<VolumeLock>> {
+        let lp = self.pool.meta_path(&self.vid, ".lock");
+        let f = match OpenOptions::new().read(true).open(&lp) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(PoolError::io(format!("open lock file {}", lp.display()), e)),
+        };
+        let lock = Flock::lock(f, FlockArg::LockShared)
+            .map_err(|(_, e)| PoolError::io(format!("flock {}", lp.display()), e.into()))?;
+        Ok(Some(VolumeLock { _lock: lock }))
+    }
+
     fn source_volume(&self, cfg: &VolumeConfig) -> Result<VolPaths> {
         let s = cfg.source.as_deref().ok_or_else(|| {
             PoolError::new(
@@ -299,6 +522,68 @@ impl Volume {
             Ok(Some(v)) => v.get("boot_id").and_then(|b| b.as_str()) == Some(&boot_id()),
             _ => false,
         }
+    }
+
+    /// The daemon that serves this volume, while its claim holds (see
+    /// [`super::owner`]): from the start record of this boot.
+    pub fn claim(&self) -> Option<(Owner, Liveness)> {
+        if !exists(&self.paths.dirty) {
+            return None;
+        }
+        let m = read_json_file(&self.marker_path()).ok().flatten()?;
+        if m.get("boot_id").and_then(|b| b.as_str()) != Some(&boot_id()) {
+            return None;
+        }
+        let o = Owner::from_json(m.get("owner")?)?;
+        match o.liveness() {
+            Liveness::Stale => None,
+            l => Some((o, l)),
+        }
+    }
+
+    /// Refuse `what` while a daemon other than this process serves the volume.
+    fn refuse_owned(&self, what: &str) -> Result<()> {
+        match self.claim() {
+            Some((o, l)) if !o.is_this_process() => Err(PoolError::new(
+                ErrorKind::Busy,
+                format!("cannot {what} volume {}: {}", self.vid, o.explain(l)),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Programs other than refblk (and other than the daemon holding the claim)
+    /// that write one of the volume's images or back a loop device with it
+    /// (see [`super::users`]).
+    pub fn foreign_users(&self) -> Vec<User> {
+        let mut exclude = Vec::new();
+        let claim = self.claim();
+        if let Some((o, Liveness::Live)) = &claim {
+            exclude.push(o.pid);
+        }
+        let images = [self.paths.dirty.as_path(), self.paths.clean.as_path()];
+        let mut u = users_of(&images, &exclude);
+        let backends: Vec<&str> = claim.iter().map(|(o, _)| o.backend.as_str()).collect();
+        u.extend(xenstore_users(&images, &backends, self.pool.xenstore()));
+        u
+    }
+
+    /// Refuse `what` while another program uses the volume's images.
+    fn refuse_foreign(&self, what: &str) -> Result<()> {
+        let u = self.foreign_users();
+        if u.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = u.iter().map(User::to_string).collect();
+        Err(PoolError::new(
+            ErrorKind::Busy,
+            format!(
+                "cannot {what} volume {}: it is running, used by another program: {}. \
+                 Stop that program first (shut the VM down, `losetup -d` the loop device)",
+                self.vid,
+                list.join("; ")
+            ),
+        ))
     }
 
     /// Runtime state.
@@ -365,10 +650,20 @@ impl Volume {
             .find_map(|p| fs::metadata(p).ok())
             .map(|m| m.blocks() * 512)
             .unwrap_or(0);
+        let users = if exists(&self.paths.dirty) {
+            self.foreign_users()
+        } else {
+            Vec::new()
+        };
+        let state = match self.state() {
+            // run by another program: not an interrupted run of ours
+            VolumeState::Interrupted if !users.is_empty() => VolumeState::Running,
+            s => s,
+        };
         Ok(VolumeInfo {
             vid: self.vid.clone(),
             has_sidecar: self.has_sidecar(),
-            state: self.state(),
+            state,
             size: self.size()?,
             usage,
             clean: self.paths.clean.clone(),
@@ -376,6 +671,18 @@ impl Volume {
             dirty: self.paths.dirty.clone(),
             revisions: self.revisions()?,
             outdated: self.is_outdated().unwrap_or(false),
+            owner: self.claim(),
+            users,
+            settings: if self.managed_by_qubes() {
+                "qubes.xml"
+            } else if self.sidecar_in_use() {
+                "sidecar"
+            } else {
+                "defaults"
+            },
+            qubes: self
+                .qubes_volume()
+                .map(|q| (q.domain.clone(), q.name.clone())),
             config,
         })
     }
@@ -582,14 +889,15 @@ impl Volume {
     /// Write the settings in effect (sidecar or defaults, with this handle's
     /// overrides) to the volume's sidecar, under the lock. Returns them.
     pub fn save_settings(&self) -> Result<VolumeConfig> {
+        // Checked before the lock too, so that a refusal leaves no lock file.
+        self.refuse_qubes(
+            "store settings for",
+            "its settings are read from qubes.xml (change them with qvm-volume config / qvm-prefs)",
+        )?;
+        self.check_settable()?;
         let _l = self.lock()?;
-        let kind = self.config()?.kind;
-        if !self.exists()? && kind.save_on_stop() && !kind.snap_on_start() {
-            return Err(PoolError::new(
-                ErrorKind::NotFound,
-                format!("volume {} does not exist; use `volume create`", self.vid),
-            ));
-        }
+        self.refuse_owned("change the settings of")?;
+        self.check_settable()?;
         let mut c = self.config()?;
         if c.size.is_none() {
             c.size = self.size()?;
@@ -598,15 +906,60 @@ impl Volume {
         Ok(c)
     }
 
-    fn save_config(&self, cfg: &VolumeConfig) -> Result<()> {
-        write_json(&self.ops(), &self.sidecar_path(), &cfg.to_json())
+    fn check_settable(&self) -> Result<()> {
+        // A volume without files is one only when its settings say so: a
+        // stopped snapshot of an existing source, or a volatile volume with a
+        // size (Qubes keeps no files for either while stopped). Anything else
+        // would be a phantom volume (e.g. a typo).
+        let cfg = self.config()?;
+        let fileless = (cfg.kind.snap_on_start()
+            && !cfg.kind.save_on_stop()
+            && self.source_volume(&cfg).is_ok_and(|s| exists(&s.clean)))
+            || (cfg.kind == VolumeKind::Volatile && self.ov.size.is_some());
+        if !self.exists()? && !fileless {
+            return Err(PoolError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "volume {} does not exist in {}; use `volume create` (a snapshot volume needs --kind snapshot --source VID of an existing volume, a volatile one --kind volatile --volatile-size SIZE)",
+                    self.vid,
+                    self.pool.dir().display()
+                ),
+            ));
+        }
+        Ok(())
     }
 
-    /// Whether any file of this volume exists (images, revisions, sidecar).
+    /// Write the sidecar, keeping its `"created"` mark.
+    fn save_config(&self, cfg: &VolumeConfig) -> Result<()> {
+        let created = read_json_file(&self.sidecar_path())
+            .ok()
+            .flatten()
+            .and_then(|v| v.get("created").and_then(|c| c.as_bool()))
+            .unwrap_or(false);
+        self.write_config(cfg, created)
+    }
+
+    /// Write the sidecar of a volume refblk creates (`"created": true`: in a pool
+    /// Qubes manages, its settings are refblk's to keep).
+    fn save_config_created(&self, cfg: &VolumeConfig) -> Result<()> {
+        self.write_config(cfg, true)
+    }
+
+    fn write_config(&self, cfg: &VolumeConfig, created: bool) -> Result<()> {
+        let mut j = cfg.to_json();
+        if created {
+            j["created"] = json!(true);
+        }
+        write_json(&self.ops(), &self.sidecar_path(), &j)
+    }
+
+    /// Whether the volume exists: qubes.xml names it, or any file of it exists
+    /// (images, revisions, a sidecar that is not stale).
     pub fn exists(&self) -> Result<bool> {
-        Ok(exists(&self.paths.clean)
+        Ok(self.managed_by_qubes()
+            || exists(&self.paths.clean)
             || exists(&self.paths.dirty)
-            || self.has_sidecar()
+            || (self.has_sidecar() && !self.stale_sidecar_only())
             || !self.revisions()?.is_empty())
     }
 
@@ -619,7 +972,7 @@ impl Volume {
         };
         Ok(cfg.kind.save_on_stop()
             && !cfg.kind.snap_on_start()
-            && self.has_sidecar()
+            && self.sidecar_in_use()
             && !exists(&p.clean)
             && !exists(&p.dirty)
             && !exists(&p.precache)
@@ -646,6 +999,17 @@ impl Volume {
         cfg.validate()
             .map_err(|m| PoolError::new(ErrorKind::InvalidInput, format!("volume {vid}: {m}")))?;
         let v = Volume::open(pool, vid, Overrides::default())?;
+        if let Some(q) = v.qubes_volume() {
+            return Err(PoolError::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "volume {vid} already exists: Qubes manages it ({}, qube {}, volume {}); Qubes creates its files",
+                    pool.qubes().map(|v| v.describe()).unwrap_or_default(),
+                    q.domain,
+                    q.name
+                ),
+            ));
+        }
         let _l = v.lock()?;
         if v.interrupted_create()? {
             log::warn!("volume {vid}: redoing an interrupted create");
@@ -668,12 +1032,27 @@ impl Volume {
                 ));
             }
         }
+        check_size(vid, size)?;
         let mut c = cfg.clone();
         c.size = Some(size);
-        v.save_config(&c)?;
+        v.save_config_created(&c)?;
         if cfg.kind.save_on_stop() && !cfg.kind.snap_on_start() {
             let ops = v.ops();
-            v.update_precache(|| v.io(ops.create_sparse(&v.paths.clean, size), "create image"))?;
+            let r =
+                v.update_precache(|| v.io(ops.create_sparse(&v.paths.clean, size), "create image"));
+            if let Err(e) = r {
+                // A refused create leaves no volume behind (a *killed* one leaves
+                // the sidecar: an interrupted create, see `pool check`).
+                for p in [&v.paths.clean, &v.paths.precache, &v.sidecar_path()] {
+                    if let Err(e2) = ops.remove_file(p) {
+                        log::warn!("volume {vid}: cannot undo the create: {e2}");
+                    }
+                }
+                if let Err(e2) = ops.remove_empty_dir(&v.paths.dir) {
+                    log::warn!("volume {vid}: cannot undo the create: {e2}");
+                }
+                return Err(e);
+            }
         }
         log::info!("created {} volume {vid} ({size} bytes)", cfg.kind);
         Ok(v)
@@ -683,18 +1062,46 @@ impl Volume {
     /// Refused if the volume is already running; a dirty image left by a crash is
     /// reused.
     pub fn start(&self) -> Result<PathBuf> {
-        self.start_inner(false)
+        self.start_inner(false, None)
+    }
+
+    /// [`Volume::start`] for a daemon that serves the volume: the start record
+    /// names `owner`, and every refblk process refuses to change the volume while
+    /// that claim holds (see [`super::owner`]).
+    pub fn start_owned(&self, owner: &Owner) -> Result<PathBuf> {
+        self.start_inner(false, Some(owner))
+    }
+
+    /// [`Volume::resume`] for a daemon taking a device over from its dead
+    /// predecessor: the claim passes to `owner`. Refused while another live daemon
+    /// holds it.
+    pub fn resume_owned(&self, owner: &Owner) -> Result<PathBuf> {
+        self.start_inner(true, Some(owner))
     }
 
     /// Like [`Volume::start`], but a volume recorded as running in this boot is taken
     /// over instead of refused: its dirty image is served again as it is. For a daemon
     /// that restarts after a crash while its guests kept running (`start --takeover`).
     pub fn resume(&self) -> Result<PathBuf> {
-        self.start_inner(true)
+        self.start_inner(true, None)
     }
 
-    fn start_inner(&self, takeover: bool) -> Result<PathBuf> {
+    fn start_inner(&self, takeover: bool, owner: Option<&Owner>) -> Result<PathBuf> {
         let _l = self.lock()?;
+        if let Some((o, l)) = self.claim() {
+            let handed_over = takeover && owner.is_some() && l == Liveness::Orphaned;
+            if !handed_over && !o.is_this_process() {
+                return Err(PoolError::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "cannot start volume {}: it is running; {}",
+                        self.vid,
+                        o.explain(l)
+                    ),
+                ));
+            }
+        }
+        self.refuse_foreign("start")?;
         let cfg = self.config()?;
         let p = &self.paths;
         let ops = self.ops();
@@ -770,11 +1177,14 @@ impl Volume {
             })?;
             self.io(ops.create_sparse(&p.dirty, size), "create volatile image")?;
         }
-        let marker = json!({
+        let mut marker = json!({
             "boot_id": boot_id(),
             "pid": std::process::id(),
             "started": now_secs(),
         });
+        if let Some(o) = owner {
+            marker["owner"] = o.to_json();
+        }
         write_json(&ops, &self.marker_path(), &marker)?;
         log::info!("started volume {} -> {}", self.vid, p.dirty.display());
         Ok(p.dirty.clone())
@@ -794,6 +1204,8 @@ impl Volume {
 
     fn stop_inner(&self, discard: bool) -> Result<StopOutcome> {
         let _l = self.lock()?;
+        self.refuse_owned(if discard { "discard" } else { "stop" })?;
+        self.refuse_foreign(if discard { "discard" } else { "stop" })?;
         let cfg = self.config()?;
         let p = &self.paths;
         let ops = self.ops();
@@ -822,7 +1234,7 @@ impl Volume {
             log::info!("committed volume {}", self.vid);
             return Ok(StopOutcome::Committed);
         }
-        if cfg.kind == VolumeKind::Volatile && self.has_sidecar() {
+        if cfg.kind == VolumeKind::Volatile && self.sidecar_in_use() {
             if let Ok(m) = fs::metadata(&p.dirty) {
                 if cfg.size != Some(m.len()) {
                     let mut c = cfg.clone();
@@ -892,6 +1304,8 @@ impl Volume {
                 ),
             ));
         }
+        self.refuse_owned("revert")?;
+        self.refuse_foreign("revert")?;
         self.refuse_running("revert")?;
         self.unshare_clean()?;
         let rev = match revision {
@@ -914,7 +1328,19 @@ impl Volume {
     /// dirty image is truncated and the pool's [`super::ResizeNotifier`] told; a
     /// stopped origin's clean image is replaced by a resized reflink.
     pub fn resize(&self, size: u64, allow_shrink: bool) -> Result<()> {
+        // Before the lock: a refusal writes nothing, not even a lock file.
+        let cfg = self.config()?;
+        if self.managed_by_qubes() && (!cfg.kind.save_on_stop() || cfg.kind.snap_on_start()) {
+            // its size lives in qubes.xml, which refblk never writes
+            self.refuse_qubes(
+                "resize",
+                "Qubes keeps its size in qubes.xml: use `qvm-volume resize`",
+            )?;
+        }
         let _l = self.lock()?;
+        self.refuse_owned("resize")?;
+        self.refuse_foreign("resize")?;
+        check_size(&self.vid, size)?;
         let cfg = self.config()?;
         let p = &self.paths;
         if !cfg.rw {
@@ -954,7 +1380,7 @@ impl Volume {
                 .map(|_| ())
             })?;
         }
-        if self.has_sidecar() {
+        if self.sidecar_in_use() {
             let mut c = self.config()?;
             c.size = Some(size);
             self.save_config(&c)?;
@@ -982,6 +1408,9 @@ impl Volume {
     }
 
     fn import_locked(&self, src: ImportSource<'_>, size: Option<u64>) -> Result<()> {
+        if let Some(s) = size {
+            check_size(&self.vid, s)?;
+        }
         let cfg = self.config()?;
         if !cfg.kind.save_on_stop() {
             return Err(PoolError::new(
@@ -992,6 +1421,8 @@ impl Volume {
                 ),
             ));
         }
+        self.refuse_owned("import into")?;
+        self.refuse_foreign("import into")?;
         self.refuse_running("import into")?;
         let p = &self.paths;
         let ops = self.ops();
@@ -1027,7 +1458,7 @@ impl Volume {
             }
             return Err(e);
         }
-        if self.has_sidecar() {
+        if self.sidecar_in_use() {
             let mut c = self.config()?;
             c.size = fs::metadata(&p.clean).ok().map(|m| m.len());
             self.save_config(&c)?;
@@ -1055,6 +1486,21 @@ impl Volume {
         match dst {
             None => Ok(self.paths.clean.clone()),
             Some(d) => {
+                let parent = match d.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+                if !parent.is_dir() {
+                    return Err(PoolError::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "export volume {} to {}: directory {} does not exist",
+                            self.vid,
+                            d.display(),
+                            parent.display()
+                        ),
+                    ));
+                }
                 self.ops()
                     .copy_file(&self.paths.clean, d, None, false)
                     .doing(|| format!("export volume {} to {}", self.vid, d.display()))?;
@@ -1067,6 +1513,15 @@ impl Volume {
     /// import (old data archived), or as a new origin volume (settings from `cfg` or
     /// the pool defaults). Works across pools (sparse copy when reflink is impossible).
     pub fn clone_from(&self, src: &Volume, cfg: Option<VolumeConfig>) -> Result<()> {
+        if src.pool.dir() == self.pool.dir() && src.vid == self.vid {
+            return Err(PoolError::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "cannot clone volume {} onto itself; give another destination",
+                    self.vid
+                ),
+            ));
+        }
         let src_clean = src.export(None)?;
         let _l = self.lock()?;
         if !self.exists()? {
@@ -1082,7 +1537,7 @@ impl Volume {
                 ));
             }
             c.size = fs::metadata(&src_clean).ok().map(|m| m.len());
-            self.save_config(&c)?;
+            self.save_config_created(&c)?;
         }
         self.import_locked(ImportSource::File(&src_clean), None)
     }
@@ -1090,6 +1545,11 @@ impl Volume {
     /// Remove all files of the volume (revisions oldest first, images, sidecar) and
     /// its directory if empty. Refused while running unless `force`.
     pub fn remove(&self, force: bool) -> Result<()> {
+        // Before the lock: a refusal writes nothing, not even a lock file.
+        self.refuse_qubes(
+            "remove",
+            "remove the qube with qvm-remove, or its volume with Qubes' tools",
+        )?;
         let _l = self.lock()?;
         if !self.exists()? && !exists(&self.paths.precache) {
             return Err(PoolError::new(
@@ -1101,6 +1561,8 @@ impl Volume {
                 ),
             ));
         }
+        self.refuse_owned("remove")?;
+        self.refuse_foreign("remove")?;
         if !force && self.state() == VolumeState::Running {
             self.refuse_running("remove")?;
         }
@@ -1120,7 +1582,22 @@ impl Volume {
 
     /// Find (and with `repair` fix) leftovers of interrupted operations.
     pub fn check(&self, repair: bool) -> Result<Vec<CheckItem>> {
-        let _l = self.lock()?;
+        // Report-only writes nothing, not even a lock file: it takes the lock only
+        // if the lock file is there already (readers only see complete files).
+        let _l = if repair {
+            Some(self.lock()?)
+        } else {
+            self.lock_existing()?
+        };
+        // A volume a daemon serves is only reported, never repaired.
+        let owned = self.claim().filter(|(o, _)| !o.is_this_process());
+        // A volume another program runs is neither "interrupted" nor repaired.
+        let users = if exists(&self.paths.dirty) && owned.is_none() {
+            self.foreign_users()
+        } else {
+            Vec::new()
+        };
+        let repair = repair && owned.is_none() && users.is_empty();
         let mut out = Vec::new();
         let ops = self.ops();
         let p = &self.paths;
@@ -1130,6 +1607,10 @@ impl Volume {
                 true
             } else {
                 false
+            };
+            let problem = match &owned {
+                Some((o, _)) => format!("{problem} [not repaired: served to {}]", o.short()),
+                None => problem,
             };
             out.push(CheckItem {
                 vid: self.vid.clone(),
@@ -1146,6 +1627,28 @@ impl Volume {
                 return Ok(out);
             }
         };
+        let sc = self.sidecar_path();
+        if self.stale_sidecar_only() {
+            item(
+                format!(
+                    "settings {} of a volume that no longer exists: qubes.xml does not name it and it has no image (remove them)",
+                    sc.display()
+                ),
+                true,
+                &mut || self.io(ops.remove_file(&sc).map(|_| ()), "remove settings"),
+            )?;
+            return Ok(out);
+        }
+        if self.managed_by_qubes() && self.has_sidecar() {
+            item(
+                format!(
+                    "settings {} are not used: Qubes' qubes.xml names this volume and its settings win (remove them)",
+                    sc.display()
+                ),
+                true,
+                &mut || self.io(ops.remove_file(&sc).map(|_| ()), "remove settings"),
+            )?;
+        }
         if let Ok(rd) = fs::read_dir(&p.dir) {
             for e in rd.filter_map(|e| e.ok()) {
                 let name = e.file_name();
@@ -1190,14 +1693,14 @@ impl Volume {
         }
         let marker = self.marker_path();
         let dirty = exists(&p.dirty);
-        if exists(&marker) && (!dirty || !self.marker_this_boot()) {
+        if exists(&marker) && (!dirty || !self.marker_this_boot()) && users.is_empty() {
             item(
                 format!("stale start record {} (remove it)", marker.display()),
                 true,
                 &mut || self.io(ops.remove_file(&marker).map(|_| ()), "remove start record"),
             )?;
         }
-        let running = dirty && self.marker_this_boot();
+        let running = dirty && (self.marker_this_boot() || !users.is_empty());
         if dirty && !running {
             if cfg.kind.save_on_stop() {
                 item(

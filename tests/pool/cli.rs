@@ -107,6 +107,8 @@ fn cli_lifecycle_and_exit_codes() {
         e4s,
         "appvms/big/private",
         big.to_str().unwrap(),
+        "--size", // import grows a volume only when asked
+        "1G",
     ]);
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -198,7 +200,17 @@ fn cli_lifecycle_and_exit_codes() {
         .unwrap();
     assert_eq!(o.stdout, read(&out));
     let mut child = Command::new(env!("CARGO_BIN_EXE_refblk"))
-        .args(["volume", "import", "-p", d, "appvms/w/private", "-"])
+        // (3 MiB into a 2 MiB volume: the size grows only when asked)
+        .args([
+            "volume",
+            "import",
+            "-p",
+            d,
+            "appvms/w/private",
+            "-",
+            "--size",
+            "3M",
+        ])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
