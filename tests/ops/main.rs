@@ -15,4 +15,5 @@ mod restart_volume;
 mod scale_guests;
 mod sim_guest;
 mod stats;
+mod status_table;
 mod unit;
