@@ -7,6 +7,7 @@ mod load;
 
 mod bench_fio;
 mod bench_smoke;
+mod bench_svg;
 mod limits;
 mod metrics;
 mod package;
