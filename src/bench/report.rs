@@ -339,6 +339,73 @@ pub fn to_json(rep: &BenchReport) -> Value {
     })
 }
 
+/// A report read back from [`to_json`]'s output: what the I/O results need
+/// (every sample's IOPS, MiB/s, latencies and CPU figures; the header), so an
+/// old run can be drawn again (`refblk bench --replot`). Control-plane timings
+/// and the calibration are left out.
+pub fn from_json(v: &Value) -> Result<BenchReport, String> {
+    let f = |s: &Value, k: &str| s[k].as_f64().unwrap_or(0.0);
+    let mut io = Vec::new();
+    for (i, r) in v["io"]
+        .as_array()
+        .ok_or("no \"io\" array")?
+        .iter()
+        .enumerate()
+    {
+        let name = r["profile"]
+            .as_str()
+            .ok_or(format!("io[{i}]: no profile"))?;
+        // Known profiles keep their static name; an unknown one (a later
+        // version's) is kept too.
+        let profile: &'static str = super::profile::ALL
+            .iter()
+            .find(|p| p.name == name)
+            .map_or_else(
+                || &*Box::leak(name.to_string().into_boxed_str()),
+                |p| p.name,
+            );
+        let path = r["path"].as_str().unwrap_or("");
+        let path = PathKind::parse_list(path)
+            .ok()
+            .and_then(|v| v.first().copied())
+            .ok_or(format!("io[{i}]: unknown path {path:?}"))?;
+        let samples = r["samples"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| Sample {
+                iops: f(s, "iops"),
+                mbps: f(s, "mbps"),
+                lat_mean_us: f(s, "lat_mean_us"),
+                lat_p99_us: f(s, "lat_p99_us"),
+                cpu_us_per_io: f(s, "cpu_us_per_io"),
+                host_cpu_us_per_io: f(s, "host_cpu_us_per_io"),
+                cache_bytes: s["cache_bytes"].as_u64().unwrap_or(0),
+                ops: s["ops"].as_u64().unwrap_or(0),
+                secs: f(s, "secs"),
+            })
+            .collect();
+        io.push(IoResult {
+            place: r["fs"].as_str().unwrap_or("?").to_string(),
+            profile,
+            path,
+            io_mode: r["io_mode"].as_str().unwrap_or("").to_string(),
+            cache_regime: "",
+            samples,
+            error: r["error"].as_str().map(str::to_string),
+        });
+    }
+    Ok(BenchReport {
+        started_utc: v["started_utc"].as_str().unwrap_or("").to_string(),
+        host: v["host"].as_str().unwrap_or("").to_string(),
+        runtime_s: f(v, "runtime_s"),
+        size: v["image_bytes"].as_u64().unwrap_or(0),
+        reps: v["reps"].as_u64().unwrap_or(0) as usize,
+        io,
+        ..Default::default()
+    })
+}
+
 fn color(p: PathKind) -> &'static str {
     match p {
         PathKind::File => "#4c72b0",

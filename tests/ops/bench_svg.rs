@@ -210,3 +210,27 @@ fn every_profile_path_and_file_system_is_readable() {
         &PathKind::ALL,
     );
 }
+
+/// `refblk bench --replot JSON --svg OUT` draws an earlier run's JSON: the
+/// same picture as the run itself would have drawn.
+#[test]
+fn replot_draws_an_earlier_runs_json() {
+    let rep = report(
+        &["xfs"],
+        &["rnd4k_q1t1_read", "seq1m_q8t1_write"],
+        &PathKind::ALL,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("run.json");
+    let out = dir.path().join("run.svg");
+    std::fs::write(&json, refblk::bench::report::to_json(&rep).to_string()).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_refblk"))
+        .args(["bench", "--replot"])
+        .arg(&json)
+        .arg("--svg")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), svg(&rep));
+}
