@@ -518,7 +518,9 @@ pub fn svg(rep: &BenchReport) -> String {
         ratio: Option<f64>,
         label: String,
     }
-    let mut panels: Vec<(&str, Vec<(&str, Vec<Bar>)>)> = Vec::new();
+    /// A profile's bars, and a file system's profiles.
+    type Group<'a> = (&'a str, Vec<Bar>);
+    let mut panels: Vec<(&str, Vec<Group>)> = Vec::new();
     let mut xmax: f64 = 1.0;
     for place in &places {
         let mut groups = Vec::new();
