@@ -4,9 +4,11 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = refblk::cli::Cli::parse();
-    // The demo prints its own story on stdout; keep the log to warnings unless asked.
+    // The demo prints its own story on stdout and the bench its progress on
+    // stderr (its embedded daemon's info lines would bury it): keep the log
+    // to warnings unless RUST_LOG asks.
     let default = match cli.command {
-        refblk::cli::Command::Demo(_) => "warn",
+        refblk::cli::Command::Demo(_) | refblk::cli::Command::Bench(_) => "warn",
         _ => "info",
     };
     let mut log =

@@ -86,7 +86,7 @@ impl MetaBench<'_> {
             .create_volume(&vid, VolumeConfig::origin(1), size)
             .map_err(pool_err)?;
         let clean = vol.clean_path().to_path_buf();
-        self.progress.show(&format!(
+        self.progress.step(&format!(
             "{}: snapshot/commit: writing a {sz} image",
             self.label
         ));
@@ -102,7 +102,7 @@ impl MetaBench<'_> {
         };
         if snapshot {
             self.progress
-                .show(&format!("{}: snapshot of the dense {sz} image", self.label));
+                .step(&format!("{}: snapshot of the dense {sz} image", self.label));
             let ext = extents(&clean);
             let (ms, rl) = self.ficlone_times(&clean)?;
             let note = (!rl).then(|| "no reflink: full copy".to_string());
@@ -122,7 +122,7 @@ impl MetaBench<'_> {
         drop_cache(&clean)?;
         let ext = extents(&clean);
         if snapshot {
-            self.progress.show(&format!(
+            self.progress.step(&format!(
                 "{}: snapshot of the fragmented {sz} image",
                 self.label
             ));
@@ -134,7 +134,7 @@ impl MetaBench<'_> {
             let mut start = Vec::new();
             let mut stop = Vec::new();
             for r in 0..self.reps {
-                self.progress.show(&format!(
+                self.progress.step(&format!(
                     "{}: commit of the {sz} volume rep {}/{}",
                     self.label,
                     r + 1,

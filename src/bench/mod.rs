@@ -21,6 +21,7 @@ pub mod stats;
 pub mod target;
 pub mod workload;
 
+use std::cell::Cell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IsTerminal, Write};
 use std::os::unix::fs::FileExt;
@@ -161,11 +162,20 @@ pub struct BenchReport {
     pub notes: Vec<String>,
 }
 
-/// The progress line on stderr.
+/// The progress line on stderr: elapsed time, the step (a timed run, a fio
+/// run, a snapshot or commit measurement) out of how many, and an estimate of
+/// the time left (the mean time of the steps done so far times the steps
+/// left).
 pub struct Progress {
     on: bool,
     tty: bool,
     t0: Instant,
+    total: Cell<u64>,
+    started: Cell<u64>,
+}
+
+fn fmt_mmss(secs: u64) -> String {
+    format!("{}:{:02}", secs / 60, secs % 60)
 }
 
 impl Progress {
@@ -174,14 +184,44 @@ impl Progress {
             on,
             tty: io::stderr().is_terminal(),
             t0: Instant::now(),
+            total: Cell::new(0),
+            started: Cell::new(0),
         }
+    }
+    /// Expect `n` more steps.
+    pub fn plan(&self, n: u64) {
+        self.total.set(self.total.get() + n);
+    }
+    /// `n` planned steps will not run (a path that cannot run here).
+    pub fn forget(&self, n: u64) {
+        self.total
+            .set(self.total.get().saturating_sub(n).max(self.started.get()));
+    }
+    /// A step starts: show it with the step count and the time left.
+    pub fn step(&self, msg: &str) {
+        self.started.set(self.started.get() + 1);
+        self.show(msg);
     }
     pub fn show(&self, msg: &str) {
         if !self.on {
             return;
         }
-        let t = self.t0.elapsed().as_secs();
-        let line = format!("[{:>3}:{:02}] {msg}", t / 60, t % 60);
+        let el = self.t0.elapsed();
+        let (started, total) = (self.started.get(), self.total.get().max(self.started.get()));
+        let count = if started > 0 {
+            // Done: the steps before the one running now.
+            let done = started.saturating_sub(1);
+            let eta = if done > 0 {
+                let left = (total - done) as f64 * el.as_secs_f64() / done as f64;
+                format!(", about {} left", fmt_mmss(left.round() as u64))
+            } else {
+                String::new()
+            };
+            format!(" step {started}/{total}{eta}")
+        } else {
+            String::new()
+        };
+        let line = format!("[{:>3}]{count}: {msg}", fmt_mmss(el.as_secs()));
         let mut e = io::stderr().lock();
         if self.tty {
             let _ = write!(e, "\r\x1b[K{line}");
@@ -195,6 +235,30 @@ impl Progress {
             let _ = write!(io::stderr().lock(), "\r\x1b[K");
         }
     }
+}
+
+/// The steps a run of `cfg` takes (a path that turns out not to run is
+/// taken off with [`Progress::forget`]).
+fn planned_steps(cfg: &BenchConfig, calibrate: bool) -> u64 {
+    let io = cfg
+        .profiles
+        .iter()
+        .filter(|p| matches!(p.kind, Kind::Io(..)))
+        .count() as u64;
+    let slots = cfg.paths.len() as u64 + u64::from(calibrate);
+    let snap = cfg.profiles.iter().any(|q| q.kind == Kind::Snapshot);
+    let commit = cfg.profiles.iter().any(|q| q.kind == Kind::Commit);
+    let meta = if snap || commit {
+        meta_steps(cfg, snap, commit) * cfg.snapshot_sizes.len() as u64
+    } else {
+        0
+    };
+    cfg.places.len() as u64 * (io * cfg.reps as u64 * slots + meta)
+}
+
+/// The steps of one image size's snapshot/commit measurement.
+fn meta_steps(cfg: &BenchConfig, snap: bool, commit: bool) -> u64 {
+    1 + if snap { 2 } else { 0 } + if commit { cfg.reps as u64 } else { 0 }
 }
 
 /// Run the benchmark. Errors that make a whole place unusable (no root for a
@@ -220,6 +284,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
         }
     }
     let progress = Progress::new(cfg.progress);
+    progress.plan(planned_steps(cfg, rep.fio.is_some()));
     for place in &cfg.places {
         run_place(cfg, place, &mut rep, &progress)?;
     }
@@ -324,6 +389,7 @@ fn run_place(
                 rep.notes
                     .push(format!("{label}: refblk path not measured: {why}"));
                 paths.retain(|p| *p != PathKind::Refblk);
+                progress.forget((io_profiles.len() * cfg.reps) as u64);
             }
         }
         let needs_loop = paths
@@ -333,7 +399,9 @@ fn run_place(
             rep.notes.push(format!(
                 "{label}: loop paths need root (losetup); not measured"
             ));
+            let before = paths.len();
             paths.retain(|p| !matches!(p, PathKind::LoopDio | PathKind::LoopBuf));
+            progress.forget(((before - paths.len()) * io_profiles.len() * cfg.reps) as u64);
         }
         for p in io_profiles {
             let Kind::Io(spec, prep) = p.kind else {
@@ -376,6 +444,7 @@ fn run_place(
                     let k = (i + r) % slots;
                     if k == paths.len() {
                         if cal.error.is_some() {
+                            progress.forget(1);
                             continue;
                         }
                         let file = results.iter().find(|x| x.path == PathKind::File);
@@ -386,10 +455,11 @@ fn run_place(
                             _ => {
                                 cal.error =
                                     Some("not calibrated: the file path did not run".into());
+                                progress.forget(1);
                                 continue;
                             }
                         };
-                        progress.show(&format!(
+                        progress.step(&format!(
                             "{label}: {} rep {}/{} fio",
                             p.name,
                             r + 1,
@@ -409,9 +479,10 @@ fn run_place(
                     }
                     let res = &mut results[k];
                     if res.error.is_some() {
+                        progress.forget(1);
                         continue;
                     }
-                    progress.show(&format!(
+                    progress.step(&format!(
                         "{label}: {} rep {}/{} {}",
                         p.name,
                         r + 1,
@@ -458,6 +529,8 @@ fn run_place(
             rep.notes.push(format!(
                 "{label}: no FICLONE here, snapshot/commit copy whole images; measured at the smallest size only"
             ));
+            let n = cfg.snapshot_sizes.len().saturating_sub(1) as u64;
+            progress.forget(n * meta_steps(cfg, want_snap, want_commit));
             cfg.snapshot_sizes
                 .iter()
                 .min()

@@ -1,5 +1,6 @@
 //! Output of `refblk bench`: Markdown tables (stdout), JSON and a hand-written SVG
-//! grouped bar chart (throughput relative to the `file` path, ratios labeled).
+//! bar chart (throughput relative to the `file` path, ratios and absolute figures
+//! labeled).
 
 use std::fmt::Write as _;
 
@@ -338,6 +339,73 @@ pub fn to_json(rep: &BenchReport) -> Value {
     })
 }
 
+/// A report read back from [`to_json`]'s output: what the I/O results need
+/// (every sample's IOPS, MiB/s, latencies and CPU figures; the header), so an
+/// old run can be drawn again (`refblk bench --replot`). Control-plane timings
+/// and the calibration are left out.
+pub fn from_json(v: &Value) -> Result<BenchReport, String> {
+    let f = |s: &Value, k: &str| s[k].as_f64().unwrap_or(0.0);
+    let mut io = Vec::new();
+    for (i, r) in v["io"]
+        .as_array()
+        .ok_or("no \"io\" array")?
+        .iter()
+        .enumerate()
+    {
+        let name = r["profile"]
+            .as_str()
+            .ok_or(format!("io[{i}]: no profile"))?;
+        // Known profiles keep their static name; an unknown one (a later
+        // version's) is kept too.
+        let profile: &'static str = super::profile::ALL
+            .iter()
+            .find(|p| p.name == name)
+            .map_or_else(
+                || &*Box::leak(name.to_string().into_boxed_str()),
+                |p| p.name,
+            );
+        let path = r["path"].as_str().unwrap_or("");
+        let path = PathKind::parse_list(path)
+            .ok()
+            .and_then(|v| v.first().copied())
+            .ok_or(format!("io[{i}]: unknown path {path:?}"))?;
+        let samples = r["samples"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| Sample {
+                iops: f(s, "iops"),
+                mbps: f(s, "mbps"),
+                lat_mean_us: f(s, "lat_mean_us"),
+                lat_p99_us: f(s, "lat_p99_us"),
+                cpu_us_per_io: f(s, "cpu_us_per_io"),
+                host_cpu_us_per_io: f(s, "host_cpu_us_per_io"),
+                cache_bytes: s["cache_bytes"].as_u64().unwrap_or(0),
+                ops: s["ops"].as_u64().unwrap_or(0),
+                secs: f(s, "secs"),
+            })
+            .collect();
+        io.push(IoResult {
+            place: r["fs"].as_str().unwrap_or("?").to_string(),
+            profile,
+            path,
+            io_mode: r["io_mode"].as_str().unwrap_or("").to_string(),
+            cache_regime: "",
+            samples,
+            error: r["error"].as_str().map(str::to_string),
+        });
+    }
+    Ok(BenchReport {
+        started_utc: v["started_utc"].as_str().unwrap_or("").to_string(),
+        host: v["host"].as_str().unwrap_or("").to_string(),
+        runtime_s: f(v, "runtime_s"),
+        size: v["image_bytes"].as_u64().unwrap_or(0),
+        reps: v["reps"].as_u64().unwrap_or(0) as usize,
+        io,
+        ..Default::default()
+    })
+}
+
 fn color(p: PathKind) -> &'static str {
     match p {
         PathKind::File => "#4c72b0",
@@ -347,14 +415,77 @@ fn color(p: PathKind) -> &'static str {
     }
 }
 
+/// What each path is, for the legend.
+fn path_legend(p: PathKind) -> &'static str {
+    match p {
+        PathKind::File => "file: io_uring O_DIRECT on the image (the ceiling, 1.0×)",
+        PathKind::LoopDio => "loop-dio: loop device, direct I/O",
+        PathKind::LoopBuf => "loop-buf: loop device, buffered",
+        PathKind::Refblk => "refblk: simulated guest through refblk",
+    }
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
 
-/// A grouped bar chart per file system: for each profile one bar per path, the
-/// height its median throughput relative to `file` (1.0), labeled with the ratio.
+/// Width in px of `s` at `size` px, an upper bound for the usual sans-serif
+/// fonts (DejaVu Sans, the widest common one, averages about 0.6 em per
+/// character and 0.64 em per digit): the layout makes room for this much.
+pub fn text_width(s: &str, size: f64, bold: bool) -> f64 {
+    s.chars().count() as f64 * size * if bold { 0.72 } else { 0.66 }
+}
+
+/// A tick step giving at most 8 ticks up to `max`.
+fn tick_step(max: f64) -> f64 {
+    [
+        0.1, 0.2, 0.25, 0.5, 1.0, 2.0, 2.5, 5.0, 10.0, 20.0, 25.0, 50.0, 100.0,
+    ]
+    .into_iter()
+    .find(|s| max / s <= 8.0)
+    .unwrap_or(max / 8.0)
+}
+
+/// SVG text element bookkeeping: every text goes through here, which also
+/// records its right edge so the picture is made wide enough for it.
+struct Svg {
+    body: String,
+    right: f64,
+}
+
+impl Svg {
+    #[allow(clippy::too_many_arguments)]
+    fn text(&mut self, x: f64, y: f64, size: f64, bold: bool, anchor: &str, fill: &str, s: &str) {
+        let w = text_width(s, size, bold);
+        let right = match anchor {
+            "end" => x,
+            "middle" => x + w / 2.0,
+            _ => x + w,
+        };
+        self.right = self.right.max(right);
+        let _ = writeln!(
+            self.body,
+            r#"<text x="{x:.1}" y="{y:.1}" font-size="{size}"{}{} fill="{fill}">{}</text>"#,
+            if bold { r#" font-weight="bold""# } else { "" },
+            if anchor == "start" {
+                String::new()
+            } else {
+                format!(r#" text-anchor="{anchor}""#)
+            },
+            esc(s)
+        );
+    }
+}
+
+/// A horizontal bar chart per file system: for each profile one bar per path,
+/// its length the path's median throughput relative to the `file` path (the
+/// ceiling, 1.0×; where `file` did not run, relative to the fastest path of
+/// that profile), labeled with the ratio and the absolute median IOPS and
+/// MiB/s. Nothing is clipped: the axis runs to the largest ratio, the picture
+/// is as wide as its longest text (estimated by [`text_width`]) and as tall as
+/// its rows.
 pub fn svg(rep: &BenchReport) -> String {
     let places: Vec<String> = places(rep)
         .into_iter()
@@ -369,106 +500,246 @@ pub fn svg(rep: &BenchReport) -> String {
             profiles.push(r.profile);
         }
     }
-    let bar = 13.0;
-    let group = bar * paths.len().max(1) as f64 + 14.0;
-    let left = 60.0;
-    let plot_w = group * profiles.len().max(1) as f64;
-    let width = left + plot_w + 20.0;
-    let panel_h = 300.0;
-    let top = 70.0;
-    let label_h = 110.0;
-    let height = top + (panel_h + label_h + 40.0) * places.len().max(1) as f64;
-    let ymax = 1.5;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{height:.0}" font-family="sans-serif" font-size="11">"#
+    // The base each bar divides by, and whether any group lacked `file`.
+    let mut fallback = false;
+    let mut base = |place: &str, prof: &str| -> Option<f64> {
+        if let Some(f) = median_iops(rep, place, prof, PathKind::File).filter(|f| *f > 0.0) {
+            return Some(f);
+        }
+        let best = paths
+            .iter()
+            .filter_map(|p| median_iops(rep, place, prof, *p))
+            .fold(0.0f64, f64::max);
+        fallback = true;
+        (best > 0.0).then_some(best)
+    };
+    struct Bar {
+        path: PathKind,
+        ratio: Option<f64>,
+        label: String,
+    }
+    /// A profile's bars, and a file system's profiles.
+    type Group<'a> = (&'a str, Vec<Bar>);
+    let mut panels: Vec<(&str, Vec<Group>)> = Vec::new();
+    let mut xmax: f64 = 1.0;
+    for place in &places {
+        let mut groups = Vec::new();
+        for prof in &profiles {
+            if !rep
+                .io
+                .iter()
+                .any(|r| &r.place == place && r.profile == *prof)
+            {
+                continue;
+            }
+            let b = base(place, prof);
+            let bars = paths
+                .iter()
+                .map(|&path| {
+                    let r = rep
+                        .io
+                        .iter()
+                        .find(|r| &r.place == place && r.profile == *prof && r.path == path)
+                        .filter(|r| !r.samples.is_empty());
+                    match r {
+                        None => Bar {
+                            path,
+                            ratio: None,
+                            label: format!("{}: not measured", path.name()),
+                        },
+                        Some(r) => {
+                            let iops = spread(r, |s| s.iops).median;
+                            let mbps = spread(r, |s| s.mbps).median;
+                            let ratio = b.map(|b| iops / b);
+                            xmax = xmax.max(ratio.unwrap_or(0.0));
+                            Bar {
+                                path,
+                                ratio,
+                                label: format!(
+                                    "{}{} IOPS, {} MiB/s",
+                                    ratio.map_or(String::new(), |x| format!("{x:.2}×  ")),
+                                    fmt_num(iops),
+                                    fmt_num(mbps)
+                                ),
+                            }
+                        }
+                    }
+                })
+                .collect();
+            groups.push((*prof, bars));
+        }
+        panels.push((place.as_str(), groups));
+    }
+    let step = tick_step(xmax);
+    let xmax = (xmax / step).ceil() * step;
+
+    let margin = 16.0;
+    let font = 11.0;
+    let left = margin
+        + profiles
+            .iter()
+            .map(|p| text_width(p, font, false))
+            .fold(0.0, f64::max)
+        + 10.0;
+    let plot_w = 360.0;
+    let xpx = |v: f64| left + v / xmax * plot_w;
+    let bar_h = 14.0;
+    let mut g = Svg {
+        body: String::new(),
+        right: left + plot_w,
+    };
+    let mut y = 26.0;
+    g.text(
+        margin,
+        y,
+        15.0,
+        true,
+        "start",
+        "#000",
+        "refblk bench: throughput of each path, relative to the raw file",
     );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{left}" y="20" font-size="15" font-weight="bold">refblk bench: throughput relative to the raw file (io_uring O_DIRECT = 1.0)</text>"#
+    y += 18.0;
+    g.text(
+        margin,
+        y,
+        font,
+        false,
+        "start",
+        "#555",
+        &format!(
+            "{} — image {}, {:.1} s runs, median of {} rep(s)",
+            rep.host,
+            fmt_bytes(rep.size),
+            rep.runtime_s,
+            rep.reps
+        ),
     );
-    let _ = writeln!(
-        s,
-        r##"<text x="{left}" y="38" fill="#555">{} — image {}, {:.1} s runs, median of {} reps; bars clipped at {ymax}×, labels show the ratio</text>"##,
-        esc(&rep.host),
-        fmt_bytes(rep.size),
-        rep.runtime_s,
-        rep.reps
+    y += 16.0;
+    g.text(
+        margin,
+        y,
+        font,
+        false,
+        "start",
+        "#555",
+        if fallback {
+            "bar length: median IOPS ÷ the file path's (where file did not run: ÷ the fastest path's); labels: that ratio, median IOPS and MiB/s"
+        } else {
+            "bar length: median IOPS ÷ the file path's; labels: that ratio, median IOPS and MiB/s"
+        },
     );
-    for (i, p) in paths.iter().enumerate() {
-        let x = left + i as f64 * 90.0;
+    // Legend: one entry per line (entries are long; a line each never clips).
+    for p in &paths {
+        y += 17.0;
         let _ = writeln!(
-            s,
-            r#"<rect x="{x}" y="48" width="12" height="12" fill="{}"/><text x="{}" y="58">{}</text>"#,
-            color(*p),
-            x + 16.0,
-            p.name()
+            g.body,
+            r#"<rect x="{margin}" y="{:.1}" width="12" height="12" fill="{}"/>"#,
+            y - 10.0,
+            color(*p)
+        );
+        g.text(
+            margin + 18.0,
+            y,
+            font,
+            false,
+            "start",
+            "#000",
+            path_legend(*p),
         );
     }
-    for (pi, place) in places.iter().enumerate() {
-        let y0 = top + pi as f64 * (panel_h + label_h + 40.0) + 20.0;
-        let ypx = |v: f64| y0 + panel_h - (v.min(ymax) / ymax) * panel_h;
-        let _ = writeln!(
-            s,
-            r#"<text x="{left}" y="{}" font-size="13" font-weight="bold">{}</text>"#,
-            y0 - 4.0,
-            esc(place)
-        );
-        for t in [0.0, 0.5, 1.0, 1.5] {
-            let y = ypx(t);
-            let dash = if t == 1.0 {
-                ""
+    y += 14.0;
+    for (place, groups) in &panels {
+        y += 22.0;
+        g.text(margin, y, 13.0, true, "start", "#000", place);
+        // The axis on top of each panel: ticks and their labels.
+        y += 18.0;
+        let axis_y = y;
+        let rows: f64 = groups
+            .iter()
+            .map(|(_, b)| b.len() as f64 * bar_h + 8.0)
+            .sum();
+        let bottom = axis_y + 6.0 + rows;
+        let ticks = (xmax / step).round() as usize;
+        for i in 0..=ticks {
+            let t = i as f64 * step;
+            let x = xpx(t);
+            let dash = if (t - 1.0).abs() < 1e-9 {
+                r##" stroke="#555""##
             } else {
-                r#" stroke-dasharray="3,3""#
+                r##" stroke="#ccc" stroke-dasharray="3,3""##
             };
             let _ = writeln!(
-                s,
-                r##"<line x1="{left}" x2="{:.0}" y1="{y:.1}" y2="{y:.1}" stroke="#999"{dash}/><text x="{}" y="{:.1}" text-anchor="end">{t:.1}×</text>"##,
-                left + plot_w,
-                left - 6.0,
-                y + 4.0
+                g.body,
+                r#"<line x1="{x:.1}" x2="{x:.1}" y1="{:.1}" y2="{bottom:.1}"{dash}/>"#,
+                axis_y + 3.0
+            );
+            let label = format!("{t:.2}");
+            let label = label.trim_end_matches('0').trim_end_matches('.');
+            g.text(
+                x,
+                axis_y,
+                10.0,
+                false,
+                "middle",
+                "#333",
+                &format!("{label}×"),
             );
         }
-        for (gi, prof) in profiles.iter().enumerate() {
-            let gx = left + gi as f64 * group + 7.0;
-            for (bi, path) in paths.iter().enumerate() {
-                let x = gx + bi as f64 * bar;
-                let Some(r) = ratio(rep, place, prof, *path, PathKind::File) else {
+        y = axis_y + 6.0;
+        for (prof, bars) in groups {
+            let gh = bars.len() as f64 * bar_h;
+            g.text(
+                left - 8.0,
+                y + gh / 2.0 + 4.0,
+                font,
+                false,
+                "end",
+                "#000",
+                prof,
+            );
+            for b in bars {
+                let w = b.ratio.map_or(0.0, |r| r / xmax * plot_w);
+                if b.ratio.is_some() {
                     let _ = writeln!(
-                        s,
-                        r##"<text x="{:.1}" y="{:.1}" font-size="8" fill="#999" text-anchor="middle">n/a</text>"##,
-                        x + bar / 2.0,
-                        ypx(0.0) - 3.0
+                        g.body,
+                        r#"<rect x="{left:.1}" y="{:.1}" width="{w:.1}" height="{:.1}" fill="{}"><title>{} {} {}: {}</title></rect>"#,
+                        y + 1.0,
+                        bar_h - 2.0,
+                        color(b.path),
+                        esc(place),
+                        esc(prof),
+                        b.path.name(),
+                        esc(&b.label)
                     );
-                    continue;
-                };
-                let y = ypx(r);
-                let _ = writeln!(
-                    s,
-                    r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} {} {}: {r:.2}× file</title></rect>"#,
-                    bar - 1.0,
-                    ypx(0.0) - y,
-                    color(*path),
-                    esc(place),
-                    prof,
-                    path.name()
+                }
+                g.text(
+                    left + w + 4.0,
+                    y + bar_h - 3.0,
+                    9.0,
+                    false,
+                    "start",
+                    "#000",
+                    &b.label,
                 );
-                let (lx, ly) = (x + bar / 2.0 + 3.0, y - 3.0);
-                let _ = writeln!(
-                    s,
-                    r#"<text x="{lx:.1}" y="{ly:.1}" font-size="8" transform="rotate(-90 {lx:.1} {ly:.1})">{r:.2}</text>"#
-                );
+                y += bar_h;
             }
-            let lx = gx + group / 2.0 - 7.0;
-            let ly = ypx(0.0) + 8.0;
-            let _ = writeln!(
-                s,
-                r#"<text x="{lx:.1}" y="{ly:.1}" text-anchor="end" transform="rotate(-45 {lx:.1} {ly:.1})">{prof}</text>"#
-            );
+            y += 8.0;
         }
+        let _ = writeln!(
+            g.body,
+            r##"<line x1="{left:.1}" x2="{left:.1}" y1="{:.1}" y2="{bottom:.1}" stroke="#000"/>"##,
+            axis_y + 3.0
+        );
     }
+    let width = (g.right + margin).ceil();
+    let height = (y + margin).ceil();
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Verdana, sans-serif">"#
+    );
+    s.push('\n');
+    s.push_str(r#"<rect width="100%" height="100%" fill="white"/>"#);
+    s.push('\n');
+    s.push_str(&g.body);
     s.push_str("</svg>\n");
     s
 }
@@ -512,7 +783,7 @@ mod tests {
         assert!(markdown(&rep).contains("| 0.80 |"));
         let svg = svg(&rep);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        assert!(svg.contains(">0.80<"));
+        assert!(svg.contains(">0.80×  800 IOPS"), "{svg}");
         let j = to_json(&rep);
         assert_eq!(j["io"][1]["ratio_to_file"].as_f64().unwrap(), r);
         assert!(j["fio"].is_null() && j["calibration"].as_array().unwrap().is_empty());

@@ -43,9 +43,12 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Also draw a grouped bar chart (SVG) to this file.
+    /// Also draw a bar chart (SVG) to this file.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Run nothing: draw the SVG (--svg) of an earlier run's --json FILE.
+    #[arg(long, value_name = "FILE", requires = "svg", conflicts_with = "json")]
+    pub replot: Option<PathBuf>,
     /// No progress line on stderr.
     #[arg(long, short)]
     pub quiet: bool,
@@ -119,6 +122,25 @@ impl BenchArgs {
 
 /// Run `refblk bench`.
 pub fn run(args: BenchArgs) -> CliResult {
+    if let (Some(from), Some(to)) = (&args.replot, &args.svg) {
+        let text = std::fs::read_to_string(from)
+            .map_err(|e| CliError::failed(format!("cannot read {}: {e}", from.display())))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            CliError::failed(format!(
+                "{}: not JSON: {e} (want the file of refblk bench --json)",
+                from.display()
+            ))
+        })?;
+        let rep = bench::report::from_json(&v).map_err(|e| {
+            CliError::failed(format!(
+                "{}: {e} (want the file of refblk bench --json)",
+                from.display()
+            ))
+        })?;
+        std::fs::write(to, bench::report::svg(&rep))
+            .map_err(|e| CliError::failed(format!("cannot write {}: {e}", to.display())))?;
+        return Ok(());
+    }
     let cfg = args.config()?;
     let rep = bench::run(&cfg).map_err(CliError::failed)?;
     print!("{}", bench::report::markdown(&rep));

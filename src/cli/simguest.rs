@@ -47,10 +47,15 @@ pub struct GuestArgs {
     /// The daemon's control socket. Default: DIR/refblk.sock.
     #[arg(long, value_name = "PATH", env = "REFBLK_CONTROL")]
     pub control: Option<PathBuf>,
-    /// The disk image (created, sparse, with --size when missing).
-    #[arg(long, value_name = "IMAGE")]
+    /// The disk: an image file (created, sparse, with --size when missing),
+    /// or pool:DIR:VID, a volume of the reflink pool in DIR, which the daemon
+    /// starts (snapshots) on attach and stops (commits, or discards for a
+    /// snapshot or volatile volume) on detach, as for an xl disk line with
+    /// target=pool:DIR:VID.
+    #[arg(long, value_name = "IMAGE|pool:DIR:VID")]
     pub disk: PathBuf,
-    /// Size of a created image, e.g. 64M, 1G.
+    /// Size of a created image, e.g. 64M, 1G (not for a pool volume: it has
+    /// its own size).
     #[arg(long, value_name = "SIZE", default_value = "64M")]
     pub size: String,
     /// The guest's domain id (default: the first free one from 1).
@@ -94,6 +99,18 @@ fn fail(what: &'static str) -> impl Fn(std::io::Error) -> CliError {
     move |e| CliError::failed(format!("sim guest: {what}: {e}"))
 }
 
+/// The image file of `--disk`, created with `--size` when missing.
+fn image(a: &GuestArgs) -> Result<PathBuf, CliError> {
+    if !a.disk.exists() {
+        let size = crate::util::size::parse_size(&a.size)
+            .map_err(|e| CliError::usage(format!("--size {}: {e}", a.size)))?;
+        let f = std::fs::File::create(&a.disk).map_err(fail("create the image"))?;
+        f.set_len(size).map_err(fail("size the image"))?;
+        println!("created {} ({size} bytes)", a.disk.display());
+    }
+    std::fs::canonicalize(&a.disk).map_err(fail("image"))
+}
+
 /// Run `refblk sim guest`.
 pub fn run(a: GuestArgs) -> CliResult {
     super::signals::block_terminate().map_err(fail("blocking signals"))?;
@@ -120,33 +137,62 @@ pub fn run(a: GuestArgs) -> CliResult {
             a.sim.display()
         )));
     }
-    // The image.
-    if !a.disk.exists() {
-        let size = crate::util::size::parse_size(&a.size)
-            .map_err(|e| CliError::usage(format!("--size {}: {e}", a.size)))?;
-        let f = std::fs::File::create(&a.disk).map_err(fail("create the image"))?;
-        f.set_len(size).map_err(fail("size the image"))?;
-        println!("created {} ({size} bytes)", a.disk.display());
-    }
-    let disk = std::fs::canonicalize(&a.disk).map_err(fail("image"))?;
-    let ts = Toolstack::with_control_socket(xs, &control);
-    let domid = match a.domid {
-        Some(d) => d,
-        None => (1..u16::MAX)
-            .find(|d| {
-                ts.xs()
-                    .read_string(0, &format!("/local/domain/{d}/name"))
-                    .is_err()
-                    && !a.sim.join("dom").join(d.to_string()).exists()
-            })
-            .ok_or_else(|| CliError::failed("sim guest: no free domain id"))?,
+    // The image, or the pool volume (its directory absolute: the daemon
+    // resolves it, not this process).
+    let volume = crate::frontend::pool_target(&a.disk);
+    let disk = if let Some((pool, vid)) = volume {
+        let dir = std::fs::canonicalize(pool).map_err(|e| {
+            CliError::failed(format!(
+                "sim guest: --disk {}: pool directory {pool}: {e} (create the pool with `refblk pool init {pool}` and the volume with `refblk volume create -p {pool} {vid} --size SIZE`)",
+                a.disk.display()
+            ))
+        })?;
+        PathBuf::from(format!("pool:{}:{vid}", dir.display()))
+    } else {
+        image(&a)?
     };
+
+    let ts = Toolstack::with_control_socket(xs, &control);
+    // The guest's memory claims the domain id: several `sim guest`s started
+    // at once each find a free id (one that loses the race to another moves
+    // on to the next).
+    let pages = 2048 + 64 * a.qd;
+    let (domid, guest) = match a.domid {
+        Some(d) => (
+            d,
+            SimGuest::create(&a.sim, d, pages).map_err(fail("guest memory"))?,
+        ),
+        None => {
+            let mut found = None;
+            for d in 1..u16::MAX {
+                let taken = |d: u16| {
+                    ts.xs()
+                        .read_string(0, &format!("/local/domain/{d}/name"))
+                        .is_ok()
+                        || a.sim.join("dom").join(d.to_string()).exists()
+                };
+                if taken(d) {
+                    continue;
+                }
+                match SimGuest::create(&a.sim, d, pages) {
+                    Ok(g) => {
+                        found = Some((d, g));
+                        break;
+                    }
+                    Err(_) if taken(d) => continue,
+                    Err(e) => return Err(fail("guest memory")(e)),
+                }
+            }
+            found.ok_or_else(|| CliError::failed("sim guest: no free domain id"))?
+        }
+    };
+    let guest = Arc::new(guest);
     let name = a.name.clone().unwrap_or_else(|| format!("guest{domid}"));
     ts.create_domain(domid).map_err(fail("create the domain"))?;
     ts.xs()
         .write(0, &format!("/local/domain/{domid}/name"), name.as_bytes())
         .map_err(|e| CliError::failed(format!("sim guest: name: {e}")))?;
-    let result = run_guest(&a, &ts, domid, &name, &disk, &stop);
+    let result = run_guest(&a, &ts, guest, &name, &disk, &stop);
     let _ = ts.destroy_domain(domid);
     result
 }
@@ -154,13 +200,12 @@ pub fn run(a: GuestArgs) -> CliResult {
 fn run_guest(
     a: &GuestArgs,
     ts: &Toolstack,
-    domid: u16,
+    guest: Arc<SimGuest>,
     name: &str,
     disk: &std::path::Path,
     stop: &AtomicBool,
 ) -> CliResult {
-    let pages = 2048 + 64 * a.qd;
-    let guest = Arc::new(SimGuest::create(&a.sim, domid, pages).map_err(fail("guest memory"))?);
+    let domid = guest.domid();
     let vbd = ts
         .add_vbd(&VbdSpec::new(domid, DEVID, disk))
         .map_err(fail("add the vbd (hotplug through the control socket)"))?;

@@ -20,7 +20,11 @@ use crate::backend::stats::{OpClass, StatsSnapshot};
 Rates (IOPS, MiB/s) and latencies (p50, p99, from the daemon's log2 \
 histograms, all operations) are measured between two samples INTERVAL \
 apart, so the table appears after one interval. QD is the number of \
-requests taken off the ring and not answered yet. LIMIT shows the device's \
+requests taken off the ring and not answered yet; ERR the requests answered \
+with an error status since the device was attached (I/O errors and \
+requests refused by validation). Lines fit the terminal (80 columns when \
+not a terminal): IMAGE is shown where room is left, --wide prints \
+everything in full. LIMIT shows the device's \
 limits and, after a '+', its domain's. --json prints the daemon's answer \
 (cumulative counters and histograms; see docs/operations.md) at once; \
 --prometheus the same as Prometheus metrics (for node_exporter's textfile \
@@ -41,6 +45,14 @@ pub struct StatusArgs {
     /// Seconds between the two samples (and between screens with --watch).
     #[arg(long, value_name = "S", default_value_t = 1.0)]
     pub interval: f64,
+    /// Lines at most N columns wide (default: the terminal's width, else
+    /// 80): long domain names and limits are cut with '~', and IMAGE is shown
+    /// (cut from the left) only where room is left.
+    #[arg(long, value_name = "N", conflicts_with = "wide")]
+    pub width: Option<usize>,
+    /// Print every column in full, however wide the lines get.
+    #[arg(long)]
+    pub wide: bool,
     /// With --watch: stop after N screens.
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
@@ -110,6 +122,11 @@ pub fn run(a: StatusArgs) -> CliResult {
         println!("{v}");
         return Ok(());
     }
+    let width = if a.wide {
+        None
+    } else {
+        Some(a.width.unwrap_or_else(terminal_width))
+    };
     let mut prev = sample(&a)?;
     let mut screens = 0u64;
     loop {
@@ -154,7 +171,7 @@ pub fn run(a: StatusArgs) -> CliResult {
                 }
                 _ => local,
             };
-            write!(out, "{}", render(&prev.0, &cur.0, dt, now_utc()))?;
+            write!(out, "{}", render(&prev.0, &cur.0, dt, now_utc(), width))?;
         }
         out.flush()?;
         drop(out);
@@ -190,17 +207,91 @@ fn now_utc() -> String {
     )
 }
 
-/// A latency in µs, short: `87us`, `1.2ms`, `3.4s`.
+/// Columns of the terminal on standard output, else 80.
+fn terminal_width() -> usize {
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct we pass.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    if ok && ws.ws_col > 0 {
+        usize::from(ws.ws_col)
+    } else {
+        80
+    }
+}
+
+/// A latency in µs, at most 6 characters: `87us`, `48.9ms`, `123ms`, `3.4s`.
 fn fmt_latency(us: Option<f64>) -> String {
     match us {
         None => "-".into(),
         Some(us) if us < 1000.0 => format!("{us:.0}us"),
-        Some(us) if us < 1_000_000.0 => format!("{:.1}ms", us / 1000.0),
-        Some(us) => format!("{:.1}s", us / 1e6),
+        Some(us) if us < 99_950.0 => format!("{:.1}ms", us / 1000.0),
+        Some(us) if us < 999_500.0 => format!("{:.0}ms", us / 1000.0),
+        Some(us) if us < 99_950_000.0 => format!("{:.1}s", us / 1e6),
+        Some(us) => format!("{:.0}s", us / 1e6),
     }
 }
 
-/// Compact limits: `r500/s w20M/s`; `-` when unlimited.
+/// A count or rate in at most 6 characters: `12345`, `123k`, `1.2M`.
+fn fmt_count(n: f64) -> String {
+    let n = n.max(0.0);
+    if n < 99_999.5 {
+        return format!("{n:.0}");
+    }
+    for (unit, div) in [("k", 1e3), ("M", 1e6), ("G", 1e9), ("T", 1e12)] {
+        let v = n / div;
+        if v < 9.95 {
+            return format!("{v:.1}{unit}");
+        }
+        if v < 999.5 {
+            return format!("{v:.0}{unit}");
+        }
+    }
+    format!("{:.0}P", n / 1e15)
+}
+
+/// MiB/s in at most 6 characters: `0.0` ... `9999.9`, then whole numbers.
+fn fmt_mibs(m: f64) -> String {
+    if m < 9999.95 {
+        format!("{m:.1}")
+    } else {
+        fmt_count(m)
+    }
+}
+
+/// The xenbus state in at most 9 characters.
+fn fmt_state(s: &str) -> String {
+    match s {
+        "Initialising" => "Initing".into(),
+        "Initialised" => "Inited".into(),
+        "Reconfiguring" => "Reconfing".into(),
+        "Reconfigured" => "Reconfed".into(),
+        s => cut_end(s, 9),
+    }
+}
+
+/// `s` cut to `w` characters, a `~` marking the cut at the end.
+fn cut_end(s: &str, w: usize) -> String {
+    if s.chars().count() <= w {
+        return s.into();
+    }
+    let mut t: String = s.chars().take(w.saturating_sub(1)).collect();
+    t.push('~');
+    t
+}
+
+/// `s` cut to `w` characters, a `~` marking the cut at the start (paths:
+/// the file name is the informative end).
+fn cut_start(s: &str, w: usize) -> String {
+    let n = s.chars().count();
+    if n <= w {
+        return s.into();
+    }
+    let mut t = String::from("~");
+    t.extend(s.chars().skip(n - w.saturating_sub(1)));
+    t
+}
+
+/// Compact limits: `r500/s,w20MiB/s`; `-` when unlimited.
 fn fmt_limits(l: &Value) -> String {
     let u = |k: &str| l[k].as_u64().unwrap_or(0);
     let size = |n: u64| {
@@ -244,6 +335,7 @@ struct Row {
     p50: Option<f64>,
     p99: Option<f64>,
     qd: u64,
+    errors: u64,
     limit: String,
     image: String,
 }
@@ -274,6 +366,10 @@ fn row(prev: Option<&Value>, d: &Value, dt: f64) -> Row {
     if dom != "-" {
         limit = format!("{limit}+{dom}");
     }
+    // Every request answered with an error status: the I/O errors (flat
+    // `errors`, kept with or without per-request statistics) and the requests
+    // validation refused (`rejected`, not in `errors`).
+    let errors = d["errors"].as_u64().unwrap_or(cur.errors) + cur.rejected;
     Row {
         domain,
         vdev: d["vdev"]
@@ -285,13 +381,32 @@ fn row(prev: Option<&Value>, d: &Value, dt: f64) -> Row {
         p50: all.percentile_us(0.50),
         p99: all.percentile_us(0.99),
         qd: cur.queue_depth,
+        errors,
         limit,
         image: d["image"].as_str().unwrap_or("-").to_string(),
     }
 }
 
-/// The table for two `status` answers `dt` seconds apart.
-pub fn render(prev: &Value, cur: &Value, dt: f64, when: String) -> String {
+/// Table columns: header, right-aligned, the narrowest a cut may make it
+/// (`None`: never cut).
+const COLUMNS: [(&str, bool, Option<usize>); 11] = [
+    ("DOMAIN", false, Some(8)),
+    ("VDEV", false, Some(7)),
+    ("STATE", false, None),
+    ("IOPS", true, None),
+    ("MiB/s", true, None),
+    ("P50", true, None),
+    ("P99", true, None),
+    ("QD", true, None),
+    ("ERR", true, None),
+    ("LIMIT", false, Some(8)),
+    ("IMAGE", false, Some(12)),
+];
+const IMAGE: usize = 10;
+
+/// The table for two `status` answers `dt` seconds apart, its lines at most
+/// `width` columns wide (`None`: no limit).
+pub fn render(prev: &Value, cur: &Value, dt: f64, when: String, width: Option<usize>) -> String {
     let before: BTreeMap<&str, &Value> = prev["devices"]
         .as_array()
         .into_iter()
@@ -310,35 +425,103 @@ pub fn render(prev: &Value, cur: &Value, dt: f64, when: String) -> String {
     let (tiops, tmb) = rows
         .iter()
         .fold((0.0, 0.0), |(i, m), r| (i + r.iops, m + r.mbps));
-    let mut s = format!(
-        "refblk  {when} UTC  {} device(s)  {tiops:.0} IOPS  {tmb:.1} MiB/s  (over {dt:.1} s)\n\n",
-        rows.len()
+    let errors: u64 = rows.iter().map(|r| r.errors).sum();
+    let title = format!(
+        "{when} UTC  {} device{}  {} IOPS  {} MiB/s  {errors} error{}  ({dt:.1} s)",
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" },
+        fmt_count(tiops),
+        fmt_mibs(tmb),
+        if errors == 1 { "" } else { "s" },
     );
-    let w_dom = rows
+    let mut s = match width {
+        Some(w) => cut_end(&title, w),
+        None => title,
+    };
+    s.push_str("\n\n");
+    let cells: Vec<[String; 11]> = rows
         .iter()
-        .map(|r| r.domain.len())
-        .max()
-        .unwrap_or(0)
-        .max(6);
-    let w_lim = rows.iter().map(|r| r.limit.len()).max().unwrap_or(0).max(5);
-    s.push_str(&format!(
-        "{:<w_dom$}  {:<6}  {:<12}  {:>8}  {:>8}  {:>7}  {:>7}  {:>4}  {:<w_lim$}  IMAGE\n",
-        "DOMAIN", "VDEV", "STATE", "IOPS", "MiB/s", "P50", "P99", "QD", "LIMIT"
-    ));
-    for r in &rows {
-        s.push_str(&format!(
-            "{:<w_dom$}  {:<6}  {:<12}  {:>8.0}  {:>8.1}  {:>7}  {:>7}  {:>4}  {:<w_lim$}  {}\n",
-            r.domain,
-            r.vdev,
-            r.state,
-            r.iops,
-            r.mbps,
-            fmt_latency(r.p50),
-            fmt_latency(r.p99),
-            r.qd,
-            r.limit,
-            r.image
-        ));
+        .map(|r| {
+            [
+                r.domain.clone(),
+                r.vdev.clone(),
+                fmt_state(&r.state),
+                fmt_count(r.iops),
+                fmt_mibs(r.mbps),
+                fmt_latency(r.p50),
+                fmt_latency(r.p99),
+                fmt_count(r.qd as f64),
+                fmt_count(r.errors as f64),
+                r.limit.clone(),
+                r.image.clone(),
+            ]
+        })
+        .collect();
+    let mut w: Vec<usize> = COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _, _))| {
+            cells
+                .iter()
+                .map(|c| c[i].chars().count())
+                .chain([h.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut show_image = true;
+    if let Some(limit) = width {
+        // One space between columns. DOMAIN, VDEV and LIMIT are cut to 16, 7
+        // and 24 characters at most (the image matters more than their
+        // tails), then LIMIT, DOMAIN and VDEV down to their narrowest until
+        // the columns before IMAGE fit; IMAGE gets what is left, or goes when
+        // that is less than its narrowest.
+        for (col, most) in [(0, 16), (1, 7), (9, 24)] {
+            w[col] = w[col].min(most);
+        }
+        let before_image = |w: &[usize]| w[..IMAGE].iter().sum::<usize>() + IMAGE - 1;
+        for col in [9, 0, 1] {
+            let over = before_image(&w).saturating_sub(limit);
+            let min = COLUMNS[col].2.unwrap_or(w[col]).min(w[col]);
+            w[col] -= over.min(w[col] - min);
+        }
+        let room = limit.saturating_sub(before_image(&w) + 1);
+        if room >= COLUMNS[IMAGE].2.unwrap_or(0) {
+            w[IMAGE] = w[IMAGE].min(room);
+        } else {
+            show_image = false;
+        }
+    }
+    let ncols = if show_image { IMAGE + 1 } else { IMAGE };
+    let line = |vals: &[String]| {
+        let mut l = String::new();
+        for (i, v) in vals.iter().take(ncols).enumerate() {
+            let (_, right, _) = COLUMNS[i];
+            let v = match i {
+                IMAGE => cut_start(v, w[i]),
+                _ => cut_end(v, w[i]),
+            };
+            if i > 0 {
+                l.push(' ');
+            }
+            let pad = w[i].saturating_sub(v.chars().count());
+            if right {
+                l.extend(std::iter::repeat_n(' ', pad));
+                l.push_str(&v);
+            } else {
+                l.push_str(&v);
+                if i + 1 < ncols {
+                    l.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+        }
+        l.push('\n');
+        l
+    };
+    let header: Vec<String> = COLUMNS.iter().map(|(h, _, _)| h.to_string()).collect();
+    s.push_str(&line(&header));
+    for c in &cells {
+        s.push_str(&line(c));
     }
     s
 }
@@ -368,7 +551,7 @@ mod tests {
                 "image": "/img", "stats": s.to_json(),
                 "limits": {"read_iops": 500}, "domain_limits": {}}]})
         };
-        let t = render(&dev(&a), &dev(&b), 2.0, "now".into());
+        let t = render(&dev(&a), &dev(&b), 2.0, "now".into(), Some(80));
         let line = t.lines().find(|l| l.starts_with("work")).expect(&t);
         let cols: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(cols[1], "xvda");
@@ -376,7 +559,9 @@ mod tests {
         assert_eq!(cols[4], "1.0"); // 4096 sectors * 512 / 2 s = 1 MiB/s
         assert!(cols[5].ends_with("us"), "{line}"); // p50 in the fast bucket
         assert!(cols[6].ends_with("ms"), "{line}"); // p99 in the slow one
-        assert_eq!(cols[8], "r500/s");
+        assert_eq!(cols[8], "0"); // no error
+        assert_eq!(cols[9], "r500/s");
+        assert!(t.lines().all(|l| l.chars().count() <= 80), "{t}");
     }
 
     #[test]

@@ -52,7 +52,7 @@ mod ring;
 mod toolstack;
 pub mod wire;
 
-pub use toolstack::{Toolstack, Vbd, VbdSpec};
+pub use toolstack::{pool_target, Toolstack, Vbd, VbdSpec};
 pub use wire::Abi;
 
 use std::collections::{HashMap, VecDeque};

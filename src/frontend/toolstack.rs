@@ -49,6 +49,14 @@ impl VbdSpec {
     }
 }
 
+/// The pool directory and volume id of a `pool:DIR:VID` target (the vid is
+/// what follows the last colon), else `None`.
+pub fn pool_target(target: &std::path::Path) -> Option<(&str, &str)> {
+    let rest = target.to_str()?.strip_prefix("pool:")?;
+    let (pool, vid) = rest.rsplit_once(':')?;
+    (!pool.is_empty() && !vid.is_empty()).then_some((pool, vid))
+}
+
 /// A created vbd.
 #[derive(Debug, Clone)]
 pub struct Vbd {
@@ -229,15 +237,27 @@ impl Toolstack {
         })
     }
 
-    /// The hotplug script's `add`: give the backend the image.
+    /// The hotplug script's `add`: give the backend the image, or, for a
+    /// `pool:DIR:VID` target (what `block-refblk` accepts; the vid follows
+    /// the last colon), have it start and serve the pool volume.
     pub fn hotplug_add(&self, vbd: &Vbd, spec: &VbdSpec) -> io::Result<()> {
-        let r = match &self.hotplug {
-            Hotplug::Handle(h) => h.attach(&vbd.backend_path, &spec.image, spec.attach.clone()),
-            Hotplug::Socket(sock) => {
+        let volume = pool_target(&spec.image);
+        let r = match (&self.hotplug, volume) {
+            (Hotplug::Handle(h), None) => {
+                h.attach(&vbd.backend_path, &spec.image, spec.attach.clone())
+            }
+            (Hotplug::Handle(h), Some((pool, vid))) => h
+                .attach_volume(&vbd.backend_path, pool, vid, spec.attach.clone())
+                .map(|_| ()),
+            (Hotplug::Socket(sock), volume) => {
+                let what = match volume {
+                    None => format!("attach {} {}", vbd.backend_path, spec.image.display()),
+                    Some((pool, vid)) => {
+                        format!("attach-volume {} {pool} {vid}", vbd.backend_path)
+                    }
+                };
                 let line = format!(
-                    "attach {} {}{} sector-size={}",
-                    vbd.backend_path,
-                    spec.image.display(),
+                    "{what}{} sector-size={}",
                     if spec.attach.read_only { " ro" } else { "" },
                     spec.attach.sector_size
                 );
@@ -329,6 +349,13 @@ impl Toolstack {
                     matches!(s, XenbusState::Closed | XenbusState::Unknown)
                 })
                 .is_ok();
+        // The hotplug script's `remove` (libxl runs it once the backend is
+        // Closed): `refblk ctl detach`, which releases the device and stops
+        // (commits) its pool volume. A daemon that already let the device go
+        // answers with an error, which changes nothing.
+        if let Hotplug::Socket(sock) = &self.hotplug {
+            let _ = crate::backend::control::request(sock, &format!("detach {be}"));
+        }
         self.force_remove_vbd(vbd)?;
         Ok(closed)
     }

@@ -7,6 +7,7 @@ mod load;
 
 mod bench_fio;
 mod bench_smoke;
+mod bench_svg;
 mod limits;
 mod metrics;
 mod package;
@@ -15,4 +16,5 @@ mod restart_volume;
 mod scale_guests;
 mod sim_guest;
 mod stats;
+mod status_table;
 mod unit;

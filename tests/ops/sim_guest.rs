@@ -269,3 +269,121 @@ fn the_readme_walkthrough_runs_a_verified_guest_that_status_sees_and_limit_slows
         v = serde_json::from_slice(&o.stdout).unwrap();
     }
 }
+
+/// `refblk sim guest --disk pool:DIR:VID`: the daemon starts the pool
+/// volume, the guest's verified I/O runs on it, and when the guest stops the
+/// volume is committed (a new revision, the dirty image gone) with what the
+/// guest wrote.
+#[test]
+fn a_sim_guest_runs_on_a_pool_volume_which_is_committed_when_it_stops() {
+    if !nix::unistd::geteuid().is_root()
+        && !refblk::util::scratchfs::skip_or_fail("refblk serve needs root (locked memory)")
+    {
+        return;
+    }
+    let tmp = crate::kit::machine_dir();
+    let dir = tmp.path().join("xen");
+    let dir_s = dir.display().to_string();
+    let vid = "appvms/work/private";
+    let pool = crate::kit::pool_with_volume(tmp.path(), vid, 2, 8 << 20);
+    let clean = pool.join(format!("{vid}.img"));
+    let before = std::fs::read(&clean).unwrap();
+    assert!(before.iter().all(|&b| b == 0));
+
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let _sim = Bg(refblk(&args(&["refblk", "sim", "--dir", &dir_s]), None)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap());
+    let deadline = Instant::now() + T;
+    while !dir.join("xenstored.sock").exists() || !dir.join("evtchn.sock").exists() {
+        assert!(Instant::now() < deadline, "refblk sim did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _serve = Bg(refblk(
+        &args(&["refblk", "serve", "--sim", &dir_s, "--workers", "1"]),
+        None,
+    )
+    .stdin(Stdio::null())
+    .spawn()
+    .unwrap());
+    let control = dir.join("refblk.sock");
+    let deadline = Instant::now() + T;
+    while refblk::backend::control::request(&control, "status").is_err() {
+        assert!(Instant::now() < deadline, "refblk serve did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The target as a disk line names it; --seconds bounds the guest, the
+    // hang bound the wait for it.
+    let target = format!("pool:{}:{vid}", pool.display());
+    let mut g = Bg(refblk(
+        &args(&[
+            "refblk",
+            "sim",
+            "guest",
+            "--sim",
+            &dir_s,
+            "--disk",
+            &target,
+            "--name",
+            "work",
+            "--workload",
+            "randrw",
+            "--verify",
+            "--seconds",
+            "2",
+        ]),
+        None,
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap());
+    // While it runs, the daemon serves the volume's dirty image.
+    let dirty = pool.join(format!("{vid}-dirty.img"));
+    let mut seen = String::new();
+    let served = crate::kit::wait_until(T, || {
+        let Ok(v) = refblk::backend::control::request(&control, "status") else {
+            return false;
+        };
+        seen = v["devices"].to_string();
+        v["devices"][0]["image"] == dirty.display().to_string()
+    });
+    assert!(
+        served,
+        "the daemon never served {}: {seen}",
+        dirty.display()
+    );
+    let deadline = Instant::now() + T;
+    let st = loop {
+        if let Some(s) = g.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the guest did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    std::io::Read::read_to_string(g.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    std::io::Read::read_to_string(g.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(st.success(), "guest: {st:?}\n{out}\n{err}");
+    assert!(out.contains(&format!("xvda -> {target}")), "{out}");
+    let last = out.lines().last().unwrap_or("");
+    assert!(last.ends_with(" 0 errors"), "{out}");
+    // Committed: the dirty image is gone, the old clean image is a revision,
+    // and the clean image holds the guest's writes.
+    assert!(!dirty.exists(), "the dirty image is left after the guest");
+    let revisions = std::fs::read_dir(clean.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("private.img."))
+        .count();
+    assert_eq!(revisions, 1, "no new revision of {vid}");
+    let after = std::fs::read(&clean).unwrap();
+    assert!(
+        after.iter().any(|&b| b != 0),
+        "the committed volume holds none of the guest's writes"
+    );
+    let v = refblk::backend::control::request(&control, "status").unwrap();
+    assert_eq!(v["devices"].as_array().map(Vec::len), Some(0), "{v}");
+}

@@ -179,7 +179,7 @@ fn status_and_limit_commands() {
     let s = sock.to_str().unwrap();
 
     // The table.
-    let o = refblk(&["status", "--control", s, "--interval", "0.2"]);
+    let o = refblk(&["status", "--control", s, "--interval", "0.2", "--wide"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     let header = out.lines().find(|l| l.starts_with("DOMAIN")).expect(&out);
@@ -232,7 +232,7 @@ fn status_and_limit_commands() {
     assert_eq!(rig.status(9, XVDA).domain_limits.read_iops, 250);
     let o = refblk(&["limit", "--control", s, "9/xvda", "--iops", "300"]);
     assert!(o.status.success());
-    let o = refblk(&["status", "--control", s, "--interval", "0.1"]);
+    let o = refblk(&["status", "--control", s, "--interval", "0.1", "--wide"]);
     let (out, _) = text(&o);
     assert!(out.contains("r300/s,w300/s+r250/s,w8MiB/s"), "{out}");
     let o = refblk(&["limit", "--control", s, "statsvm", "--read-iops", "many"]);
