@@ -209,8 +209,14 @@ fn now_utc() -> String {
 
 /// Columns of the terminal on standard output, else 80.
 fn terminal_width() -> usize {
-    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct we pass.
-    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct we pass, which
+    // lives across the call; on a non-terminal it fails and writes nothing.
     let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
     if ok && ws.ws_col > 0 {
         usize::from(ws.ws_col)
