@@ -4,6 +4,7 @@
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 
 use refblk::pool::{InitOptions, Pool};
 use refblk::util::scratchfs::{FsKind, ScratchFs};
@@ -119,4 +120,73 @@ pub fn temps(dir: &Path) -> Vec<String> {
 
 pub fn p(base: &Path, rel: &str) -> PathBuf {
     base.join(rel)
+}
+
+/// `refblk ARGS` as an administrator runs it: the log left at its default
+/// (warnings for pool commands), no qubes.xml from the caller's environment,
+/// then `env`.
+pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_refblk"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("REFBLK_QUBES_XML")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run refblk")
+}
+
+/// `refblk ARGS` (see [`run_env`]).
+pub fn refblk(args: &[&str]) -> Output {
+    run_env(args, &[])
+}
+
+/// Exit code, stdout and stderr of a run, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `refblk ARGS` must succeed; its stdout.
+pub fn ok(args: &[&str]) -> String {
+    let o = refblk(args);
+    assert!(o.status.success(), "{args:?}: {}", text(&o));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Every file and directory under `dir` (`.refblk/` included) with its size,
+/// link count and a checksum of its bytes, sorted: equal listings mean a
+/// byte-identical pool.
+pub fn listing(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, d: &Path, out: &mut Vec<String>) {
+        for e in fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(base).unwrap().display().to_string();
+            if md.is_dir() {
+                out.push(format!("{rel}/"));
+                walk(base, &p, out);
+            } else {
+                let sum: u64 = fs::read(&p)
+                    .unwrap()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &b)| (i as u64 + 1).wrapping_mul(b as u64 + 1))
+                    .fold(0u64, u64::wrapping_add);
+                out.push(format!(
+                    "{rel} size={} nlink={} sum={sum:x}",
+                    md.len(),
+                    md.nlink()
+                ));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
 }

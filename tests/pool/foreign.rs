@@ -5,69 +5,14 @@
 //! byte-identical; `pool check` neither calls it interrupted nor repairs it.
 //! Once the program lets go, the verbs work.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
 use refblk::util::scratchfs::FsKind;
 
 const VID: &str = "appvms/q/private";
-
-fn refblk(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_refblk"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run refblk")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = refblk(args);
-    assert!(o.status.success(), "{args:?}: {}", text(&o));
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn listing(dir: &Path) -> Vec<String> {
-    fn walk(base: &Path, d: &Path, out: &mut Vec<String>) {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            let md = std::fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(base).unwrap().display().to_string();
-            if md.is_dir() {
-                out.push(format!("{rel}/"));
-                walk(base, &p, out);
-            } else {
-                let bytes = std::fs::read(&p).unwrap();
-                let sum: u64 = bytes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &b)| (i as u64 + 1).wrapping_mul(b as u64 + 1))
-                    .fold(0u64, u64::wrapping_add);
-                out.push(format!(
-                    "{rel} size={} nlink={} sum={sum:x}",
-                    md.len(),
-                    md.nlink()
-                ));
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
-}
 
 /// A pool with VID started and its start record removed: what refblk sees of
 /// a volume Qubes (or anyone) runs.

@@ -3,67 +3,10 @@
 //! what is wrong, and leaves the pool byte-identical — no phantom volume, no
 //! half-created directory, no lock file. Results go to stdout once.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
 
 use crate::common::*;
 use refblk::util::scratchfs::FsKind;
-
-fn refblk(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_refblk"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run refblk")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = refblk(args);
-    assert!(o.status.success(), "{args:?}: {}", text(&o));
-    String::from_utf8(o.stdout).unwrap()
-}
-
-/// Every file and directory under `dir` with size, link count and bytes.
-fn listing(dir: &Path) -> Vec<String> {
-    fn walk(base: &Path, d: &Path, out: &mut Vec<String>) {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            let md = std::fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(base).unwrap().display().to_string();
-            if md.is_dir() {
-                out.push(format!("{rel}/"));
-                walk(base, &p, out);
-            } else {
-                let bytes = std::fs::read(&p).unwrap();
-                let sum: u64 = bytes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &b)| (i as u64 + 1).wrapping_mul(b as u64 + 1))
-                    .fold(0u64, u64::wrapping_add);
-                out.push(format!(
-                    "{rel} size={} nlink={} sum={sum:x}",
-                    md.len(),
-                    md.nlink()
-                ));
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
-}
 
 thread_local! {
     /// This test's misses (each test runs on its own thread).

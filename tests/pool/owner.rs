@@ -7,13 +7,12 @@
 //! directory is refused without changing anything of the first, and `ctl
 //! detach` of a device whose volume is no longer running says so (non-zero).
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::{listing, run_env, text};
 use crate::kit::serve::Daemon;
 use crate::kit::*;
 use refblk::backend::control;
@@ -23,56 +22,14 @@ use refblk::util::scratchfs::{FsKind, ScratchFs};
 use refblk::xenstore::XsClient;
 use xen_sys::xenbus::XenbusState;
 
+/// `refblk ARGS` with warnings logged (the daemons and simulators it starts
+/// too).
+fn refblk(args: &[&str]) -> Output {
+    run_env(args, &[("RUST_LOG", "warn")])
+}
+
 const MIB: u64 = 1 << 20;
 const VID: &str = "appvms/work/private";
-
-fn refblk(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_refblk"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run refblk")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// Every file under `dir` (including `.refblk/`): path, size, link count and a
-/// hash of the bytes, sorted. Equal listings = byte-identical pool.
-fn listing(dir: &Path) -> Vec<String> {
-    fn walk(base: &Path, d: &Path, out: &mut Vec<String>) {
-        for e in std::fs::read_dir(d).unwrap() {
-            let e = e.unwrap();
-            let p = e.path();
-            let md = std::fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(base).unwrap().display().to_string();
-            if md.is_dir() {
-                out.push(format!("{rel}/"));
-                walk(base, &p, out);
-            } else {
-                let mut h = DefaultHasher::new();
-                std::fs::read(&p).unwrap().hash(&mut h);
-                out.push(format!(
-                    "{rel} size={} nlink={} hash={:016x}",
-                    md.len(),
-                    md.nlink(),
-                    h.finish()
-                ));
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
-}
 
 fn wait_connected(sock: &Path, d: &Daemon) {
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -8,7 +8,6 @@
 //! precache or revision of a snapshot); `pool check` writes nothing. Also:
 //! a xenstore backend whose params names a volume's image (What 2).
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -22,57 +21,6 @@ const ROOT: &str = "appvms/work/root";
 const VOLATILE: &str = "appvms/work/volatile";
 const TPL: &str = "vm-templates/tpl/root";
 const SIZE: u64 = 1 << 20;
-
-fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_refblk"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("REFBLK_QUBES_XML")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run refblk")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// Names, sizes, link counts and checksums of everything under `dir`.
-fn listing(dir: &Path) -> Vec<String> {
-    fn walk(base: &Path, d: &Path, out: &mut Vec<String>) {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            let md = std::fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(base).unwrap().display().to_string();
-            if md.is_dir() {
-                out.push(format!("{rel}/"));
-                walk(base, &p, out);
-            } else {
-                let sum: u64 = std::fs::read(&p)
-                    .unwrap()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &b)| (i as u64 + 1).wrapping_mul(b as u64 + 1))
-                    .fold(0u64, u64::wrapping_add);
-                out.push(format!(
-                    "{rel} size={} nlink={} sum={sum:x}",
-                    md.len(),
-                    md.nlink()
-                ));
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, dir, &mut out);
-    out.sort();
-    out
-}
 
 /// A Qubes host's pool directory on `root`: qubes.xml inside it (as
 /// /var/lib/qubes/qubes.xml is), a template's root, a qube `work` with a
@@ -173,7 +121,7 @@ impl Host {
         if a[0] == "volume" {
             a.extend(["-p", self.d()]);
         }
-        run(&a, &[])
+        run_env(&a, &[])
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -405,7 +353,7 @@ fn qubes_lists_only_real_volumes() {
         return;
     };
     let h = Host::new(fs.path());
-    let o = run(
+    let o = run_env(
         &["volume", "list", "--json", "-p", h.d()],
         &[("REFBLK_QUBES_XML", h.xml.to_str().unwrap())],
     );
@@ -434,7 +382,7 @@ fn qubes_lists_only_real_volumes() {
     .collect();
     assert_eq!(got, want, "{v:#}");
     // without qubes.xml the same directory is a plain pool (kernels included)
-    let o = run(&["volume", "list", "-p", h.d(), "--qubes-xml", "none"], &[]);
+    let o = run_env(&["volume", "list", "-p", h.d(), "--qubes-xml", "none"], &[]);
     assert!(text(&o).contains("vm-kernels"), "{}", text(&o));
 }
 
@@ -523,7 +471,7 @@ fn bad_qubes_xml_is_refused_with_the_way_out() {
     let h = Host::new(tmp.path());
     let d = h.d().to_string();
     let missing = tmp.path().join("nope.xml");
-    let o = run(
+    let o = run_env(
         &[
             "volume",
             "list",
@@ -538,7 +486,7 @@ fn bad_qubes_xml_is_refused_with_the_way_out() {
     assert!(text(&o).contains("nope.xml") && text(&o).contains("--qubes-xml none"));
     let bad = tmp.path().join("bad.xml");
     std::fs::write(&bad, "<qubes><pools>").unwrap();
-    let o = run(
+    let o = run_env(
         &[
             "volume",
             "start",
@@ -559,7 +507,7 @@ fn bad_qubes_xml_is_refused_with_the_way_out() {
     let odd = tmp.path().join("odd.xml");
     std::fs::write(&odd, xml).unwrap();
     let q = ["--qubes-xml", odd.to_str().unwrap()];
-    let o = run(
+    let o = run_env(
         &[&["volume", "start", PRIVATE, "-p", &d][..], &q].concat(),
         &[],
     );
@@ -569,7 +517,7 @@ fn bad_qubes_xml_is_refused_with_the_way_out() {
         "{}",
         text(&o)
     );
-    let o = run(&[&["volume", "list", "-p", &d][..], &q].concat(), &[]);
+    let o = run_env(&[&["volume", "list", "-p", &d][..], &q].concat(), &[]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
         String::from_utf8_lossy(&o.stdout).contains(TPL),
@@ -618,7 +566,7 @@ fn a_xenstore_backend_naming_the_image_is_a_user() {
     let d = pool.to_str().unwrap();
     let s = simdir.to_str().unwrap();
     let ok = |args: &[&str]| {
-        let o = run(args, &[]);
+        let o = run_env(args, &[]);
         assert!(o.status.success(), "{args:?}: {}", text(&o));
         String::from_utf8(o.stdout).unwrap()
     };
@@ -631,7 +579,7 @@ fn a_xenstore_backend_naming_the_image_is_a_user() {
     c.write(0, &format!("{be}/params"), dirty.as_bytes())
         .unwrap();
     let before = listing(&pool);
-    let o = run(&["volume", "stop", "-p", d, PRIVATE, "--sim", s], &[]);
+    let o = run_env(&["volume", "stop", "-p", d, PRIVATE, "--sim", s], &[]);
     assert_eq!(o.status.code(), Some(5), "{}", text(&o));
     assert!(text(&o).contains(be), "{}", text(&o));
     assert_eq!(listing(&pool), before, "a refused stop changed the pool");
@@ -647,7 +595,7 @@ fn a_xenstore_backend_naming_the_image_is_a_user() {
         format!("pool:{d}:{PRIVATE}").as_bytes(),
     )
     .unwrap();
-    let o = run(
+    let o = run_env(
         &["volume", "info", "-p", d, PRIVATE, "--json", "--sim", s],
         &[],
     );
