@@ -92,3 +92,22 @@ pub fn device_status(sock: &Path, domid: u16, devid: u32) -> Option<serde_json::
         .find(|d| d["domid"] == domid && d["devid"] == devid)
         .cloned()
 }
+
+/// A child process (a simulator, a daemon, a simulated guest) stopped with
+/// SIGTERM when dropped — also when an assertion fails — then killed if it has
+/// not exited within the hang bound.
+pub struct Stopped(pub Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let child = &mut self.0;
+        if !super::wait_until(super::HANG, || matches!(child.try_wait(), Ok(Some(_)))) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}

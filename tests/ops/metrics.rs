@@ -10,9 +10,10 @@ use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::kit::serve::Stopped;
 use crate::kit::*;
 use refblk::backend::control::handle_line;
 use refblk::backend::AttachOptions;
@@ -155,27 +156,6 @@ fn metrics_of_a_busy_device_pass_promtool_and_match_the_status() {
     rig.shutdown();
 }
 
-/// A child process killed and reaped when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + T;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn refblk() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_refblk"));
     c.env("RUST_LOG", "warn").env_remove("REFBLK_CONTROL");
@@ -231,7 +211,7 @@ fn serve_notifies_systemd_and_shares_read_only_status_and_metrics_with_a_group()
     // nobody must be able to reach the sockets in it.
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let dir = tmp.path().join("machine");
-    let _sim = Proc(
+    let _sim = Stopped(
         refblk()
             .args(["sim", "--dir"])
             .arg(&dir)
@@ -259,7 +239,7 @@ fn serve_notifies_systemd_and_shares_read_only_status_and_metrics_with_a_group()
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(T)).unwrap();
     let metrics_sock = dir.join("metrics.sock");
-    let _serve = Proc(
+    let _serve = Stopped(
         refblk()
             .args([
                 "serve",

@@ -6,31 +6,12 @@
 //! the limit set while it runs.
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::kit::serve::Stopped;
+
 const T: Duration = crate::kit::HANG;
-
-/// A child stopped with SIGTERM (then killed) when dropped.
-struct Bg(Child);
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + T;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The walk-through's command lines, comments and continuation lines removed.
 fn walkthrough() -> Vec<String> {
@@ -99,7 +80,7 @@ fn the_readme_walkthrough_runs_a_verified_guest_that_status_sees_and_limit_slows
     // Terminal 1: the simulated Xen.
     let sim = words(&lines[0], &dir);
     assert_eq!(sim[1], "sim");
-    let _sim = Bg(refblk(&sim, None).stdin(Stdio::null()).spawn().unwrap());
+    let _sim = Stopped(refblk(&sim, None).stdin(Stdio::null()).spawn().unwrap());
     let deadline = Instant::now() + T;
     while !dir.join("xenstored.sock").exists() || !dir.join("evtchn.sock").exists() {
         assert!(Instant::now() < deadline, "refblk sim did not start");
@@ -109,7 +90,7 @@ fn the_readme_walkthrough_runs_a_verified_guest_that_status_sees_and_limit_slows
     let mut serve = words(&lines[1], &dir);
     assert_eq!(serve[1], "serve");
     serve.extend(["--workers".into(), "1".into()]);
-    let _serve = Bg(refblk(&serve, None).stdin(Stdio::null()).spawn().unwrap());
+    let _serve = Stopped(refblk(&serve, None).stdin(Stdio::null()).spawn().unwrap());
     let control = dir.join("refblk.sock");
     let deadline = Instant::now() + T;
     while !control.exists() {
@@ -132,7 +113,7 @@ fn the_readme_walkthrough_runs_a_verified_guest_that_status_sees_and_limit_slows
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut g = Bg(g);
+    let mut g = Stopped(g);
 
     // Terminal 4: REFBLK_CONTROL, status, limit.
     let export = &lines[3];
@@ -291,22 +272,26 @@ fn a_sim_guest_runs_on_a_pool_volume_which_is_committed_when_it_stops() {
     assert!(before.iter().all(|&b| b == 0));
 
     let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let _sim = Bg(refblk(&args(&["refblk", "sim", "--dir", &dir_s]), None)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap());
+    let _sim = Stopped(
+        refblk(&args(&["refblk", "sim", "--dir", &dir_s]), None)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + T;
     while !dir.join("xenstored.sock").exists() || !dir.join("evtchn.sock").exists() {
         assert!(Instant::now() < deadline, "refblk sim did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _serve = Bg(refblk(
-        &args(&["refblk", "serve", "--sim", &dir_s, "--workers", "1"]),
-        None,
-    )
-    .stdin(Stdio::null())
-    .spawn()
-    .unwrap());
+    let _serve = Stopped(
+        refblk(
+            &args(&["refblk", "serve", "--sim", &dir_s, "--workers", "1"]),
+            None,
+        )
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
     let control = dir.join("refblk.sock");
     let deadline = Instant::now() + T;
     while refblk::backend::control::request(&control, "status").is_err() {
@@ -316,30 +301,32 @@ fn a_sim_guest_runs_on_a_pool_volume_which_is_committed_when_it_stops() {
     // The target as a disk line names it; --seconds bounds the guest, the
     // hang bound the wait for it.
     let target = format!("pool:{}:{vid}", pool.display());
-    let mut g = Bg(refblk(
-        &args(&[
-            "refblk",
-            "sim",
-            "guest",
-            "--sim",
-            &dir_s,
-            "--disk",
-            &target,
-            "--name",
-            "work",
-            "--workload",
-            "randrw",
-            "--verify",
-            "--seconds",
-            "2",
-        ]),
-        None,
-    )
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap());
+    let mut g = Stopped(
+        refblk(
+            &args(&[
+                "refblk",
+                "sim",
+                "guest",
+                "--sim",
+                &dir_s,
+                "--disk",
+                &target,
+                "--name",
+                "work",
+                "--workload",
+                "randrw",
+                "--verify",
+                "--seconds",
+                "2",
+            ]),
+            None,
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
     // While it runs, the daemon serves the volume's dirty image.
     let dirty = pool.join(format!("{vid}-dirty.img"));
     let mut seen = String::new();

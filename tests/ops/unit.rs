@@ -13,19 +13,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::kit::serve::Stopped;
 use refblk::util::scratchfs::{have_tool, skip_or_fail};
 
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/refblk.service");
-/// A child killed and reaped when dropped (also when an assertion fails).
-struct Kill(std::process::Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 const T: Duration = crate::kit::HANG;
 
 fn unit() -> String {
@@ -125,7 +116,7 @@ fn exec_start_as_systemd_runs_it_notifies_ready_and_logs_for_journald() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("machine");
     let bin = Path::new(env!("CARGO_BIN_EXE_refblk"));
-    let _sim = Kill(
+    let _sim = Stopped(
         Command::new(bin)
             .args(["sim", "--dir"])
             .arg(&dir)
@@ -155,7 +146,7 @@ fn exec_start_as_systemd_runs_it_notifies_ready_and_logs_for_journald() {
     let log_path = tmp.path().join("journal");
     let log = File::create(&log_path).unwrap();
     let md = log.metadata().unwrap();
-    let mut serve = Kill(
+    let mut serve = Stopped(
         Command::new(&args[0])
             .args(&args[1..])
             .env("RUST_LOG", "info")
