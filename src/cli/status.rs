@@ -209,8 +209,9 @@ fn now_utc() -> String {
 
 /// Columns of the terminal on standard output, else 80.
 fn terminal_width() -> usize {
-    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct we pass.
+    // SAFETY: `winsize` is plain integers, for which all-zero bytes are valid.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one `winsize` into the struct we pass.
     let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
     if ok && ws.ws_col > 0 {
         usize::from(ws.ws_col)
