@@ -100,7 +100,10 @@ impl Commits {
         // A volume is served by one device at a time, and its attach waits
         // for its commit: there is never a second commit of one volume.
         debug_assert!(!self.running.contains_key(&key), "{key:?}");
-        info!("{device}: committing volume {} in the background", key.1);
+        info!(
+            "{device}: stopping volume {} (commit or discard, by its kind) on a thread of its own",
+            key.1
+        );
         let (events, dev, v, k) = (
             self.events.clone(),
             device.clone(),
