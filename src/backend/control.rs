@@ -248,6 +248,7 @@ fn status_json(s: &DeviceStatus) -> Value {
         "replayed": s.replayed,
         "domain_name": s.domain_name,
         "vdev": s.vdev,
+        "waiting_for_commit": s.waiting_for_commit,
         "stats": s.stats.to_json(),
         "limits": s.limits.to_json(),
         "domain_limits": s.domain_limits.to_json(),

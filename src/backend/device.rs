@@ -125,6 +125,9 @@ pub struct DeviceStatus {
     pub domain_name: Option<String>,
     /// The guest's name for the disk (`dev` in the backend, e.g. xvda).
     pub vdev: Option<String>,
+    /// The pool volume whose commit this device's attach waits for (the
+    /// volume's previous device was released and is still committing it).
+    pub waiting_for_commit: Option<String>,
 }
 
 pub(crate) struct Device {
@@ -804,31 +807,14 @@ impl Device {
         info!("{}: suspended for a successor", self.name());
     }
 
-    /// Let go of the image: disconnect, close the file, and stop (commit or
-    /// discard, by its kind) the pool volume if there is one.
-    pub fn release(&mut self) -> Result<String, String> {
+    /// Let go of the image: disconnect and close the file. Returns the pool
+    /// volume it served, if any, which the caller must stop (commit or
+    /// discard, by its kind: `commit::Commits::start`, off the control thread).
+    pub fn release(&mut self) -> Option<crate::pool::Volume> {
         self.disconnect();
         let img = self.image.take();
         drop(img);
-        match self.volume.take() {
-            None => Ok("released".into()),
-            Some(v) => {
-                let vid = v.vid().to_string();
-                match v.stop() {
-                    Ok(crate::pool::StopOutcome::NotRunning) => Err(format!(
-                        "volume {vid} was not running when the device was released: its dirty \
-                         image {} was gone (stopped or removed behind the daemon's back); \
-                         nothing was committed",
-                        v.dirty_path().display()
-                    )),
-                    Ok(o) => {
-                        info!("{}: volume {vid}: {o:?}", self.name());
-                        Ok(format!("volume {vid}: {o:?}"))
-                    }
-                    Err(e) => Err(format!("volume {vid}: stop: {e}")),
-                }
-            }
-        }
+        self.volume.take()
     }
 
     /// Re-read the image size; if it changed, announce it (sectors + state in
@@ -880,6 +866,7 @@ impl Device {
             domain_limits: self.dom_limiter.limits(),
             domain_name: None,
             vdev: None,
+            waiting_for_commit: None,
         };
         let live = self
             .conn

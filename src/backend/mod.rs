@@ -6,8 +6,11 @@
 //! xenstore connection and every [`device::Device`]; each connected queue has
 //! one thread with its own io_uring, which sleeps in `io_uring_enter` and never
 //! touches xenstore. Queue threads report their exit over a channel; the control
-//! thread stops them through an eventfd and joins them.
+//! thread stops them through an eventfd and joins them. A released device's pool
+//! volume is committed on a thread of its own ([`commit`]), never on the control
+//! thread.
 
+mod commit;
 pub mod control;
 pub mod device;
 pub mod fekeys;
@@ -120,6 +123,11 @@ pub(crate) enum Event {
     QueueExit {
         key: DevKey,
         result: Result<(), String>,
+    },
+    /// A volume's commit (or discard) is done; `result` answers its `detach`.
+    Committed {
+        key: commit::VolumeKey,
+        result: Result<String, String>,
     },
 }
 
@@ -356,6 +364,8 @@ pub struct Backend {
     cmd_rx: Receiver<Command>,
     rt: worker::Runtime,
     ev_rx: Receiver<Event>,
+    /// Volume commits in flight, each on its own thread.
+    commits: commit::Commits,
 }
 
 const TOKEN_BACKEND: &str = "refblk:be";
@@ -390,6 +400,7 @@ impl Backend {
             Duration::from_micros(u64::from(cfg.poll_us)),
         )?);
         info!("watching {base} on {} xen", platform.name());
+        let commits = commit::Commits::new(ev_tx.clone());
         let mut b = Backend {
             platform,
             cfg,
@@ -404,6 +415,7 @@ impl Backend {
                 workers,
             },
             ev_rx,
+            commits,
         };
         // Before any watch event is handled: a device we take over must not
         // be probed (InitWait) like a new one.
@@ -482,12 +494,16 @@ impl Backend {
     pub fn run(mut self) -> io::Result<()> {
         let events = self.xs.events().clone();
         let mut handover = false;
+        let mut lost = None;
         loop {
             select! {
-                recv(events) -> ev => {
-                    let ev = ev.map_err(|_| io::Error::other("xenstore connection lost"))?;
-                    self.on_watch(&ev.path, &ev.token);
-                }
+                recv(events) -> ev => match ev {
+                    Ok(ev) => self.on_watch(&ev.path, &ev.token),
+                    Err(_) => {
+                        lost = Some(io::Error::other("xenstore connection lost"));
+                        break;
+                    }
+                },
                 recv(self.cmd_rx) -> cmd => {
                     match cmd {
                         Ok(Command::Stop) | Err(_) => break,
@@ -498,14 +514,21 @@ impl Backend {
                         Ok(c) => self.on_command(c),
                     }
                 }
-                recv(self.ev_rx) -> ev => {
-                    if let Ok(Event::QueueExit { key, result }) = ev {
+                recv(self.ev_rx) -> ev => match ev {
+                    Ok(Event::QueueExit { key, result }) => {
                         if let Err(e) = result {
                             warn!("vbd {}/{}: {e}; disconnecting the device", key.0, key.1);
                         }
                         self.reconcile(key);
                     }
-                }
+                    Ok(Event::Committed { key, result }) => {
+                        // Attaches of the volume waited for this commit.
+                        for c in self.commits.finish(&key, result) {
+                            self.on_command(c);
+                        }
+                    }
+                    Err(_) => {}
+                },
                 default(Duration::from_millis(500)) => {
                     // Domains can vanish without @releaseDomain (simulator, lost events).
                     let keys: Vec<DevKey> = self.devices.keys().copied().collect();
@@ -535,10 +558,77 @@ impl Backend {
                 }
             }
         }
-        Ok(())
+        self.wait_for_commits();
+        lost.map_or(Ok(()), Err)
     }
 
-    fn on_command(&mut self, c: Command) {
+    /// Before the daemon exits (stop, handover, xenstore lost): wait for the
+    /// commits in flight, so that the process never exits in the middle of
+    /// one, and answer their `detach`es. Attaches waiting for them are
+    /// refused.
+    fn wait_for_commits(&mut self) {
+        if self.commits.is_empty() {
+            return;
+        }
+        info!(
+            "stopping: waiting for {} volume commit(s) in flight",
+            self.commits.len()
+        );
+        while !self.commits.is_empty() {
+            match self.ev_rx.recv() {
+                Ok(Event::Committed { key, result }) => {
+                    for c in self.commits.finish(&key, result) {
+                        if let Command::AttachVolume {
+                            backend_path,
+                            vid,
+                            reply,
+                            ..
+                        } = c
+                        {
+                            let _ = reply.send(Err(format!(
+                                "{backend_path}: volume {vid} was not attached: refblk serve \
+                                 stopped while the volume was being committed (its commit is \
+                                 done); attach it again once the daemon runs"
+                            )));
+                        }
+                    }
+                }
+                Ok(Event::QueueExit { .. }) => {}
+                Err(_) => break,
+            }
+        }
+        info!("stopping: every volume commit is done");
+    }
+
+    /// The commit that command `c` must wait for: an attach of a volume whose
+    /// commit runs (a guest reboot: the toolstack adds the disk again while
+    /// the old one's commit runs). It is handled when the commit is done,
+    /// without blocking the control thread.
+    fn commit_to_wait_for(&self, c: &Command) -> Option<commit::VolumeKey> {
+        let Command::AttachVolume {
+            backend_path,
+            pool,
+            vid,
+            ..
+        } = c
+        else {
+            return None;
+        };
+        let key = commit::volume_key(pool, vid);
+        if !self.commits.is_running(&key) {
+            return None;
+        }
+        info!("{backend_path}: volume {vid} is being committed; its attach waits for the commit");
+        Some(key)
+    }
+
+    fn on_command(&mut self, mut c: Command) {
+        if let Some(key) = self.commit_to_wait_for(&c) {
+            match self.commits.defer(&key, c) {
+                None => return,
+                Some(back) => c = back,
+            }
+        }
         match c {
             Command::Attach {
                 backend_path,
@@ -569,11 +659,19 @@ impl Backend {
                         None => Err(format!("{backend_path}: no such device")),
                         Some(d) => {
                             d.detached = true;
-                            let r = d.release();
+                            let vol = d.release();
                             if d.state != XenbusState::Closed {
                                 let _ = d.switch_state(&self.xs, XenbusState::Closed);
                             }
-                            r
+                            match vol {
+                                None => Ok("released".to_string()),
+                                Some(v) => {
+                                    // Answered when the commit is done.
+                                    let dev = format!("vbd {}/{}", k.0, k.1);
+                                    self.commits.start(dev, v, Some(reply));
+                                    return;
+                                }
+                            }
                         }
                     },
                 };
@@ -605,6 +703,10 @@ impl Backend {
                         .ok()
                         .flatten()
                         .or_else(|| devid_to_vdev(s.devid));
+                    s.waiting_for_commit = self
+                        .commits
+                        .attach_waiting(&s.backend_path)
+                        .map(str::to_string);
                 }
                 let _ = reply.send(v);
             }
@@ -870,8 +972,9 @@ impl Backend {
                 info!("vbd {}/{}: backend removed", key.0, key.1);
                 if d.volume.is_some() {
                     // No hotplug `remove` came (toolstack crash): commit anyway.
-                    if let Err(e) = d.release() {
-                        warn!("vbd {}/{}: {e}", key.0, key.1);
+                    if let Some(v) = d.release() {
+                        let dev = format!("vbd {}/{}", key.0, key.1);
+                        self.commits.start(dev, v, None);
                     }
                 }
                 d.disconnect();

@@ -12,10 +12,14 @@
 //!
 //! The CLI arms it from the environment variable `REFBLK_FAULT` (`fail:N[:ERRNO]`,
 //! `crash:N`, `abort:N`); this is a testing hook and documented as such.
+//!
+//! [`hold_next_commit`] makes a commit as slow as a test needs: the next stop of a
+//! volume that commits waits, holding the volume's lock, until the test lets it go
+//! (the daemon's commits run off its control thread; docs/datapath.md).
 
 use std::io;
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{mpsc, Mutex};
 
 /// What happens at the armed step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +138,74 @@ impl Faults {
             io::Error::from_raw_os_error(errno).kind(),
             InjectedFault { step: c, errno },
         ))
+    }
+}
+
+static HOLD_ARMED: AtomicBool = AtomicBool::new(false);
+/// Armed holds: the vid, where to say "held", what to wait on.
+type Armed = (String, mpsc::Sender<()>, mpsc::Receiver<()>);
+static HOLDS: Mutex<Vec<Armed>> = Mutex::new(Vec::new());
+
+/// Testing only: a commit held at its start (see [`hold_next_commit`]). Dropping it
+/// (or [`release`](Self::release)) lets the commit go on, so a failing test never
+/// leaves a commit hanging.
+pub struct CommitHold {
+    vid: String,
+    held: mpsc::Receiver<()>,
+    _release: mpsc::Sender<()>,
+}
+
+/// Testing only (nothing in refblk arms it): the next [`stop`](super::Volume::stop)
+/// of volume `vid` in this process that commits waits, with the volume's lock held and
+/// its start record removed, just before the commit's first step, until the returned
+/// hold is released or dropped. One-shot. Stands in for a commit that takes seconds
+/// (a fragmented image's FICLONE) without depending on speed.
+pub fn hold_next_commit(vid: &str) -> CommitHold {
+    let (held_tx, held) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    HOLDS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((vid.to_string(), held_tx, release_rx));
+    HOLD_ARMED.store(true, Ordering::Release);
+    CommitHold {
+        vid: vid.to_string(),
+        held,
+        _release: release,
+    }
+}
+
+impl CommitHold {
+    /// Wait up to `bound` until the commit has reached the hold; whether it did.
+    pub fn wait_held(&self, bound: std::time::Duration) -> bool {
+        self.held.recv_timeout(bound).is_ok()
+    }
+
+    /// Let the commit go on.
+    pub fn release(self) {
+        log::debug!("volume {}: held commit released", self.vid);
+    }
+}
+
+/// Called by a commit before its first step: wait if a test holds it.
+pub(crate) fn maybe_hold_commit(vid: &str) {
+    if !HOLD_ARMED.load(Ordering::Acquire) {
+        return;
+    }
+    let armed = {
+        let mut h = HOLDS.lock().unwrap_or_else(|p| p.into_inner());
+        let at = h.iter().position(|(v, _, _)| v == vid);
+        let armed = at.map(|i| h.remove(i));
+        if h.is_empty() {
+            HOLD_ARMED.store(false, Ordering::Release);
+        }
+        armed
+    };
+    if let Some((_, held, release)) = armed {
+        log::info!("volume {vid}: commit held by a test");
+        let _ = held.send(());
+        // Returns when the hold is released (its sender dropped).
+        let _ = release.recv();
     }
 }
 

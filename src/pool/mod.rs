@@ -41,7 +41,7 @@ mod volume;
 
 pub use config::{PoolConfig, VolumeConfig, VolumeKind};
 pub use error::{ErrorKind, PoolError, Result};
-pub use faults::{FaultMode, Faults};
+pub use faults::{hold_next_commit, CommitHold, FaultMode, Faults};
 pub use layout::Revision;
 pub use owner::{Liveness, Owner};
 pub use qubes::{QubesView, QubesXmlSetting};

@@ -1230,6 +1230,7 @@ impl Volume {
             return Ok(StopOutcome::NotRunning);
         }
         if cfg.kind.save_on_stop() && !discard {
+            super::faults::maybe_hold_commit(&self.vid);
             self.commit(&p.dirty, &cfg)?;
             log::info!("committed volume {}", self.vid);
             return Ok(StopOutcome::Committed);

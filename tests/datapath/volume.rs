@@ -1,7 +1,9 @@
 //! Pool volumes on the hotplug path: `attach_volume` starts the volume (FICLONE
 //! clean → dirty) and serves the dirty image; `detach` (hotplug `remove`)
 //! commits it; a backend directory removed without `detach` (toolstack crash)
-//! still commits; a volatile volume's writes are thrown away.
+//! still commits; a volatile volume's writes are thrown away. A commit runs off
+//! the control thread: other devices are served while it runs, a re-attach of
+//! its volume waits for it, and so does the daemon's stop.
 
 use std::path::Path;
 
@@ -168,4 +170,104 @@ fn volumes_on_xfs() {
         return;
     };
     run_on(&fs.path().join("pool"), true);
+}
+
+/// Issue 17, item 5: a commit never blocks the control thread. Volume A's
+/// commit is held (`pool::hold_next_commit`, with the volume's lock taken, as
+/// a slow FICLONE would) while device B goes through its whole life —
+/// attach, connect, verified I/O, detach, removal — and A's guest "reboots":
+/// its re-attach waits for the commit and then serves the committed data.
+/// A second held commit keeps the daemon's stop waiting until it is done.
+#[test]
+fn a_held_commit_blocks_neither_other_devices_nor_a_reattach() {
+    let Some(rig) = Rig::new() else { return };
+    let vid = "appvms/held/private";
+    let pool_dir = pool_with_volume(rig.dir.path(), vid, 1, 8 * MIB);
+    let target = format!("pool:{}:{vid}", pool_dir.display());
+    const B_DISK: u64 = 4 * MIB;
+
+    let ga = rig.guest(40, 4096);
+    let va = add_volume_vbd(&rig, 40, &pool_dir, vid);
+    let mut fe = guest_writes(&rig, &ga, 0xA1);
+    fe.disconnect().unwrap();
+    drop(fe);
+
+    std::thread::scope(|s| {
+        // Owned by this closure: a failed assertion drops it, which lets the
+        // commit go on, so the scope's threads end.
+        let hold = refblk::pool::hold_next_commit(vid);
+        let detach_a = s.spawn(|| rig.backend.detach(&va.backend_path));
+        assert!(hold.wait_held(HANG), "A's commit never started");
+
+        // B's whole life while A's commit is held.
+        let img = make_image(rig.dir.path(), "b.img", B_DISK);
+        let gb = rig.guest(41, 8192);
+        let vb = rig.attach(41, XVDA, &img, "w", AttachOptions::default());
+        let mut feb = rig.connect(&gb, XVDA, FrontendOptions::default());
+        let (_, model) = random_rw(&mut feb, 17, 200, 16, 64, B_DISK);
+        assert!(feb.anomalies().is_clean(), "{:?}", feb.anomalies());
+        feb.disconnect().unwrap();
+        assert_eq!(rig.backend.detach(&vb.backend_path).unwrap(), "released");
+        assert!(rig.ts.remove_vbd(&vb).unwrap(), "B's backend never closed");
+        assert!(std::fs::read(&img).unwrap() == model, "B's image");
+
+        // A's guest reboots: the toolstack removes A's vbd and adds the
+        // volume again for the new domain. The attach waits for the commit.
+        assert!(rig.ts.remove_vbd(&va).unwrap(), "A's backend never closed");
+        rig.ts.destroy_domain(40).unwrap();
+        let ga2 = rig.guest(42, 4096);
+        let reattach = s.spawn(|| rig.ts.add_vbd(&VbdSpec::new(42, XVDA, target.as_str())));
+        assert!(
+            wait_until(HANG, || rig.backend.status().iter().any(
+                |d| d.domid == 42 && d.waiting_for_commit.as_deref() == Some(vid)
+            )),
+            "A's re-attach is not waiting for the commit"
+        );
+        assert!(
+            !reattach.is_finished(),
+            "A's re-attach answered before the commit"
+        );
+        // The commit is held, so the detach cannot have been answered.
+        assert!(
+            !detach_a.is_finished(),
+            "A's detach answered before its commit"
+        );
+        hold.release();
+        let what = detach_a.join().unwrap().expect("A's detach commits");
+        assert!(what.contains("Committed"), "{what}");
+        let va2 = reattach
+            .join()
+            .unwrap()
+            .expect("A's re-attach, after the commit");
+        assert!(clean(&pool_dir, vid)[..64 * 1024]
+            .iter()
+            .all(|&b| b == 0xA1));
+        let mut fe2 = rig.connect(&ga2, XVDA, FrontendOptions::default());
+        assert!(
+            fe2.read(0, 64 * 1024).unwrap().iter().all(|&b| b == 0xA1),
+            "the re-attached volume does not serve the committed data"
+        );
+        fe2.write(0, &vec![0xA2; 4096]).unwrap();
+        fe2.flush().unwrap();
+        fe2.disconnect().unwrap();
+
+        // The daemon's stop waits for a commit in flight, and the commit's
+        // detach is answered before the daemon is gone.
+        let hold = refblk::pool::hold_next_commit(vid);
+        let backend = rig.backend.clone();
+        let detach_a2 = s.spawn(move || backend.detach(&va2.backend_path));
+        assert!(hold.wait_held(HANG), "A's second commit never started");
+        rig.backend.stop();
+        assert!(!detach_a2.is_finished(), "answered before its commit");
+        hold.release();
+        let what = detach_a2
+            .join()
+            .unwrap()
+            .expect("A's second detach commits");
+        assert!(what.contains("Committed"), "{what}");
+    });
+    assert_eq!(clean(&pool_dir, vid)[0], 0xA2, "second commit");
+    let vol = Pool::open(&pool_dir).unwrap().volume(vid).unwrap();
+    assert_eq!(vol.state(), refblk::pool::VolumeState::Stopped);
+    rig.shutdown();
 }
