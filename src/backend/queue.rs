@@ -169,8 +169,8 @@ impl Pending {
     /// The request's id and response operation (to answer it unstarted).
     fn id_op(&self) -> (u64, u8) {
         match self {
-            Pending::Rw(r) => (r.id, r.response_op),
-            Pending::Indirect(r) => (r.id, r.response_op()),
+            Pending::Rw(r) => (r.id(), r.response_op()),
+            Pending::Indirect(r) => (r.id(), r.response_op()),
             Pending::Flush { id, op } | Pending::Discard { id, op, .. } => (*id, *op),
         }
     }
@@ -178,7 +178,7 @@ impl Pending {
     /// Must every earlier request be finished before this one starts?
     fn needs_drain(&self) -> bool {
         match self {
-            Pending::Rw(r) => r.barrier,
+            Pending::Rw(r) => r.barrier(),
             Pending::Flush { .. } => true,
             _ => false,
         }
@@ -751,7 +751,7 @@ impl Queue {
                 break;
             };
             let need = match p {
-                Pending::Rw(r) => r.len as usize,
+                Pending::Rw(r) => r.len() as usize,
                 _ => 0,
             };
             // The buffer comes from the worker's slab, shared with its other
@@ -855,7 +855,7 @@ impl Queue {
                         self.ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
                         let op = ind.response_op();
                         self.ctx.stats.answered(t0, self.now, op, false, 0, false); // stats
-                        self.respond(jent, ind.id, ind.response_op(), status);
+                        self.respond(jent, ind.id(), ind.response_op(), status);
                     }
                 }
             }
@@ -917,21 +917,22 @@ impl Queue {
         region: Option<BufRegion>,
         t0: Option<Instant>,
     ) {
-        if r.barrier {
+        if r.barrier() {
             self.barrier_active = true;
         }
-        let stage = match (r.op, r.barrier) {
+        let (op, offset) = (r.op(), r.offset());
+        let stage = match (op, r.barrier()) {
             (RwOp::Read, _) => Stage::Read,
             (RwOp::Write, false) => Stage::Write,
             (RwOp::Write, true) => Stage::BarrierWrite,
         };
         self.slots[slot] = Some(Inflight {
             jent,
-            id: r.id,
-            op: r.response_op,
+            id: r.id(),
+            op: r.response_op(),
             stage,
-            pieces: r.pieces,
-            len: r.len,
+            len: r.len(),
+            pieces: r.into_pieces(),
             t0,
         });
         let Some(region) = region else {
@@ -940,21 +941,14 @@ impl Queue {
             self.submit_or_fail(sh, slot, Op::Fdatasync);
             return;
         };
-        match r.op {
+        match op {
             RwOp::Read => {
                 self.ctx.stats.reads.fetch_add(1, Ordering::Relaxed);
-                self.submit_or_fail(
-                    sh,
-                    slot,
-                    Op::Read {
-                        offset: r.offset,
-                        region,
-                    },
-                );
+                self.submit_or_fail(sh, slot, Op::Read { offset, region });
             }
             RwOp::Write if self.ctx.persistent.is_none() => {
                 self.ctx.stats.writes.fetch_add(1, Ordering::Relaxed);
-                self.writes_to_copy.push((slot, region, r.offset));
+                self.writes_to_copy.push((slot, region, offset));
             }
             RwOp::Write => {
                 self.ctx.stats.writes.fetch_add(1, Ordering::Relaxed);
@@ -964,14 +958,7 @@ impl Queue {
                     self.finish(slot, BLKIF_RSP_ERROR);
                     return;
                 }
-                self.submit_or_fail(
-                    sh,
-                    slot,
-                    Op::Write {
-                        offset: r.offset,
-                        region,
-                    },
-                );
+                self.submit_or_fail(sh, slot, Op::Write { offset, region });
             }
         }
     }
@@ -1056,7 +1043,7 @@ impl Queue {
             .as_mut()
             .ok_or(GrantStatus::GeneralError)?;
         for (p, dst) in split_mut(pieces, sh.engine.buf_mut(region)) {
-            pg.copy_from(p.gref, p.offset, dst)?;
+            pg.copy_from(p.gref(), p.offset(), dst)?;
         }
         Ok(())
     }
@@ -1076,7 +1063,7 @@ impl Queue {
             .as_mut()
             .ok_or(GrantStatus::GeneralError)?;
         for (p, src) in split(pieces, sh.engine.buf(region)) {
-            pg.copy_to(p.gref, p.offset, src)?;
+            pg.copy_to(p.gref(), p.offset(), src)?;
         }
         Ok(())
     }
@@ -1094,8 +1081,8 @@ impl Queue {
         for ((slot, _, _), buf) in batch.iter().zip(bufs) {
             let pieces = &self.slots[*slot].as_ref().expect("slot in use").pieces;
             segs.extend(split_mut(pieces, buf).map(|(p, dst)| CopySeg::FromGuest {
-                gref: p.gref,
-                offset: p.offset,
+                gref: p.gref(),
+                offset: p.offset(),
                 dst,
             }));
         }
@@ -1136,8 +1123,8 @@ impl Queue {
             let pieces = &self.slots[*slot].as_ref().expect("slot in use").pieces;
             segs.extend(
                 split(pieces, sh.engine.buf(region)).map(|(p, src)| CopySeg::ToGuest {
-                    gref: p.gref,
-                    offset: p.offset,
+                    gref: p.gref(),
+                    offset: p.offset(),
                     src,
                 }),
             );
@@ -1343,7 +1330,7 @@ impl Queue {
 /// that are not limited (flush, discard, indirect not fetched yet).
 fn rw_cost(p: &Pending) -> Option<(bool, u64)> {
     match p {
-        Pending::Rw(r) => Some((r.op == RwOp::Write, r.len)),
+        Pending::Rw(r) => Some((r.op() == RwOp::Write, r.len())),
         _ => None,
     }
 }
@@ -1354,7 +1341,7 @@ fn split<'a>(
     mut buf: &'a [u8],
 ) -> impl Iterator<Item = (&'a Piece, &'a [u8])> {
     pieces.iter().map(move |p| {
-        let (part, rest) = buf.split_at(usize::from(p.len));
+        let (part, rest) = buf.split_at(usize::from(p.len()));
         buf = rest;
         (p, part)
     })
@@ -1366,7 +1353,7 @@ fn split_mut<'a>(
     mut buf: &'a mut [u8],
 ) -> impl Iterator<Item = (&'a Piece, &'a mut [u8])> {
     pieces.iter().map(move |p| {
-        let (part, rest) = std::mem::take(&mut buf).split_at_mut(usize::from(p.len));
+        let (part, rest) = std::mem::take(&mut buf).split_at_mut(usize::from(p.len()));
         buf = rest;
         (p, part)
     })

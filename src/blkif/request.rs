@@ -251,9 +251,33 @@ pub struct Segment {
 /// `gref`. Pieces follow each other on disk in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
-    pub gref: u32,
-    pub offset: u16,
-    pub len: u16,
+    gref: u32,
+    offset: u16,
+    len: u16,
+}
+
+impl Piece {
+    /// The granted page.
+    pub fn gref(&self) -> u32 {
+        self.gref
+    }
+    /// Byte offset in the page.
+    pub fn offset(&self) -> u16 {
+        self.offset
+    }
+    /// Bytes.
+    pub fn len(&self) -> u16 {
+        self.len
+    }
+    /// Never: the parser makes no empty piece.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// A piece as the parser would make it, for the unit tests' expectations.
+    #[cfg(test)]
+    pub(crate) fn new(gref: u32, offset: u16, len: u16) -> Piece {
+        Piece { gref, offset, len }
+    }
 }
 
 /// What the features the backend advertised allow.
@@ -306,21 +330,64 @@ pub enum RwOp {
 /// scattered over `pieces` (in disk order, lengths summing to `len`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RwRequest {
-    pub id: u64,
-    pub op: RwOp,
+    id: u64,
+    op: RwOp,
     /// WRITE_BARRIER: drain earlier requests, write, then flush. May have no
     /// pieces (a pure barrier).
-    pub barrier: bool,
+    barrier: bool,
     /// Operation to echo in the response (READ, WRITE, WRITE_BARRIER, or the
     /// inner op of an INDIRECT request).
-    pub response_op: u8,
+    response_op: u8,
     /// Start in 512-byte sectors.
-    pub sector: u64,
+    sector: u64,
     /// Start in bytes (`sector * 512`).
-    pub offset: u64,
+    offset: u64,
     /// Total bytes.
-    pub len: u64,
-    pub pieces: Vec<Piece>,
+    len: u64,
+    pieces: Vec<Piece>,
+}
+
+impl RwRequest {
+    /// The guest's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    /// Read or write.
+    pub fn op(&self) -> RwOp {
+        self.op
+    }
+    /// WRITE_BARRIER: drain earlier requests, write, then flush.
+    pub fn barrier(&self) -> bool {
+        self.barrier
+    }
+    /// The operation to echo in the response.
+    pub fn response_op(&self) -> u8 {
+        self.response_op
+    }
+    /// Start in 512-byte sectors.
+    pub fn sector(&self) -> u64 {
+        self.sector
+    }
+    /// Start in bytes.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+    /// Total bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// No data (a pure barrier).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The pieces, in disk order.
+    pub fn pieces(&self) -> &[Piece] {
+        &self.pieces
+    }
+    /// The pieces, taken out (the request is started).
+    pub fn into_pieces(self) -> Vec<Piece> {
+        self.pieces
+    }
 }
 
 /// A validated INDIRECT header. The backend grant-copies the first
@@ -328,15 +395,56 @@ pub struct RwRequest {
 /// [`IndirectRequest::complete`] to get the validated [`RwRequest`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndirectRequest {
-    pub id: u64,
-    pub op: RwOp,
-    pub sector: u64,
-    pub nr_segments: u16,
+    id: u64,
+    op: RwOp,
+    sector: u64,
+    nr_segments: u16,
     /// Only the first `nr_pages()` entries are meaningful.
-    pub indirect_grefs: [u32; BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST],
+    indirect_grefs: [u32; BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST],
 }
 
 impl IndirectRequest {
+    /// The guest's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    /// Read or write.
+    pub fn op(&self) -> RwOp {
+        self.op
+    }
+    /// Start in 512-byte sectors.
+    pub fn sector(&self) -> u64 {
+        self.sector
+    }
+    /// Segments in the indirect pages.
+    pub fn nr_segments(&self) -> u16 {
+        self.nr_segments
+    }
+    /// Every indirect gref of the slot as copied; only the first
+    /// [`nr_pages`](Self::nr_pages) are used ([`page_grefs`](Self::page_grefs)).
+    pub fn indirect_grefs(&self) -> &[u32; BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST] {
+        &self.indirect_grefs
+    }
+
+    /// A header as the parser would make it, unchecked, for the unit tests
+    /// of [`complete`](Self::complete)'s own bound.
+    #[cfg(test)]
+    pub(crate) fn unchecked(
+        id: u64,
+        op: RwOp,
+        sector: u64,
+        nr_segments: u16,
+        indirect_grefs: [u32; BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST],
+    ) -> IndirectRequest {
+        IndirectRequest {
+            id,
+            op,
+            sector,
+            nr_segments,
+            indirect_grefs,
+        }
+    }
+
     /// Indirect pages holding the segment list: ceil(nr_segments / 512).
     pub fn nr_pages(&self) -> usize {
         usize::from(self.nr_segments)
@@ -362,8 +470,8 @@ impl IndirectRequest {
     /// data transfer, or a rejection to answer.
     pub fn complete(&self, pages: &[u8], disk: &DiskInfo) -> Result<RwRequest, Rejection> {
         let reject = |reason| Rejection::new(self.id, self.response_op(), reason);
-        // `parse_request` checked this against what we advertised; the fields
-        // are public, so keep the 8-page bound here too.
+        // `parse_request` checked this against what we advertised; keep the
+        // 8-page bound here too (defence in depth: this indexes the pages).
         if u32::from(self.nr_segments) > MAX_INDIRECT_SEGMENTS || self.nr_segments == 0 {
             return Err(reject(RejectReason::BadSegmentCount {
                 nr_segments: u32::from(self.nr_segments),

@@ -329,26 +329,15 @@ fn request_round_trip_both_abis() {
         let Request::Rw(rw) = req else {
             panic!("not rw")
         };
-        assert_eq!(rw.op, RwOp::Write);
-        assert_eq!(rw.sector, 24);
-        assert_eq!(rw.offset, 24 * 512);
-        assert_eq!(rw.len, 12 * 512);
+        assert_eq!(rw.op(), RwOp::Write);
+        assert_eq!(rw.sector(), 24);
+        assert_eq!(rw.offset(), 24 * 512);
+        assert_eq!(rw.len(), 12 * 512);
         assert_eq!(
-            rw.pieces,
-            vec![
-                Piece {
-                    gref: 7,
-                    offset: 0,
-                    len: 4096
-                },
-                Piece {
-                    gref: 9,
-                    offset: 0,
-                    len: 2048
-                }
-            ]
+            rw.pieces(),
+            vec![Piece::new(7, 0, 4096), Piece::new(9, 0, 2048)]
         );
-        r.push_response(rw.id, rw.response_op, BLKIF_RSP_OKAY)
+        r.push_response(rw.id(), rw.response_op(), BLKIF_RSP_OKAY)
             .unwrap();
         assert!(r.push_responses_and_check_notify());
         assert_eq!(f.mem.get_u32(RSP_PROD), 1);
@@ -608,25 +597,21 @@ fn valid_requests_both_abis() {
         let Request::Rw(rw) = parse_request(&s.raw(), &d).unwrap() else {
             panic!()
         };
-        assert_eq!((rw.op, rw.barrier, rw.len), (RwOp::Read, false, 4 * 512));
         assert_eq!(
-            rw.pieces,
-            vec![Piece {
-                gref: 3,
-                offset: 1024,
-                len: 2048
-            }]
+            (rw.op(), rw.barrier(), rw.len()),
+            (RwOp::Read, false, 4 * 512)
         );
-        assert_eq!(rw.response_op, BLKIF_OP_READ);
+        assert_eq!(rw.pieces(), vec![Piece::new(3, 1024, 2048)]);
+        assert_eq!(rw.response_op(), BLKIF_OP_READ);
 
         let segs: Vec<_> = (0..11).map(|i| (i, 0, 7)).collect();
         let s = Slot::rw(abi, BLKIF_OP_WRITE, 2, d.sectors - 88, &segs);
         let Request::Rw(rw) = parse_request(&s.raw(), &d).unwrap() else {
             panic!()
         };
-        assert_eq!(rw.len, 88 * 512);
+        assert_eq!(rw.len(), 88 * 512);
         assert_eq!(
-            rw.offset + rw.len,
+            rw.offset() + rw.len(),
             d.sectors * 512,
             "ends exactly at the disk end"
         );
@@ -635,9 +620,9 @@ fn valid_requests_both_abis() {
         let Request::Rw(rw) = parse_request(&s.raw(), &d).unwrap() else {
             panic!()
         };
-        assert!(rw.barrier && rw.pieces.is_empty());
+        assert!(rw.barrier() && rw.pieces().is_empty());
         assert_eq!(
-            (rw.op, rw.response_op),
+            (rw.op(), rw.response_op()),
             (RwOp::Write, BLKIF_OP_WRITE_BARRIER)
         );
 
@@ -651,8 +636,8 @@ fn valid_requests_both_abis() {
         let Request::Rw(rw) = parse_request(&s.raw(), &d).unwrap() else {
             panic!("flush with data is not a write");
         };
-        assert!(rw.barrier && rw.op == RwOp::Write && rw.len == 4096 && rw.offset == 4096);
-        assert_eq!((rw.id, rw.response_op), (6, BLKIF_OP_FLUSH_DISKCACHE));
+        assert!(rw.barrier() && rw.op() == RwOp::Write && rw.len() == 4096 && rw.offset() == 4096);
+        assert_eq!((rw.id(), rw.response_op()), (6, BLKIF_OP_FLUSH_DISKCACHE));
         let s = Slot::rw(abi, BLKIF_OP_FLUSH_DISKCACHE, 7, 0, &[(1, 3, 2)]);
         let r = rejected(abi, &s, &d);
         assert_eq!(
@@ -771,7 +756,7 @@ fn range_checks() {
         ));
         let s = Slot::rw(abi, BLKIF_OP_READ, 1, u64::MAX / 512 - 8, &[(1, 0, 7)]);
         match parse_request(&s.raw(), &huge) {
-            Ok(Request::Rw(r)) => assert_eq!(r.offset, (u64::MAX / 512 - 8) * 512),
+            Ok(Request::Rw(r)) => assert_eq!(r.offset(), (u64::MAX / 512 - 8) * 512),
             other => panic!("last representable sectors refused: {other:?}"),
         }
     }
@@ -788,7 +773,7 @@ fn alignment_on_4096_byte_sectors() {
         let Request::Rw(rw) = parse_request(&ok.raw(), &d).unwrap() else {
             panic!()
         };
-        assert_eq!(rw.len, 8192);
+        assert_eq!(rw.len(), 8192);
         let bad = [
             Slot::rw(abi, BLKIF_OP_WRITE, 1, 4, &[(1, 0, 7)]), // start
             Slot::rw(abi, BLKIF_OP_READ, 1, 8, &[(1, 1, 7)]),  // first_sect
@@ -923,26 +908,19 @@ fn indirect_requests() {
             panic!()
         };
         assert_eq!(
-            (ind.id, ind.op, ind.sector, ind.nr_segments),
+            (ind.id(), ind.op(), ind.sector(), ind.nr_segments()),
             (0x55, RwOp::Write, 64, 256)
         );
         assert_eq!(ind.page_grefs(), &[500]);
         assert_eq!(ind.response_op(), BLKIF_OP_WRITE, "inner op echoed");
         let rw = ind.complete(&indirect_pages(&segs), &d).unwrap();
         assert_eq!(
-            (rw.id, rw.response_op, rw.barrier),
+            (rw.id(), rw.response_op(), rw.barrier()),
             (0x55, BLKIF_OP_WRITE, false)
         );
-        assert_eq!(rw.len, 256 * 4096);
-        assert_eq!(rw.pieces.len(), 256);
-        assert_eq!(
-            rw.pieces[255],
-            Piece {
-                gref: 1255,
-                offset: 0,
-                len: 4096
-            }
-        );
+        assert_eq!(rw.len(), 256 * 4096);
+        assert_eq!(rw.pieces().len(), 256);
+        assert_eq!(rw.pieces()[255], Piece::new(1255, 0, 4096));
 
         // More segments than one page: two pages.
         let d2 = DiskInfo {
@@ -956,7 +934,7 @@ fn indirect_requests() {
         };
         assert_eq!(ind.page_grefs(), &[500, 501]);
         let rw = ind.complete(&indirect_pages(&segs), &d2).unwrap();
-        assert_eq!((rw.op, rw.len), (RwOp::Read, 600 * 512));
+        assert_eq!((rw.op(), rw.len()), (RwOp::Read, 600 * 512));
 
         // Bad inner op: error, inner op echoed.
         for inner in [
@@ -1037,10 +1015,13 @@ fn indirect_segment_list_is_validated() {
         }]
     );
     // A hand-made header beyond 8 pages is refused, not sliced out of bounds.
-    let huge = IndirectRequest {
-        nr_segments: u16::MAX,
-        ..ind.clone()
-    };
+    let huge = IndirectRequest::unchecked(
+        ind.id(),
+        ind.op(),
+        ind.sector(),
+        u16::MAX,
+        *ind.indirect_grefs(),
+    );
     assert_eq!(huge.page_grefs().len(), 8);
     let e = huge.complete(&[], &d).unwrap_err();
     assert!(matches!(e.reason, RejectReason::BadSegmentCount { .. }));
@@ -1087,13 +1068,13 @@ fn arbitrary_slot_bytes_never_panic() {
             let raw = RawRequest::from_bytes(abi, &bytes).unwrap();
             match parse_request(&raw, &d) {
                 Ok(Request::Rw(rw)) => {
-                    assert!(rw.pieces.is_empty() || rw.offset + rw.len <= d.sectors * 512);
+                    assert!(rw.pieces().is_empty() || rw.offset() + rw.len() <= d.sectors * 512);
                     assert_eq!(
-                        rw.len,
-                        rw.pieces.iter().map(|p| u64::from(p.len)).sum::<u64>()
+                        rw.len(),
+                        rw.pieces().iter().map(|p| u64::from(p.len())).sum::<u64>()
                     );
-                    for p in &rw.pieces {
-                        assert!(usize::from(p.offset) + usize::from(p.len) <= 4096);
+                    for p in rw.pieces() {
+                        assert!(usize::from(p.offset()) + usize::from(p.len()) <= 4096);
                     }
                 }
                 Ok(Request::Discard {

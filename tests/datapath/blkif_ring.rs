@@ -89,8 +89,8 @@ fn a_frontend_outside_the_crate_gets_answers() {
             while let Some(raw) = ring.next_request().unwrap() {
                 let (id, op, status) = match parse_request(&raw, &disk) {
                     Ok(Request::Rw(rw)) => {
-                        assert_eq!(rw.len, 4096);
-                        (rw.id, rw.response_op, 0)
+                        assert_eq!(rw.len(), 4096);
+                        (rw.id(), rw.response_op(), 0)
                     }
                     Ok(other) => panic!("unexpected {other:?}"),
                     Err(rej) => (rej.id, rej.operation, rej.status),

@@ -239,50 +239,54 @@ pub fn model_indirect(write: bool, sector: u64, nr: u16, pages: &[u8], d: &DiskI
 
 /// Safety properties of an accepted read/write, independent of the model.
 pub fn check_rw(r: &RwRequest, d: &DiskInfo) {
-    let sum: u64 = r.pieces.iter().map(|p| u64::from(p.len)).sum();
-    assert_eq!(sum, r.len, "pieces must add up to the length: {r:?}");
-    for p in &r.pieces {
-        assert!(p.len > 0 && p.len % 512 == 0, "piece length {p:?}");
+    let sum: u64 = r.pieces().iter().map(|p| u64::from(p.len())).sum();
+    assert_eq!(sum, r.len(), "pieces must add up to the length: {r:?}");
+    for p in r.pieces() {
+        assert!(!p.is_empty() && p.len() % 512 == 0, "piece length {p:?}");
         assert!(
-            usize::from(p.offset) + usize::from(p.len) <= 4096,
+            usize::from(p.offset()) + usize::from(p.len()) <= 4096,
             "piece outside its page: {p:?}"
         );
-        assert_eq!(p.offset % 512, 0, "piece offset {p:?}");
+        assert_eq!(p.offset() % 512, 0, "piece offset {p:?}");
     }
     let lss = u64::from(d.logical_sector_size.max(512));
-    if r.len > 0 {
-        assert_eq!(r.offset, r.sector * 512);
-        let end = r.offset.checked_add(r.len).expect("range overflows");
+    if !r.is_empty() {
+        assert_eq!(r.offset(), r.sector() * 512);
+        let end = r.offset().checked_add(r.len()).expect("range overflows");
         assert!(
             u128::from(end) <= u128::from(d.sectors) * 512,
             "range {}+{} outside a disk of {} sectors",
-            r.offset,
-            r.len,
+            r.offset(),
+            r.len(),
             d.sectors
         );
-        assert_eq!(r.offset % lss, 0, "start not aligned to {lss}");
-        assert_eq!(r.len % lss, 0, "length not a multiple of {lss}");
-        for p in &r.pieces {
-            assert_eq!(u64::from(p.len) % lss, 0, "piece not whole logical sectors");
+        assert_eq!(r.offset() % lss, 0, "start not aligned to {lss}");
+        assert_eq!(r.len() % lss, 0, "length not a multiple of {lss}");
+        for p in r.pieces() {
+            assert_eq!(
+                u64::from(p.len()) % lss,
+                0,
+                "piece not whole logical sectors"
+            );
         }
     } else {
         assert!(
-            r.barrier,
+            r.barrier(),
             "an empty transfer that is not a pure barrier: {r:?}"
         );
     }
     if d.read_only {
-        assert_eq!(r.op, RwOp::Read, "write accepted on a read-only disk");
+        assert_eq!(r.op(), RwOp::Read, "write accepted on a read-only disk");
     }
-    if r.barrier {
+    if r.barrier() {
         // WRITE_BARRIER needs feature-barrier; a FLUSH_DISKCACHE with data
         // (run as a barrier) needs feature-flush-cache.
-        match r.response_op {
+        match r.response_op() {
             2 => assert!(d.features.barrier),
-            3 => assert!(d.features.flush && !r.pieces.is_empty()),
+            3 => assert!(d.features.flush && !r.pieces().is_empty()),
             op => panic!("barrier with response op {op}"),
         }
-        assert_eq!(r.op, RwOp::Write);
+        assert_eq!(r.op(), RwOp::Write);
     }
 }
 
@@ -296,10 +300,14 @@ fn same_rw(r: &RwRequest, e: &Expect) -> bool {
     else {
         return false;
     };
-    let got: Vec<(u32, u16, u16)> = r.pieces.iter().map(|p| (p.gref, p.offset, p.len)).collect();
-    (r.op == RwOp::Write) == *write
-        && r.barrier == *barrier
-        && r.sector == *sector
+    let got: Vec<(u32, u16, u16)> = r
+        .pieces()
+        .iter()
+        .map(|p| (p.gref(), p.offset(), p.len()))
+        .collect();
+    (r.op() == RwOp::Write) == *write
+        && r.barrier() == *barrier
+        && r.sector() == *sector
         && &got == pieces
 }
 
@@ -364,8 +372,8 @@ pub fn run(data: &[u8]) {
         }
         (Ok(Request::Rw(r)), e) if same_rw(r, e) => {
             check_rw(r, &d);
-            assert_eq!(r.id, id);
-            assert_eq!(r.response_op, slot[0]);
+            assert_eq!(r.id(), id);
+            assert_eq!(r.response_op(), slot[0]);
         }
         (Ok(Request::Flush { id: i }), Expect::Flush) => assert_eq!(*i, id),
         (
@@ -394,10 +402,10 @@ pub fn run(data: &[u8]) {
                 grefs,
             },
         ) => {
-            assert_eq!(ind.id, id);
-            assert_eq!(ind.op == RwOp::Write, *write);
-            assert_eq!((ind.sector, ind.nr_segments), (*sector, *nr));
-            assert_eq!(&ind.indirect_grefs, grefs);
+            assert_eq!(ind.id(), id);
+            assert_eq!(ind.op() == RwOp::Write, *write);
+            assert_eq!((ind.sector(), ind.nr_segments()), (*sector, *nr));
+            assert_eq!(ind.indirect_grefs(), grefs);
             let n = ind.nr_pages();
             assert!((1..=8).contains(&n) && n * 512 >= usize::from(*nr));
             assert_eq!(ind.page_grefs(), &grefs[..n]);
@@ -415,8 +423,8 @@ pub fn run(data: &[u8]) {
                     }
                     (Ok(r), e) if same_rw(&r, e) => {
                         check_rw(&r, &d);
-                        assert_eq!((r.id, r.response_op), (id, slot[1]));
-                        assert_eq!(r.pieces.len(), usize::from(*nr));
+                        assert_eq!((r.id(), r.response_op()), (id, slot[1]));
+                        assert_eq!(r.pieces().len(), usize::from(*nr));
                     }
                     (g, e) => panic!("indirect complete: got {g:?}, model {e:?}"),
                 }
