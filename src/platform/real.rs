@@ -72,6 +72,58 @@ fn xs_domain_exists(xs: &XsClient, domid: DomId) -> io::Result<bool> {
         .map_err(|e| io::Error::other(format!("xenstore: domain {domid}: {e}")))
 }
 
+/// The gntdev and evtchn ioctls, typed: each takes a pointer to its own
+/// argument struct (xen-sys), so a request number cannot meet the wrong
+/// argument. Calling one is `unsafe`: the pointer must be live and point at
+/// what the request reads and writes.
+mod ioctls {
+    use xen_sys::evtchn as ev;
+    use xen_sys::gntdev as gd;
+
+    nix::ioctl_readwrite_bad!(
+        /// `IOCTL_GNTDEV_MAP_GRANT_REF`: the header followed by `count` refs.
+        map_grant_ref,
+        gd::IOCTL_GNTDEV_MAP_GRANT_REF,
+        gd::ioctl_gntdev_map_grant_ref
+    );
+    nix::ioctl_readwrite_bad!(
+        /// `IOCTL_GNTDEV_UNMAP_GRANT_REF`.
+        unmap_grant_ref,
+        gd::IOCTL_GNTDEV_UNMAP_GRANT_REF,
+        gd::ioctl_gntdev_unmap_grant_ref
+    );
+    nix::ioctl_readwrite_bad!(
+        /// `IOCTL_GNTDEV_GRANT_COPY`: `count` segments at `segments`.
+        grant_copy,
+        gd::IOCTL_GNTDEV_GRANT_COPY,
+        gd::ioctl_gntdev_grant_copy
+    );
+    nix::ioctl_readwrite_bad!(
+        /// `IOCTL_EVTCHN_BIND_INTERDOMAIN`: returns the local port.
+        bind_interdomain,
+        ev::IOCTL_EVTCHN_BIND_INTERDOMAIN,
+        ev::ioctl_evtchn_bind_interdomain
+    );
+    nix::ioctl_readwrite_bad!(
+        /// `IOCTL_EVTCHN_NOTIFY`.
+        notify,
+        ev::IOCTL_EVTCHN_NOTIFY,
+        ev::ioctl_evtchn_notify
+    );
+    nix::ioctl_readwrite_bad!(
+        /// `IOCTL_EVTCHN_UNBIND`.
+        unbind,
+        ev::IOCTL_EVTCHN_UNBIND,
+        ev::ioctl_evtchn_unbind
+    );
+}
+
+/// An ioctl's error, naming what was asked.
+fn ioctl_error(e: nix::Error, what: &str) -> io::Error {
+    let e = io::Error::from(e);
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
 impl RealXen {
     /// Open `/dev/xen/gntdev` (event channel files are opened per bind).
     pub fn open() -> io::Result<RealXen> {
@@ -81,23 +133,6 @@ impl RealXen {
             xenstore_path: PathBuf::from(XENSTORED_SOCKET),
             xs_cached: std::sync::Mutex::new(None),
         })
-    }
-
-    fn ioctl(
-        &self,
-        fd: RawFd,
-        req: u32,
-        arg: *mut libc::c_void,
-        what: &str,
-    ) -> io::Result<libc::c_int> {
-        // SAFETY: every caller passes a request number from xen-sys together with a
-        // pointer to the matching, live, correctly sized #[repr(C)] argument.
-        let r = unsafe { libc::ioctl(fd, req as libc::c_ulong as _, arg) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
-        }
-        Ok(r)
     }
 }
 
@@ -136,18 +171,8 @@ fn unmap_grant_ref(gntdev: &File, index: u64, count: u32) {
         pad: 0,
     };
     // SAFETY: UNMAP_GRANT_REF with a pointer to its live argument struct.
-    let r = unsafe {
-        libc::ioctl(
-            gntdev.as_raw_fd(),
-            gd::IOCTL_GNTDEV_UNMAP_GRANT_REF as libc::c_ulong as _,
-            &mut u as *mut gd::ioctl_gntdev_unmap_grant_ref,
-        )
-    };
-    if r < 0 {
-        log::warn!(
-            "gntdev: UNMAP_GRANT_REF index {index}: {}",
-            io::Error::last_os_error()
-        );
+    if let Err(e) = unsafe { ioctls::unmap_grant_ref(gntdev.as_raw_fd(), &mut u) } {
+        log::warn!("gntdev: UNMAP_GRANT_REF index {index}: {e}");
     }
 }
 
@@ -174,20 +199,8 @@ impl EventChannel for RealChannel {
     fn notify(&self) -> io::Result<()> {
         let mut n = ev::ioctl_evtchn_notify { port: self.port };
         // SAFETY: NOTIFY with a pointer to its live argument.
-        let r = unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                ev::IOCTL_EVTCHN_NOTIFY as libc::c_ulong as _,
-                &mut n as *mut ev::ioctl_evtchn_notify,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return Err(io::Error::new(
-                e.kind(),
-                format!("evtchn notify port {}: {e}", self.port),
-            ));
-        }
+        unsafe { ioctls::notify(self.file.as_raw_fd(), &mut n) }
+            .map_err(|e| ioctl_error(e, &format!("evtchn notify port {}", self.port)))?;
         Ok(())
     }
 
@@ -221,19 +234,8 @@ impl Drop for RealChannel {
         let mut u = ev::ioctl_evtchn_unbind { port: self.port };
         // SAFETY: UNBIND with a pointer to its live argument (closing would unbind
         // too; this makes it explicit and logs failures).
-        let r = unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                ev::IOCTL_EVTCHN_UNBIND as libc::c_ulong as _,
-                &mut u as *mut ev::ioctl_evtchn_unbind,
-            )
-        };
-        if r < 0 {
-            log::debug!(
-                "evtchn unbind port {}: {}",
-                self.port,
-                io::Error::last_os_error()
-            );
+        if let Err(e) = unsafe { ioctls::unbind(self.file.as_raw_fd(), &mut u) } {
+            log::debug!("evtchn unbind port {}: {e}", self.port,);
         }
     }
 }
@@ -282,15 +284,17 @@ impl Platform for RealXen {
                 }
             }
         }
-        self.ioctl(
-            fd,
-            gd::IOCTL_GNTDEV_MAP_GRANT_REF,
-            buf.as_mut_ptr().cast(),
-            &format!(
-                "gntdev: MAP_GRANT_REF of {} refs from domain {domid}",
-                refs.len()
-            ),
-        )?;
+        // SAFETY: buf holds the header and refs.len() refs, which is what
+        // MAP_GRANT_REF reads (count refs) and writes (the header's index).
+        unsafe { ioctls::map_grant_ref(fd, buf.as_mut_ptr().cast()) }.map_err(|e| {
+            ioctl_error(
+                e,
+                &format!(
+                    "gntdev: MAP_GRANT_REF of {} refs from domain {domid}",
+                    refs.len()
+                ),
+            )
+        })?;
         // SAFETY: reading the OUT field of the header we passed.
         let index = unsafe { (*buf.as_ptr().cast::<gd::ioctl_gntdev_map_grant_ref>()).index };
         let len = refs.len() * PAGE_SIZE;
@@ -387,17 +391,19 @@ impl Platform for RealXen {
             count: ops.len() as u32,
             segments: ops.as_mut_ptr(),
         };
-        // The local buffers stay borrowed (through `segs`) for the whole call, and
-        // the kernel writes only into ToGuest's guest page / FromGuest's `dst`.
-        self.ioctl(
-            self.gntdev.as_raw_fd(),
-            gd::IOCTL_GNTDEV_GRANT_COPY,
-            (&mut arg as *mut gd::ioctl_gntdev_grant_copy).cast(),
-            &format!(
-                "gntdev: GRANT_COPY of {} segments with domain {domid}",
-                ops.len()
-            ),
-        )?;
+        // SAFETY: arg names ops.len() live segments in `ops`, whose local
+        // buffers stay borrowed (through `segs`) for the whole call; the kernel
+        // writes only each segment's status, ToGuest's guest page and
+        // FromGuest's `dst`.
+        unsafe { ioctls::grant_copy(self.gntdev.as_raw_fd(), &mut arg) }.map_err(|e| {
+            ioctl_error(
+                e,
+                &format!(
+                    "gntdev: GRANT_COPY of {} segments with domain {domid}",
+                    ops.len()
+                ),
+            )
+        })?;
         for (op, &i) in ops.iter().zip(which.iter()) {
             status[i] = GrantStatus::from_code(op.status);
         }
@@ -421,12 +427,13 @@ impl Platform for RealXen {
             remote_domain: u32::from(domid),
             remote_port,
         };
-        let port = self.ioctl(
-            file.as_raw_fd(),
-            ev::IOCTL_EVTCHN_BIND_INTERDOMAIN,
-            (&mut b as *mut ev::ioctl_evtchn_bind_interdomain).cast(),
-            &format!("evtchn: bind to port {remote_port} of domain {domid}"),
-        )?;
+        // SAFETY: BIND_INTERDOMAIN with a pointer to its live argument.
+        let port = unsafe { ioctls::bind_interdomain(file.as_raw_fd(), &mut b) }.map_err(|e| {
+            ioctl_error(
+                e,
+                &format!("evtchn: bind to port {remote_port} of domain {domid}"),
+            )
+        })?;
         Ok(Box::new(RealChannel {
             file,
             port: port as Port,
