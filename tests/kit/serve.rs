@@ -111,3 +111,58 @@ impl Drop for Stopped {
         let _ = self.0.wait();
     }
 }
+
+/// Wait (at most the hang bound) until the daemon at `sock` reports its first
+/// device Connected; fails with the daemon's log `log` otherwise.
+pub fn wait_first_device_connected(sock: &Path, log: &Path) {
+    let connected = super::wait_until(super::HANG, || {
+        control::request(sock, "status").is_ok_and(|v| v["devices"][0]["state"] == "Connected")
+    });
+    assert!(
+        connected,
+        "device not Connected; log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// As the toolstack and the hotplug script do it against a `refblk serve` at
+/// `sock`: create guest `domid` and the nodes of its xvda with `target`, wait
+/// for the backend's InitWait, send `attach_line` (`{be}` = the backend path)
+/// over the control socket, and connect the guest's frontend.
+pub fn attach_over_control(
+    sim: &refblk::platform::sim::SimXen,
+    sock: &Path,
+    domid: u16,
+    target: &str,
+    attach_line: &str,
+) -> (refblk::frontend::Vbd, refblk::frontend::Frontend) {
+    use refblk::frontend::{Frontend, FrontendOptions, Toolstack, VbdSpec};
+    use xen_sys::xenbus::XenbusState;
+    let xs = refblk::xenstore::XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
+    let ts = Toolstack::with_control_socket(xs, sock);
+    ts.create_domain(domid).expect("domain");
+    let guest = std::sync::Arc::new(sim.create_guest(domid, 2048).expect("guest"));
+    let vbd = ts
+        .create_vbd_nodes(&VbdSpec::new(domid, super::XVDA, target))
+        .expect("vbd nodes");
+    assert!(
+        super::wait_until(super::HANG, || {
+            ts.backend_state(&vbd).unwrap() == XenbusState::InitWait
+        }),
+        "backend never reached InitWait"
+    );
+    let line = attach_line.replace("{be}", &vbd.backend_path);
+    let v = control::request(sock, &line).expect("attach");
+    assert_eq!(v["ok"], true, "{line}: {v}");
+    let fe = Frontend::connect(
+        &sim.xenstored_path(),
+        guest,
+        super::XVDA,
+        FrontendOptions {
+            timeout: Duration::from_secs(60),
+            ..FrontendOptions::default()
+        },
+    )
+    .expect("frontend");
+    (vbd, fe)
+}

@@ -7,32 +7,15 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::kit::serve::Daemon;
+use crate::kit::serve::{attach_over_control, wait_first_device_connected, Daemon};
 use crate::kit::*;
 use refblk::backend::control;
-use refblk::frontend::{Frontend, FrontendOptions, Toolstack, VbdSpec};
+use refblk::frontend::Frontend;
 use refblk::platform::sim::SimXen;
 use refblk::xenstore::XsClient;
 use xen_sys::xenbus::XenbusState;
 
 const MIB: u64 = 1 << 20;
-
-fn wait_connected(sock: &Path, log: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(v) = control::request(sock, "status") {
-            if v["devices"][0]["state"] == "Connected" {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "device not Connected; log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// A daemon (`refblk serve` child 0) serving one vbd of guest `domid`, given
 /// its image by the control-socket line `attach_line` (`{be}` = the backend
@@ -56,32 +39,8 @@ fn serve_one(
         wait_until(HANG, || control::request(sock, "status").is_ok()),
         "control socket never came up"
     );
-    let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
-    let ts = Toolstack::with_control_socket(xs, sock);
-    let deadline = Instant::now() + HANG;
-    ts.create_domain(domid).expect("domain");
-    let guest = std::sync::Arc::new(sim.create_guest(domid, 2048).expect("guest"));
-    let vbd = ts
-        .create_vbd_nodes(&VbdSpec::new(domid, XVDA, target))
-        .expect("vbd nodes");
-    while ts.backend_state(&vbd).unwrap() != XenbusState::InitWait {
-        assert!(Instant::now() < deadline, "backend never reached InitWait");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let line = attach_line.replace("{be}", &vbd.backend_path);
-    let v = control::request(sock, &line).expect("attach");
-    assert_eq!(v["ok"], true, "{line}: {v}");
-    let fe = Frontend::connect(
-        &sim.xenstored_path(),
-        guest,
-        XVDA,
-        FrontendOptions {
-            timeout: Duration::from_secs(60),
-            ..FrontendOptions::default()
-        },
-    )
-    .expect("frontend");
-    wait_connected(sock, &daemon.log);
+    let (vbd, fe) = attach_over_control(sim, sock, domid, target, attach_line);
+    wait_first_device_connected(sock, &daemon.log);
     Served { daemon, vbd, fe }
 }
 
@@ -168,7 +127,7 @@ fn restart_with_volume(closing_during_restart: bool) {
         return;
     }
     let mut daemon = Daemon::spawn(dir.path(), 1, &[]);
-    wait_connected(&sock, &daemon.log);
+    wait_first_device_connected(&sock, &daemon.log);
     let text = daemon.log_text();
     assert!(
         text.contains("resumed after a restart") && text.contains("taking over"),
@@ -227,7 +186,7 @@ fn a_plain_images_disk_line_limits_survive_a_restart() {
     fe.write(0, &[7u8; 4096]).expect("write");
     daemon.kill9();
     let mut daemon = Daemon::spawn(dir.path(), 1, &[]);
-    wait_connected(&sock, &daemon.log);
+    wait_first_device_connected(&sock, &daemon.log);
     let v = control::request(&sock, "status").expect("status");
     let l = &v["devices"][0]["limits"];
     assert_eq!(l["read_iops"], 77, "{v}");

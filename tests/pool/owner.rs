@@ -13,14 +13,13 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::{listing, run_env, text};
-use crate::kit::serve::Daemon;
+use crate::kit::serve::{attach_over_control, wait_first_device_connected, Daemon};
 use crate::kit::*;
 use refblk::backend::control;
-use refblk::frontend::{Frontend, FrontendOptions, Toolstack, VbdSpec};
+use refblk::frontend::Frontend;
 use refblk::platform::sim::SimXen;
 use refblk::util::scratchfs::{FsKind, ScratchFs};
 use refblk::xenstore::XsClient;
-use xen_sys::xenbus::XenbusState;
 
 /// `refblk ARGS` with warnings logged (the daemons and simulators it starts
 /// too).
@@ -30,23 +29,6 @@ fn refblk(args: &[&str]) -> Output {
 
 const MIB: u64 = 1 << 20;
 const VID: &str = "appvms/work/private";
-
-fn wait_connected(sock: &Path, d: &Daemon) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(v) = control::request(sock, "status") {
-            if v["devices"][0]["state"] == "Connected" {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "device not Connected; log:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Kills a daemon the test started if it still runs when the test ends (a
 /// failing assertion must not leave `refblk serve` behind).
@@ -87,8 +69,8 @@ fn wait_control(sock: &Path) {
     }
 }
 
-/// Attach `vid` of `pool` to a new guest `domid` served by `daemon`, connect
-/// the guest's frontend.
+/// Attach `vid` of `pool` to a new guest `domid` served by the daemon at
+/// `sock`, connect the guest's frontend.
 fn attach_guest(
     sim: &SimXen,
     sock: &Path,
@@ -96,40 +78,13 @@ fn attach_guest(
     pool: &Path,
     vid: &str,
 ) -> (refblk::frontend::Vbd, Frontend) {
-    let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
-    let ts = Toolstack::with_control_socket(xs, sock);
-    ts.create_domain(domid).expect("domain");
-    let guest = std::sync::Arc::new(sim.create_guest(domid, 2048).expect("guest"));
-    let vbd = ts
-        .create_vbd_nodes(&VbdSpec::new(
-            domid,
-            XVDA,
-            format!("refblk:{}:{vid}", pool.display()),
-        ))
-        .expect("vbd nodes");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ts.backend_state(&vbd).unwrap() != XenbusState::InitWait {
-        assert!(Instant::now() < deadline, "backend never reached InitWait");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let line = format!(
-        "attach-volume {} {} {vid}",
-        vbd.backend_path,
-        pool.display()
-    );
-    let v = control::request(sock, &line).expect("attach");
-    assert_eq!(v["ok"], true, "{line}: {v}");
-    let fe = Frontend::connect(
-        &sim.xenstored_path(),
-        guest,
-        XVDA,
-        FrontendOptions {
-            timeout: Duration::from_secs(60),
-            ..FrontendOptions::default()
-        },
+    attach_over_control(
+        sim,
+        sock,
+        domid,
+        &format!("refblk:{}:{vid}", pool.display()),
+        &format!("attach-volume {{be}} {} {vid}", pool.display()),
     )
-    .expect("frontend");
-    (vbd, fe)
 }
 
 /// Every verb that would change the volume's files: refused with exit 5, the
@@ -250,7 +205,7 @@ fn served_volume_refuses_every_verb(kind: FsKind) {
     wait_control(&sock);
     let domid = 7;
     let (vbd, mut fe) = attach_guest(&sim, &sock, domid, &pool, VID);
-    wait_connected(&sock, &daemon);
+    wait_first_device_connected(&sock, &daemon.log);
     let a = vec![0xa1u8; 256 << 10];
     fe.write(0, &a).expect("guest write");
     fe.flush().expect("flush");
@@ -303,7 +258,7 @@ fn served_volume_refuses_every_verb(kind: FsKind) {
     // restart: the new daemon takes the device and the claim over
     let mut daemon = Daemon::spawn(mdir.path(), 1, &[]);
     let _reap1 = Reap(daemon.child.id());
-    wait_connected(&sock, &daemon);
+    wait_first_device_connected(&sock, &daemon.log);
     assert_eq!(fe.read(0, a.len()).unwrap(), a);
     all_verbs_refused(&pool, fs.path(), domid, daemon.child.id(), "restarted");
 
@@ -374,7 +329,7 @@ fn detach_of_a_volume_that_is_not_running_fails() {
     let _reap = Reap(daemon.child.id());
     wait_control(&sock);
     let (vbd, fe) = attach_guest(&sim, &sock, 3, &pool, VID);
-    wait_connected(&sock, &daemon);
+    wait_first_device_connected(&sock, &daemon.log);
     let dirty = pool.join(format!("{VID}-dirty.img"));
     std::fs::rename(&dirty, mdir.path().join("stolen.img")).unwrap();
     let o = refblk(&[
