@@ -44,9 +44,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use refblk::backend::AttachOptions;
 use refblk::bench::stats::Spread;
-use refblk::frontend::{Frontend, FrontendOptions};
+use refblk_core::backend::AttachOptions;
+use refblk_sim::frontend::{Frontend, FrontendOptions};
 use support::hostile::{back_to_initialising, HostileGuest, Misbehaviour, Outcome};
 use support::{machine_dir, make_image, submit_rw, Rig, Rng, LONG, XVDA};
 
@@ -166,7 +166,7 @@ impl Scenario {
 /// ready for the next connect.
 fn guest_a(
     xs: &std::path::Path,
-    guest: Arc<refblk::platform::sim::SimGuest>,
+    guest: Arc<refblk_sim::SimGuest>,
     sc: Scenario,
     seed: u64,
     started: &AtomicBool,
@@ -198,7 +198,7 @@ fn guest_a(
                     .map(|i| {
                         fe.submit(
                             None,
-                            refblk::frontend::IoRequest::Write {
+                            refblk_sim::frontend::IoRequest::Write {
                                 sector: first + 128 * i,
                                 data: &data,
                             },

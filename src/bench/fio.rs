@@ -20,7 +20,7 @@ use serde_json::Value;
 use super::target::{BlockTarget, EngineTarget, IoOp};
 use super::workload::{IoCounts, IoSpec, Pattern, Stop};
 use super::Sample;
-use crate::util::scratchfs::have_tool;
+use refblk_sim::scratchfs::have_tool;
 
 /// fio's version (`fio-3.33`), or why it cannot be used.
 pub fn available() -> Result<String, String> {

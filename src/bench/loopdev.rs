@@ -5,7 +5,7 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-use crate::util::scratchfs::{attach_loop, detach, run};
+use refblk_sim::scratchfs::{attach_loop, detach, run};
 
 /// An attached loop device.
 #[derive(Debug)]

@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::pool::{InitOptions, Pool, VolumeConfig};
+use refblk_core::pool::{InitOptions, Pool, VolumeConfig};
 
 use super::target::fill_pattern;
 use super::{clone_or_copy, drop_cache, extents, fmt_bytes, write_dense, MetaResult, Progress};
@@ -48,7 +48,7 @@ fn time_ms(f: impl FnOnce() -> io::Result<()>) -> io::Result<f64> {
     Ok(t.elapsed().as_secs_f64() * 1000.0)
 }
 
-fn pool_err(e: crate::pool::PoolError) -> io::Error {
+fn pool_err(e: refblk_core::pool::PoolError) -> io::Error {
     io::Error::other(e.to_string())
 }
 

@@ -29,9 +29,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::util::scratchfs::{FsKind, ScratchFs};
 use loopdev::LoopDev;
 use profile::{Kind, PathKind, Prep, Profile};
+use refblk_sim::scratchfs::{FsKind, ScratchFs};
 use target::{fill_pattern, BlockTarget, EngineTarget};
 use workload::Stop;
 
@@ -344,7 +344,7 @@ fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
             }
             let dir = d.join(format!("refblk-bench.{}", std::process::id()));
             fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            let reflink = crate::pool::reflink_supported(&dir).unwrap_or(false);
+            let reflink = refblk_core::pool::reflink_supported(&dir).unwrap_or(false);
             Ok(Workspace {
                 dir,
                 _fs: None,
@@ -745,7 +745,7 @@ pub fn clone_or_copy(src: &Path, dst: &Path) -> io::Result<bool> {
     let _ = fs::remove_file(dst);
     let s = File::open(src)?;
     let d = OpenOptions::new().write(true).create_new(true).open(dst)?;
-    if crate::pool::fsops::try_reflink(&s, &d)? {
+    if refblk_core::pool::fsops::try_reflink(&s, &d)? {
         return Ok(true);
     }
     drop(d);
@@ -798,7 +798,7 @@ pub fn extents(path: &Path) -> u64 {
 
 /// "1 GiB", "512 MiB", ...
 pub fn fmt_bytes(n: u64) -> String {
-    crate::util::size::format_size(n)
+    refblk_core::util::size::format_size(n)
 }
 
 fn utc_now() -> String {
@@ -806,7 +806,7 @@ fn utc_now() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    crate::pool::layout::isodate(secs)
+    refblk_core::pool::layout::isodate(secs)
 }
 
 fn host_description() -> String {

@@ -3,7 +3,7 @@
 //!
 //! Everything runs in this process: the simulated Xen (xenstored, grant tables,
 //! event channels) and the backend on their own threads, the guest's blkfront
-//! ([`crate::frontend`]) on the generator's thread. The serving side's CPU is the
+//! ([`refblk_sim::frontend`]) on the generator's thread. The serving side's CPU is the
 //! backend's io_uring workers (`refblk-io<N>`), read from
 //! `/proc/self/task/<tid>/schedstat`.
 
@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::backend::{Backend, BackendConfig, BackendHandle};
-use crate::frontend::{Frontend, FrontendOptions, IoRequest, Toolstack, VbdSpec};
-use crate::platform::sim::{SimGuest, SimXen};
-use crate::xenstore::XsClient;
+use refblk_core::backend::{Backend, BackendConfig, BackendHandle};
+use refblk_core::xenstore::XsClient;
+use refblk_sim::frontend::{Frontend, FrontendOptions, IoRequest, Toolstack, VbdSpec};
+use refblk_sim::{SimGuest, SimXen};
 
 use super::stats::{iowq_cpu_ns, task_cpu_ns, threads_named};
 use super::target::BlockTarget;

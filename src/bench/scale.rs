@@ -43,11 +43,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::backend::control;
-use crate::frontend::{Frontend, FrontendOptions, IoRequest, Toolstack, Vbd, VbdSpec};
-use crate::platform::sim::SimGuest;
-use crate::platform::DomId;
-use crate::xenstore::XsClient;
+use refblk_core::backend::control;
+use refblk_core::platform::DomId;
+use refblk_core::xenstore::XsClient;
+use refblk_sim::frontend::{Frontend, FrontendOptions, IoRequest, Toolstack, Vbd, VbdSpec};
+use refblk_sim::SimGuest;
 use xen_sys::xenbus::XenbusState;
 
 /// xvda.

@@ -6,7 +6,7 @@
 use std::io;
 use std::path::Path;
 
-use crate::engine::{BufRegion, DirectPolicy, Engine, EngineConfig, IoMode, Op};
+use refblk_core::engine::{BufRegion, DirectPolicy, Engine, EngineConfig, IoMode, Op};
 
 use super::stats::{iowq_cpu_ns, thread_cpu_ns};
 
@@ -64,7 +64,7 @@ pub fn fill_pattern(buf: &mut [u8], seed: u64) {
 pub struct EngineTarget {
     engine: Engine,
     depth: usize,
-    done: Vec<crate::engine::Completion>,
+    done: Vec<refblk_core::engine::Completion>,
 }
 
 impl EngineTarget {

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::bench::{self, profile, BenchConfig, Place};
-use crate::util::scratchfs::FsKind;
-use crate::util::size::parse_size;
+use refblk_core::util::size::parse_size;
+use refblk_sim::scratchfs::FsKind;
 
 use super::{CliError, CliResult};
 

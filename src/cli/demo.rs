@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{CliError, CliResult};
-use crate::backend::{Backend, BackendConfig};
-use crate::frontend::{Frontend, FrontendOptions, IoRequest, Protocol, Toolstack, VbdSpec};
-use crate::platform::sim::SimXen;
-use crate::platform::Platform;
-use crate::util::size::{format_size, parse_size};
+use refblk_core::backend::{Backend, BackendConfig};
+use refblk_core::platform::Platform;
+use refblk_core::util::size::{format_size, parse_size};
+use refblk_sim::frontend::{Frontend, FrontendOptions, IoRequest, Protocol, Toolstack, VbdSpec};
+use refblk_sim::SimXen;
 
 /// Arguments of `refblk demo`.
 #[derive(clap::Args, Debug)]
@@ -112,7 +112,7 @@ pub fn run(a: DemoArgs) -> CliResult {
 
 fn guest_session(
     sim: &SimXen,
-    backend: &crate::backend::BackendHandle,
+    backend: &refblk_core::backend::BackendHandle,
     image: &Path,
     a: &DemoArgs,
 ) -> CliResult {
@@ -282,7 +282,7 @@ impl Drop for RemoveOnDrop {
 fn run_queued(
     fe: &mut Frontend,
     n: usize,
-    mut submit: impl FnMut(usize, &mut Frontend) -> io::Result<crate::frontend::Tag>,
+    mut submit: impl FnMut(usize, &mut Frontend) -> io::Result<refblk_sim::frontend::Tag>,
 ) -> CliResult {
     let mut next = 0usize;
     let mut in_flight = 0usize;
@@ -303,7 +303,7 @@ fn run_queued(
     Ok(())
 }
 
-fn xs_clone(sim: &SimXen) -> Result<crate::xenstore::XsClient, CliError> {
-    crate::xenstore::XsClient::connect_unix(&sim.xenstored_path())
+fn xs_clone(sim: &SimXen) -> Result<refblk_core::xenstore::XsClient, CliError> {
+    refblk_core::xenstore::XsClient::connect_unix(&sim.xenstored_path())
         .map_err(|e| CliError::failed(format!("demo: xenstore: {e}")))
 }

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use super::serve::DEFAULT_CONTROL;
 use super::{socket_of, CliError, CliResult};
-use crate::backend::control;
-use crate::backend::limits::{Limits, LimitsPatch, DEFAULT_BURST_MS};
+use refblk_core::backend::control;
+use refblk_core::backend::limits::{Limits, LimitsPatch, DEFAULT_BURST_MS};
 
 /// The limit flags (0 = unlimited). Only the flags given change.
 #[derive(clap::Args, Debug, Default, Clone)]
@@ -132,10 +132,10 @@ pub fn run_volume(pool: &super::pool::PoolArg, vid: &str, a: &LimitArgs) -> CliR
         });
     }
     let dir = p.dir().to_path_buf();
-    let cur = crate::pool::limits::load(&dir, v.vid())?;
+    let cur = refblk_core::pool::limits::load(&dir, v.vid())?;
     let new = cur.patched(&patch);
     if !patch.is_empty() {
-        crate::pool::limits::save(&dir, v.vid(), &new)?;
+        refblk_core::pool::limits::save(&dir, v.vid(), &new)?;
     }
     println!("{}: {new}", v.vid());
     Ok(())

@@ -22,9 +22,9 @@ use std::time::Duration;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde_json::Value;
 
-use crate::backend::control;
-use crate::backend::stats::{bucket_range, OpClass, StatsSnapshot, HIST_BUCKETS};
-use crate::backend::BackendHandle;
+use refblk_core::backend::control;
+use refblk_core::backend::stats::{bucket_range, OpClass, StatsSnapshot, HIST_BUCKETS};
+use refblk_core::backend::BackendHandle;
 
 /// The Content-Type of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

@@ -71,13 +71,8 @@ pub fn socket_of(control: &std::path::Path, sim: Option<&std::path::Path>) -> st
 pub type CliResult = Result<(), CliError>;
 
 /// `refblk --version`: the package version and the git commit it was built
-/// from (`unknown` outside a git checkout; see build.rs).
-pub const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("REFBLK_GIT_COMMIT"),
-    ")"
-);
+/// from (`unknown` outside a git checkout; see core/build.rs).
+pub const VERSION: &str = refblk_core::VERSION;
 
 /// refblk: a userspace Xen block backend for file images, with a reflink pool.
 #[derive(Parser, Debug)]

@@ -14,11 +14,11 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::{CliError, CliResult};
-use crate::pool::{
+use refblk_core::pool::{
     ImportSource, InitOptions, OpenOptions, Overrides, Pool, PoolError, QubesXmlSetting,
     StopOutcome, Volume, VolumeConfig, VolumeInfo, VolumeKind, XenstoreSetting,
 };
-use crate::util::size::{format_size, parse_size};
+use refblk_core::util::size::{format_size, parse_size};
 
 const EXIT_CODES: &str = "Exit codes: 0 ok, 1 I/O failure, 2 bad input/usage, 3 not found, \
 4 already exists, 5 busy (volume running, served by refblk serve, or used by another \
@@ -37,7 +37,7 @@ impl From<PoolError> for CliError {
 /// A volume size: positive whole 512-byte sectors, at most the largest file size.
 fn volume_size_arg(s: &str) -> Result<u64, String> {
     let n = parse_size(s).map_err(|e| e.to_string())?;
-    crate::pool::check_size("", n).map_err(|e| {
+    refblk_core::pool::check_size("", n).map_err(|e| {
         e.msg.strip_prefix("volume : ").unwrap_or(&e.msg).replacen(
             &format!("invalid size {n}"),
             &format!("invalid size {s:?} ({n} bytes)"),
@@ -157,7 +157,7 @@ impl PoolArg {
             .unwrap_or_else(|| PathBuf::from(super::serve::DEFAULT_CONTROL));
         Ok(
             Pool::open_with(&self.dir()?, &self.around.options())?.with_notifier(
-                std::sync::Arc::new(crate::backend::control::DaemonNotifier::new(socket)),
+                std::sync::Arc::new(refblk_core::backend::control::DaemonNotifier::new(socket)),
             ),
         )
     }
@@ -575,7 +575,7 @@ fn info_line(i: &VolumeInfo) -> String {
             format!(
                 "  served: {}{}",
                 o.short(),
-                if *l == crate::pool::Liveness::Live {
+                if *l == refblk_core::pool::Liveness::Live {
                     ""
                 } else {
                     " (daemon died; restart it)"
@@ -875,7 +875,7 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
                 println!(
                     "served by         {}{}",
                     o.short(),
-                    if *l == crate::pool::Liveness::Live {
+                    if *l == refblk_core::pool::Liveness::Live {
                         ""
                     } else {
                         " (daemon died; its restart state remains)"

@@ -7,12 +7,12 @@ use log::info;
 
 use super::metrics::MetricsServer;
 use super::{socket_of, CliError, CliResult};
-use crate::backend::control::{self, Access, ControlServer};
-use crate::backend::{Backend, BackendConfig};
-use crate::engine::DirectPolicy;
-use crate::platform::real::RealXen;
-use crate::platform::sim::SimPlatform;
-use crate::platform::Platform;
+use refblk_core::backend::control::{self, Access, ControlServer};
+use refblk_core::backend::{Backend, BackendConfig};
+use refblk_core::engine::DirectPolicy;
+use refblk_core::platform::real::RealXen;
+use refblk_core::platform::Platform;
+use refblk_sim::SimPlatform;
 
 /// Default control socket of the daemon on a real dom0.
 pub const DEFAULT_CONTROL: &str = "/run/refblk/control.sock";
@@ -135,7 +135,7 @@ pub fn run(a: ServeArgs) -> CliResult {
     } else {
         Some(a.state_dir.clone().unwrap_or_else(|| match &a.sim {
             Some(dir) => dir.join("state"),
-            None => PathBuf::from(crate::backend::state::DEFAULT_STATE_DIR),
+            None => PathBuf::from(refblk_core::backend::state::DEFAULT_STATE_DIR),
         }))
     };
     // Before anything is taken over or replaced: is another daemon using the
@@ -395,8 +395,9 @@ pub enum CtlCommand {
 /// ` key=value ...` of `--limit` flags, checked here so that a bad value is a
 /// usage error naming the key.
 fn limit_words(limits: &[String]) -> Result<String, CliError> {
-    let p = crate::backend::limits::LimitsPatch::parse_pairs(limits.iter().map(String::as_str))
-        .map_err(|e| CliError::usage(format!("--limit {e}")))?;
+    let p =
+        refblk_core::backend::limits::LimitsPatch::parse_pairs(limits.iter().map(String::as_str))
+            .map_err(|e| CliError::usage(format!("--limit {e}")))?;
     Ok(p.to_pairs().iter().map(|w| format!(" {w}")).collect())
 }
 

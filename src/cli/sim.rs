@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 
 use super::{CliError, CliResult};
-use crate::platform::sim::SimXen;
+use refblk_sim::SimXen;
 
 /// Arguments of `refblk sim`.
 #[derive(clap::Args, Debug)]
@@ -55,7 +55,7 @@ pub fn run(args: SimArgs) -> CliResult {
         .map_err(|e| CliError::failed(format!("refblk sim: blocking signals: {e}")))?;
     // Another simulator in DIR? Find out before touching its sockets.
     let _instance = super::serve::instance_lock(&dir.join("sim.lock"), "refblk sim", &dir)?;
-    let xs = dir.join(crate::platform::sim::XENSTORED_SOCK);
+    let xs = dir.join(refblk_sim::XENSTORED_SOCK);
     if std::os::unix::net::UnixStream::connect(&xs).is_ok() {
         return Err(CliError {
             code: super::serve::INSTANCE_BUSY,
@@ -71,7 +71,7 @@ pub fn run(args: SimArgs) -> CliResult {
         "simulated Xen running in {}: xenstored {}, event channels {}, domains in {}",
         sim.dir().display(),
         sim.xenstored_path().display(),
-        sim.dir().join(crate::platform::sim::EVTCHN_SOCK).display(),
+        sim.dir().join(refblk_sim::EVTCHN_SOCK).display(),
         sim.dir().join("dom").display()
     );
     let sig = set

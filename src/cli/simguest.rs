@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{CliError, CliResult};
-use crate::frontend::{Frontend, FrontendOptions, IoRequest, Toolstack, VbdSpec};
-use crate::platform::sim::SimGuest;
-use crate::xenstore::XsClient;
+use refblk_core::xenstore::XsClient;
+use refblk_sim::frontend::{Frontend, FrontendOptions, IoRequest, Toolstack, VbdSpec};
+use refblk_sim::SimGuest;
 
 /// What the guest does.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,7 +102,7 @@ fn fail(what: &'static str) -> impl Fn(std::io::Error) -> CliError {
 /// The image file of `--disk`, created with `--size` when missing.
 fn image(a: &GuestArgs) -> Result<PathBuf, CliError> {
     if !a.disk.exists() {
-        let size = crate::util::size::parse_size(&a.size)
+        let size = refblk_core::util::size::parse_size(&a.size)
             .map_err(|e| CliError::usage(format!("--size {}: {e}", a.size)))?;
         let f = std::fs::File::create(&a.disk).map_err(fail("create the image"))?;
         f.set_len(size).map_err(fail("size the image"))?;
@@ -139,7 +139,7 @@ pub fn run(a: GuestArgs) -> CliResult {
     }
     // The image, or the pool volume (its directory absolute: the daemon
     // resolves it, not this process).
-    let volume = crate::frontend::pool_target(&a.disk);
+    let volume = refblk_sim::frontend::pool_target(&a.disk);
     let disk = if let Some((pool, vid)) = volume {
         let dir = std::fs::canonicalize(pool).map_err(|e| {
             CliError::failed(format!(

@@ -11,8 +11,8 @@ use serde_json::Value;
 
 use super::serve::DEFAULT_CONTROL;
 use super::{socket_of, CliError, CliResult};
-use crate::backend::control;
-use crate::backend::stats::{OpClass, StatsSnapshot};
+use refblk_core::backend::control;
+use refblk_core::backend::stats::{OpClass, StatsSnapshot};
 
 /// Arguments of `refblk status`.
 #[derive(clap::Args, Debug)]

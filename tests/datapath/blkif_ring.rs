@@ -1,12 +1,12 @@
-//! The public `refblk::blkif` API driven from outside the crate by a minimal
+//! The public `refblk_core::blkif` API driven from outside the crate by a minimal
 //! frontend that writes slots at the byte offsets documented in blkif.h
 //! (hard-coded here, independent of `xen-sys`), for both ABIs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use refblk::blkif::{parse_request, Abi, BackRing, DiskInfo, Features, Request, RingError};
-use refblk::platform::ForeignMapping;
+use refblk_core::blkif::{parse_request, Abi, BackRing, DiskInfo, Features, Request, RingError};
+use refblk_core::platform::ForeignMapping;
 
 #[derive(Clone)]
 struct Mem(Arc<Vec<AtomicU64>>);

@@ -3,9 +3,9 @@
 //! fail them.
 
 use crate::kit::*;
-use refblk::backend::{AttachOptions, BackendConfig};
-use refblk::engine::EngineConfig;
-use refblk::frontend::FrontendOptions;
+use refblk_core::backend::{AttachOptions, BackendConfig};
+use refblk_core::engine::EngineConfig;
+use refblk_sim::frontend::FrontendOptions;
 
 #[test]
 fn full_order4_ring_with_a_small_engine_queue() {

@@ -13,9 +13,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use crate::kit::*;
-use refblk::backend::queue::{IoEvent, IoObserver, Observer};
-use refblk::backend::{AttachOptions, BackendConfig};
-use refblk::frontend::{FrontendOptions, IoRequest};
+use refblk_core::backend::queue::{IoEvent, IoObserver, Observer};
+use refblk_core::backend::{AttachOptions, BackendConfig};
+use refblk_sim::frontend::{FrontendOptions, IoRequest};
 
 const OP_WRITE: u8 = 1;
 const OP_BARRIER: u8 = 2;

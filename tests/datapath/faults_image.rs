@@ -9,9 +9,9 @@ use std::io::Write;
 use std::process::Command;
 
 use crate::kit::*;
-use refblk::backend::AttachOptions;
-use refblk::frontend::{Frontend, FrontendOptions};
-use refblk::util::scratchfs::{require_tools_or_skip, FsKind, ScratchFs};
+use refblk_core::backend::AttachOptions;
+use refblk_sim::frontend::{Frontend, FrontendOptions};
+use refblk_sim::scratchfs::{require_tools_or_skip, FsKind, ScratchFs};
 use xen_sys::xenbus::XenbusState;
 
 const MIB: u64 = 1 << 20;

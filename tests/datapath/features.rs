@@ -5,9 +5,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use crate::kit::*;
-use refblk::backend::AttachOptions;
-use refblk::frontend::{wire, Frontend, FrontendOptions, IoRequest};
-use refblk::util::scratchfs::{FsKind, ScratchFs};
+use refblk_core::backend::AttachOptions;
+use refblk_sim::frontend::{wire, Frontend, FrontendOptions, IoRequest};
+use refblk_sim::scratchfs::{FsKind, ScratchFs};
 
 const MIB: u64 = 1 << 20;
 

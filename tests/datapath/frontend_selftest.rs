@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use crate::kit::*;
-use refblk::backend::{Backend, BackendConfig};
-use refblk::frontend::{Frontend, FrontendOptions, IoRequest, Toolstack, VbdSpec};
-use refblk::platform::Platform;
-use refblk::xenstore::XsClient;
+use refblk_core::backend::{Backend, BackendConfig};
+use refblk_core::platform::Platform;
+use refblk_core::xenstore::XsClient;
+use refblk_sim::frontend::{Frontend, FrontendOptions, IoRequest, Toolstack, VbdSpec};
 
 fn wait_key(xs: &XsClient, path: &str, want: &str) {
     assert!(
@@ -21,7 +21,7 @@ fn wait_key(xs: &XsClient, path: &str, want: &str) {
 #[test]
 fn a_misbehaving_backend_is_caught() {
     let dir = machine_dir();
-    let sim = refblk::platform::sim::SimXen::start(dir.path()).unwrap();
+    let sim = refblk_sim::SimXen::start(dir.path()).unwrap();
     let platform = Arc::new(sim.platform().unwrap());
     // A refblk backend that claims nothing: the device is played by hand.
     let cfg = BackendConfig {

@@ -7,9 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::kit::*;
-use refblk::backend::AttachOptions;
-use refblk::frontend::wire::{self, Abi, Seg};
-use refblk::frontend::{Frontend, FrontendOptions, IoRequest, Protocol, RawResponse, VbdSpec};
+use refblk_core::backend::AttachOptions;
+use refblk_sim::frontend::wire::{self, Abi, Seg};
+use refblk_sim::frontend::{Frontend, FrontendOptions, IoRequest, Protocol, RawResponse, VbdSpec};
 use xen_sys::xenbus::XenbusState;
 
 const MIB: u64 = 1 << 20;

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use crate::kit::hostile::{back_to_initialising, flood_ring};
 use crate::kit::*;
-use refblk::backend::AttachOptions;
-use refblk::frontend::wire::{self, Abi};
-use refblk::frontend::{FrontendOptions, Protocol};
+use refblk_core::backend::AttachOptions;
+use refblk_sim::frontend::wire::{self, Abi};
+use refblk_sim::frontend::{FrontendOptions, Protocol};
 use xen_sys::xenbus::XenbusState;
 
 const MIB: u64 = 1 << 20;

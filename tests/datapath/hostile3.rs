@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use crate::kit::hostile::{abandon_ring, scribble, wait_disconnected, RingReuse};
 use crate::kit::*;
-use refblk::backend::AttachOptions;
-use refblk::frontend::{Frontend, FrontendOptions, IoRequest};
+use refblk_core::backend::AttachOptions;
+use refblk_sim::frontend::{Frontend, FrontendOptions, IoRequest};
 use xen_sys::xenbus::XenbusState;
 
 const MIB: u64 = 1 << 20;
@@ -218,9 +218,9 @@ fn ring_grants_cleared_then_the_daemon_restarts() {
     // crash), while it takes over a second guest's device, whose data and
     // I/O go on.
     use crate::kit::serve::{device_status, Daemon};
-    use refblk::frontend::{Toolstack, VbdSpec};
-    use refblk::platform::sim::SimXen;
-    use refblk::xenstore::XsClient;
+    use refblk_core::xenstore::XsClient;
+    use refblk_sim::frontend::{Toolstack, VbdSpec};
+    use refblk_sim::SimXen;
     use std::sync::Arc;
     if !require_memlock_or_skip() {
         return;

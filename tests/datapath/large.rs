@@ -5,9 +5,9 @@
 //! being answered BLKIF_RSP_ERROR.
 
 use crate::kit::*;
-use refblk::backend::{AttachOptions, BackendConfig};
-use refblk::engine::EngineConfig;
-use refblk::frontend::{FrontendOptions, IoRequest};
+use refblk_core::backend::{AttachOptions, BackendConfig};
+use refblk_core::engine::EngineConfig;
+use refblk_sim::frontend::{FrontendOptions, IoRequest};
 
 /// 256 indirect segments of whole pages: the largest request (1 MiB).
 const MIB: usize = 1 << 20;

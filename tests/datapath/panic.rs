@@ -6,8 +6,8 @@
 
 use crate::kit::hostile::wait_disconnected;
 use crate::kit::*;
-use refblk::backend::{testing, AttachOptions, BackendConfig};
-use refblk::frontend::{FrontendOptions, IoRequest};
+use refblk_core::backend::{testing, AttachOptions, BackendConfig};
+use refblk_sim::frontend::{FrontendOptions, IoRequest};
 use xen_sys::xenbus::XenbusState;
 
 const DISK: u64 = 16 << 20;

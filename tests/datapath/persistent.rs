@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::kit::*;
-use refblk::backend::{AttachOptions, Backend, BackendConfig};
-use refblk::frontend::{Frontend, FrontendOptions, Protocol, Toolstack, VbdSpec};
-use refblk::platform::sim::{SimPlatform, SimXen};
-use refblk::platform::{
+use refblk_core::backend::{AttachOptions, Backend, BackendConfig};
+use refblk_core::platform::{
     CopySeg, DomId, EventChannel, ForeignMapping, GrantRef, GrantStatus, Platform, Port,
 };
-use refblk::xenstore::XsClient;
+use refblk_core::xenstore::XsClient;
+use refblk_sim::frontend::{Frontend, FrontendOptions, Protocol, Toolstack, VbdSpec};
+use refblk_sim::{SimPlatform, SimXen};
 
 const MIB: u64 = 1 << 20;
 
@@ -163,7 +163,7 @@ impl Platform for Counting {
 
 /// Stops the backend even when the test fails half-way.
 struct Running(
-    refblk::backend::BackendHandle,
+    refblk_core::backend::BackendHandle,
     Option<std::thread::JoinHandle<io::Result<()>>>,
 );
 

@@ -42,10 +42,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::kit::{Rig, Rng, LONG, XVDA};
-use refblk::backend::AttachOptions;
-use refblk::frontend::{Frontend, FrontendOptions, IoRequest};
-use refblk::pool::{FaultMode, Faults, InitOptions, Pool, StopOutcome, VolumeConfig};
-use refblk::util::scratchfs::{require_tools_or_skip, FsKind, ScratchFs};
+use refblk_core::backend::AttachOptions;
+use refblk_core::pool::{FaultMode, Faults, InitOptions, Pool, StopOutcome, VolumeConfig};
+use refblk_sim::frontend::{Frontend, FrontendOptions, IoRequest};
+use refblk_sim::scratchfs::{require_tools_or_skip, FsKind, ScratchFs};
 
 const MIB: u64 = 1 << 20;
 

@@ -6,9 +6,9 @@
 //! for the echoed operation and for grants left mapped.
 
 use crate::kit::*;
-use refblk::backend::{AttachOptions, BackendConfig};
-use refblk::frontend::{FrontendOptions, Protocol};
-use refblk::util::scratchfs::{FsKind, ScratchFs};
+use refblk_core::backend::{AttachOptions, BackendConfig};
+use refblk_sim::frontend::{FrontendOptions, Protocol};
+use refblk_sim::scratchfs::{FsKind, ScratchFs};
 
 const MIB: u64 = 1 << 20;
 
@@ -114,7 +114,7 @@ fn two_disks_of_one_guest() {
     let b = make_image(d.path(), "b.img", 4 * MIB);
     let guest = rig.guest(32, 8192);
     rig.attach(32, XVDA, &a, "w", AttachOptions::default());
-    let mut spec = refblk::frontend::VbdSpec::new(32, XVDA + 16, &b);
+    let mut spec = refblk_sim::frontend::VbdSpec::new(32, XVDA + 16, &b);
     spec.vdev = "xvdb".into();
     rig.ts.add_vbd(&spec).unwrap();
     let mut fa = rig.connect(&guest, XVDA, FrontendOptions::default());
@@ -147,7 +147,7 @@ fn online_resize_is_announced() {
     let t = fe
         .submit(
             None,
-            refblk::frontend::IoRequest::Write {
+            refblk_sim::frontend::IoRequest::Write {
                 sector: end,
                 data: &[1u8; 4096],
             },
@@ -155,7 +155,7 @@ fn online_resize_is_announced() {
         .unwrap();
     assert_eq!(
         fe.wait_for(t, LONG).unwrap().status,
-        refblk::frontend::wire::RSP_ERROR
+        refblk_sim::frontend::wire::RSP_ERROR
     );
     std::fs::OpenOptions::new()
         .write(true)
@@ -267,12 +267,12 @@ fn frontend_initialised_before_the_hotplug_step() {
     let d = machine_dir();
     let image = make_image(d.path(), "late.img", 2 * MIB);
     let guest = rig.guest(34, 1024);
-    let spec = refblk::frontend::VbdSpec::new(34, XVDA, &image);
+    let spec = refblk_sim::frontend::VbdSpec::new(34, XVDA, &image);
     let vbd = rig.ts.create_vbd_nodes(&spec).unwrap();
     let sock = rig.sim.xenstored_path();
     let g = guest.clone();
     let t = std::thread::spawn(move || {
-        refblk::frontend::Frontend::connect(&sock, g, XVDA, FrontendOptions::default())
+        refblk_sim::frontend::Frontend::connect(&sock, g, XVDA, FrontendOptions::default())
     });
     // Wait until the frontend published its rings and is Initialised.
     let fe_state = format!("{}/state", vbd.frontend_path);
@@ -300,7 +300,7 @@ fn frontend_initialised_before_the_hotplug_step() {
 fn in_place_requests_move_guest_pages_without_copies() {
     // The bench's load requests: the data stays in guest memory, as an O_DIRECT
     // application's does in a real guest.
-    use refblk::frontend::IoRequest;
+    use refblk_sim::frontend::IoRequest;
     use std::time::Duration;
     let Some(rig) = Rig::new() else {
         return;

@@ -8,10 +8,10 @@
 use std::path::Path;
 
 use crate::kit::*;
-use refblk::backend::AttachOptions;
-use refblk::frontend::{FrontendOptions, Vbd, VbdSpec};
-use refblk::pool::{InitOptions, Pool, VolumeConfig, VolumeKind};
-use refblk::util::scratchfs::{FsKind, ScratchFs};
+use refblk_core::backend::AttachOptions;
+use refblk_core::pool::{InitOptions, Pool, VolumeConfig, VolumeKind};
+use refblk_sim::frontend::{FrontendOptions, Vbd, VbdSpec};
+use refblk_sim::scratchfs::{FsKind, ScratchFs};
 use xen_sys::xenbus::XenbusState;
 
 const MIB: u64 = 1 << 20;
@@ -46,9 +46,9 @@ fn add_volume_vbd(rig: &Rig, domid: u16, pool: &Path, vid: &str) -> Vbd {
 
 fn guest_writes(
     rig: &Rig,
-    guest: &std::sync::Arc<refblk::platform::sim::SimGuest>,
+    guest: &std::sync::Arc<refblk_sim::SimGuest>,
     byte: u8,
-) -> refblk::frontend::Frontend {
+) -> refblk_sim::frontend::Frontend {
     let mut fe = rig.connect(guest, XVDA, FrontendOptions::default());
     fe.write(0, &vec![byte; 64 * 1024]).expect("guest write");
     fe.flush().expect("guest flush");
@@ -195,7 +195,7 @@ fn a_held_commit_blocks_neither_other_devices_nor_a_reattach() {
     std::thread::scope(|s| {
         // Owned by this closure: a failed assertion drops it, which lets the
         // commit go on, so the scope's threads end.
-        let hold = refblk::pool::hold_next_commit(vid);
+        let hold = refblk_core::pool::hold_next_commit(vid);
         let detach_a = s.spawn(|| rig.backend.detach(&va.backend_path));
         assert!(hold.wait_held(HANG), "A's commit never started");
 
@@ -253,7 +253,7 @@ fn a_held_commit_blocks_neither_other_devices_nor_a_reattach() {
 
         // The daemon's stop waits for a commit in flight, and the commit's
         // detach is answered before the daemon is gone.
-        let hold = refblk::pool::hold_next_commit(vid);
+        let hold = refblk_core::pool::hold_next_commit(vid);
         let backend = rig.backend.clone();
         let detach_a2 = s.spawn(move || backend.detach(&va2.backend_path));
         assert!(hold.wait_held(HANG), "A's second commit never started");
@@ -268,6 +268,6 @@ fn a_held_commit_blocks_neither_other_devices_nor_a_reattach() {
     });
     assert_eq!(clean(&pool_dir, vid)[0], 0xA2, "second commit");
     let vol = Pool::open(&pool_dir).unwrap().volume(vid).unwrap();
-    assert_eq!(vol.state(), refblk::pool::VolumeState::Stopped);
+    assert_eq!(vol.state(), refblk_core::pool::VolumeState::Stopped);
     rig.shutdown();
 }

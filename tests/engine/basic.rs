@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::*;
-use refblk::engine::*;
+use refblk_core::engine::*;
 
 fn image(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
     let p = dir.join(name);

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::support::*;
-use refblk::engine::*;
+use refblk_core::engine::*;
 
 /// Write `size` bytes in 1 MiB chunks, syncing each, so btrfs gets 1 MiB extents (it
 /// frees space only when a punch removes a whole extent).

@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use refblk::engine::{Completion, Engine, Op};
+use refblk_core::engine::{Completion, Engine, Op};
 
 pub use crate::kit::Rng;
 
-pub use refblk::util::scratchfs::skip_or_fail;
+pub use refblk_sim::scratchfs::skip_or_fail;
 
 /// Drive a random read/write workload with up to `max_qd` ops in flight, checking every
 /// read against an in-memory model of the file (`model` must equal the file's content
@@ -146,7 +146,7 @@ pub fn allocated_bytes(p: &Path) -> u64 {
 
 // ---------------------------------------------------------------------------------
 // PRIVATE SCRATCH FILE SYSTEM HELPER — to be replaced by the shared `ScratchFs` in
-// src/util once it lands. Creates a file system on a sparse image file, loop-mounts it,
+// core/src/util once it lands. Creates a file system on a sparse image file, loop-mounts it,
 // and unmounts it in Drop (also when a test panics; `mount -o loop` sets autoclear, so
 // the loop device detaches on unmount).
 // ---------------------------------------------------------------------------------

@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use refblk::frontend::wire::{self, Seg};
-use refblk::frontend::{Frontend, FrontendOptions, IoRequest, Protocol};
-use refblk::platform::sim::SimGuest;
-use refblk::platform::GrantRef;
+use refblk_core::platform::GrantRef;
+use refblk_sim::frontend::wire::{self, Seg};
+use refblk_sim::frontend::{Frontend, FrontendOptions, IoRequest, Protocol};
+use refblk_sim::SimGuest;
 use xen_sys::xenbus::XenbusState;
 
 use super::{Rng, LONG};

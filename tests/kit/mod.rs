@@ -20,10 +20,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use refblk::backend::{AttachOptions, Backend, BackendConfig, BackendHandle, DeviceStatus};
-use refblk::frontend::{Frontend, FrontendOptions, Toolstack, Vbd, VbdSpec};
-use refblk::platform::sim::{SimGuest, SimXen};
-use refblk::xenstore::XsClient;
+use refblk_core::backend::{AttachOptions, Backend, BackendConfig, BackendHandle, DeviceStatus};
+use refblk_core::xenstore::XsClient;
+use refblk_sim::frontend::{Frontend, FrontendOptions, Toolstack, Vbd, VbdSpec};
+use refblk_sim::{SimGuest, SimXen};
 
 pub const XVDA: u32 = 51712;
 pub const LONG: Duration = Duration::from_secs(20);
@@ -52,7 +52,7 @@ pub fn require_memlock_or_skip() -> bool {
     match soft.as_deref() {
         Some("unlimited") => true,
         Some(n) if n.parse::<u64>().is_ok_and(|n| n >= 256 << 20) => true,
-        other => refblk::util::scratchfs::skip_or_fail(&format!(
+        other => refblk_sim::scratchfs::skip_or_fail(&format!(
             "the backend's io_uring registered buffers need root or RLIMIT_MEMLOCK >= 256 MiB (soft limit: {})",
             other.unwrap_or("unknown")
         )),
@@ -177,7 +177,7 @@ pub fn random_io(
     disk_bytes: u64,
     mixed: bool,
 ) -> (usize, Vec<u8>) {
-    use refblk::frontend::IoRequest;
+    use refblk_sim::frontend::IoRequest;
     use std::collections::HashMap;
     let mut rng = Rng::new(seed);
     let mut model = vec![0u8; disk_bytes as usize];
@@ -291,7 +291,7 @@ pub fn submit_rw(
     model: &mut [u8],
     inflight: &mut std::collections::HashMap<u64, (u64, usize, bool)>,
 ) {
-    use refblk::frontend::IoRequest;
+    use refblk_sim::frontend::IoRequest;
     let t = if write {
         let mut data = vec![0u8; len];
         rng.fill(&mut data);
@@ -362,7 +362,7 @@ pub fn check_good_guest(
 /// origin volume `vid` of `size` bytes keeping `revisions` revisions; returns
 /// the pool directory.
 pub fn pool_with_volume(parent: &Path, vid: &str, revisions: i64, size: u64) -> PathBuf {
-    use refblk::pool::{InitOptions, Pool, VolumeConfig};
+    use refblk_core::pool::{InitOptions, Pool, VolumeConfig};
     let dir = parent.join("pool");
     let pool = Pool::init(
         &dir,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use refblk::backend::control;
+use refblk_core::backend::control;
 
 /// The refblk binary cargo built for the integration tests.
 fn refblk_exe() -> &'static str {
@@ -130,15 +130,16 @@ pub fn wait_first_device_connected(sock: &Path, log: &Path) {
 /// for the backend's InitWait, send `attach_line` (`{be}` = the backend path)
 /// over the control socket, and connect the guest's frontend.
 pub fn attach_over_control(
-    sim: &refblk::platform::sim::SimXen,
+    sim: &refblk_sim::SimXen,
     sock: &Path,
     domid: u16,
     target: &str,
     attach_line: &str,
-) -> (refblk::frontend::Vbd, refblk::frontend::Frontend) {
-    use refblk::frontend::{Frontend, FrontendOptions, Toolstack, VbdSpec};
+) -> (refblk_sim::frontend::Vbd, refblk_sim::frontend::Frontend) {
+    use refblk_sim::frontend::{Frontend, FrontendOptions, Toolstack, VbdSpec};
     use xen_sys::xenbus::XenbusState;
-    let xs = refblk::xenstore::XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
+    let xs =
+        refblk_core::xenstore::XsClient::connect_unix(&sim.xenstored_path()).expect("xenstore");
     let ts = Toolstack::with_control_socket(xs, sock);
     ts.create_domain(domid).expect("domain");
     let guest = std::sync::Arc::new(sim.create_guest(domid, 2048).expect("guest"));

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use crate::kit::leak::{exclusive, mappings, settle};
 use crate::kit::*;
-use refblk::backend::AttachOptions;
-use refblk::frontend::{FrontendOptions, Protocol};
+use refblk_core::backend::AttachOptions;
+use refblk_sim::frontend::{FrontendOptions, Protocol};
 use xen_sys::xenbus::XenbusState;
 
 /// Connection threads (xenstored, broker) end asynchronously: a leak per

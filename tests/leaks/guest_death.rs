@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use crate::kit::leak::exclusive;
 use crate::kit::*;
-use refblk::backend::AttachOptions;
-use refblk::frontend::{FrontendOptions, IoRequest};
+use refblk_core::backend::AttachOptions;
+use refblk_sim::frontend::{FrontendOptions, IoRequest};
 use xen_sys::xenbus::XenbusState;
 
 /// Mappings of files of destroyed domains (guest memory, grant tables):

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::kit::leak::{exclusive, fds, settle};
 use crate::kit::machine_dir;
-use refblk::platform::sim::{EvtchnBroker, SimGuest, SimPlatform};
-use refblk::platform::{ForeignMapping, Platform};
+use refblk_core::platform::{ForeignMapping, Platform};
+use refblk_sim::{EvtchnBroker, SimGuest, SimPlatform};
 
 const DOM: u16 = 8;
 /// A bound on a hang, not a speed target.

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use crate::kit::leak::{exclusive, fds, settle, threads};
-use refblk::platform::sim::xenstored::Xenstored;
-use refblk::xenstore::XBT_NULL;
+use refblk_core::xenstore::XBT_NULL;
+use refblk_sim::xenstored::Xenstored;
 
 /// Connections close and their threads exit asynchronously; a leak never
 /// settles.

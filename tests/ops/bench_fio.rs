@@ -22,7 +22,7 @@ use refblk::bench::fio::{issued, mismatches, run_ours};
 use refblk::bench::profile::{parse_profiles, Kind, Prep};
 use refblk::bench::workload::{Pattern, Stop};
 use refblk::bench::write_dense;
-use refblk::util::scratchfs::{have_tool, skip_or_fail};
+use refblk_sim::scratchfs::{have_tool, skip_or_fail};
 
 const SIZE: u64 = 64 << 20;
 

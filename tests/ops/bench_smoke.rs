@@ -10,7 +10,7 @@ use std::time::Duration;
 use refblk::bench::profile::{parse_profiles, PathKind};
 use refblk::bench::target::{fill_pattern, BlockTarget, EngineTarget};
 use refblk::bench::{self, loopdev::LoopDev, refblk as refblk_path, BenchConfig, Place};
-use refblk::util::scratchfs::{require_root_or_skip, require_tools_or_skip, FsKind, ScratchFs};
+use refblk_sim::scratchfs::{require_root_or_skip, require_tools_or_skip, FsKind, ScratchFs};
 
 fn needs() -> bool {
     require_root_or_skip("scratch XFS and loop devices for the bench smoke test")

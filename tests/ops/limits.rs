@@ -20,10 +20,10 @@ use std::time::Instant;
 
 use crate::kit::*;
 use crate::load::*;
-use refblk::backend::control::handle_line;
-use refblk::backend::limits::Limits;
-use refblk::backend::AttachOptions;
-use refblk::frontend::FrontendOptions;
+use refblk_core::backend::control::handle_line;
+use refblk_core::backend::limits::Limits;
+use refblk_core::backend::AttachOptions;
+use refblk_sim::frontend::FrontendOptions;
 
 const MIB: u64 = 1 << 20;
 

@@ -9,8 +9,8 @@
 
 use std::time::Instant;
 
-use refblk::backend::limits::LimitsPatch;
-use refblk::frontend::{Frontend, IoRequest};
+use refblk_core::backend::limits::LimitsPatch;
+use refblk_sim::frontend::{Frontend, IoRequest};
 
 use crate::kit::leak::settle;
 use crate::kit::{Rig, Rng, LONG, XVDA};

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use crate::kit::serve::Stopped;
 use crate::kit::*;
-use refblk::backend::control::handle_line;
-use refblk::backend::AttachOptions;
 use refblk::cli::metrics;
-use refblk::frontend::{FrontendOptions, IoRequest};
-use refblk::util::scratchfs::{have_tool, skip_or_fail};
+use refblk_core::backend::control::handle_line;
+use refblk_core::backend::AttachOptions;
+use refblk_sim::frontend::{FrontendOptions, IoRequest};
+use refblk_sim::scratchfs::{have_tool, skip_or_fail};
 
 const MIB: u64 = 1 << 20;
 const T: Duration = crate::kit::HANG;

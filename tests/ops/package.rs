@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use refblk::util::scratchfs::{have_tool, skip_or_fail};
+use refblk_sim::scratchfs::{have_tool, skip_or_fail};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 

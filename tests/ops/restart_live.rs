@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use crate::kit::serve::Daemon;
 use crate::kit::*;
-use refblk::backend::control;
-use refblk::frontend::{Frontend, FrontendOptions, IoRequest, Toolstack, VbdSpec};
-use refblk::platform::sim::SimXen;
-use refblk::xenstore::XsClient;
+use refblk_core::backend::control;
+use refblk_core::xenstore::XsClient;
+use refblk_sim::frontend::{Frontend, FrontendOptions, IoRequest, Toolstack, VbdSpec};
+use refblk_sim::SimXen;
 
 const DISK: u64 = 16 << 20;
 const CYCLES: usize = 20;

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use crate::kit::serve::{attach_over_control, wait_first_device_connected, Daemon};
 use crate::kit::*;
-use refblk::backend::control;
-use refblk::frontend::Frontend;
-use refblk::platform::sim::SimXen;
-use refblk::xenstore::XsClient;
+use refblk_core::backend::control;
+use refblk_core::xenstore::XsClient;
+use refblk_sim::frontend::Frontend;
+use refblk_sim::SimXen;
 use xen_sys::xenbus::XenbusState;
 
 const MIB: u64 = 1 << 20;
@@ -22,7 +22,7 @@ const MIB: u64 = 1 << 20;
 /// path), and the guest's frontend connected to it.
 struct Served {
     daemon: Daemon,
-    vbd: refblk::frontend::Vbd,
+    vbd: refblk_sim::frontend::Vbd,
     fe: Frontend,
 }
 

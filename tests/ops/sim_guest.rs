@@ -61,7 +61,7 @@ fn text(o: &Output) -> String {
 fn the_readme_walkthrough_runs_a_verified_guest_that_status_sees_and_limit_slows() {
     // The daemon pins io_uring buffers (locked memory): root.
     if !nix::unistd::geteuid().is_root()
-        && !refblk::util::scratchfs::skip_or_fail("refblk serve needs root (locked memory)")
+        && !refblk_sim::scratchfs::skip_or_fail("refblk serve needs root (locked memory)")
     {
         return;
     }
@@ -258,7 +258,7 @@ fn the_readme_walkthrough_runs_a_verified_guest_that_status_sees_and_limit_slows
 #[test]
 fn a_sim_guest_runs_on_a_pool_volume_which_is_committed_when_it_stops() {
     if !nix::unistd::geteuid().is_root()
-        && !refblk::util::scratchfs::skip_or_fail("refblk serve needs root (locked memory)")
+        && !refblk_sim::scratchfs::skip_or_fail("refblk serve needs root (locked memory)")
     {
         return;
     }
@@ -294,7 +294,7 @@ fn a_sim_guest_runs_on_a_pool_volume_which_is_committed_when_it_stops() {
     );
     let control = dir.join("refblk.sock");
     let deadline = Instant::now() + T;
-    while refblk::backend::control::request(&control, "status").is_err() {
+    while refblk_core::backend::control::request(&control, "status").is_err() {
         assert!(Instant::now() < deadline, "refblk serve did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -331,7 +331,7 @@ fn a_sim_guest_runs_on_a_pool_volume_which_is_committed_when_it_stops() {
     let dirty = pool.join(format!("{vid}-dirty.img"));
     let mut seen = String::new();
     let served = crate::kit::wait_until(T, || {
-        let Ok(v) = refblk::backend::control::request(&control, "status") else {
+        let Ok(v) = refblk_core::backend::control::request(&control, "status") else {
             return false;
         };
         seen = v["devices"].to_string();
@@ -371,6 +371,6 @@ fn a_sim_guest_runs_on_a_pool_volume_which_is_committed_when_it_stops() {
         after.iter().any(|&b| b != 0),
         "the committed volume holds none of the guest's writes"
     );
-    let v = refblk::backend::control::request(&control, "status").unwrap();
+    let v = refblk_core::backend::control::request(&control, "status").unwrap();
     assert_eq!(v["devices"].as_array().map(Vec::len), Some(0), "{v}");
 }

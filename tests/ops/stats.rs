@@ -10,10 +10,10 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::kit::*;
-use refblk::backend::control::{handle_line, ControlServer};
-use refblk::backend::stats::{OpClass, StatsSnapshot};
-use refblk::backend::AttachOptions;
-use refblk::frontend::{FrontendOptions, IoRequest, Tag, VbdSpec};
+use refblk_core::backend::control::{handle_line, ControlServer};
+use refblk_core::backend::stats::{OpClass, StatsSnapshot};
+use refblk_core::backend::AttachOptions;
+use refblk_sim::frontend::{FrontendOptions, IoRequest, Tag, VbdSpec};
 
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(20);
@@ -50,7 +50,7 @@ fn counters_and_histograms_match_what_the_guest_did() {
 
     let data = vec![0xabu8; 8192];
     let mut tags: Vec<Tag> = Vec::new();
-    let mut go = |fe: &mut refblk::frontend::Frontend, i: usize, r: IoRequest<'_>| {
+    let mut go = |fe: &mut refblk_sim::frontend::Frontend, i: usize, r: IoRequest<'_>| {
         tags.push(fe.submit(Some(i % 2), r).expect("submit"));
     };
     for i in 0..30 {

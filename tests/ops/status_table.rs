@@ -6,9 +6,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::kit::*;
-use refblk::backend::control::ControlServer;
-use refblk::backend::AttachOptions;
-use refblk::frontend::{FrontendOptions, IoRequest};
+use refblk_core::backend::control::ControlServer;
+use refblk_core::backend::AttachOptions;
+use refblk_sim::frontend::{FrontendOptions, IoRequest};
 
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(20);

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::kit::serve::Stopped;
-use refblk::util::scratchfs::{have_tool, skip_or_fail};
+use refblk_sim::scratchfs::{have_tool, skip_or_fail};
 
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/refblk.service");
 const T: Duration = crate::kit::HANG;

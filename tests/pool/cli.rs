@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 
 use crate::common::*;
 use clap::CommandFactory;
-use refblk::util::scratchfs::FsKind;
+use refblk_sim::scratchfs::FsKind;
 
 fn refblk(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_refblk"))

@@ -6,8 +6,8 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use refblk::pool::{InitOptions, Pool};
-use refblk::util::scratchfs::{FsKind, ScratchFs};
+use refblk_core::pool::{InitOptions, Pool};
+use refblk_sim::scratchfs::{FsKind, ScratchFs};
 
 pub const MIB: u64 = 1 << 20;
 

@@ -7,8 +7,8 @@ use std::thread;
 use std::time::Duration;
 
 use crate::common::*;
-use refblk::pool::{ErrorKind, Pool, StopOutcome, VolumeConfig};
-use refblk::util::scratchfs::FsKind;
+use refblk_core::pool::{ErrorKind, Pool, StopOutcome, VolumeConfig};
+use refblk_sim::scratchfs::FsKind;
 
 #[test]
 fn concurrent_starts_and_stops() {

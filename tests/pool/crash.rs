@@ -9,10 +9,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::common::*;
-use refblk::pool::{
+use refblk_core::pool::{
     ErrorKind, FaultMode, Faults, ImportSource, Pool, Volume, VolumeConfig, VolumeKind, VolumeState,
 };
-use refblk::util::scratchfs::FsKind;
+use refblk_sim::scratchfs::FsKind;
 
 const SIZE: u64 = MIB;
 const RTK: i64 = 2;
@@ -48,7 +48,7 @@ struct Case {
     rtk: i64,
     /// Prepare the volume; returns the legitimate committed contents after the op.
     setup: fn(&Pool, &str, i64) -> Vec<Vec<u8>>,
-    op: fn(&Pool, &str) -> refblk::pool::Result<()>,
+    op: fn(&Pool, &str) -> refblk_core::pool::Result<()>,
 }
 
 fn cases() -> Vec<Case> {
@@ -522,7 +522,7 @@ fn revisions_never_change(kind: FsKind) {
     let inplace = pool
         .volume_with(
             vid,
-            refblk::pool::Overrides {
+            refblk_core::pool::Overrides {
                 revisions_to_keep: Some(-1),
                 ..Default::default()
             },

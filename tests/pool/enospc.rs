@@ -6,8 +6,8 @@
 use std::fs;
 
 use crate::common::*;
-use refblk::pool::{ErrorKind, InitOptions, Pool, StopOutcome, VolumeConfig};
-use refblk::util::scratchfs::{FsKind, ScratchFs};
+use refblk_core::pool::{ErrorKind, InitOptions, Pool, StopOutcome, VolumeConfig};
+use refblk_sim::scratchfs::{FsKind, ScratchFs};
 
 #[test]
 fn enospc_on_small_ext4() {

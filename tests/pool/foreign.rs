@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use refblk::util::scratchfs::FsKind;
+use refblk_sim::scratchfs::FsKind;
 
 const VID: &str = "appvms/q/private";
 

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use crate::common::*;
-use refblk::util::scratchfs::FsKind;
+use refblk_sim::scratchfs::FsKind;
 
 thread_local! {
     /// This test's misses (each test runs on its own thread).
@@ -308,7 +308,7 @@ fn refusals_leave_no_directories() {
         .tempdir_in("/dev/shm")
         .or_else(|_| tempfile::tempdir())
         .unwrap();
-    if refblk::pool::reflink_supported(base.path()).unwrap_or(false) {
+    if refblk_core::pool::reflink_supported(base.path()).unwrap_or(false) {
         eprintln!(
             "{} can reflink; the init refusal is not exercised",
             base.path().display()

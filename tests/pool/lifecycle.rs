@@ -6,12 +6,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use crate::common::*;
-use refblk::pool::layout::isodate;
-use refblk::pool::{
+use refblk_core::pool::layout::isodate;
+use refblk_core::pool::{
     ErrorKind, ImportSource, InitOptions, Overrides, Pool, ResizeNotifier, StopOutcome,
     VolumeConfig, VolumeKind, VolumeState,
 };
-use refblk::util::scratchfs::FsKind;
+use refblk_sim::scratchfs::FsKind;
 
 #[derive(Default)]
 struct Recorder(Mutex<Vec<(String, u64)>>);

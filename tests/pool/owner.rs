@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 use crate::common::{listing, run_env, text};
 use crate::kit::serve::{attach_over_control, wait_first_device_connected, Daemon};
 use crate::kit::*;
-use refblk::backend::control;
-use refblk::frontend::Frontend;
-use refblk::platform::sim::SimXen;
-use refblk::util::scratchfs::{FsKind, ScratchFs};
-use refblk::xenstore::XsClient;
+use refblk_core::backend::control;
+use refblk_core::xenstore::XsClient;
+use refblk_sim::frontend::Frontend;
+use refblk_sim::scratchfs::{FsKind, ScratchFs};
+use refblk_sim::SimXen;
 
 /// `refblk ARGS` with warnings logged (the daemons and simulators it starts
 /// too).
@@ -77,7 +77,7 @@ fn attach_guest(
     domid: u16,
     pool: &Path,
     vid: &str,
-) -> (refblk::frontend::Vbd, Frontend) {
+) -> (refblk_sim::frontend::Vbd, Frontend) {
     attach_over_control(
         sim,
         sock,

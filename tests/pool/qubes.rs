@@ -13,8 +13,8 @@ use std::process::{Command, Output, Stdio};
 
 use crate::common::*;
 use crate::kit::{machine_dir, wait_until, HANG};
-use refblk::util::scratchfs::FsKind;
-use refblk::xenstore::XsClient;
+use refblk_core::xenstore::XsClient;
+use refblk_sim::scratchfs::FsKind;
 
 const PRIVATE: &str = "appvms/work/private";
 const ROOT: &str = "appvms/work/root";

@@ -9,9 +9,9 @@ use std::path::Path;
 use crate::common::*;
 use nix::sys::stat::{utimensat, UtimensatFlags};
 use nix::sys::time::TimeSpec;
-use refblk::pool::layout::isodate;
-use refblk::pool::{Overrides, Pool, StopOutcome, VolumeKind, VolumeState};
-use refblk::util::scratchfs::FsKind;
+use refblk_core::pool::layout::isodate;
+use refblk_core::pool::{Overrides, Pool, StopOutcome, VolumeKind, VolumeState};
+use refblk_sim::scratchfs::FsKind;
 
 fn set_mtime(p: &Path, secs: i64) {
     let t = TimeSpec::new(secs, 0);

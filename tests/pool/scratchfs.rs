@@ -1,7 +1,7 @@
 //! ScratchFs: each kind mounts, is writable, reports reflink support truthfully, and
 //! is gone (unmounted, loop device detached) after drop.
 
-use refblk::util::scratchfs::{FsKind, ScratchFs};
+use refblk_sim::scratchfs::{FsKind, ScratchFs};
 use std::fs;
 
 fn mounted(path: &std::path::Path) -> bool {
@@ -24,7 +24,7 @@ fn scratch_fs_lifecycle_all_kinds() {
         fs::write(&a, vec![7u8; 65536]).unwrap();
         let src = fs::File::open(&a).unwrap();
         let dst = fs::File::create(mnt.join("b")).unwrap();
-        let r = refblk::pool::fsops::try_reflink(&src, &dst).unwrap();
+        let r = refblk_core::pool::fsops::try_reflink(&src, &dst).unwrap();
         assert_eq!(r, kind.supports_reflink(), "FICLONE on {kind}");
         drop((src, dst));
         drop(fs);
@@ -52,7 +52,7 @@ fn scratch_fs_lifecycle_all_kinds() {
 #[test]
 fn leaked_scratch_mount_is_cleaned_up() {
     use std::process::Command;
-    if !refblk::util::scratchfs::require_root_or_skip("mounting a leaked scratch fs") {
+    if !refblk_sim::scratchfs::require_root_or_skip("mounting a leaked scratch fs") {
         return;
     }
     // a pid that no longer exists

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::kit::{wait_until, HANG};
-use refblk::platform::sim::{SimGuest, SimPlatform};
-use refblk::platform::{CopySeg, GrantStatus, Platform};
-use refblk::util::scratchfs::{have_tool, skip_or_fail};
+use refblk_core::platform::{CopySeg, GrantStatus, Platform};
+use refblk_sim::scratchfs::{have_tool, skip_or_fail};
+use refblk_sim::{SimGuest, SimPlatform};
 
 struct Sim(Child);
 

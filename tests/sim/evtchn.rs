@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use crate::support::{machine_dir, Peer};
-use refblk::platform::sim::{EvtchnBroker, SimGuest, SimPlatform};
-use refblk::platform::{EventChannel, Platform};
+use refblk_core::platform::{EventChannel, Platform};
+use refblk_sim::{EvtchnBroker, SimGuest, SimPlatform};
 
 const ENTRY: &str = "evtchn::peer_process_entry";
 const DOM: u16 = 6;

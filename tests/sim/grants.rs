@@ -6,8 +6,8 @@
 use std::collections::HashSet;
 
 use crate::support::{hex, machine_dir, pattern, unhex, Peer};
-use refblk::platform::sim::{SimGuest, SimPlatform};
-use refblk::platform::{CopySeg, GrantMapError, GrantStatus, Platform, PAGE_SIZE};
+use refblk_core::platform::{CopySeg, GrantMapError, GrantStatus, Platform, PAGE_SIZE};
+use refblk_sim::{SimGuest, SimPlatform};
 
 const ENTRY: &str = "grants::peer_process_entry";
 const DOM: u16 = 5;
@@ -502,7 +502,7 @@ fn grants_and_revokes_race_safely_with_the_backend() {
 fn real_platform_without_xen_is_a_clear_error() {
     // The real platform mirrors this one; on a machine without Xen it must fail
     // to open with a message naming the device, not panic.
-    match refblk::platform::real::RealXen::open() {
+    match refblk_core::platform::real::RealXen::open() {
         Ok(x) => assert_eq!(x.name(), "xen", "running on a real dom0"),
         Err(e) => assert!(e.to_string().contains("/dev/xen/gntdev"), "{e}"),
     }

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
-use refblk::platform::sim::SimGuest;
-use refblk::platform::sim::SimPlatform;
-use refblk::platform::{EventChannel, ForeignMapping, Platform, PAGE_SIZE};
+use refblk_core::platform::{EventChannel, ForeignMapping, Platform, PAGE_SIZE};
+use refblk_sim::SimGuest;
+use refblk_sim::SimPlatform;
 
 /// Env var that turns the child-entry test into the scripted peer.
 pub const CHILD_ENV: &str = "REFBLK_SIM_PEER_DIR";

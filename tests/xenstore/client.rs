@@ -7,8 +7,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
 
-use refblk::xenstore::wire::{self, Header};
-use refblk::xenstore::{WatchEvent, XsClient, XsError, XBT_NULL};
+use refblk_core::xenstore::wire::{self, Header};
+use refblk_core::xenstore::{WatchEvent, XsClient, XsError, XBT_NULL};
 use xen_sys::xs_wire as abi;
 
 /// A bound that turns a hang into a failure, not a speed target: a loaded

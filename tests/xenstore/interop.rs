@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use refblk::platform::sim::xenstored::Xenstored;
-use refblk::xenstore::{Access, Permissions, XBT_NULL};
+use refblk_core::xenstore::{Access, Permissions, XBT_NULL};
+use refblk_sim::xenstored::Xenstored;
 
 const TOOLS: &[&str] = &[
     "xenstore-write",

@@ -7,9 +7,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use refblk::platform::sim::xenstored::Xenstored;
-use refblk::xenstore::wire::{self, Header, ReadError};
-use refblk::xenstore::XBT_NULL;
+use refblk_core::xenstore::wire::{self, Header, ReadError};
+use refblk_core::xenstore::XBT_NULL;
+use refblk_sim::xenstored::Xenstored;
 use xen_sys::xs_wire as abi;
 
 /// A bound that turns a hang into a failure, not a speed target: a loaded

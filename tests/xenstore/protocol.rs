@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use refblk::platform::sim::xenstored::Xenstored;
-use refblk::xenstore::{Access, Permissions, WatchEvent, XsClient, XsError, XBT_NULL};
+use refblk_core::xenstore::{Access, Permissions, WatchEvent, XsClient, XsError, XBT_NULL};
+use refblk_sim::xenstored::Xenstored;
 
 /// A bound that turns a hang into a failure, not a speed target: a loaded
 /// machine must never reach it.

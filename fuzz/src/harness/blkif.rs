@@ -9,7 +9,7 @@
 //! the pieces add up to the length and each stays inside its 4096-byte page,
 //! nothing writes to a read-only disk, and only advertised features pass.
 
-use refblk::blkif::{
+use refblk_core::blkif::{
     parse_indirect_segments, parse_request, Abi, DiskInfo, Features, RawRequest, Request, RwOp,
     RwRequest,
 };

@@ -1,7 +1,7 @@
 //! Target `fekeys`: the xenstore values a frontend controls (`protocol`,
 //! `multi-queue-num-queues`, `ring-page-order`, `ring-ref*`, `event-channel`,
 //! `feature-persistent`) — garbage, huge, negative, missing, not UTF-8 —
-//! through `refblk::backend::fekeys::parse_frontend_keys`.
+//! through `refblk_core::backend::fekeys::parse_frontend_keys`.
 //!
 //! Checked: no panic; lookups stay under the frontend's directory and are
 //! bounded in number; an accepted result respects the advertised limits and
@@ -10,8 +10,8 @@
 
 use std::collections::HashMap;
 
-use refblk::backend::fekeys::{parse_frontend_keys, FeKeyError, Limits};
-use refblk::blkif::Abi;
+use refblk_core::backend::fekeys::{parse_frontend_keys, FeKeyError, Limits};
+use refblk_core::blkif::Abi;
 
 use super::input::Input;
 

@@ -37,13 +37,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use refblk::backend::{AttachOptions, Backend, BackendConfig, BackendHandle};
-use refblk::blkif::{Abi, DiskInfo, Features};
-use refblk::platform::sim::{GuestPages, SimGuest, SimPlatform, SimXen};
-use refblk::platform::{
+use refblk_core::backend::{AttachOptions, Backend, BackendConfig, BackendHandle};
+use refblk_core::blkif::{Abi, DiskInfo, Features};
+use refblk_core::platform::{
     CopySeg, DomId, EventChannel, ForeignMapping, GrantRef, GrantStatus, Platform, Port,
 };
-use refblk::xenstore::XsClient;
+use refblk_core::xenstore::XsClient;
+use refblk_sim::{GuestPages, SimGuest, SimPlatform, SimXen};
 
 use super::blkif::{model, model_indirect, off, Expect};
 use super::input::Input;

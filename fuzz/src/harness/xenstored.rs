@@ -1,5 +1,5 @@
 //! Target `xenstored`: the simulated xenstored's request handling
-//! (`refblk::platform::sim::xenstored::InProcess`, the engine behind the
+//! (`refblk_sim::xenstored::InProcess`, the engine behind the
 //! socket daemon) driven by a hostile domU connection and a dom0 connection
 //! with arbitrary message types, ids, transaction ids and payloads built from
 //! paths, permission strings, numbers and raw bytes.
@@ -11,8 +11,8 @@
 //! dom0 created with `n0` permissions is never shown to the domU (its value
 //! never appears in anything sent to the domU) and is unchanged at the end.
 
-use refblk::platform::sim::xenstored::InProcess;
-use refblk::xenstore::wire::{self, split_strings, Header, HEADER_LEN, PAYLOAD_MAX};
+use refblk_core::xenstore::wire::{self, split_strings, Header, HEADER_LEN, PAYLOAD_MAX};
+use refblk_sim::xenstored::InProcess;
 use xen_sys::xs_wire as abi;
 
 use super::input::Input;

@@ -1,4 +1,4 @@
-//! Target `xs_client`: the xenstore client (`refblk::xenstore::XsClient`)
+//! Target `xs_client`: the xenstore client (`refblk_core::xenstore::XsClient`)
 //! talking to a hostile daemon. A fake xenstored on a unix socket answers each
 //! request as the input says: a correct reply, an error with any name, a
 //! reply with the wrong request id or type, watch events with any payload,
@@ -14,8 +14,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use refblk::xenstore::wire::{self, read_message, HEADER_LEN, PAYLOAD_MAX};
-use refblk::xenstore::{XsClient, XsError};
+use refblk_core::xenstore::wire::{self, read_message, HEADER_LEN, PAYLOAD_MAX};
+use refblk_core::xenstore::{XsClient, XsError};
 use xen_sys::xs_wire as abi;
 
 use super::input::Input;

@@ -1,5 +1,5 @@
 //! Target `xs_wire`: the xenstore wire codec both sides use
-//! (`refblk::xenstore::wire`): message framing from a byte stream delivered
+//! (`refblk_core::xenstore::wire`): message framing from a byte stream delivered
 //! in arbitrary chunks (`read_message`), NUL-separated payload strings, error
 //! names and permission strings.
 //!
@@ -10,11 +10,11 @@
 
 use std::io::{self, Read};
 
-use refblk::xenstore::wire::{
+use refblk_core::xenstore::wire::{
     self, encode, errno_for_name, error_name, join_strings, read_message, split_strings, Header,
     ReadError, HEADER_LEN, PAYLOAD_MAX,
 };
-use refblk::xenstore::{Perm, Permissions};
+use refblk_core::xenstore::{Perm, Permissions};
 
 use super::input::Input;
 

@@ -26,8 +26,7 @@ pub const EVTCHN_PATH: &str = "/dev/xen/evtchn";
 /// The xenstored unix socket (falls back to `/dev/xen/xenbus` in the client).
 pub const XENSTORED_SOCKET: &str = "/var/run/xenstored/socket";
 
-/// Most refs per map call (same limit as the simulation).
-const MAX_MAP_REFS: usize = super::sim::MAX_MAP_REFS;
+use super::MAX_MAP_REFS;
 
 /// The real Xen, as dom0 (or a driver domain) sees it.
 pub struct RealXen {

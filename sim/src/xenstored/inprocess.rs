@@ -5,7 +5,7 @@
 //! errors: oversized headers and truncated messages).
 
 use super::engine::{ConnId, Engine};
-use crate::xenstore::wire::{self, Header, HEADER_LEN};
+use refblk_core::xenstore::wire::{self, Header, HEADER_LEN};
 
 /// A simulated xenstored in this thread (see the module docs).
 pub struct InProcess {

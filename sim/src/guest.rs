@@ -11,7 +11,7 @@ use xen_sys::gntdev::{GTF_permit_access, GTF_readonly, GNTTAB_NR_RESERVED_ENTRIE
 
 use super::domain::{domain_dir, DomainShm};
 use super::evtchn::{self, SimEventChannel};
-use crate::platform::{DomId, EventChannel, ForeignMapping, GrantRef, PAGE_SIZE};
+use refblk_core::platform::{DomId, EventChannel, ForeignMapping, GrantRef, PAGE_SIZE};
 
 /// Default number of grant entries of a new domain (Linux guests default to
 /// 32 grant frames = 16384 v1 entries).

@@ -7,7 +7,8 @@
 //!
 //! - [`real::RealXen`]: `/dev/xen/gntdev`, `/dev/xen/evtchn`, xenstore over the
 //!   xenstored socket or `/dev/xen/xenbus`.
-//! - [`sim::SimPlatform`]: the simulated Xen used by tests and benchmarks (guest
+//! - `refblk_sim::SimPlatform` (in the `refblk-sim` crate, which this library
+//!   does not link): the simulated Xen used by tests and benchmarks (guest
 //!   memory and grant tables in shared memory files, event channels as eventfds
 //!   brokered by the simulator, a xenstored speaking the real wire protocol).
 //!
@@ -21,7 +22,14 @@ use std::os::fd::RawFd;
 use crate::xenstore::XsClient;
 
 pub mod real;
-pub mod sim;
+
+/// Most grant refs per map call, on the real and the simulated Xen alike.
+pub const MAX_MAP_REFS: usize = 1024;
+
+/// File name of the simulated xenstored's socket in a `refblk sim --dir DIR`
+/// directory: the pool asks a simulated Xen for users of a volume through it
+/// (`pool::users`) without linking the simulator.
+pub const SIM_XENSTORED_SOCK: &str = "xenstored.sock";
 
 /// A Xen domain id.
 pub type DomId = u16;
@@ -210,7 +218,7 @@ pub(crate) unsafe fn volatile_write(src: &[u8], dst: *mut u8) {
 }
 
 /// The argument check every [`Platform::grant_copy`] starts with.
-pub(crate) fn check_copy_args(segs: &[CopySeg<'_>], status: &[GrantStatus]) -> io::Result<()> {
+pub fn check_copy_args(segs: &[CopySeg<'_>], status: &[GrantStatus]) -> io::Result<()> {
     if segs.len() != status.len() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,

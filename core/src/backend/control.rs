@@ -81,7 +81,7 @@ pub fn set_daemon_info(workers: usize) {
 /// The version and git commit this binary was built from (`build.rs`).
 pub const BUILD_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The git commit (`unknown` outside a git checkout).
-pub const BUILD_COMMIT: &str = env!("REFBLK_GIT_COMMIT");
+pub use crate::BUILD_COMMIT;
 
 /// Make the socket at `path` readable and writable by its owner and by
 /// `group` (mode 0660, group `group`), or by its owner only (0600) without

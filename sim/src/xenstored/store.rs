@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use xen_sys::xs_wire::{XENSTORE_ABS_PATH_MAX, XENSTORE_REL_PATH_MAX};
 
-use crate::xenstore::wire::{Access, Permissions};
+use refblk_core::xenstore::wire::{Access, Permissions};
 
 /// Who is asking: dom0 (privileged) or a domain, possibly with a target.
 #[derive(Debug, Clone, Copy)]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use xen_sys::xs_wire as abi;
 
 use super::store::{self, canonicalize, is_child, rights, Caller, Tree};
-use crate::xenstore::wire::{self, Header, Permissions};
+use refblk_core::xenstore::wire::{self, Header, Permissions};
 
 /// Identifies a client connection.
 pub(super) type ConnId = u64;

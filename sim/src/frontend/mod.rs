@@ -1,13 +1,13 @@
 //! A simulated guest's blkfront: the frontend half of blkif, following Linux
-//! `xen-blkfront`, on the simulated Xen ([`crate::platform::sim`]). Used by the
+//! `xen-blkfront`, on the simulated Xen ([`crate`]). Used by the
 //! integration tests, `refblk demo` and benchmarks.
 //!
 //! Written from `xen/io/blkif.h` and `xen/io/ring.h` independently of the
-//! backend's parser ([`crate::blkif`]): the byte layout is in [`wire`].
+//! backend's parser ([`refblk_core::blkif`]): the byte layout is in [`wire`].
 //!
 //! - [`Toolstack`] creates a vbd as libxl does (backend and frontend
 //!   directories, permissions), plays the hotplug script's `add` (hands the
-//!   image to the backend with [`BackendHandle::attach`](crate::backend::BackendHandle::attach))
+//!   image to the backend with [`BackendHandle::attach`](refblk_core::backend::BackendHandle::attach))
 //!   and removes the device as libxl does.
 //! - [`Frontend::connect`] does blkfront's handshake as the guest domain:
 //!   waits for the backend's InitWait, reads its limits, sets up rings and
@@ -64,9 +64,9 @@ use std::time::{Duration, Instant};
 use log::debug;
 use xen_sys::xenbus::XenbusState;
 
-use crate::platform::sim::SimGuest;
-use crate::platform::{DomId, EventChannel, GrantRef};
-use crate::xenstore::XsClient;
+use crate::SimGuest;
+use refblk_core::platform::{DomId, EventChannel, GrantRef};
+use refblk_core::xenstore::XsClient;
 use ring::FrontRing;
 use wire::Seg;
 
@@ -365,7 +365,7 @@ fn parse_state(s: Option<String>) -> XenbusState {
 impl Frontend {
     /// Connect device `devid` of `guest` (whose directories a [`Toolstack`]
     /// made) as blkfront does; returns once both ends are Connected.
-    /// `xenstored` is the simulator's socket ([`crate::platform::sim::SimXen::xenstored_path`]).
+    /// `xenstored` is the simulator's socket ([`crate::SimXen::xenstored_path`]).
     pub fn connect(
         xenstored: &Path,
         guest: Arc<SimGuest>,

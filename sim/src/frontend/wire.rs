@@ -2,7 +2,7 @@
 //! `xen/io/ring.h` (see `/usr/include/xen/io/` on a Xen build machine).
 //!
 //! Deliberately written from the header text with its own byte offsets, and
-//! not from `crate::blkif` or `xen_sys::blkif`: the backend parses with those,
+//! not from `refblk_core::blkif` or `xen_sys::blkif`: the backend parses with those,
 //! so a layout mistake cannot hide in both sides at once. Everything is
 //! little-endian (x86).
 //!

@@ -37,7 +37,7 @@ use nix::fcntl::{fcntl, FcntlArg};
 use xen_sys::gntdev::{GTF_permit_access, GTF_readonly, GTF_type_mask};
 
 use super::shm::Shm;
-use crate::platform::{DomId, GrantRef, GrantStatus, PAGE_SIZE};
+use refblk_core::platform::{DomId, GrantRef, GrantStatus, PAGE_SIZE};
 
 /// `"RBSIMGT1"`: identifies a simulator grant table file.
 pub const GNTTAB_MAGIC: u64 = u64::from_le_bytes(*b"RBSIMGT1");

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use xen_sys::xenbus::XenbusState;
 
-use crate::backend::{AttachOptions, BackendHandle};
-use crate::platform::DomId;
-use crate::xenstore::{Access, Perm, Permissions, XsClient};
+use refblk_core::backend::{AttachOptions, BackendHandle};
+use refblk_core::platform::DomId;
+use refblk_core::xenstore::{Access, Perm, Permissions, XsClient};
 
 /// A vbd to create.
 #[derive(Debug, Clone)]
@@ -261,7 +261,7 @@ impl Toolstack {
                     if spec.attach.read_only { " ro" } else { "" },
                     spec.attach.sector_size
                 );
-                match crate::backend::control::request(sock, &line) {
+                match refblk_core::backend::control::request(sock, &line) {
                     Err(e) => Err(format!("{}: {e}", sock.display())),
                     Ok(v) if v["ok"] == serde_json::Value::Bool(true) => Ok(()),
                     Ok(v) => Err(v["error"].as_str().unwrap_or("refused").to_string()),
@@ -354,7 +354,7 @@ impl Toolstack {
         // (commits) its pool volume. A daemon that already let the device go
         // answers with an error, which changes nothing.
         if let Hotplug::Socket(sock) = &self.hotplug {
-            let _ = crate::backend::control::request(sock, &format!("detach {be}"));
+            let _ = refblk_core::backend::control::request(sock, &format!("detach {be}"));
         }
         self.force_remove_vbd(vbd)?;
         Ok(closed)

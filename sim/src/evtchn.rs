@@ -33,7 +33,7 @@ use nix::sys::socket::{
 };
 
 use super::domain::domain_dir;
-use crate::platform::{DomId, EventChannel, Port};
+use refblk_core::platform::{DomId, EventChannel, Port};
 
 /// Largest request or reply packet.
 const MAX_MSG: usize = 512;

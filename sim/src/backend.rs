@@ -9,15 +9,15 @@ use std::sync::{Arc, Mutex};
 use super::domain::{domain_dir, DomainShm};
 use super::evtchn::SimEventChannel;
 use super::shm::FrameMap;
-use crate::platform::{
+use refblk_core::platform::{
     CopySeg, DomId, EventChannel, ForeignMapping, GrantMapError, GrantRef, GrantStatus, Platform,
     Port, PAGE_SIZE,
 };
-use crate::xenstore::XsClient;
+use refblk_core::xenstore::XsClient;
 
 /// Most refs one map call accepts (gntdev's default limit per file is larger;
 /// rings need 16, persistent grants 1 per call).
-pub const MAX_MAP_REFS: usize = 1024;
+pub use refblk_core::platform::MAX_MAP_REFS;
 
 /// A domain as the backend sees it: its files, and how many of our live
 /// mappings hold each ref (the OFD lock on an entry is taken on 0 -> 1 and
@@ -266,7 +266,7 @@ impl Platform for SimPlatform {
         segs: &mut [CopySeg<'_>],
         status: &mut [GrantStatus],
     ) -> io::Result<()> {
-        crate::platform::check_copy_args(segs, status)?;
+        refblk_core::platform::check_copy_args(segs, status)?;
         let Some(dom) = self.domain(domid)? else {
             status.iter_mut().for_each(|s| *s = GrantStatus::BadDomain);
             return Ok(());

@@ -1,3 +1,12 @@
+//! refblk-sim: the simulated Xen, the blkif test frontend and scratch file
+//! systems — for tests, the demo and the bench. The daemon's library
+//! (`refblk-core`) does not depend on this crate.
+//!
+//! - [`frontend`]: a blkif frontend written from blkif.h, independently of the
+//!   backend's parser, with a toolstack that creates devices in xenstore.
+//! - [`scratchfs`]: throw-away btrfs / XFS / ext4 file systems on loop devices
+//!   for tests and benchmarks, plus the project's "needs root or skip" rule.
+//!
 //! The simulated Xen: guest memory and grant tables in shared memory files,
 //! event channels as eventfds, and a xenstored speaking the real wire protocol
 //! (see [`xenstored`]). Everything lives in one directory `DIR` (layout in
@@ -6,7 +15,7 @@
 //! - [`SimXen`]: the simulator (xenstored + event channel broker), run by
 //!   `refblk sim --dir DIR` or in-process by tests.
 //! - [`SimGuest`]: a guest domain (memory, grants, event channels).
-//! - [`SimPlatform`]: the backend's [`Platform`](crate::platform::Platform).
+//! - [`SimPlatform`]: the backend's [`Platform`](refblk_core::platform::Platform).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -14,7 +23,9 @@ use std::path::{Path, PathBuf};
 mod backend;
 mod domain;
 mod evtchn;
+pub mod frontend;
 mod guest;
+pub mod scratchfs;
 mod shm;
 pub mod xenstored;
 
@@ -22,11 +33,11 @@ pub use backend::{SimPlatform, MAX_MAP_REFS};
 pub use evtchn::{EvtchnBroker, SimEventChannel};
 pub use guest::{GuestPages, SimGuest, DEFAULT_GRANT_ENTRIES};
 
-use crate::platform::DomId;
+use refblk_core::platform::DomId;
 use xenstored::Xenstored;
 
 /// Name of the xenstored socket in `DIR`.
-pub const XENSTORED_SOCK: &str = "xenstored.sock";
+pub const XENSTORED_SOCK: &str = refblk_core::platform::SIM_XENSTORED_SOCK;
 /// Name of the event channel broker socket in `DIR`.
 pub const EVTCHN_SOCK: &str = "evtchn.sock";
 

@@ -7,7 +7,7 @@
 //! `@introduceDomain`/`@releaseDomain` watches. Socket connections are dom0;
 //! the sim-only `XS_CONTROL` command `sim-as-domain <N>` turns a connection
 //! into domain N with domU permission semantics
-//! ([`crate::xenstore::XsClient::connect_as_domain`]).
+//! ([`refblk_core::xenstore::XsClient::connect_as_domain`]).
 //!
 //! Threads: one acceptor, and per connection a reader (parses requests, runs
 //! them under the global lock) and a writer (drains a bounded queue to the
@@ -34,9 +34,9 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Sender, TrySendError};
 use xen_sys::xs_wire as abi;
 
-use crate::xenstore::wire::{self, ReadError};
-use crate::xenstore::{XsClient, XsResult};
 use engine::{ConnId, Engine};
+use refblk_core::xenstore::wire::{self, ReadError};
+use refblk_core::xenstore::{XsClient, XsResult};
 
 /// Messages queued per connection before it counts as not reading.
 pub const CONN_QUEUE_LEN: usize = 1024;

@@ -60,7 +60,7 @@ impl XenstoreSetting {
         let c = match self {
             XenstoreSetting::Off => return None,
             XenstoreSetting::Sim(dir) => {
-                let sock = dir.join(crate::platform::sim::XENSTORED_SOCK);
+                let sock = dir.join(crate::platform::SIM_XENSTORED_SOCK);
                 if !sock.exists() {
                     return None;
                 }

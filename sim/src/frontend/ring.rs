@@ -4,8 +4,8 @@
 use std::sync::atomic::{fence, AtomicU32, Ordering};
 
 use super::wire::{self, Abi};
-use crate::platform::sim::GuestPages;
-use crate::platform::ForeignMapping;
+use crate::GuestPages;
+use refblk_core::platform::ForeignMapping;
 
 /// One ring: `SHARED_RING_INIT` + `FRONT_RING_INIT` state.
 pub(crate) struct FrontRing {

@@ -153,7 +153,7 @@ pub fn have_tool(tool: &str) -> bool {
     found
 }
 
-pub(crate) fn run(cmd: &str, args: &[&str]) -> io::Result<String> {
+pub fn run(cmd: &str, args: &[&str]) -> io::Result<String> {
     let out = Command::new(cmd)
         .args(args)
         .output()
@@ -305,7 +305,7 @@ impl ScratchFs {
 
 /// `losetup --find --show [OPTIONS] IMG`, retried: concurrent processes can grab the
 /// same free device between the kernel's "get free" and "configure" steps.
-pub(crate) fn attach_loop(img: &str, options: &[&str]) -> io::Result<String> {
+pub fn attach_loop(img: &str, options: &[&str]) -> io::Result<String> {
     let mut last = None;
     for attempt in 0..20 {
         let mut args = vec!["--find", "--show"];
@@ -334,7 +334,7 @@ fn unmount(mnt: &Path) -> bool {
 }
 
 /// `losetup -d DEV`, retried, and wait until the kernel has let go of it.
-pub(crate) fn detach(dev: &str) {
+pub fn detach(dev: &str) {
     for attempt in 0..10 {
         if run("losetup", &["-d", dev]).is_ok() {
             wait_detached(dev);

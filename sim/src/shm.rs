@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
-use crate::platform::PAGE_SIZE;
+use refblk_core::platform::PAGE_SIZE;
 
 /// A whole file mapped `MAP_SHARED`.
 pub(crate) struct Shm {
