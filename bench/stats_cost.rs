@@ -11,8 +11,9 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use refblk_core::backend::limits::{LimiterChain, Limits};
+use refblk_core::backend::limiter::{Limiter, LimiterChain};
 use refblk_core::backend::stats::QueueStats;
+use refblk_core::limits::Limits;
 
 fn main() {
     let n = 10_000_000u64;
@@ -39,7 +40,7 @@ fn main() {
         }
         let unlimited = t.elapsed().as_nanos() as f64 / n as f64;
         let limited = LimiterChain {
-            device: std::sync::Arc::new(refblk_core::backend::limits::Limiter::new(
+            device: std::sync::Arc::new(Limiter::new(
                 Limits::parse_list("read-iops=1000000000").expect("limits"),
             )),
             domain: Default::default(),

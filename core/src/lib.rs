@@ -6,6 +6,8 @@
 //! Layers, lowest first (a module imports only from modules above it in this
 //! list; `tests/ops/layers.rs` checks it):
 //! - [`util`]: byte sizes.
+//! - [`limits`]: I/O limits as set by an administrator (rates, burst, text
+//!   form); enforced by `backend::limiter`, stored by `pool::limits`.
 //! - [`xenstore`]: the xenstore wire codec and client.
 //! - [`platform`]: what a backend needs from Xen (xenstore, foreign mappings,
 //!   grant copy, event channels), and the real `/dev/xen/*` implementation.
@@ -33,6 +35,7 @@ pub const VERSION: &str = concat!(
 pub mod backend;
 pub mod blkif;
 pub mod engine;
+pub mod limits;
 pub mod platform;
 pub mod pool;
 pub mod util;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use super::serve::DEFAULT_CONTROL;
 use super::{socket_of, CliError, CliResult};
 use refblk_core::backend::control;
-use refblk_core::backend::limits::{Limits, LimitsPatch, DEFAULT_BURST_MS};
+use refblk_core::limits::{Limits, LimitsPatch, DEFAULT_BURST_MS};
 
 /// The limit flags (0 = unlimited). Only the flags given change.
 #[derive(clap::Args, Debug, Default, Clone)]
@@ -116,27 +116,5 @@ pub fn run(a: LimitCmdArgs) -> CliResult {
         v["describe"].as_str().unwrap_or(&a.target),
         v["summary"].as_str().unwrap_or("?")
     );
-    Ok(())
-}
-
-/// Run `refblk volume limit`: store (or show) a pool volume's limits.
-pub fn run_volume(pool: &super::pool::PoolArg, vid: &str, a: &LimitArgs) -> CliResult {
-    let patch = a.patch()?;
-    let p = pool.open()?;
-    // The volume must exist (a typo must not store limits nobody reads).
-    let v = p.volume(vid)?;
-    if !v.exists()? {
-        return Err(CliError {
-            code: 3,
-            msg: format!("volume {vid} does not exist in {}", p.dir().display()),
-        });
-    }
-    let dir = p.dir().to_path_buf();
-    let cur = refblk_core::pool::limits::load(&dir, v.vid())?;
-    let new = cur.patched(&patch);
-    if !patch.is_empty() {
-        refblk_core::pool::limits::save(&dir, v.vid(), &new)?;
-    }
-    println!("{}: {new}", v.vid());
     Ok(())
 }

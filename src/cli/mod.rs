@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 pub mod bench;
 pub mod demo;
+pub mod instance;
 pub mod limit;
 pub mod metrics;
 pub mod notify;

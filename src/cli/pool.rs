@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
+use super::limit::LimitArgs;
 use super::{CliError, CliResult};
 use refblk_core::pool::{
     ImportSource, InitOptions, OpenOptions, Overrides, Pool, PoolError, QubesXmlSetting,
@@ -392,7 +393,7 @@ pub enum VolumeCommand {
         /// Volume id.
         vid: String,
         #[command(flatten)]
-        limits: super::limit::LimitArgs,
+        limits: LimitArgs,
     },
 }
 
@@ -952,8 +953,28 @@ pub fn run_volume(c: VolumeCommand) -> CliResult {
             );
             Ok(())
         }
-        VolumeCommand::Limit { pool, vid, limits } => {
-            super::limit::run_volume(&pool, &vid, &limits)
-        }
+        VolumeCommand::Limit { pool, vid, limits } => run_volume_limit(&pool, &vid, &limits),
     }
+}
+
+/// Run `refblk volume limit`: store (or show) a pool volume's limits.
+fn run_volume_limit(pool: &PoolArg, vid: &str, a: &LimitArgs) -> CliResult {
+    let patch = a.patch()?;
+    let p = pool.open()?;
+    // The volume must exist (a typo must not store limits nobody reads).
+    let v = p.volume(vid)?;
+    if !v.exists()? {
+        return Err(CliError {
+            code: 3,
+            msg: format!("volume {vid} does not exist in {}", p.dir().display()),
+        });
+    }
+    let dir = p.dir().to_path_buf();
+    let cur = refblk_core::pool::limits::load(&dir, v.vid())?;
+    let new = cur.patched(&patch);
+    if !patch.is_empty() {
+        refblk_core::pool::limits::save(&dir, v.vid(), &new)?;
+    }
+    println!("{}: {new}", v.vid());
+    Ok(())
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use log::info;
 
+use super::instance::{dir_lock, instance_lock, lock_path_for, INSTANCE_BUSY};
 use super::metrics::MetricsServer;
 use super::{socket_of, CliError, CliResult};
 use refblk_core::backend::control::{self, Access, ControlServer};
@@ -12,7 +13,6 @@ use refblk_core::backend::{Backend, BackendConfig};
 use refblk_core::engine::DirectPolicy;
 use refblk_core::platform::real::RealXen;
 use refblk_core::platform::Platform;
-use refblk_sim::SimPlatform;
 
 /// Default control socket of the daemon on a real dom0.
 pub const DEFAULT_CONTROL: &str = "/run/refblk/control.sock";
@@ -106,13 +106,7 @@ pub fn run(a: ServeArgs) -> CliResult {
     raise_fd_limit();
     let group = a.status_group.as_deref().map(lookup_group).transpose()?;
     let platform: Arc<dyn Platform> = match &a.sim {
-        Some(dir) => Arc::new(SimPlatform::new(dir).map_err(|e| {
-            CliError::failed(format!(
-                "simulated Xen in {}: {e} (start it with `refblk sim --dir {}`)",
-                dir.display(),
-                dir.display()
-            ))
-        })?),
+        Some(dir) => super::sim::backend_platform(dir)?,
         None => {
             if !a.allow_blkback && Path::new("/sys/module/xen_blkback").exists() {
                 return Err(CliError::failed(
@@ -232,96 +226,6 @@ pub fn run(a: ServeArgs) -> CliResult {
     Ok(())
 }
 
-/// Exit code of `refblk serve` / `refblk sim` when another instance owns the
-/// socket or directory (nothing was changed).
-pub const INSTANCE_BUSY: i32 = 5;
-
-/// `<path>.lock` next to a socket.
-pub(crate) fn lock_path_for(sock: &Path) -> PathBuf {
-    let mut o = sock.as_os_str().to_owned();
-    o.push(".lock");
-    PathBuf::from(o)
-}
-
-/// Take the exclusive, non-blocking `flock` of `lock` (created, with its parent
-/// directory, if missing) for one running instance of `who` using `what`, and
-/// write our pid into it. Held until the returned file is dropped (the process
-/// exits): a second instance is refused with the first one's pid before it
-/// touches anything.
-pub(crate) fn instance_lock(
-    lock: &Path,
-    who: &str,
-    what: &Path,
-) -> Result<nix::fcntl::Flock<std::fs::File>, CliError> {
-    use std::io::{Read, Seek, Write};
-    if let Some(d) = lock.parent() {
-        std::fs::create_dir_all(d)
-            .map_err(|e| CliError::failed(format!("{}: {e}", d.display())))?;
-    }
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(lock)
-        .map_err(|e| CliError::failed(format!("{}: {e}", lock.display())))?;
-    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(mut l) => {
-            let pid = std::process::id();
-            let r = l
-                .set_len(0)
-                .and_then(|()| l.rewind())
-                .and_then(|()| writeln!(l, "{pid}"));
-            if let Err(e) = r {
-                log::warn!("{}: {e}", lock.display());
-            }
-            Ok(l)
-        }
-        Err((mut f, nix::errno::Errno::EWOULDBLOCK)) => {
-            let mut pid = String::new();
-            let _ = f.read_to_string(&mut pid);
-            Err(CliError {
-                code: INSTANCE_BUSY,
-                msg: format!(
-                    "{}: another {who} (pid {}) is using it (lock {} held); stop that one first, \
-                     or give this one its own directory/socket. Nothing was changed",
-                    what.display(),
-                    pid.trim(),
-                    lock.display()
-                ),
-            })
-        }
-        Err((_, e)) => Err(CliError::failed(format!("flock {}: {e}", lock.display()))),
-    }
-}
-
-/// Take the exclusive, non-blocking `flock` of the state directory itself
-/// (created, mode 0700, if missing): no file is left in it, so a clean stop
-/// still leaves the directory empty.
-fn dir_lock(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, CliError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| CliError::failed(format!("{}: {e}", dir.display())))?;
-    let f = std::fs::File::open(dir)
-        .map_err(|e| CliError::failed(format!("{}: {e}", dir.display())))?;
-    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(l) => Ok(l),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(CliError {
-            code: INSTANCE_BUSY,
-            msg: format!(
-                "{}: another refblk serve keeps its restart state in this directory (it holds \
-                 its lock); stop that one first, or give this one its own --state-dir. \
-                 Nothing was changed",
-                dir.display()
-            ),
-        }),
-        Err((_, e)) => Err(CliError::failed(format!("flock {}: {e}", dir.display()))),
-    }
-}
-
 /// Arguments of `refblk ctl`.
 #[derive(clap::Args, Debug)]
 pub struct CtlArgs {
@@ -395,9 +299,8 @@ pub enum CtlCommand {
 /// ` key=value ...` of `--limit` flags, checked here so that a bad value is a
 /// usage error naming the key.
 fn limit_words(limits: &[String]) -> Result<String, CliError> {
-    let p =
-        refblk_core::backend::limits::LimitsPatch::parse_pairs(limits.iter().map(String::as_str))
-            .map_err(|e| CliError::usage(format!("--limit {e}")))?;
+    let p = refblk_core::limits::LimitsPatch::parse_pairs(limits.iter().map(String::as_str))
+        .map_err(|e| CliError::usage(format!("--limit {e}")))?;
     Ok(p.to_pairs().iter().map(|w| format!(" {w}")).collect())
 }
 

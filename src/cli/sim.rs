@@ -37,6 +37,21 @@ pub enum SimCommand {
 }
 
 /// Run `refblk sim`.
+/// The backend platform of `refblk serve --sim DIR`: the simulated Xen
+/// running in DIR. The only way `serve` reaches the simulator.
+pub fn backend_platform(
+    dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn refblk_core::platform::Platform>, CliError> {
+    let p = refblk_sim::SimPlatform::new(dir).map_err(|e| {
+        CliError::failed(format!(
+            "simulated Xen in {}: {e} (start it with `refblk sim --dir {}`)",
+            dir.display(),
+            dir.display()
+        ))
+    })?;
+    Ok(std::sync::Arc::new(p))
+}
+
 pub fn run(args: SimArgs) -> CliResult {
     if let Some(SimCommand::Guest(g)) = args.cmd {
         return super::simguest::run(g);
@@ -54,11 +69,11 @@ pub fn run(args: SimArgs) -> CliResult {
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
         .map_err(|e| CliError::failed(format!("refblk sim: blocking signals: {e}")))?;
     // Another simulator in DIR? Find out before touching its sockets.
-    let _instance = super::serve::instance_lock(&dir.join("sim.lock"), "refblk sim", &dir)?;
+    let _instance = super::instance::instance_lock(&dir.join("sim.lock"), "refblk sim", &dir)?;
     let xs = dir.join(refblk_sim::XENSTORED_SOCK);
     if std::os::unix::net::UnixStream::connect(&xs).is_ok() {
         return Err(CliError {
-            code: super::serve::INSTANCE_BUSY,
+            code: super::instance::INSTANCE_BUSY,
             msg: format!(
                 "{}: another simulated Xen answers on this socket; stop it first (nothing was changed)",
                 xs.display()

@@ -21,8 +21,8 @@ use std::time::Instant;
 use crate::kit::*;
 use crate::load::*;
 use refblk_core::backend::control::handle_line;
-use refblk_core::backend::limits::Limits;
 use refblk_core::backend::AttachOptions;
+use refblk_core::limits::Limits;
 use refblk_sim::frontend::FrontendOptions;
 
 const MIB: u64 = 1 << 20;

@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use refblk_core::backend::limits::LimitsPatch;
+use refblk_core::limits::LimitsPatch;
 use refblk_sim::frontend::{Frontend, IoRequest};
 
 use crate::kit::leak::settle;

@@ -8,6 +8,7 @@ mod load;
 mod bench_fio;
 mod bench_smoke;
 mod bench_svg;
+mod layers;
 mod limits;
 mod metrics;
 mod package;

@@ -372,7 +372,11 @@ fn a_second_simulator_in_one_directory_is_refused() {
         .unwrap());
     let xs = mdir.path().join("xenstored.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while XsClient::connect_unix(&xs).is_err() {
+    // Up = both of its sockets are there: it binds xenstored's first, the
+    // event channel broker's after (comparing before that would see a
+    // missing evtchn.sock "replaced" by the first simulator itself).
+    let ev = mdir.path().join("evtchn.sock");
+    while XsClient::connect_unix(&xs).is_err() || !ev.exists() {
         assert!(Instant::now() < deadline, "first simulator never came up");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -34,8 +34,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde_json::{json, Value};
 use std::os::fd::AsFd;
 
-use super::limits::{LimitsPatch, KEYS};
 use super::{AttachOptions, BackendHandle, DeviceStatus, LimitTarget};
+use crate::limits::{LimitsPatch, KEYS};
 
 /// Longest request line accepted.
 const MAX_LINE: usize = 8192;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use log::info;
 
-use super::limits::{Limiter, LimiterChain, Limits};
+use super::limiter::{Limiter, LimiterChain};
 use super::queue::{QueueCtx, QueueStats};
 use super::state::{DeviceState, Journal, QueueState, Replay, StateDir, VolumeRef};
 use super::stats::StatsSnapshot;
@@ -19,6 +19,7 @@ use super::worker::{Runtime, Ticket, Workers};
 use super::{BackendConfig, DevKey, Event};
 use crate::blkif::{Abi, BackRing, DiskInfo, Features};
 use crate::engine::ImageFile;
+use crate::limits::Limits;
 use crate::platform::{DomId, EventChannel, Platform};
 use crate::xenstore::XsClient;
 use xen_sys::xenbus::XenbusState;

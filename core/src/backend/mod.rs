@@ -14,7 +14,7 @@ mod commit;
 pub mod control;
 pub mod device;
 pub mod fekeys;
-pub mod limits;
+pub mod limiter;
 pub mod pgrants;
 pub mod queue;
 pub mod state;
@@ -36,10 +36,11 @@ use log::{debug, info, warn};
 pub use device::{AttachOptions, DeviceStatus};
 
 use crate::engine::EngineConfig;
+use crate::limits::{Limits, LimitsPatch};
 use crate::platform::{DomId, Platform};
 use crate::xenstore::XsClient;
 use device::Device;
-use limits::{Limiter, Limits, LimitsPatch};
+use limiter::Limiter;
 use xen_sys::xenbus::XenbusState;
 
 /// A device: (frontend domain, device id).
@@ -256,7 +257,7 @@ impl BackendHandle {
 
     /// Change the I/O limits of `target` (see [`LimitTarget`] for the
     /// syntax): the keys `patch` sets change, the others stay. Takes effect
-    /// on the device's running queues within [`limits::MAX_WAIT`].
+    /// on the device's running queues within [`limiter::MAX_WAIT`].
     pub fn set_limits(&self, target: &str, patch: LimitsPatch) -> Result<LimitsSet, String> {
         let (reply, rx) = bounded(1);
         self.tx

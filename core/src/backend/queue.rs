@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use super::limits::{LimiterChain, MAX_WAIT};
+use super::limiter::{LimiterChain, MAX_WAIT};
 use super::pgrants::PersistentGrants;
 use super::state::{Journal, Replay};
 use crate::blkif::{

@@ -84,7 +84,7 @@ pub struct DeviceState {
     /// The device's I/O limits when it connected (from the disk line, a
     /// volume's stored limits, or `refblk limit`); `None` = unlimited.
     /// Optional in the file (older files have none).
-    pub limits: Option<super::limits::Limits>,
+    pub limits: Option<crate::limits::Limits>,
 }
 
 fn bad(path: &Path, why: impl std::fmt::Display) -> io::Error {
@@ -208,7 +208,7 @@ impl DeviceState {
                     l.as_str()
                         .ok_or_else(|| bad(path, "bad limits"))
                         .and_then(|t| {
-                            super::limits::Limits::parse_list(t)
+                            crate::limits::Limits::parse_list(t)
                                 .map_err(|e| bad(path, format!("limits: {e}")))
                         })?,
                 ),
@@ -685,10 +685,8 @@ mod tests {
                 port: 3,
             }],
             limits: Some(
-                crate::backend::limits::Limits::parse_list(
-                    "read-iops=500,write-bps=10M,burst=250ms",
-                )
-                .unwrap(),
+                crate::limits::Limits::parse_list("read-iops=500,write-bps=10M,burst=250ms")
+                    .unwrap(),
             ),
         };
         let p = Path::new("x.json");

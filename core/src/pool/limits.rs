@@ -11,7 +11,7 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::backend::limits::Limits;
+use crate::limits::Limits;
 
 /// The limits file of volume `vid` in the pool at `pool_dir`.
 pub fn path(pool_dir: &Path, vid: &str) -> io::Result<PathBuf> {
