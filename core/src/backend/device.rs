@@ -154,14 +154,6 @@ pub(crate) struct Device {
     pub dom_limiter: Arc<Limiter>,
 }
 
-fn parse_uint(s: &str) -> Option<u64> {
-    let s = s.trim_end_matches('\0');
-    if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
-}
-
 fn err(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
@@ -173,11 +165,9 @@ pub(crate) fn read_opt(xs: &XsClient, path: &str) -> io::Result<Option<String>> 
 }
 
 fn state_of(xs: &XsClient, path: &str) -> io::Result<XenbusState> {
-    Ok(read_opt(xs, path)?
-        .and_then(|s| parse_uint(&s))
-        .and_then(|v| u32::try_from(v).ok())
-        .and_then(XenbusState::from_u32)
-        .unwrap_or(XenbusState::Unknown))
+    Ok(read_opt(xs, path)?.map_or(XenbusState::Unknown, |s| {
+        crate::blkif::frontend_keys::parse_state(&s)
+    }))
 }
 
 fn write(xs: &XsClient, tx: u32, path: &str, v: &str) -> io::Result<()> {
@@ -331,9 +321,9 @@ impl Device {
             .as_ref()
             .ok_or_else(|| err("no image attached".to_string()))?;
         let domid = self.key.0;
-        let keys = super::fekeys::parse_frontend_keys(
+        let keys = crate::blkif::frontend_keys::parse_frontend_keys(
             &fe,
-            &super::fekeys::Limits {
+            &crate::blkif::frontend_keys::Advertised {
                 max_ring_page_order: cfg.max_ring_page_order,
                 max_queues: cfg.max_queues,
             },
@@ -697,9 +687,9 @@ impl Device {
         }
         // The ring references and the channel must be the ones the frontend
         // still advertises (it did not reconnect behind our back).
-        let keys = super::fekeys::parse_frontend_keys(
+        let keys = crate::blkif::frontend_keys::parse_frontend_keys(
             &st.frontend,
-            &super::fekeys::Limits {
+            &crate::blkif::frontend_keys::Advertised {
                 max_ring_page_order: cfg.max_ring_page_order.max(4),
                 max_queues: cfg.max_queues.max(st.queues.len() as u32),
             },
@@ -933,27 +923,4 @@ pub(crate) fn online(xs: &XsClient, be: &str) -> io::Result<bool> {
     Ok(read_opt(xs, &format!("{be}/online"))?
         .map(|s| s.trim_end_matches('\0') != "0")
         .unwrap_or(true))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_uint;
-
-    #[test]
-    fn frontend_numbers_are_parsed_strictly() {
-        assert_eq!(parse_uint("0"), Some(0));
-        assert_eq!(parse_uint("4294967295"), Some(u32::MAX as u64));
-        for bad in [
-            "",
-            "-1",
-            "+1",
-            " 1",
-            "1 ",
-            "0x10",
-            "1e3",
-            "99999999999999999999999",
-        ] {
-            assert_eq!(parse_uint(bad), None, "{bad:?}");
-        }
-    }
 }

@@ -13,7 +13,6 @@
 mod commit;
 pub mod control;
 pub mod device;
-pub mod fekeys;
 pub mod limiter;
 pub mod pgrants;
 pub mod queue;
