@@ -1,6 +1,7 @@
 //! The backend daemon: watches `backend/vbd` in xenstore, claims the devices
-//! whose hotplug script is refblk's, runs each device's xenbus state machine and
-//! serves its rings (see [`queue`] for the request path).
+//! whose hotplug script is refblk's, runs each device's xenbus state machine
+//! ([`xenbus`]: every transition and every `state` write) and serves its rings
+//! ([`device`]: image, rings, queues; see [`queue`] for the request path).
 //!
 //! Threading: one control thread (this module's [`Backend::run`]) owns the
 //! xenstore connection and every [`device::Device`]; each connected queue has
@@ -21,6 +22,7 @@ pub mod stats;
 #[doc(hidden)]
 pub mod testing;
 pub(crate) mod worker;
+pub(crate) mod xenbus;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -40,7 +42,6 @@ use crate::platform::{DomId, Platform};
 use crate::xenstore::XsClient;
 use device::Device;
 use limiter::Limiter;
-use xen_sys::xenbus::XenbusState;
 
 /// A device: (frontend domain, device id).
 pub type DevKey = (DomId, u32);
@@ -553,9 +554,7 @@ impl Backend {
                 } else {
                     d.disconnect();
                 }
-                if let Some((p, t)) = d.fe_watch.take() {
-                    let _ = self.xs.unwatch(&p, &t);
-                }
+                d.bus.unwatch(&self.xs);
             }
         }
         self.wait_for_commits();
@@ -658,12 +657,7 @@ impl Backend {
                     Some(k) => match self.devices.get_mut(&k) {
                         None => Err(format!("{backend_path}: no such device")),
                         Some(d) => {
-                            d.detached = true;
-                            let vol = d.release();
-                            if d.state != XenbusState::Closed {
-                                let _ = d.switch_state(&self.xs, XenbusState::Closed);
-                            }
-                            match vol {
+                            match xenbus::removed(d, &self.xs) {
                                 None => Ok("released".to_string()),
                                 Some(v) => {
                                     // Answered when the commit is done.
@@ -681,7 +675,7 @@ impl Backend {
                 let mut out = Vec::new();
                 let mut errs = Vec::new();
                 for d in self.devices.values_mut() {
-                    match d.resize(&self.xs) {
+                    match xenbus::resize(d, &self.xs) {
                         Ok(Some(s)) => out.push((d.be.clone(), s)),
                         Ok(None) => {}
                         Err(e) => errs.push(e.to_string()),
@@ -697,9 +691,9 @@ impl Backend {
                 let mut v: Vec<DeviceStatus> = self.devices.values().map(|d| d.status()).collect();
                 for s in &mut v {
                     let name = format!("/local/domain/{}/name", s.domid);
-                    s.domain_name = device::read_opt(&self.xs, &name).ok().flatten();
+                    s.domain_name = xenbus::read_opt(&self.xs, &name).ok().flatten();
                     let dev = format!("{}/dev", s.backend_path);
-                    s.vdev = device::read_opt(&self.xs, &dev)
+                    s.vdev = xenbus::read_opt(&self.xs, &dev)
                         .ok()
                         .flatten()
                         .or_else(|| devid_to_vdev(s.devid));
@@ -760,7 +754,7 @@ impl Backend {
         }
         for id in self.xs.directory(0, "/local/domain").unwrap_or_default() {
             let Ok(d) = id.parse::<DomId>() else { continue };
-            let name = device::read_opt(&self.xs, &format!("/local/domain/{id}/name"));
+            let name = xenbus::read_opt(&self.xs, &format!("/local/domain/{id}/name"));
             if name.ok().flatten().as_deref() == Some(s) {
                 return Ok(d);
             }
@@ -798,7 +792,7 @@ impl Backend {
         let t = self.resolve_target(target)?;
         let (lim, describe) = match t {
             LimitTarget::Domain(d) => {
-                let name = device::read_opt(&self.xs, &format!("/local/domain/{d}/name"))
+                let name = xenbus::read_opt(&self.xs, &format!("/local/domain/{d}/name"))
                     .ok()
                     .flatten();
                 let desc = match name {
@@ -915,7 +909,7 @@ impl Backend {
                 }
             }
             t => {
-                if let Some(k) = t.strip_prefix("refblk:fe:").and_then(parse_key) {
+                if let Some(k) = xenbus::key_of_token(t) {
                     self.reconcile(k);
                 }
             }
@@ -952,22 +946,18 @@ impl Backend {
     fn reconcile(&mut self, key: DevKey) {
         if let Err(e) = self.reconcile_inner(key) {
             warn!("vbd {}/{}: {e}", key.0, key.1);
-            // A device we cannot drive is closed, so the toolstack and the guest see it.
             if let Some(d) = self.devices.get_mut(&key) {
-                d.disconnect();
-                if d.state != XenbusState::Closed {
-                    let _ = d.switch_state(&self.xs, XenbusState::Closing);
-                }
+                xenbus::failed(d, &self.xs);
             }
         }
     }
 
+    /// Claim a new device of ours, forget one whose directory is gone, and
+    /// let [`xenbus::step`] move the others.
     fn reconcile_inner(&mut self, key: DevKey) -> io::Result<()> {
         let be = format!("{}/{}/{}", self.base, key.0, key.1);
         let xs = &self.xs;
-        let exists = device::read_opt(xs, &format!("{be}/frontend-id"))?.is_some()
-            || device::read_opt(xs, &format!("{be}/script"))?.is_some();
-        if !exists {
+        if !xenbus::backend_present(xs, &be)? {
             if let Some(mut d) = self.devices.remove(&key) {
                 info!("vbd {}/{}: backend removed", key.0, key.1);
                 if d.volume.is_some() {
@@ -978,93 +968,29 @@ impl Backend {
                     }
                 }
                 d.disconnect();
-                if let Some((p, t)) = d.fe_watch.take() {
-                    let _ = xs.unwatch(&p, &t);
-                }
+                d.bus.unwatch(xs);
             }
             return Ok(());
         }
         if !self.devices.contains_key(&key) {
-            let script = device::read_opt(xs, &format!("{be}/script"))?.unwrap_or_default();
+            let script = xenbus::read_opt(xs, &format!("{be}/script"))?.unwrap_or_default();
             if !script.ends_with(&self.cfg.script_match) {
                 return Ok(()); // someone else's device
             }
             let mut d = Device::new(key, be.clone());
-            d.probe(xs, &self.cfg)?;
+            xenbus::probe(&mut d, xs, &self.cfg)?;
             // limits: the domain's shared limiter.
             d.dom_limiter = self.dom_limiters.entry(key.0).or_default().clone();
             self.devices.insert(key, d);
         }
         let d = self.devices.get_mut(&key).expect("inserted above");
-        if d.detached {
-            return Ok(());
-        }
-        if d.fe.is_none() {
-            if let Some(fe) = device::read_opt(xs, &format!("{be}/frontend"))? {
-                let token = format!("refblk:fe:{}:{}", key.0, key.1);
-                let p = format!("{fe}/state");
-                xs.watch(&p, &token)
-                    .map_err(|e| io::Error::other(format!("watch {p}: {e}")))?;
-                d.fe_watch = Some((p, token));
-                d.fe = Some(fe);
-            }
-        }
-        let online = device::online(xs, &be)?;
-        let alive = self.platform.domain_exists(key.0)?;
-        let fe_state = match &d.fe {
-            Some(fe) if alive => device::frontend_state(xs, fe)?,
-            _ => XenbusState::Unknown,
+        let env = xenbus::Env {
+            platform: &self.platform,
+            cfg: &self.cfg,
+            rt: &self.rt,
         };
-        use XenbusState as S;
-        match d.state {
-            S::InitWait => {
-                if !online || !alive || fe_state == S::Closed {
-                    d.switch_state(xs, S::Closed)?;
-                } else if fe_state == S::Closing {
-                    // As Linux blkback: follow a frontend that gives up.
-                    d.switch_state(xs, S::Closing)?;
-                } else if d.image.is_some() && matches!(fe_state, S::Initialised | S::Connected) {
-                    if let Err(e) = d.connect(xs, &self.platform, &self.cfg, &self.rt) {
-                        warn!("vbd {}/{}: cannot connect: {e}", key.0, key.1);
-                        d.switch_state(xs, S::Closing)?;
-                    }
-                }
-            }
-            S::Connected => {
-                let failed = d.queue_failed();
-                if failed
-                    || !online
-                    || !alive
-                    || matches!(fe_state, S::Closing | S::Closed | S::Unknown)
-                {
-                    d.disconnect();
-                    let next = if !alive || matches!(fe_state, S::Closed | S::Unknown) {
-                        S::Closed
-                    } else {
-                        S::Closing
-                    };
-                    d.switch_state(xs, next)?;
-                }
-            }
-            S::Closing => {
-                d.disconnect();
-                if !alive || matches!(fe_state, S::Closed | S::Unknown) {
-                    d.switch_state(xs, S::Closed)?;
-                }
-            }
-            S::Closed if online && alive && fe_state == S::Initialising => {
-                info!("vbd {}/{}: frontend reconnecting", key.0, key.1);
-                d.switch_state(xs, S::InitWait)?;
-            }
-            _ => {}
-        }
-        Ok(())
+        xenbus::step(d, xs, &env)
     }
-}
-
-fn parse_key(s: &str) -> Option<DevKey> {
-    let (a, b) = s.split_once(':')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
 }
 
 /// The claim this daemon puts on a pool volume it serves on device `key` at
