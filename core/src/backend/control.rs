@@ -229,6 +229,7 @@ fn serve_conn(s: UnixStream, backend: BackendHandle, access: Access) {
 
 fn status_json(s: &DeviceStatus) -> Value {
     json!({
+        "kind": s.kind.name(),
         "domid": s.domid,
         "devid": s.devid,
         "backend": s.backend_path,
@@ -377,11 +378,13 @@ fn answer_line(line: &str, backend: &BackendHandle) -> Value {
             };
             match backend.set_limits(target, patch) {
                 Ok(set) => {
-                    let (kind, domid, devid) = match set.target {
-                        LimitTarget::Domain(d) => ("domain", d, None),
-                        LimitTarget::Device((d, v)) => ("device", d, Some(v)),
+                    let (kind, domid, devid, dev_kind) = match set.target {
+                        LimitTarget::Domain(d) => ("domain", d, None, None),
+                        LimitTarget::Device(k) => {
+                            ("device", k.domid, Some(k.devid), Some(k.kind.name()))
+                        }
                     };
-                    json!({"ok": true, "target": kind, "domid": domid, "devid": devid,
+                    json!({"ok": true, "target": kind, "domid": domid, "devid": devid, "kind": dev_kind,
                            "describe": set.describe, "limits": set.limits.to_json(),
                            "summary": set.limits.to_string()})
                 }

@@ -1,4 +1,4 @@
-//! One vbd device's resources: its image, and its connection (the guest's
+//! One device's resources (a vbd or a vbd3, [`super::Kind`]): its image, and its connection (the guest's
 //! rings mapped, event channels bound, the queues on the io workers, the
 //! restart state). When to build or tear them down, and every `state` write,
 //! is [`super::xenbus`]'s.
@@ -24,7 +24,7 @@ use super::state::{DeviceState, Journal, QueueState, Replay, StateDir, VolumeRef
 use super::stats::StatsSnapshot;
 use super::worker::{Runtime, Ticket, Workers};
 use super::xenbus::{self, read_opt, Bus};
-use super::{BackendConfig, DevKey, Event};
+use super::{state_dir_of, BackendConfig, DevKey, Event, Kind};
 use crate::blkif::frontend_keys::{parse_frontend_keys, Advertised, FrontendKeys};
 use crate::blkif::{Abi, BackRing, DiskInfo, Features};
 use crate::engine::ImageFile;
@@ -106,6 +106,8 @@ struct Prepared {
 /// A snapshot of a device for `status`.
 #[derive(Debug, Clone)]
 pub struct DeviceStatus {
+    /// `vbd` or `vbd3`.
+    pub kind: Kind,
     pub domid: DomId,
     pub devid: u32,
     pub backend_path: String,
@@ -288,7 +290,7 @@ impl Device {
     }
 
     pub fn name(&self) -> String {
-        format!("vbd {}/{}", self.key.0, self.key.1)
+        self.key.to_string()
     }
 
     /// Open the image the hotplug script resolved.
@@ -421,7 +423,7 @@ impl Device {
         platform: &Arc<dyn Platform>,
         cfg: &BackendConfig,
     ) -> io::Result<Pending> {
-        let (domid, devid) = self.key;
+        let (domid, devid) = (self.key.domid, self.key.devid);
         let mut prepared = Vec::new();
         let mut replayed = 0;
         for (i, q) in plan.queues.iter().enumerate() {
@@ -456,14 +458,14 @@ impl Device {
             };
             prepared.push(p);
         }
-        let state_dir = match (origin, &cfg.state_dir) {
+        let state_dir = match (origin, state_dir_of(cfg, self.key.kind)) {
             (Origin::Restart(sd), _) => Some(sd.clone()),
             (Origin::Handshake, None) => None,
             (Origin::Handshake, Some(dir)) => {
                 // On disk before the guest can see Connected: a crash in
                 // between leaves a state whose backend is not Connected,
                 // which the next daemon discards.
-                let sd = StateDir::open(dir)?;
+                let sd = StateDir::open(&dir)?;
                 for (i, p) in prepared.iter_mut().enumerate() {
                     let jp = sd.journal_path(domid, devid, i);
                     p.journal = Some(Journal::create(&jp, plan.abi, p.ring.size(), 0)?);
@@ -489,8 +491,8 @@ impl Device {
             .ok_or_else(|| err("no image attached".to_string()))?;
         let d = &plan.disk;
         Ok(DeviceState {
-            domid: self.key.0,
-            devid: self.key.1,
+            domid: self.key.domid,
+            devid: self.key.devid,
             backend: self.be.clone(),
             frontend: plan.frontend.clone(),
             image: img.path.clone(),
@@ -515,7 +517,7 @@ impl Device {
     /// rings and channels are released, its restart state removed.
     pub fn abandon(&self, p: Pending) {
         if let Some(sd) = &p.state_dir {
-            sd.remove(self.key.0, self.key.1);
+            sd.remove(self.key.domid, self.key.devid);
         }
         drop(p);
     }
@@ -538,7 +540,7 @@ impl Device {
         cfg: &BackendConfig,
         rt: &Runtime,
     ) -> io::Result<()> {
-        let domid = self.key.0;
+        let domid = self.key.domid;
         let Pending {
             plan,
             prepared,
@@ -602,7 +604,7 @@ impl Device {
                 Err(e) => {
                     stop_queues(&rt.workers, &queues);
                     if let Some(sd) = &state_dir {
-                        sd.remove(domid, self.key.1);
+                        sd.remove(domid, self.key.devid);
                     }
                     return Err(e);
                 }
@@ -635,7 +637,7 @@ impl Device {
                 let vol = pool
                     .volume(&v.vid)
                     .map_err(|e| io::Error::other(e.to_string()))?;
-                let owner = super::volume_claim(cfg, (st.domid, st.devid), &st.backend);
+                let owner = super::volume_claim(cfg, d.key, &st.backend);
                 let p = vol
                     .resume_owned(&owner)
                     .map_err(|e| io::Error::other(format!("volume {}: resume: {e}", v.vid)))?;
@@ -671,19 +673,17 @@ impl Device {
     /// a frontend that closes is followed to Closed, one still Connected on
     /// rings we cannot map is closed.
     pub fn adopt(
+        key: DevKey,
         st: &DeviceState,
         xs: &XsClient,
         cfg: &BackendConfig,
         dom_limiter: Arc<Limiter>,
     ) -> io::Result<Device> {
-        let be = format!(
-            "/local/domain/{}/backend/vbd/{}/{}",
-            cfg.backend_domid, st.domid, st.devid
-        );
+        let be = key.backend_path(cfg.backend_domid);
         if be != st.backend {
             return Err(err(format!("state is for {}, not {be}", st.backend)));
         }
-        let mut d = Device::new((st.domid, st.devid), be);
+        let mut d = Device::new(key, be);
         d.dom_limiter = dom_limiter;
         let path = d.reopen_image(st, cfg)?;
         if let Some(l) = st.limits {
@@ -712,7 +712,9 @@ impl Device {
     /// starts by re-executing what its journal holds. `Err` means the state
     /// is stale or unusable: the caller removes it and handles the device as
     /// any other.
+    #[allow(clippy::too_many_arguments)]
     pub fn resume(
+        key: DevKey,
         st: &DeviceState,
         sd: &StateDir,
         xs: &XsClient,
@@ -721,11 +723,7 @@ impl Device {
         rt: &Runtime,
         dom_limiter: Arc<Limiter>,
     ) -> io::Result<Device> {
-        let key = (st.domid, st.devid);
-        let be = format!(
-            "/local/domain/{}/backend/vbd/{}/{}",
-            cfg.backend_domid, st.domid, st.devid
-        );
+        let be = key.backend_path(cfg.backend_domid);
         if be != st.backend {
             return Err(err(format!("state is for {}, not {be}", st.backend)));
         }
@@ -788,7 +786,7 @@ impl Device {
         self.retired
             .extend(c.queues.iter().map(|q| q.stats.clone()));
         if let Some(sd) = &c.state_dir {
-            sd.remove(self.key.0, self.key.1);
+            sd.remove(self.key.domid, self.key.devid);
         }
         info!("{}: disconnected", self.name());
     }
@@ -833,8 +831,9 @@ impl Device {
 
     pub fn status(&self) -> DeviceStatus {
         let mut st = DeviceStatus {
-            domid: self.key.0,
-            devid: self.key.1,
+            kind: self.key.kind,
+            domid: self.key.domid,
+            devid: self.key.devid,
             backend_path: self.be.clone(),
             image: self.image.as_ref().map(|i| i.path.clone()),
             state: self.bus.state(),

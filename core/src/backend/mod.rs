@@ -1,5 +1,5 @@
-//! The backend daemon: watches `backend/vbd` in xenstore, claims the devices
-//! whose hotplug script is refblk's, runs each device's xenbus state machine
+//! The backend daemon: watches `backend/vbd` and `backend/vbd3` in xenstore
+//! ([`Kind`]), claims the devices whose hotplug script is refblk's, runs each device's xenbus state machine
 //! ([`xenbus`]: every transition and every `state` write) and serves its rings
 //! ([`device`]: image, rings, queues; see [`queue`] for the request path).
 //!
@@ -43,8 +43,120 @@ use crate::xenstore::XsClient;
 use device::Device;
 use limiter::Limiter;
 
-/// A device: (frontend domain, device id).
-pub type DevKey = (DomId, u32);
+/// Which backend directory a device is in: the kind libxl gives it.
+///
+/// - `vbd`: `backend/vbd/<domid>/<devid>`, libxl's `phy` backend (every
+///   version). Kernel xen-blkback probes every device of this kind, so refblk
+///   serves it only where blkback is not loaded (or in a driver domain).
+/// - `vbd3`: `backend/vbd3/<domid>/<devid>`, libxl >= 4.19's
+///   `backendtype=tap` (a userspace backend; blkback never looks at it), with
+///   `params` = `<format>:<target>`.
+///
+/// The frontend is `device/vbd/<devid>` for both, and libxl numbers both from
+/// one device-id space per guest; refblk still keys every device by kind too,
+/// so that two directories of different kinds are never confused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Vbd,
+    Vbd3,
+}
+
+impl Kind {
+    /// Every kind refblk can serve.
+    pub const ALL: [Kind; 2] = [Kind::Vbd, Kind::Vbd3];
+
+    /// The directory name under `backend/` (and the name in logs and status).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Vbd => "vbd",
+            Kind::Vbd3 => "vbd3",
+        }
+    }
+
+    /// `vbd` or `vbd3`.
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A device: its kind, frontend domain and device id. Shown as
+/// `vbd 5/51712` or `vbd3 5/51712`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DevKey {
+    pub kind: Kind,
+    pub domid: DomId,
+    pub devid: u32,
+}
+
+impl DevKey {
+    pub fn new(kind: Kind, domid: DomId, devid: u32) -> DevKey {
+        DevKey { kind, domid, devid }
+    }
+
+    /// The device's backend directory in backend domain `backend_domid`.
+    pub fn backend_path(&self, backend_domid: DomId) -> String {
+        format!(
+            "{}/{}/{}",
+            kind_dir(backend_domid, self.kind),
+            self.domid,
+            self.devid
+        )
+    }
+
+    /// The device whose backend directory (or a node in it) is `path`, if
+    /// it is one in backend domain `backend_domid`:
+    /// `/local/domain/<be>/backend/<kind>/<domid>/<devid>[/...]`.
+    pub fn of_backend_path(backend_domid: DomId, path: &str) -> Option<DevKey> {
+        Kind::ALL.into_iter().find_map(|kind| {
+            let rest = path
+                .strip_prefix(&kind_dir(backend_domid, kind))?
+                .strip_prefix('/')?;
+            let mut it = rest.split('/');
+            let domid = strict_number(it.next()?)?;
+            let devid = strict_number(it.next()?)?;
+            Some(DevKey::new(kind, domid, devid))
+        })
+    }
+}
+
+impl std::fmt::Display for DevKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.domid, self.devid)
+    }
+}
+
+/// `/local/domain/<backend_domid>/backend/<kind>`: where the toolstack puts
+/// the devices of `kind`.
+pub fn kind_dir(backend_domid: DomId, kind: Kind) -> String {
+    format!("/local/domain/{backend_domid}/backend/{kind}")
+}
+
+/// A decimal number as xenstore directory names carry them (digits only:
+/// `parse` alone would take `+5`).
+fn strict_number<T: std::str::FromStr>(s: &str) -> Option<T> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Where the restart state of devices of `kind` lives: the state directory
+/// itself for `vbd` (as before vbd3 existed), its `vbd3/` subdirectory for
+/// `vbd3`, so that a vbd and a vbd3 device of the same domain and device id
+/// never share a state file or a journal.
+pub(crate) fn state_dir_of(cfg: &BackendConfig, kind: Kind) -> Option<PathBuf> {
+    let dir = cfg.state_dir.as_ref()?;
+    Some(match kind {
+        Kind::Vbd => dir.clone(),
+        Kind::Vbd3 => dir.join(Kind::Vbd3.name()),
+    })
+}
 
 /// Daemon settings.
 #[derive(Debug, Clone)]
@@ -53,6 +165,10 @@ pub struct BackendConfig {
     pub backend_domid: DomId,
     /// Claim devices whose `script` node ends with this.
     pub script_match: String,
+    /// The kinds of device to serve (watch `backend/<kind>`); both by
+    /// default. `refblk serve` leaves out `vbd` where kernel blkback is
+    /// loaded (it would claim those devices too).
+    pub kinds: Vec<Kind>,
     /// Largest `ring-page-order` we accept (0..=4).
     pub max_ring_page_order: u32,
     /// Most queues a frontend may use.
@@ -90,6 +206,7 @@ impl Default for BackendConfig {
         BackendConfig {
             backend_domid: 0,
             script_match: "block-refblk".into(),
+            kinds: Kind::ALL.to_vec(),
             max_ring_page_order: 4,
             max_queues: 4,
             max_indirect_segments: 256,
@@ -290,7 +407,7 @@ impl BackendHandle {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitsSet {
     pub target: LimitTarget,
-    /// e.g. `domain 5 (work)` or `vbd 5/51712`.
+    /// e.g. `domain 5 (work)`, `vbd 5/51712` or `vbd3 5/51728`.
     pub describe: String,
     pub limits: Limits,
 }
@@ -299,9 +416,10 @@ pub struct LimitsSet {
 ///
 /// Syntax of a target: a domain is its id (`5`) or its name (`work`, from
 /// `/local/domain/<id>/name`); a device is a backend path
-/// (`/local/domain/0/backend/vbd/5/51712`) or `DOMAIN/VDEV` where DOMAIN is
-/// an id or a name and VDEV the device id (`51712`) or its Linux name
-/// (`xvda`).
+/// (`/local/domain/0/backend/vbd/5/51712`, `/local/domain/0/backend/vbd3/5/51728`)
+/// or `DOMAIN/VDEV` where DOMAIN is an id or a name and VDEV the device id
+/// (`51712`) or its Linux name (`xvda`); `DOMAIN/VDEV` is refused when the
+/// domain has devices of both kinds with that id (name the backend path).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitTarget {
     Domain(DomId),
@@ -357,7 +475,6 @@ pub struct Backend {
     platform: Arc<dyn Platform>,
     cfg: BackendConfig,
     xs: XsClient,
-    base: String,
     devices: BTreeMap<DevKey, Device>,
     /// limits: one limiter per domain, shared by its devices.
     dom_limiters: BTreeMap<DomId, Arc<Limiter>>,
@@ -369,7 +486,8 @@ pub struct Backend {
     commits: commit::Commits,
 }
 
-const TOKEN_BACKEND: &str = "refblk:be";
+/// Watch tokens: `refblk:be:<kind>` for a kind's backend directory.
+const TOKEN_BACKEND: &str = "refblk:be:";
 const TOKEN_RELEASE: &str = "refblk:release";
 
 impl Backend {
@@ -388,9 +506,19 @@ impl Backend {
             cfg.engine.slab_bytes = largest;
         }
         let xs = platform.xenstore()?;
-        let base = format!("/local/domain/{}/backend/vbd", cfg.backend_domid);
-        xs.watch(&base, TOKEN_BACKEND)
-            .map_err(|e| io::Error::other(format!("xenstore watch {base}: {e}")))?;
+        cfg.kinds.sort();
+        cfg.kinds.dedup();
+        if cfg.kinds.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no kind of device to serve (vbd, vbd3)",
+            ));
+        }
+        for &kind in &cfg.kinds {
+            let dir = kind_dir(cfg.backend_domid, kind);
+            xs.watch(&dir, &format!("{TOKEN_BACKEND}{kind}"))
+                .map_err(|e| io::Error::other(format!("xenstore watch {dir}: {e}")))?;
+        }
         xs.watch("@releaseDomain", TOKEN_RELEASE)
             .map_err(|e| io::Error::other(format!("xenstore watch @releaseDomain: {e}")))?;
         let (cmd_tx, cmd_rx) = unbounded();
@@ -400,13 +528,17 @@ impl Backend {
             &cfg.engine,
             Duration::from_micros(u64::from(cfg.poll_us)),
         )?);
-        info!("watching {base} on {} xen", platform.name());
+        let dirs: Vec<String> = cfg
+            .kinds
+            .iter()
+            .map(|&k| kind_dir(cfg.backend_domid, k))
+            .collect();
+        info!("watching {} on {} xen", dirs.join(" and "), platform.name());
         let commits = commit::Commits::new(ev_tx.clone());
         let mut b = Backend {
             platform,
             cfg,
             xs,
-            base,
             devices: BTreeMap::new(),
             dom_limiters: BTreeMap::new(),
             cmd_tx,
@@ -424,51 +556,77 @@ impl Backend {
         Ok(b)
     }
 
-    /// Take over the devices a previous daemon left Connected (`state_dir`).
+    /// Take over the devices a previous daemon left Connected (`state_dir`:
+    /// one directory per kind, see [`state_dir_of`]).
     fn resume_devices(&mut self) -> io::Result<()> {
-        let Some(dir) = self.cfg.state_dir.clone() else {
-            return Ok(());
-        };
-        let sd = state::StateDir::open(&dir)?;
-        for (path, st) in sd.list() {
-            let st = match st {
-                Ok(st) => st,
-                Err(e) => {
-                    warn!("{e}: removing the stale state");
-                    let _ = std::fs::remove_file(&path);
-                    continue;
-                }
+        for kind in Kind::ALL {
+            let Some(dir) = state_dir_of(&self.cfg, kind) else {
+                return Ok(());
             };
-            let key = (st.domid, st.devid);
-            let dl = self.domain_limiter(st.domid);
-            match Device::resume(&st, &sd, &self.xs, &self.platform, &self.cfg, &self.rt, dl) {
-                Ok(d) => {
-                    self.devices.insert(key, d);
-                }
-                Err(e) => {
+            if kind != Kind::Vbd && !dir.exists() {
+                continue; // no vbd3 device was ever connected
+            }
+            if !self.cfg.kinds.contains(&kind) {
+                let left = state::StateDir::open(&dir).map(|sd| sd.list().len());
+                if left.is_ok_and(|n| n > 0) {
                     warn!(
-                        "vbd {}/{}: cannot take the device over ({e}); removing its state, \
-                         handling it as a new device that keeps its image",
-                        key.0, key.1
+                        "{}: restart state of {kind} devices, which this daemon does not serve; \
+                         left alone",
+                        dir.display()
                     );
-                    sd.remove(key.0, key.1);
-                    // Keep the image and volume: the hotplug `add` already ran
-                    // for this device and will not run again, and a volume must
-                    // still be committed when the device goes.
-                    let dl = self.domain_limiter(st.domid);
-                    match Device::adopt(&st, &self.xs, &self.cfg, dl) {
-                        Ok(d) => {
-                            self.devices.insert(key, d);
-                        }
-                        Err(e) => warn!(
-                            "vbd {}/{}: cannot reopen its image either ({e})",
-                            key.0, key.1
-                        ),
+                }
+                continue;
+            }
+            let sd = state::StateDir::open(&dir)?;
+            for (path, st) in sd.list() {
+                match st {
+                    Ok(st) => self.resume_device(kind, &sd, &st),
+                    Err(e) => {
+                        warn!("{e}: removing the stale state");
+                        let _ = std::fs::remove_file(&path);
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Take over one device of a previous daemon, or, if its rings cannot be
+    /// taken over, keep its image and volume and start its handshake over.
+    fn resume_device(&mut self, kind: Kind, sd: &state::StateDir, st: &state::DeviceState) {
+        let key = DevKey::new(kind, st.domid, st.devid);
+        let dl = self.domain_limiter(st.domid);
+        let e = match Device::resume(
+            key,
+            st,
+            sd,
+            &self.xs,
+            &self.platform,
+            &self.cfg,
+            &self.rt,
+            dl,
+        ) {
+            Ok(d) => {
+                self.devices.insert(key, d);
+                return;
+            }
+            Err(e) => e,
+        };
+        warn!(
+            "{key}: cannot take the device over ({e}); removing its state, \
+             handling it as a new device that keeps its image"
+        );
+        sd.remove(st.domid, st.devid);
+        // Keep the image and volume: the hotplug `add` already ran for this
+        // device and will not run again, and a volume must still be committed
+        // when the device goes.
+        let dl = self.domain_limiter(st.domid);
+        match Device::adopt(key, st, &self.xs, &self.cfg, dl) {
+            Ok(d) => {
+                self.devices.insert(key, d);
+            }
+            Err(e) => warn!("{key}: cannot reopen its image either ({e})"),
+        }
     }
 
     /// A handle for commands (attach, resize, status, stop).
@@ -518,7 +676,7 @@ impl Backend {
                 recv(self.ev_rx) -> ev => match ev {
                     Ok(Event::QueueExit { key, result }) => {
                         if let Err(e) = result {
-                            warn!("vbd {}/{}: {e}; disconnecting the device", key.0, key.1);
+                            warn!("{key}: {e}; disconnecting the device");
                         }
                         self.reconcile(key);
                     }
@@ -558,6 +716,15 @@ impl Backend {
             }
         }
         self.wait_for_commits();
+        if !handover {
+            // Every device let go of its restart state: leave no empty
+            // per-kind directory behind either.
+            for kind in [Kind::Vbd3] {
+                if let Some(dir) = state_dir_of(&self.cfg, kind) {
+                    let _ = std::fs::remove_dir(dir);
+                }
+            }
+        }
         lost.map_or(Ok(()), Err)
     }
 
@@ -653,16 +820,15 @@ impl Backend {
                 reply,
             } => {
                 let r = match self.key_of(&backend_path) {
-                    None => Err(format!("{backend_path}: not a vbd backend path")),
-                    Some(k) => match self.devices.get_mut(&k) {
+                    Err(e) => Err(e),
+                    Ok(k) => match self.devices.get_mut(&k) {
                         None => Err(format!("{backend_path}: no such device")),
                         Some(d) => {
                             match xenbus::removed(d, &self.xs) {
                                 None => Ok("released".to_string()),
                                 Some(v) => {
                                     // Answered when the commit is done.
-                                    let dev = format!("vbd {}/{}", k.0, k.1);
-                                    self.commits.start(dev, v, Some(reply));
+                                    self.commits.start(k.to_string(), v, Some(reply));
                                     return;
                                 }
                             }
@@ -728,7 +894,7 @@ impl Backend {
             .keys()
             .copied()
             .filter(|&d| {
-                !self.devices.keys().any(|k| k.0 == d)
+                !self.devices.keys().any(|k| k.domid == d)
                     && !self.platform.domain_exists(d).unwrap_or(true)
             })
             .collect();
@@ -744,7 +910,7 @@ impl Backend {
             let d: DomId = s
                 .parse()
                 .map_err(|_| format!("{s}: not a domain id (0..65535)"))?;
-            let known = self.devices.keys().any(|k| k.0 == d)
+            let known = self.devices.keys().any(|k| k.domid == d)
                 || self.platform.domain_exists(d).unwrap_or(false);
             return if known {
                 Ok(d)
@@ -772,18 +938,31 @@ impl Backend {
             )
         };
         let key = if t.starts_with('/') {
-            self.key_of(t)
-                .ok_or_else(|| bad_dev(format!("not a vbd backend path under {}", self.base)))?
+            self.key_of(t).map_err(bad_dev)?
         } else if let Some((dom, vdev)) = t.split_once('/') {
             let d = self.resolve_domain(dom)?;
             let id = vdev_to_devid(vdev)
                 .ok_or_else(|| bad_dev(format!("{vdev:?} is not a device id or xvd name")))?;
-            (d, id)
+            let mut found = self
+                .devices
+                .keys()
+                .filter(|k| k.domid == d && k.devid == id);
+            match (found.next(), found.next()) {
+                (Some(&k), None) => k,
+                (Some(a), Some(b)) => {
+                    return Err(format!(
+                        "{t}: domain {d} has a vbd and a vbd3 device {id}; name one by its \
+                         backend path ({} or {})",
+                        self.devices[a].be, self.devices[b].be
+                    ))
+                }
+                _ => return Err(format!("{t}: refblk serves no device {d}/{id}")),
+            }
         } else {
             return Ok(LimitTarget::Domain(self.resolve_domain(t)?));
         };
         if !self.devices.contains_key(&key) {
-            return Err(format!("{t}: refblk serves no device {}/{}", key.0, key.1));
+            return Err(format!("{t}: refblk serves no device {key}"));
         }
         Ok(LimitTarget::Device(key))
     }
@@ -803,7 +982,7 @@ impl Backend {
             }
             LimitTarget::Device(k) => {
                 let d = self.devices.get(&k).expect("resolved above");
-                (d.limiter.clone(), format!("vbd {}/{}", k.0, k.1))
+                (d.limiter.clone(), k.to_string())
             }
         };
         let limits = lim.limits().patched(patch);
@@ -821,9 +1000,7 @@ impl Backend {
     /// The device at backend path `be` for a hotplug `add`: claimed now if
     /// the backend has not seen it yet.
     fn device_to_attach(&mut self, be: &str) -> Result<DevKey, String> {
-        let key = self
-            .key_of(be)
-            .ok_or_else(|| format!("{be}: not a vbd backend path under {}", self.base))?;
+        let key = self.key_of(be)?;
         if !self.devices.contains_key(&key) {
             self.reconcile(key);
         }
@@ -886,21 +1063,39 @@ impl Backend {
         Ok(path)
     }
 
-    /// `<base>/<domid>/<devid>[/...]` → key.
-    fn key_of(&self, path: &str) -> Option<DevKey> {
-        let rest = path.strip_prefix(&self.base)?.strip_prefix('/')?;
-        let mut it = rest.split('/');
-        let domid = it.next()?.parse().ok()?;
-        let devid = it.next()?.parse().ok()?;
-        Some((domid, devid))
+    /// The device served at backend path `path`
+    /// (`/local/domain/<be>/backend/<kind>/<domid>/<devid>[/...]`), or why
+    /// there is none.
+    fn key_of(&self, path: &str) -> Result<DevKey, String> {
+        let bd = self.cfg.backend_domid;
+        let Some(key) = DevKey::of_backend_path(bd, path) else {
+            return Err(format!(
+                "{path}: not a backend path under {}",
+                self.cfg
+                    .kinds
+                    .iter()
+                    .map(|&k| kind_dir(bd, k))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ));
+        };
+        if !self.cfg.kinds.contains(&key.kind) {
+            return Err(format!(
+                "{path}: this refblk serve does not serve {} devices (it leaves them to \
+                 kernel blkback, which is loaded, or was started with --only-vbd3): give \
+                 the disk line backendtype=tap,script=block-refblk for a vbd3 device",
+                key.kind
+            ));
+        }
+        Ok(key)
     }
 
     fn on_watch(&mut self, path: &str, token: &str) {
         debug!("watch {token}: {path}");
         match token {
-            TOKEN_BACKEND => match self.key_of(path) {
-                Some(k) => self.reconcile(k),
-                None => self.scan(),
+            t if t.starts_with(TOKEN_BACKEND) => match self.key_of(path) {
+                Ok(k) => self.reconcile(k),
+                Err(_) => self.scan(),
             },
             TOKEN_RELEASE => {
                 let keys: Vec<DevKey> = self.devices.keys().copied().collect();
@@ -916,21 +1111,23 @@ impl Backend {
         }
     }
 
-    /// Look at every device under the base path.
+    /// Look at every device in the backend directories of the kinds served.
     fn scan(&mut self) {
-        let doms = self.xs.directory(0, &self.base).unwrap_or_default();
         let mut keys: Vec<DevKey> = Vec::new();
-        for d in doms {
-            let Ok(domid) = d.parse::<DomId>() else {
-                continue;
-            };
-            for dev in self
-                .xs
-                .directory(0, &format!("{}/{d}", self.base))
-                .unwrap_or_default()
-            {
-                if let Ok(devid) = dev.parse::<u32>() {
-                    keys.push((domid, devid));
+        for &kind in &self.cfg.kinds {
+            let dir = kind_dir(self.cfg.backend_domid, kind);
+            for d in self.xs.directory(0, &dir).unwrap_or_default() {
+                let Some(domid) = strict_number::<DomId>(&d) else {
+                    continue;
+                };
+                for dev in self
+                    .xs
+                    .directory(0, &format!("{dir}/{d}"))
+                    .unwrap_or_default()
+                {
+                    if let Some(devid) = strict_number::<u32>(&dev) {
+                        keys.push(DevKey::new(kind, domid, devid));
+                    }
                 }
             }
         }
@@ -945,7 +1142,7 @@ impl Backend {
     /// Move one device a step towards what xenstore says it should be.
     fn reconcile(&mut self, key: DevKey) {
         if let Err(e) = self.reconcile_inner(key) {
-            warn!("vbd {}/{}: {e}", key.0, key.1);
+            warn!("{key}: {e}");
             if let Some(d) = self.devices.get_mut(&key) {
                 xenbus::failed(d, &self.xs);
             }
@@ -955,16 +1152,15 @@ impl Backend {
     /// Claim a new device of ours, forget one whose directory is gone, and
     /// let [`xenbus::step`] move the others.
     fn reconcile_inner(&mut self, key: DevKey) -> io::Result<()> {
-        let be = format!("{}/{}/{}", self.base, key.0, key.1);
+        let be = key.backend_path(self.cfg.backend_domid);
         let xs = &self.xs;
         if !xenbus::backend_present(xs, &be)? {
             if let Some(mut d) = self.devices.remove(&key) {
-                info!("vbd {}/{}: backend removed", key.0, key.1);
+                info!("{key}: backend removed");
                 if d.volume.is_some() {
                     // No hotplug `remove` came (toolstack crash): commit anyway.
                     if let Some(v) = d.release() {
-                        let dev = format!("vbd {}/{}", key.0, key.1);
-                        self.commits.start(dev, v, None);
+                        self.commits.start(key.to_string(), v, None);
                     }
                 }
                 d.disconnect();
@@ -980,7 +1176,7 @@ impl Backend {
             let mut d = Device::new(key, be.clone());
             xenbus::probe(&mut d, xs, &self.cfg)?;
             // limits: the domain's shared limiter.
-            d.dom_limiter = self.dom_limiters.entry(key.0).or_default().clone();
+            d.dom_limiter = self.dom_limiters.entry(key.domid).or_default().clone();
             self.devices.insert(key, d);
         }
         let d = self.devices.get_mut(&key).expect("inserted above");
@@ -997,11 +1193,9 @@ impl Backend {
 /// backend path `be`: its pid and the device's restart-state file (see
 /// `crate::pool::owner`; the file name is `StateDir::state_path`'s).
 pub(crate) fn volume_claim(cfg: &BackendConfig, key: DevKey, be: &str) -> crate::pool::Owner {
-    let state_file = cfg
-        .state_dir
-        .as_ref()
-        .map(|d| d.join(format!("vbd-{}-{}.json", key.0, key.1)));
-    crate::pool::Owner::this_process(u32::from(key.0), key.1, be, state_file)
+    let state_file = state_dir_of(cfg, key.kind)
+        .map(|d| d.join(format!("vbd-{}-{}.json", key.domid, key.devid)));
+    crate::pool::Owner::this_process(u32::from(key.domid), key.devid, be, state_file)
 }
 
 #[cfg(test)]

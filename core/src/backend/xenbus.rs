@@ -15,7 +15,7 @@
 //! | (new) | the toolstack created the device with refblk's script | publish the features, InitWait ([`probe`]) |
 //! | InitWait | `online` = 0, domain gone, or frontend Closed | Closed |
 //! | InitWait | frontend Closing | Closing (follow a frontend that gives up, as blkback) |
-//! | InitWait | image attached (hotplug `add`) and frontend Initialised or Connected | connect: rings, then the disk's nodes and Connected in one transaction, then the queues; Closing if that fails |
+//! | InitWait | image attached (hotplug `add`), frontend Initialised or Connected, and its `backend` node names this device | connect: rings, then the disk's nodes and Connected in one transaction, then the queues; Closing if that fails |
 //! | Connected | a queue failed, `online` = 0, domain gone, or frontend Closing, Closed or gone | disconnect; Closed if the domain or the frontend is gone or Closed, else Closing |
 //! | Closing | always | disconnect; Closed once the domain or the frontend is gone or Closed |
 //! | Closed | `online`, domain alive, frontend Initialising | InitWait (the frontend reconnects) |
@@ -26,7 +26,11 @@
 //!
 //! `online` missing counts as 1; a frontend `state` that is missing or not a
 //! state is Unknown (parsed by [`crate::blkif::frontend_keys::parse_state`]:
-//! the guest writes it).
+//! the guest writes it). A frontend is connected to only if its `backend`
+//! node names this very directory: a vbd and a vbd3 directory of the same
+//! domain and device id name the same frontend directory, and only the one
+//! the toolstack wrote into it (a stale directory of the other kind must not)
+//! may map its rings.
 
 use std::io;
 use std::sync::Arc;
@@ -35,8 +39,8 @@ use log::info;
 
 use super::device::Device;
 use super::worker::Runtime;
-use super::{BackendConfig, DevKey};
-use crate::blkif::frontend_keys::parse_state;
+use super::{BackendConfig, DevKey, Kind};
+use crate::blkif::frontend_keys::{names_backend, parse_state};
 use crate::blkif::DiskInfo;
 use crate::platform::Platform;
 use crate::xenstore::XsClient;
@@ -121,15 +125,22 @@ impl Bus {
     }
 }
 
-/// The watch token of device `key`'s frontend state.
+/// The watch token of device `key`'s frontend state:
+/// `refblk:fe:<kind>:<domid>:<devid>`.
 fn frontend_token(key: DevKey) -> String {
-    format!("refblk:fe:{}:{}", key.0, key.1)
+    format!("refblk:fe:{}:{}:{}", key.kind, key.domid, key.devid)
 }
 
 /// The device whose frontend watch fired with `token`, if it is one.
 pub(crate) fn key_of_token(token: &str) -> Option<DevKey> {
-    let (a, b) = token.strip_prefix("refblk:fe:")?.split_once(':')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
+    let mut it = token.strip_prefix("refblk:fe:")?.split(':');
+    let kind = Kind::parse(it.next()?)?;
+    let domid = it.next()?.parse().ok()?;
+    let devid = it.next()?.parse().ok()?;
+    if it.next().is_some() {
+        return None;
+    }
+    Some(DevKey::new(kind, domid, devid))
 }
 
 /// Write state `s` (and `nodes`, relative to the backend directory, in the
@@ -191,6 +202,8 @@ pub(crate) struct Inputs {
     pub alive: bool,
     /// The frontend's state (`Unknown` if gone, or the domain is).
     pub frontend: XenbusState,
+    /// The frontend's `backend` node names this device's directory.
+    pub ours: bool,
     /// The hotplug `add` gave the device its image.
     pub image: bool,
     /// A queue of the connection stopped on its own (broken ring, I/O error,
@@ -219,7 +232,7 @@ pub(crate) fn decide(state: XenbusState, i: &Inputs) -> Step {
                 Step::Switch(S::Closed)
             } else if i.frontend == S::Closing {
                 Step::Switch(S::Closing)
-            } else if i.image && matches!(i.frontend, S::Initialised | S::Connected) {
+            } else if i.image && i.ours && matches!(i.frontend, S::Initialised | S::Connected) {
                 Step::Connect
             } else {
                 Step::Stay
@@ -266,14 +279,19 @@ pub(crate) fn step(d: &mut Device, xs: &XsClient, env: &Env<'_>) -> io::Result<(
             d.bus.fe = Some(fe);
         }
     }
-    let alive = env.platform.domain_exists(d.key.0)?;
+    let alive = env.platform.domain_exists(d.key.domid)?;
+    let (frontend, ours) = match &d.bus.fe {
+        Some(fe) if alive => (
+            state_of(xs, fe)?,
+            names_backend(read_opt(xs, &format!("{fe}/backend"))?.as_deref(), &d.be),
+        ),
+        _ => (S::Unknown, false),
+    };
     let inputs = Inputs {
         online: online(xs, &d.be)?,
         alive,
-        frontend: match &d.bus.fe {
-            Some(fe) if alive => state_of(xs, fe)?,
-            _ => S::Unknown,
-        },
+        frontend,
+        ours,
         image: d.image.is_some(),
         queue_failed: d.queue_failed(),
     };
@@ -393,8 +411,8 @@ pub(crate) fn check_resumable(
     frontend: &str,
 ) -> io::Result<()> {
     let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
-    if !platform.domain_exists(key.0)? {
-        return Err(bad(format!("domain {} is gone", key.0)));
+    if !platform.domain_exists(key.domid)? {
+        return Err(bad(format!("domain {} is gone", key.domid)));
     }
     let bstate = state_of(xs, be)?;
     let fe = read_opt(xs, &format!("{be}/frontend"))?;
@@ -434,6 +452,7 @@ mod tests {
             online: true,
             alive: true,
             frontend,
+            ours: true,
             image: true,
             queue_failed: false,
         }
@@ -451,6 +470,11 @@ mod tests {
             ..up(S::Initialised)
         };
         assert_eq!(decide(S::InitWait, &no_image), Step::Stay);
+        let not_ours = Inputs {
+            ours: false,
+            ..up(S::Initialised)
+        };
+        assert_eq!(decide(S::InitWait, &not_ours), Step::Stay);
         assert_eq!(
             decide(S::InitWait, &up(S::Closing)),
             Step::Switch(S::Closing)
@@ -539,12 +563,18 @@ mod tests {
 
     #[test]
     fn frontend_tokens_round_trip_and_refuse_garbage() {
-        assert_eq!(key_of_token(&frontend_token((5, 51712))), Some((5, 51712)));
+        for kind in Kind::ALL {
+            let k = DevKey::new(kind, 5, 51712);
+            assert_eq!(key_of_token(&frontend_token(k)), Some(k));
+        }
         for bad in [
-            "refblk:fe:5",
-            "refblk:be",
-            "refblk:fe:x:1",
-            "refblk:fe:70000:1",
+            "refblk:fe:5:51712",
+            "refblk:fe:vbd:5",
+            "refblk:be:vbd",
+            "refblk:fe:vbd:x:1",
+            "refblk:fe:vbd:70000:1",
+            "refblk:fe:vbd4:5:51712",
+            "refblk:fe:vbd:5:51712:1",
         ] {
             assert_eq!(key_of_token(bad), None, "{bad}");
         }

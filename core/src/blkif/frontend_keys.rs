@@ -31,7 +31,10 @@
 //!   `BackendConfig::persistent_grants`), and then maps data pages once
 //!   instead of a grant copy per request;
 //! - `state`: a decimal xenbus state (0..=8); missing or anything else is
-//!   `Unknown`, which the backend treats as a frontend that is gone.
+//!   `Unknown`, which the backend treats as a frontend that is gone;
+//! - `backend`: the toolstack writes the backend's directory there, but the
+//!   directory is the guest's: it only ever decides whether a backend
+//!   connects to this frontend ([`names_backend`]: exactly its own path).
 
 use std::fmt;
 
@@ -128,6 +131,12 @@ pub fn parse_state(value: &str) -> XenbusState {
         .and_then(|v| u32::try_from(v).ok())
         .and_then(XenbusState::from_u32)
         .unwrap_or(XenbusState::Unknown)
+}
+
+/// Whether a frontend's `backend` node (`None`: missing) names the backend
+/// directory `be`, exactly (trailing NUL bytes ignored).
+pub fn names_backend(value: Option<&str>, be: &str) -> bool {
+    value.is_some_and(|v| v.trim_end_matches('\0') == be)
 }
 
 fn quote(s: &str) -> String {
@@ -393,6 +402,17 @@ mod tests {
             assert_eq!(parse_state(bad), XenbusState::Unknown, "{bad:?}");
         }
         assert_eq!(parse_state("4"), XenbusState::Connected);
+        let be = "/local/domain/0/backend/vbd3/5/51712";
+        assert!(names_backend(Some(be), be));
+        assert!(names_backend(Some(&format!("{be}\0")), be));
+        for other in [
+            "/local/domain/0/backend/vbd/5/51712",
+            "",
+            " /local/domain/0/backend/vbd3/5/51712",
+        ] {
+            assert!(!names_backend(Some(other), be), "{other:?}");
+        }
+        assert!(!names_backend(None, be));
         assert_eq!(parse_state("6\0"), XenbusState::Closed);
         for bad in ["9", "4294967296", "18446744073709551615", "Connected"] {
             assert_eq!(parse_state(bad), XenbusState::Unknown, "{bad:?}");
