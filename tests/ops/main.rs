@@ -19,3 +19,4 @@ mod sim_guest;
 mod stats;
 mod status_table;
 mod unit;
+mod vbd3;
