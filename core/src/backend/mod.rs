@@ -1,6 +1,6 @@
 //! The backend daemon: watches `backend/vbd` in xenstore, claims the devices
 //! whose hotplug script is refblk's, runs each device's xenbus state machine and
-//! serves its rings (see [`queue`] for the request path).
+//! serves its rings (see [`request`] for the request path).
 //!
 //! Threading: one control thread (this module's [`Backend::run`]) owns the
 //! xenstore connection and every [`device::Device`]; each connected queue has
@@ -16,8 +16,8 @@ pub mod device;
 pub mod fekeys;
 pub mod limiter;
 pub mod pgrants;
-pub mod queue;
-pub mod state;
+pub mod request;
+pub mod restart;
 pub mod stats;
 #[doc(hidden)]
 pub mod testing;
@@ -78,7 +78,7 @@ pub struct BackendConfig {
     /// no restart support (a new daemon cannot serve a live guest's rings).
     pub state_dir: Option<PathBuf>,
     /// Test hook: told about every request step of every queue.
-    pub observer: Option<queue::Observer>,
+    pub observer: Option<request::Observer>,
     /// Collect per-request statistics (per-op counters, latency histograms,
     /// gauges). On by default; `REFBLK_NO_STATS=1` turns it off (to measure
     /// what it costs).
@@ -429,7 +429,7 @@ impl Backend {
         let Some(dir) = self.cfg.state_dir.clone() else {
             return Ok(());
         };
-        let sd = state::StateDir::open(&dir)?;
+        let sd = restart::StateDir::open(&dir)?;
         for (path, st) in sd.list() {
             let st = match st {
                 Ok(st) => st,

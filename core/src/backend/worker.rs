@@ -41,7 +41,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use log::{debug, error, info, warn};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use super::queue::{Pump, Queue, QueueCtx, Shared};
+use super::request::{Pump, Queue, QueueCtx, Shared};
 use crate::engine::{Completion, Engine, EngineConfig, ImageId, Op};
 
 /// How a finished queue is reported (called on the worker thread).
