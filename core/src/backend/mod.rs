@@ -123,7 +123,7 @@ pub fn largest_request_bytes(max_indirect_segments: u32) -> usize {
 pub(crate) enum Event {
     QueueExit {
         key: DevKey,
-        result: Result<(), String>,
+        result: Result<(), request::QueueError>,
     },
     /// A volume's commit (or discard) is done; `result` answers its `detach`.
     Committed {

@@ -10,7 +10,7 @@ use std::io;
 use log::{debug, warn};
 
 use super::data::{grant_copy_batch, pieces_of, split};
-use super::{Queue, Shared, Tag};
+use super::{Queue, QueueError, Shared, Tag};
 use crate::engine::{BufRegion, Completion};
 use crate::platform::{CopySeg, GrantStatus};
 use xen_sys::blkif::{BLKIF_RSP_ERROR, BLKIF_RSP_OKAY};
@@ -21,7 +21,7 @@ impl Queue {
         sh: &mut Shared,
         tag: Tag,
         c: Completion,
-    ) -> Result<(), String> {
+    ) -> Result<(), QueueError> {
         let slot = match tag {
             Tag::Evtchn => return self.on_kick(sh, &c),
             Tag::Timer => {
@@ -81,19 +81,18 @@ impl Queue {
 
     /// The event channel fired (the frontend kicked us): acknowledge it and
     /// poll for the next one; the pump that follows consumes the requests.
-    fn on_kick(&mut self, sh: &mut Shared, c: &Completion) -> Result<(), String> {
+    fn on_kick(&mut self, sh: &mut Shared, c: &Completion) -> Result<(), QueueError> {
         self.evtchn_armed = false;
         if self.stopping {
             return Ok(());
         }
         if let Err(e) = self.ctx.evtchn.ack() {
-            return Err(format!("event channel: {e}"));
+            return Err(QueueError::EventChannel(e));
         }
         if c.result < 0 {
-            return Err(format!(
-                "event channel poll failed: {}",
-                io::Error::from_raw_os_error(-c.result)
-            ));
+            return Err(QueueError::EventChannelPoll(io::Error::from_raw_os_error(
+                -c.result,
+            )));
         }
         self.arm_evtchn(sh)
     }

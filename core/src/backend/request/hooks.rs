@@ -16,20 +16,20 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::{Io, IoEvent, Queue, Req, NO_ENTRY};
+use super::{Io, IoEvent, Queue, QueueError, Req, NO_ENTRY};
 use crate::blkif::RawRequest;
 use xen_sys::blkif::{BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_OKAY};
 
 impl Queue {
     /// A slot was taken off the ring: record it in the journal until its
     /// response is published. Its journal entry, or NO_ENTRY without one.
-    pub(super) fn journal_consumed(&mut self, raw: &RawRequest) -> Result<u32, String> {
+    pub(super) fn journal_consumed(&mut self, raw: &RawRequest) -> Result<u32, QueueError> {
         let idx = self.ctx.ring.req_cons().wrapping_sub(1);
         match self.ctx.journal.as_mut() {
             None => Ok(NO_ENTRY),
             Some(j) => j
                 .consumed(idx, raw.bytes())
-                .ok_or_else(|| format!("journal {} full", j.path().display())),
+                .ok_or_else(|| QueueError::JournalFull(j.path().to_path_buf())),
         }
     }
 

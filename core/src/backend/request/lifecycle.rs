@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
-use super::{Queue, QueueCtx, Shared, Tag};
+use super::{Queue, QueueCtx, QueueError, Shared, Tag};
 use crate::engine::{ImageId, Op};
 use xen_sys::blkif::BLKIF_RSP_ERROR;
 
@@ -26,12 +26,12 @@ impl Queue {
         ctx: Box<QueueCtx>,
         index: u32,
         sh: &mut Shared,
-    ) -> Result<Queue, (Box<QueueCtx>, String)> {
+    ) -> Result<Queue, (Box<QueueCtx>, QueueError)> {
         let img = match sh.engine.attach(ctx.file.clone()) {
             Ok(i) => i,
-            Err(e) => {
-                let msg = format!("{}: {e}", ctx.image.display());
-                return Err((ctx, msg));
+            Err(source) => {
+                let image = ctx.image.clone();
+                return Err((ctx, QueueError::Attach { image, source }));
             }
         };
         let ctx = *ctx;
@@ -69,7 +69,7 @@ impl Queue {
         Ok(q)
     }
 
-    pub(super) fn arm_evtchn(&mut self, sh: &mut Shared) -> Result<(), String> {
+    pub(super) fn arm_evtchn(&mut self, sh: &mut Shared) -> Result<(), QueueError> {
         let fd = self.ctx.evtchn.fd();
         self.push_op(sh, Tag::Evtchn, Op::PollAdd { fd })?;
         self.evtchn_armed = true;
@@ -101,7 +101,7 @@ impl Queue {
 
     /// Give up on the ring (the frontend broke the protocol): finish what is in
     /// flight, answer what waits with an error, start nothing more.
-    pub(super) fn fail(&mut self, sh: &mut Shared, why: String) {
+    pub(super) fn fail(&mut self, sh: &mut Shared, why: QueueError) {
         warn!("{}: queue failed: {why}", self.ctx.name);
         if self.failed.is_none() {
             self.failed = Some(why);
@@ -145,7 +145,7 @@ impl Queue {
 
     /// Take the queue off the worker: detach its image from the engine and
     /// report how it ended. Only after [`super::Pump::Finished`].
-    pub fn finish_off(self, sh: &mut Shared) -> Result<(), String> {
+    pub fn finish_off(self, sh: &mut Shared) -> Result<(), QueueError> {
         sh.buffers.leave(self.index);
         if let Err(e) = sh.engine.detach(self.img) {
             warn!("{}: {e}", self.ctx.name);
@@ -230,13 +230,13 @@ impl Queue {
     }
 
     /// Queue an engine op of the queue's own (a poll, the timer).
-    fn push_op(&mut self, sh: &mut Shared, tag: Tag, op: Op) -> Result<(), String> {
+    fn push_op(&mut self, sh: &mut Shared, tag: Tag, op: Op) -> Result<(), QueueError> {
         match sh.engine.push_to(self.img, self.ud(tag), op) {
             Ok(()) => {
                 self.ops += 1;
                 Ok(())
             }
-            Err(r) => Err(format!("io_uring push: {}", r.into_io_error())),
+            Err(r) => Err(QueueError::Engine(r.into_io_error())),
         }
     }
 }

@@ -118,6 +118,38 @@ pub(crate) struct QueueCtx {
     pub limiter: LimiterChain,
 }
 
+/// Why a queue stopped serving its ring (its device is then closed). A
+/// broken frontend is `Ring`; the others are the backend's own failures.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The frontend broke the ring protocol (a bogus producer index).
+    #[error("ring protocol violation: {0}")]
+    Ring(#[from] crate::blkif::RingError),
+    /// The restart journal had no free entry (a backend bug: it has one per
+    /// ring slot).
+    #[error("journal {} full", .0.display())]
+    JournalFull(std::path::PathBuf),
+    /// Acknowledging the event channel failed.
+    #[error("event channel: {0}")]
+    EventChannel(#[source] std::io::Error),
+    /// The event channel's poll on the engine failed.
+    #[error("event channel poll failed: {0}")]
+    EventChannelPoll(#[source] std::io::Error),
+    /// The engine refused one of the queue's own ops (a poll).
+    #[error("io_uring push: {0}")]
+    Engine(#[source] std::io::Error),
+    /// The image could not be attached to the worker's engine.
+    #[error("{}: {source}", image.display())]
+    Attach {
+        image: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The queue's code panicked (a bug in refblk); only its device is closed.
+    #[error("the queue panicked (a bug in refblk): {0}")]
+    Panicked(String),
+}
+
 /// Journal entry of a request on a queue without a journal.
 const NO_ENTRY: u32 = u32::MAX;
 
@@ -282,7 +314,7 @@ pub(crate) struct Queue {
     stall_reported: Option<u64>,
     stopping: bool,
     /// Why the queue gave up (the device is disconnected).
-    failed: Option<String>,
+    failed: Option<QueueError>,
     /// Completions or events arrived since the last pump.
     dirty: bool,
     responses_pushed: bool,

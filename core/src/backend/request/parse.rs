@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use log::{debug, info, warn};
 
-use super::{Queue, Req, Stage};
+use super::{Queue, QueueError, Req, Stage};
 use crate::blkif::{parse_request, RawRequest, Request};
 
 /// At most this many parsed requests wait to start before we stop consuming.
@@ -49,12 +49,12 @@ impl Queue {
     }
 
     /// Take every available request off the ring.
-    pub(super) fn consume(&mut self) -> Result<(), String> {
+    pub(super) fn consume(&mut self) -> Result<(), QueueError> {
         while self.can_consume() {
             let raw = match self.ctx.ring.next_request() {
                 Ok(Some(raw)) => raw,
                 Ok(None) => break,
-                Err(e) => return Err(format!("ring protocol violation: {e}")),
+                Err(e) => return Err(QueueError::Ring(e)),
             };
             let jent = self.journal_consumed(&raw)?;
             self.accept(jent, &raw);
