@@ -6,7 +6,8 @@
 
 use std::fmt;
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Default burst: 100 ms of the rate (as QEMU's throttling without a max).
 pub const DEFAULT_BURST_MS: u64 = 100;
@@ -15,7 +16,7 @@ pub const DEFAULT_BURST_MS: u64 = 100;
 pub const MAX_BURST_MS: u64 = 3_600_000;
 
 /// Rates of one device or domain. Every rate 0 means unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     pub read_iops: u64,
     pub write_iops: u64,
@@ -176,13 +177,7 @@ impl Limits {
 
     /// The JSON `status` reports.
     pub fn to_json(&self) -> Value {
-        json!({
-            "read_iops": self.read_iops,
-            "write_iops": self.write_iops,
-            "read_bps": self.read_bps,
-            "write_bps": self.write_bps,
-            "burst_ms": self.burst_ms,
-        })
+        serde_json::to_value(self).expect("limits are plain numbers")
     }
 
     /// Parse a whole `key=value,key=value` list (commas or white space

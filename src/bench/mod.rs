@@ -802,11 +802,7 @@ pub fn fmt_bytes(n: u64) -> String {
 }
 
 fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    refblk_core::pool::layout::isodate(secs)
+    refblk_core::util::time::isodate(refblk_core::util::time::now_secs())
 }
 
 fn host_description() -> String {

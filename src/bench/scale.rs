@@ -1089,12 +1089,8 @@ fn loadavg() -> String {
 }
 
 fn now_utc() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
+    let now = refblk_core::util::time::now_secs();
+    format!("{}Z", refblk_core::util::time::isodate(now))
 }
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<(), String> {

@@ -64,9 +64,12 @@ pub fn run(a: DemoArgs) -> CliResult {
             } else {
                 std::env::temp_dir()
             };
-            let d = nix::unistd::mkdtemp(&base.join("refblk-demo.XXXXXX"))
-                .map_err(|e| fail("temporary directory")(e.into()))?;
-            _tmp = RemoveOnDrop(d.clone());
+            let t = tempfile::Builder::new()
+                .prefix("refblk-demo.")
+                .tempdir_in(&base)
+                .map_err(fail("temporary directory"))?;
+            let d = t.path().to_path_buf();
+            _tmp = t; // removed when the demo ends
             d
         }
     };
@@ -270,14 +273,6 @@ fn guest_session(
 }
 
 /// Removes the demo's own temporary directory.
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Submit `n` operations keeping 32 in flight, waiting for each to succeed.
 fn run_queued(
     fe: &mut Frontend,

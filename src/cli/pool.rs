@@ -48,7 +48,7 @@ fn volume_size_arg(s: &str) -> Result<u64, String> {
     Ok(n)
 }
 
-fn kind_arg(s: &str) -> Result<VolumeKind, String> {
+fn kind_arg(s: &str) -> Result<VolumeKind, refblk_core::pool::ConfigError> {
     s.parse()
 }
 

@@ -132,7 +132,7 @@ pub fn run(a: ServeArgs) -> CliResult {
     } else {
         Some(a.state_dir.clone().unwrap_or_else(|| match &a.sim {
             Some(dir) => dir.join("state"),
-            None => PathBuf::from(refblk_core::backend::state::DEFAULT_STATE_DIR),
+            None => PathBuf::from(refblk_core::backend::restart::DEFAULT_STATE_DIR),
         }))
     };
     // Before anything is taken over or replaced: is another daemon using the

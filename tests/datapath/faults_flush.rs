@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use crate::kit::*;
-use refblk_core::backend::queue::{IoEvent, IoObserver, Observer};
+use refblk_core::backend::request::{IoEvent, IoObserver, Observer};
 use refblk_core::backend::{AttachOptions, BackendConfig};
 use refblk_sim::frontend::{FrontendOptions, IoRequest};
 

@@ -68,9 +68,7 @@ static DAEMON: std::sync::OnceLock<DaemonInfo> = std::sync::OnceLock::new();
 
 /// Record the daemon's facts for `status` (once, by `refblk serve`).
 pub fn set_daemon_info(workers: usize) {
-    let started_unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
+    let started_unix = crate::util::time::now_secs_f64();
     let _ = DAEMON.set(DaemonInfo {
         workers,
         started: std::time::Instant::now(),

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use log::info;
 
 use super::limiter::{Limiter, LimiterChain};
-use super::queue::{QueueCtx, QueueStats};
-use super::state::{DeviceState, Journal, QueueState, Replay, StateDir, VolumeRef};
+use super::request::{QueueCtx, QueueStats};
+use super::restart::{DeviceState, Journal, QueueState, Replay, StateDir, VolumeRef};
 use super::stats::StatsSnapshot;
 use super::worker::{Runtime, Ticket, Workers};
 use super::xenbus::{self, read_opt, Bus};

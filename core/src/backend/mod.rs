@@ -1,7 +1,8 @@
 //! The backend daemon: watches `backend/vbd` and `backend/vbd3` in xenstore
-//! ([`Kind`]), claims the devices whose hotplug script is refblk's, runs each device's xenbus state machine
-//! ([`xenbus`]: every transition and every `state` write) and serves its rings
-//! ([`device`]: image, rings, queues; see [`queue`] for the request path).
+//! ([`Kind`]), claims the devices whose hotplug script is refblk's, runs each
+//! device's xenbus state machine ([`xenbus`]: every transition and every
+//! `state` write) and serves its rings ([`device`]: image, rings, queues; see
+//! [`request`] for the request path).
 //!
 //! Threading: one control thread (this module's [`Backend::run`]) owns the
 //! xenstore connection and every [`device::Device`]; each connected queue has
@@ -16,8 +17,8 @@ pub mod control;
 pub mod device;
 pub mod limiter;
 pub mod pgrants;
-pub mod queue;
-pub mod state;
+pub mod request;
+pub mod restart;
 pub mod stats;
 #[doc(hidden)]
 pub mod testing;
@@ -194,7 +195,7 @@ pub struct BackendConfig {
     /// no restart support (a new daemon cannot serve a live guest's rings).
     pub state_dir: Option<PathBuf>,
     /// Test hook: told about every request step of every queue.
-    pub observer: Option<queue::Observer>,
+    pub observer: Option<request::Observer>,
     /// Collect per-request statistics (per-op counters, latency histograms,
     /// gauges). On by default; `REFBLK_NO_STATS=1` turns it off (to measure
     /// what it costs).
@@ -240,7 +241,7 @@ pub fn largest_request_bytes(max_indirect_segments: u32) -> usize {
 pub(crate) enum Event {
     QueueExit {
         key: DevKey,
-        result: Result<(), String>,
+        result: Result<(), request::QueueError>,
     },
     /// A volume's commit (or discard) is done; `result` answers its `detach`.
     Committed {
@@ -567,7 +568,7 @@ impl Backend {
                 continue; // no vbd3 device was ever connected
             }
             if !self.cfg.kinds.contains(&kind) {
-                let left = state::StateDir::open(&dir).map(|sd| sd.list().len());
+                let left = restart::StateDir::open(&dir).map(|sd| sd.list().len());
                 if left.is_ok_and(|n| n > 0) {
                     warn!(
                         "{}: restart state of {kind} devices, which this daemon does not serve; \
@@ -577,7 +578,7 @@ impl Backend {
                 }
                 continue;
             }
-            let sd = state::StateDir::open(&dir)?;
+            let sd = restart::StateDir::open(&dir)?;
             for (path, st) in sd.list() {
                 match st {
                     Ok(st) => self.resume_device(kind, &sd, &st),
@@ -593,7 +594,7 @@ impl Backend {
 
     /// Take over one device of a previous daemon, or, if its rings cannot be
     /// taken over, keep its image and volume and start its handshake over.
-    fn resume_device(&mut self, kind: Kind, sd: &state::StateDir, st: &state::DeviceState) {
+    fn resume_device(&mut self, kind: Kind, sd: &restart::StateDir, st: &restart::DeviceState) {
         let key = DevKey::new(kind, st.domid, st.devid);
         let dl = self.domain_limiter(st.domid);
         let e = match Device::resume(

@@ -41,11 +41,11 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use log::{debug, error, info, warn};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use super::queue::{Pump, Queue, QueueCtx, Shared};
+use super::request::{Pump, Queue, QueueCtx, QueueError, Shared};
 use crate::engine::{Completion, Engine, EngineConfig, ImageId, Op};
 
 /// How a finished queue is reported (called on the worker thread).
-pub(crate) type ExitFn = Box<dyn FnOnce(Result<(), String>) + Send>;
+pub(crate) type ExitFn = Box<dyn FnOnce(Result<(), QueueError>) + Send>;
 
 /// user_data of the worker's wake-up poll.
 const WAKE: u64 = u64::MAX;
@@ -417,7 +417,7 @@ impl Worker {
         self.poisoned.insert(i as u32, img);
         self.release_poisoned_image(i as u32);
         self.load.fetch_sub(1, Ordering::Relaxed);
-        (e.exit)(Err(format!("the queue panicked (a bug in refblk): {what}")));
+        (e.exit)(Err(QueueError::Panicked(what)));
     }
 
     /// Detach a panicked queue's image from the engine once none of its I/O

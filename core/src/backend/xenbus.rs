@@ -320,31 +320,22 @@ pub(crate) fn step(d: &mut Device, xs: &XsClient, env: &Env<'_>) -> io::Result<(
     }
 }
 
-/// The nodes that describe the disk to the frontend, written with Connected.
+/// The nodes that describe the disk to the frontend, written with Connected
+/// (the features' own nodes come from [`crate::blkif::Features`], beside the
+/// parser that enforces them).
 fn disk_nodes(disk: &DiskInfo, persistent: bool) -> Vec<(&'static str, String)> {
     let info = if disk.read_only {
         xen_sys::blkif::VDISK_READONLY
     } else {
         0
     };
-    let discard = disk.features.discard;
     let mut v = vec![
         ("sectors", disk.sectors.to_string()),
         ("sector-size", disk.logical_sector_size.to_string()),
         ("physical-sector-size", "4096".into()),
         ("info", info.to_string()),
-        ("feature-flush-cache", "1".into()),
-        ("feature-barrier", "1".into()),
-        ("feature-discard", u8::from(discard).to_string()),
     ];
-    if discard {
-        v.push(("discard-granularity", "4096".into()));
-        v.push(("discard-alignment", "0".into()));
-        v.push((
-            "discard-secure",
-            u8::from(disk.features.discard_secure).to_string(),
-        ));
-    }
+    v.extend(disk.features.xenstore_nodes());
     v.push(("feature-persistent", u8::from(persistent).to_string()));
     v
 }

@@ -293,6 +293,27 @@ pub struct Features {
     pub discard_secure: bool,
 }
 
+impl Features {
+    /// The backend's xenstore nodes that advertise these features to the
+    /// frontend (written when the device connects), beside the parser that
+    /// enforces them.
+    pub fn xenstore_nodes(&self) -> Vec<(&'static str, String)> {
+        let mut v = vec![
+            ("feature-flush-cache", u8::from(self.flush).to_string()),
+            ("feature-barrier", u8::from(self.barrier).to_string()),
+            ("feature-discard", u8::from(self.discard).to_string()),
+        ];
+        if self.discard {
+            // Punching holes works in file-system blocks: say so, so that
+            // the guest sends discards worth doing.
+            v.push(("discard-granularity", "4096".into()));
+            v.push(("discard-alignment", "0".into()));
+            v.push(("discard-secure", u8::from(self.discard_secure).to_string()));
+        }
+        v
+    }
+}
+
 /// The disk a ring serves, as advertised to the frontend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskInfo {
@@ -517,6 +538,16 @@ impl Request {
             Request::Rw(r) => r.id,
             Request::Indirect(r) => r.id,
             Request::Flush { id } | Request::Discard { id, .. } => *id,
+        }
+    }
+
+    /// Bytes the request reads, writes or discards (0 for a flush, and for
+    /// an indirect request until its segments are fetched).
+    pub fn data_len(&self) -> u64 {
+        match self {
+            Request::Rw(r) => r.len(),
+            Request::Discard { nr_sectors, .. } => nr_sectors * SECTOR_SIZE,
+            Request::Indirect(_) | Request::Flush { .. } => 0,
         }
     }
 

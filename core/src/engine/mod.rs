@@ -1,10 +1,13 @@
-//! The io_uring I/O engine: one [`Engine`] per served blkif ring (queue), driven by one
-//! thread. See `docs/engine.md` for the design and the measurements behind it.
+//! The io_uring I/O engine: one [`Engine`] per io_uring worker thread, shared
+//! by every queue (blkif ring) that worker serves: each queue attaches its
+//! image ([`Engine::attach`]) and tags its ops' user_data with its place in
+//! the worker's table (`backend::request`). See `docs/engine.md` for the
+//! design and the measurements behind it.
 //!
 //! Typical loop of the thread that owns an engine:
 //!
 //! ```no_run
-//! # use refblk::engine::*;
+//! # use refblk_core::engine::*;
 //! # fn demo(mut e: Engine, evtchn_fd: i32) -> std::io::Result<()> {
 //! let mut done = Vec::with_capacity(256);
 //! e.push(u64::MAX, Op::PollAdd { fd: evtchn_fd }).map_err(|r| r.into_io_error())?;

@@ -16,13 +16,35 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// Format version written into the sidecars.
 pub const FORMAT: u64 = 1;
 
+/// Why a volume's or the pool's settings are refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unknown volume kind {0:?} (origin, snapshot, origin+snapshot, volatile)")]
+    UnknownKind(String),
+    #[error("revisions_to_keep {0} is invalid (use -1, 0 or a positive number)")]
+    BadRevisions(i64),
+    #[error("revisions_to_keep -1 (no snapshots) only applies to origin volumes, not {0}")]
+    NoSnapshotsOnlyForOrigin(VolumeKind),
+    #[error("a {0} volume needs a source volume")]
+    NeedsSource(VolumeKind),
+    #[error("a {0} volume takes no source volume")]
+    TakesNoSource(VolumeKind),
+    #[error("pool revisions_to_keep {0} must be 0 or more")]
+    BadPoolRevisions(i64),
+    /// The sidecar's JSON does not have the fields or types it must have.
+    #[error("{0}")]
+    Syntax(String),
+}
+
 /// The four Qubes volume kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "&'static str")]
 pub enum VolumeKind {
     /// `save_on_stop`: changes are committed at stop (e.g. private).
     Origin,
@@ -61,25 +83,34 @@ impl fmt::Display for VolumeKind {
     }
 }
 
+impl From<VolumeKind> for &'static str {
+    fn from(k: VolumeKind) -> &'static str {
+        k.as_str()
+    }
+}
+
+impl TryFrom<String> for VolumeKind {
+    type Error = ConfigError;
+    fn try_from(s: String) -> Result<Self, ConfigError> {
+        s.parse()
+    }
+}
+
 impl FromStr for VolumeKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         Ok(match s {
             "origin" => VolumeKind::Origin,
             "snapshot" => VolumeKind::Snapshot,
             "origin+snapshot" | "origin-snapshot" => VolumeKind::OriginSnapshot,
             "volatile" => VolumeKind::Volatile,
-            _ => {
-                return Err(format!(
-                    "unknown volume kind {s:?} (origin, snapshot, origin+snapshot, volatile)"
-                ))
-            }
+            _ => return Err(ConfigError::UnknownKind(s.to_string())),
         })
     }
 }
 
-/// A volume's settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A volume's settings (its sidecar's JSON, after `format`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeConfig {
     /// The kind.
     pub kind: VolumeKind,
@@ -92,7 +123,29 @@ pub struct VolumeConfig {
     /// their size from the image).
     pub size: Option<u64>,
     /// Writable (resize refuses read-only volumes, as Qubes does).
+    #[serde(default = "yes")]
     pub rw: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A sidecar file: the format version, then the settings.
+#[derive(Serialize, Deserialize)]
+struct Sidecar<T> {
+    format: u64,
+    /// Written into pool.json only, for a human reading it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    driver: Option<String>,
+    #[serde(flatten)]
+    settings: T,
+}
+
+fn parse_sidecar<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ConfigError> {
+    serde_json::from_value::<Sidecar<T>>(v.clone())
+        .map(|s| s.settings)
+        .map_err(|e| ConfigError::Syntax(e.to_string()))
 }
 
 impl VolumeConfig {
@@ -108,79 +161,51 @@ impl VolumeConfig {
     }
 
     /// Check the combination of fields.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.revisions_to_keep < -1 {
-            return Err(format!(
-                "revisions_to_keep {} is invalid (use -1, 0 or a positive number)",
-                self.revisions_to_keep
-            ));
+            return Err(ConfigError::BadRevisions(self.revisions_to_keep));
         }
         if self.revisions_to_keep == -1 && self.kind != VolumeKind::Origin {
-            return Err(format!(
-                "revisions_to_keep -1 (no snapshots) only applies to origin volumes, not {}",
-                self.kind
-            ));
+            return Err(ConfigError::NoSnapshotsOnlyForOrigin(self.kind));
         }
         if self.kind.snap_on_start() && self.source.is_none() {
-            return Err(format!("a {} volume needs a source volume", self.kind));
+            return Err(ConfigError::NeedsSource(self.kind));
         }
         if !self.kind.snap_on_start() && self.source.is_some() {
-            return Err(format!("a {} volume takes no source volume", self.kind));
+            return Err(ConfigError::TakesNoSource(self.kind));
         }
         Ok(())
     }
 
     /// The sidecar JSON.
     pub fn to_json(&self) -> Value {
-        json!({
-            "format": FORMAT,
-            "kind": self.kind.as_str(),
-            "source": self.source,
-            "revisions_to_keep": self.revisions_to_keep,
-            "size": self.size,
-            "rw": self.rw,
-        })
+        sidecar_json(self, None)
     }
 
     /// Parse a sidecar.
-    pub fn from_json(v: &Value) -> Result<VolumeConfig, String> {
-        let kind = v
-            .get("kind")
-            .and_then(Value::as_str)
-            .ok_or("missing \"kind\"")?
-            .parse()?;
-        let source = match v.get("source") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(_) => return Err("\"source\" is not a string".into()),
-        };
-        let revisions_to_keep = v
-            .get("revisions_to_keep")
-            .and_then(Value::as_i64)
-            .ok_or("missing or non-integer \"revisions_to_keep\"")?;
-        let size = match v.get("size") {
-            None | Some(Value::Null) => None,
-            Some(x) => Some(x.as_u64().ok_or("\"size\" is not a byte count")?),
-        };
-        let rw = v.get("rw").and_then(Value::as_bool).unwrap_or(true);
-        let c = VolumeConfig {
-            kind,
-            source,
-            revisions_to_keep,
-            size,
-            rw,
-        };
+    pub fn from_json(v: &Value) -> Result<VolumeConfig, ConfigError> {
+        let c: VolumeConfig = parse_sidecar(v)?;
         c.validate()?;
         Ok(c)
     }
 }
 
-/// Pool-wide settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+fn sidecar_json<T: Serialize>(settings: &T, driver: Option<&str>) -> Value {
+    serde_json::to_value(Sidecar {
+        format: FORMAT,
+        driver: driver.map(str::to_string),
+        settings,
+    })
+    .expect("settings are plain data")
+}
+
+/// Pool-wide settings (pool.json, after `format` and `driver`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolConfig {
     /// Default revisions_to_keep of volumes without a sidecar.
     pub revisions_to_keep: i64,
     /// Whether `pool init` required reflink support.
+    #[serde(default = "yes")]
     pub setup_check: bool,
 }
 
@@ -196,31 +221,15 @@ impl Default for PoolConfig {
 impl PoolConfig {
     /// The sidecar JSON.
     pub fn to_json(&self) -> Value {
-        json!({
-            "format": FORMAT,
-            "driver": "file-reflink",
-            "revisions_to_keep": self.revisions_to_keep,
-            "setup_check": self.setup_check,
-        })
+        sidecar_json(self, Some("file-reflink"))
     }
 
     /// Parse `pool.json`.
-    pub fn from_json(v: &Value) -> Result<PoolConfig, String> {
-        let revisions_to_keep = v
-            .get("revisions_to_keep")
-            .and_then(Value::as_i64)
-            .ok_or("missing or non-integer \"revisions_to_keep\"")?;
-        if revisions_to_keep < 0 {
-            return Err(format!(
-                "pool revisions_to_keep {revisions_to_keep} must be 0 or more"
-            ));
+    pub fn from_json(v: &Value) -> Result<PoolConfig, ConfigError> {
+        let c: PoolConfig = parse_sidecar(v)?;
+        if c.revisions_to_keep < 0 {
+            return Err(ConfigError::BadPoolRevisions(c.revisions_to_keep));
         }
-        Ok(PoolConfig {
-            revisions_to_keep,
-            setup_check: v
-                .get("setup_check")
-                .and_then(Value::as_bool)
-                .unwrap_or(true),
-        })
+        Ok(c)
     }
 }

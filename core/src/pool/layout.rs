@@ -203,24 +203,8 @@ pub fn list_revisions(p: &VolPaths) -> std::io::Result<Vec<Revision>> {
     Ok(out)
 }
 
-/// Format seconds since the epoch as `YYYY-MM-DDTHH:MM:SS` in UTC (as Qubes'
-/// `isodate`: `time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(secs))`).
-pub fn isodate(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    // Civil-from-days (proleptic Gregorian), after H. Hinnant's public algorithm.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}")
-}
+/// Revision timestamps are Qubes' `isodate` of the image's mtime.
+pub use crate::util::time::isodate;
 
 /// Split a path inside the pool into (vid, role) if its file name is one of the
 /// layout's names. Role is "clean", "dirty", "precache", "import", "revision", "temp".
@@ -258,14 +242,6 @@ pub fn classify(rel_dir: &str, file_name: &OsStr) -> Option<(String, &'static st
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn isodate_matches_known_values() {
-        assert_eq!(isodate(0), "1970-01-01T00:00:00");
-        assert_eq!(isodate(951_782_400), "2000-02-29T00:00:00");
-        assert_eq!(isodate(1_700_000_000), "2023-11-14T22:13:20");
-        assert_eq!(isodate(4_102_444_799), "2099-12-31T23:59:59");
-    }
 
     #[test]
     fn vids() {

@@ -39,7 +39,7 @@ pub mod qubes;
 pub mod users;
 mod volume;
 
-pub use config::{PoolConfig, VolumeConfig, VolumeKind};
+pub use config::{ConfigError, PoolConfig, VolumeConfig, VolumeKind};
 pub use error::{ErrorKind, PoolError, Result};
 pub use faults::{hold_next_commit, CommitHold, FaultMode, Faults};
 pub use layout::Revision;

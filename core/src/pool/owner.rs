@@ -20,10 +20,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-/// Who serves a volume: a `refblk serve` process and the device it serves it on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Who serves a volume: a `refblk serve` process and the device it serves it on
+/// (the `owner` object of a volume's start record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
     /// The daemon's pid.
     pub pid: u32,
@@ -36,6 +38,7 @@ pub struct Owner {
     /// The xenstore backend path of the device.
     pub backend: String,
     /// The device's restart-state file, if the daemon keeps restart state.
+    #[serde(default)]
     pub state_file: Option<PathBuf>,
 }
 
@@ -82,30 +85,12 @@ impl Owner {
 
     /// JSON for the start record.
     pub fn to_json(&self) -> Value {
-        json!({
-            "pid": self.pid,
-            "pid_start": self.pid_start,
-            "domid": self.domid,
-            "devid": self.devid,
-            "backend": self.backend,
-            "state_file": self.state_file,
-        })
+        serde_json::to_value(self).expect("an owner is plain data")
     }
 
-    /// Parse the start record's `owner` object.
+    /// Parse the start record's `owner` object (None if it is not one).
     pub fn from_json(v: &Value) -> Option<Owner> {
-        let n = |k: &str| v.get(k).and_then(Value::as_u64);
-        Some(Owner {
-            pid: u32::try_from(n("pid")?).ok()?,
-            pid_start: n("pid_start")?,
-            domid: u32::try_from(n("domid")?).ok()?,
-            devid: u32::try_from(n("devid")?).ok()?,
-            backend: v.get("backend")?.as_str()?.to_string(),
-            state_file: v
-                .get("state_file")
-                .and_then(Value::as_str)
-                .map(PathBuf::from),
-        })
+        serde_json::from_value(v.clone()).ok()
     }
 
     /// Whether the claiming daemon is this process.

@@ -284,7 +284,7 @@ pub fn parse(text: &str, path: &Path, pool_dir: &Path) -> Result<Option<QubesVie
                             .to_string());
                     }
                 }
-                c.validate()?;
+                c.validate().map_err(|e| e.to_string())?;
                 Ok(c)
             });
             let config =

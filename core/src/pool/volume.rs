@@ -214,13 +214,6 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 impl Volume {
     pub(crate) fn open(pool: &Pool, vid: &str, ov: Overrides) -> Result<Volume> {
         layout::validate_vid(vid).map_err(|m| PoolError::new(ErrorKind::InvalidInput, m))?;
@@ -1180,7 +1173,7 @@ impl Volume {
         let mut marker = json!({
             "boot_id": boot_id(),
             "pid": std::process::id(),
-            "started": now_secs(),
+            "started": crate::util::time::now_secs(),
         });
         if let Some(o) = owner {
             marker["owner"] = o.to_json();

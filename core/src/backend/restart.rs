@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{compiler_fence, Ordering};
 
 use log::warn;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::blkif::Abi;
 use crate::platform::DomId;
@@ -50,21 +51,22 @@ const E_ANSWERED: usize = 12;
 const E_BYTES: usize = 16;
 
 /// One queue of a device state.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueState {
     pub ring_refs: Vec<u32>,
     pub port: u32,
 }
 
 /// The pool volume a device serves.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRef {
     pub pool: PathBuf,
     pub vid: String,
 }
 
 /// Everything needed to rebuild a Connected device without a handshake.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Its file is this as JSON, after a `kind` and a `version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceState {
     pub domid: DomId,
     pub devid: u32,
@@ -74,6 +76,8 @@ pub struct DeviceState {
     pub read_only: bool,
     pub sector_size: u32,
     pub volume: Option<VolumeRef>,
+    /// Written as the `protocol` name (`x86_64-abi`).
+    #[serde(rename = "protocol", with = "protocol_name")]
     pub abi: Abi,
     pub persistent: bool,
     pub sectors: u64,
@@ -83,8 +87,53 @@ pub struct DeviceState {
     pub queues: Vec<QueueState>,
     /// The device's I/O limits when it connected (from the disk line, a
     /// volume's stored limits, or `refblk limit`); `None` = unlimited.
-    /// Optional in the file (older files have none).
+    /// Optional in the file (older files have none); written in its text
+    /// form (`read-iops=500 burst=100ms`).
+    #[serde(default, with = "limits_text")]
     pub limits: Option<crate::limits::Limits>,
+}
+
+/// A state file: a header that names the format, then the state.
+#[derive(Serialize, Deserialize)]
+struct StateFile<S> {
+    kind: String,
+    version: u64,
+    #[serde(flatten)]
+    state: S,
+}
+
+/// `Abi` as its xenstore protocol name.
+mod protocol_name {
+    use super::Abi;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(a: &Abi, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(a.protocol_name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Abi, D::Error> {
+        let name = String::deserialize(d)?;
+        Abi::from_protocol(Some(&name)).map_err(|e| D::Error::custom(format!("protocol: {e}")))
+    }
+}
+
+/// Optional `Limits` in their text form.
+mod limits_text {
+    use crate::limits::Limits;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(l: &Option<Limits>, s: S) -> Result<S::Ok, S::Error> {
+        match l {
+            Some(l) => s.serialize_some(&l.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Limits>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|t| Limits::parse_list(&t).map_err(|e| D::Error::custom(format!("limits: {e}"))))
+            .transpose()
+    }
 }
 
 fn bad(path: &Path, why: impl std::fmt::Display) -> io::Error {
@@ -95,35 +144,18 @@ fn bad(path: &Path, why: impl std::fmt::Display) -> io::Error {
 }
 
 impl DeviceState {
+    /// The state file's JSON.
     pub fn to_json(&self) -> Value {
-        json!({
-            "kind": STATE_KIND,
-            "version": STATE_VERSION,
-            "domid": self.domid,
-            "devid": self.devid,
-            "backend": self.backend,
-            "frontend": self.frontend,
-            "image": self.image.to_string_lossy(),
-            "read_only": self.read_only,
-            "sector_size": self.sector_size,
-            "volume": self.volume.as_ref().map(|v| json!({
-                "pool": v.pool.to_string_lossy(),
-                "vid": v.vid,
-            })),
-            "protocol": self.abi.protocol_name(),
-            "persistent": self.persistent,
-            "sectors": self.sectors,
-            "discard": self.discard,
-            "discard_secure": self.discard_secure,
-            "max_indirect_segments": self.max_indirect_segments,
-            "limits": self.limits.map(|l| l.to_string()),
-            "queues": self.queues.iter().map(|q| json!({
-                "ring_refs": q.ring_refs,
-                "port": q.port,
-            })).collect::<Vec<_>>(),
+        serde_json::to_value(StateFile {
+            kind: STATE_KIND.into(),
+            version: STATE_VERSION,
+            state: self,
         })
+        .expect("a device state is plain data")
     }
 
+    /// Read a state file's JSON (from `path`, for messages): refused unless
+    /// it is a refblk device state of this version with at least one queue.
     pub fn from_json(path: &Path, v: &Value) -> io::Result<DeviceState> {
         if v["kind"] != STATE_KIND {
             return Err(bad(path, "not a refblk device state file"));
@@ -135,85 +167,12 @@ impl DeviceState {
                 format!("state version {version}, this refblk reads version {STATE_VERSION}"),
             ));
         }
-        let u = |k: &str| {
-            v[k].as_u64()
-                .ok_or_else(|| bad(path, format!("missing or bad {k:?}")))
-        };
-        let s = |k: &str| {
-            v[k].as_str()
-                .map(str::to_string)
-                .ok_or_else(|| bad(path, format!("missing or bad {k:?}")))
-        };
-        let b = |k: &str| {
-            v[k].as_bool()
-                .ok_or_else(|| bad(path, format!("missing or bad {k:?}")))
-        };
-        let small = |k: &str| u(k).and_then(|n| u32::try_from(n).map_err(|_| bad(path, k)));
-        let abi = Abi::from_protocol(Some(&s("protocol")?))
-            .map_err(|e| bad(path, format!("protocol: {e:?}")))?;
-        let volume = match &v["volume"] {
-            Value::Null => None,
-            vol => Some(VolumeRef {
-                pool: PathBuf::from(
-                    vol["pool"]
-                        .as_str()
-                        .ok_or_else(|| bad(path, "bad volume.pool"))?,
-                ),
-                vid: vol["vid"]
-                    .as_str()
-                    .ok_or_else(|| bad(path, "bad volume.vid"))?
-                    .to_string(),
-            }),
-        };
-        let mut queues = Vec::new();
-        for q in v["queues"].as_array().into_iter().flatten() {
-            let refs = q["ring_refs"]
-                .as_array()
-                .ok_or_else(|| bad(path, "bad queues[].ring_refs"))?
-                .iter()
-                .map(|r| r.as_u64().and_then(|r| u32::try_from(r).ok()))
-                .collect::<Option<Vec<u32>>>()
-                .ok_or_else(|| bad(path, "bad ring ref"))?;
-            let port = q["port"]
-                .as_u64()
-                .and_then(|p| u32::try_from(p).ok())
-                .ok_or_else(|| bad(path, "bad queues[].port"))?;
-            queues.push(QueueState {
-                ring_refs: refs,
-                port,
-            });
-        }
-        if queues.is_empty() {
+        let f: StateFile<DeviceState> =
+            serde_json::from_value(v.clone()).map_err(|e| bad(path, e))?;
+        if f.state.queues.is_empty() {
             return Err(bad(path, "no queues"));
         }
-        Ok(DeviceState {
-            domid: u16::try_from(u("domid")?).map_err(|_| bad(path, "domid"))?,
-            devid: small("devid")?,
-            backend: s("backend")?,
-            frontend: s("frontend")?,
-            image: PathBuf::from(s("image")?),
-            read_only: b("read_only")?,
-            sector_size: small("sector_size")?,
-            volume,
-            abi,
-            persistent: b("persistent")?,
-            sectors: u("sectors")?,
-            discard: b("discard")?,
-            discard_secure: b("discard_secure")?,
-            max_indirect_segments: small("max_indirect_segments")?,
-            queues,
-            limits: match &v["limits"] {
-                Value::Null => None,
-                l => Some(
-                    l.as_str()
-                        .ok_or_else(|| bad(path, "bad limits"))
-                        .and_then(|t| {
-                            crate::limits::Limits::parse_list(t)
-                                .map_err(|e| bad(path, format!("limits: {e}")))
-                        })?,
-                ),
-            },
-        })
+        Ok(f.state)
     }
 }
 
@@ -696,7 +655,35 @@ mod tests {
         old.as_object_mut().unwrap().remove("limits");
         assert_eq!(DeviceState::from_json(p, &old).unwrap().limits, None);
         let mut v = st.to_json();
-        v["version"] = json!(2);
+        v["version"] = serde_json::json!(2);
         assert!(DeviceState::from_json(p, &v).is_err());
+    }
+
+    /// A file written by the hand-written codec this replaced (a daemon
+    /// before the upgrade) still reads, and the format written is the same.
+    #[test]
+    fn state_file_format_is_unchanged() {
+        let text = r#"{"kind":"refblk-vbd-state","version":1,"domid":5,"devid":51712,
+            "backend":"/local/domain/0/backend/vbd/5/51712",
+            "frontend":"/local/domain/5/device/vbd/51712","image":"/srv/a.img",
+            "read_only":false,"sector_size":512,
+            "volume":{"pool":"/var/lib/qubes","vid":"appvms/work/private"},
+            "protocol":"x86_32-abi","persistent":true,"sectors":2048,"discard":true,
+            "discard_secure":false,"max_indirect_segments":256,
+            "limits":"read-iops=500 burst=100ms",
+            "queues":[{"ring_refs":[8,9],"port":3}]}"#;
+        let v: Value = serde_json::from_str(text).unwrap();
+        let st = DeviceState::from_json(Path::new("old.json"), &v).unwrap();
+        assert_eq!(st.abi, Abi::X86_32);
+        assert_eq!(st.volume.as_ref().unwrap().vid, "appvms/work/private");
+        assert_eq!(st.limits.unwrap().read_iops, 500);
+        assert_eq!(st.to_json(), v);
+        // No queues, or a wrong type, is refused with the file's name.
+        let mut bad = v.clone();
+        bad["queues"] = serde_json::json!([]);
+        assert!(DeviceState::from_json(Path::new("old.json"), &bad).is_err());
+        bad["queues"] = serde_json::json!("x");
+        let e = DeviceState::from_json(Path::new("old.json"), &bad).unwrap_err();
+        assert!(e.to_string().contains("old.json"), "{e}");
     }
 }
