@@ -8,9 +8,10 @@ use log::info;
 use super::instance::{dir_lock, instance_lock, lock_path_for, INSTANCE_BUSY};
 use super::metrics::MetricsServer;
 use super::{socket_of, CliError, CliResult};
-use refblk_core::backend::control::{self, Access, ControlServer};
+use refblk_core::backend::control::{self, Access, ControlServer, Request};
 use refblk_core::backend::{Backend, BackendConfig, Kind};
 use refblk_core::engine::DirectPolicy;
+use refblk_core::limits::LimitsPatch;
 use refblk_core::platform::real::RealXen;
 use refblk_core::platform::Platform;
 
@@ -351,37 +352,46 @@ pub enum CtlCommand {
     },
 }
 
-/// ` key=value ...` of `--limit` flags, checked here so that a bad value is a
+/// The `--limit` flags as a patch, checked here so that a bad value is a
 /// usage error naming the key.
-fn limit_words(limits: &[String]) -> Result<String, CliError> {
-    let p = refblk_core::limits::LimitsPatch::parse_pairs(limits.iter().map(String::as_str))
-        .map_err(|e| CliError::usage(format!("--limit {e}")))?;
-    Ok(p.to_pairs().iter().map(|w| format!(" {w}")).collect())
+fn limit_patch(limits: &[String]) -> Result<LimitsPatch, CliError> {
+    LimitsPatch::parse_pairs(limits.iter().map(String::as_str))
+        .map_err(|e| CliError::usage(format!("--limit {e}")))
+}
+
+/// A daemon's answer, or its refusal as the command's failure.
+fn answer_of<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, CliError> {
+    let a: control::Answer<T> = serde_json::from_value(v)
+        .map_err(|e| CliError::failed(format!("unreadable answer from the daemon: {e}")))?;
+    match (a.ok, a.body) {
+        (true, Some(b)) => Ok(b),
+        _ => Err(CliError::failed(
+            a.error.unwrap_or_else(|| "unknown error".into()),
+        )),
+    }
 }
 
 /// Run `refblk ctl`.
 pub fn run_ctl(a: CtlArgs) -> CliResult {
-    let line = match &a.cmd {
+    let attach_line = |ro: bool, sector_size: u32, limits: &[String]| -> Result<_, CliError> {
+        Ok(control::AttachLine {
+            read_only: ro,
+            sector_size: Some(sector_size),
+            limits: limit_patch(limits)?,
+        })
+    };
+    let req = match &a.cmd {
         CtlCommand::Attach {
             backend_path,
             image,
             ro,
             sector_size,
             limits,
-        } => {
-            let img = image.to_str().filter(|s| !s.contains(char::is_whitespace));
-            let Some(img) = img else {
-                return Err(CliError::usage(format!(
-                    "{}: image paths with white space are not supported",
-                    image.display()
-                )));
-            };
-            format!(
-                "attach {backend_path} {img}{} sector-size={sector_size}{}",
-                if *ro { " ro" } else { "" },
-                limit_words(limits)?
-            )
-        }
+        } => Request::Attach {
+            backend: backend_path.clone(),
+            image: image.clone(),
+            options: attach_line(*ro, *sector_size, limits)?,
+        },
         CtlCommand::AttachVolume {
             backend_path,
             pool,
@@ -389,70 +399,63 @@ pub fn run_ctl(a: CtlArgs) -> CliResult {
             ro,
             sector_size,
             limits,
-        } => {
-            let pool_s = pool.to_str().filter(|s| !s.contains(char::is_whitespace));
-            let Some(pool_s) = pool_s else {
-                return Err(CliError::usage(format!(
-                    "{}: pool paths with white space are not supported",
-                    pool.display()
-                )));
-            };
-            if vid.contains(char::is_whitespace) {
-                return Err(CliError::usage(format!("{vid:?}: bad volume id")));
-            }
-            format!(
-                "attach-volume {backend_path} {pool_s} {vid}{} sector-size={sector_size}{}",
-                if *ro { " ro" } else { "" },
-                limit_words(limits)?
-            )
-        }
-        CtlCommand::Detach { backend_path } => format!("detach {backend_path}"),
-        CtlCommand::Resize => "resize".into(),
-        CtlCommand::Status { .. } => "status".into(),
+        } => Request::AttachVolume {
+            backend: backend_path.clone(),
+            pool: pool.clone(),
+            vid: vid.clone(),
+            options: attach_line(*ro, *sector_size, limits)?,
+        },
+        CtlCommand::Detach { backend_path } => Request::Detach {
+            backend: backend_path.clone(),
+        },
+        CtlCommand::Resize => Request::Resize,
+        CtlCommand::Status { .. } => Request::Status,
     };
+    // A path or id with white space cannot travel on the line: a usage error.
+    let line = req
+        .to_line()
+        .map_err(|e| CliError::usage(format!("{e} (not supported)")))?;
     let v = control::request(&socket_of(&a.control, a.sim.as_deref()), &line)?;
-    if v["ok"] != serde_json::Value::Bool(true) {
-        return Err(CliError::failed(
-            v["error"].as_str().unwrap_or("unknown error").to_string(),
-        ));
-    }
     match a.cmd {
-        CtlCommand::Status { json: true } => println!("{v}"),
+        CtlCommand::Status { json: true } => {
+            answer_of::<control::Status>(v.clone())?;
+            println!("{v}");
+        }
         CtlCommand::Status { json: false } => {
+            let st: control::Status = answer_of(v)?;
             println!(
                 "{:>5} {:<4} {:>9} {:<12} {:>9} {:>9} {:>7} {:>7} IMAGE",
                 "DOMID", "KIND", "DEVID", "STATE", "READS", "WRITES", "FLUSH", "ERRORS"
             );
-            for d in v["devices"].as_array().into_iter().flatten() {
+            for d in &st.devices {
                 println!(
                     "{:>5} {:<4} {:>9} {:<12} {:>9} {:>9} {:>7} {:>7} {}",
-                    d["domid"],
-                    d["kind"].as_str().unwrap_or("?"),
-                    d["devid"],
-                    d["state"].as_str().unwrap_or("?"),
-                    d["reads"],
-                    d["writes"],
-                    d["flushes"],
-                    d["errors"],
-                    d["image"].as_str().unwrap_or("-")
+                    d.domid,
+                    d.kind,
+                    d.devid,
+                    d.state,
+                    d.reads,
+                    d.writes,
+                    d.flushes,
+                    d.errors,
+                    d.image.as_deref().unwrap_or("-")
                 );
             }
         }
         CtlCommand::Resize => {
-            for r in v["resized"].as_array().into_iter().flatten() {
-                println!(
-                    "{}: {} sectors",
-                    r["backend"].as_str().unwrap_or("?"),
-                    r["sectors"]
-                );
+            let r: control::Resized = answer_of(v)?;
+            for d in r.resized {
+                println!("{}: {} sectors", d.backend, d.sectors);
             }
         }
-        CtlCommand::Attach { .. } => {}
+        CtlCommand::Attach { .. } => {
+            answer_of::<control::Attached>(v)?;
+        }
         CtlCommand::AttachVolume { .. } => {
-            println!("{}", v["image"].as_str().unwrap_or(""));
+            println!("{}", answer_of::<control::Attached>(v)?.image);
         }
         CtlCommand::Detach { .. } => {
-            println!("{}", v["result"].as_str().unwrap_or(""));
+            println!("{}", answer_of::<control::Detached>(v)?.result);
         }
     }
     Ok(())
