@@ -235,26 +235,20 @@ impl Pending {
     }
 }
 
-/// The disk a connection serves, as advertised (flush and barrier always).
+/// The disk a connection serves, as advertised.
 fn disk_info(
     sectors: u64,
     sector_size: u32,
     read_only: bool,
     max_indirect_segments: u32,
-    discard: bool,
-    discard_secure: bool,
+    features: Features,
 ) -> DiskInfo {
     DiskInfo {
         sectors,
         logical_sector_size: sector_size,
         read_only,
         max_indirect_segments,
-        features: Features {
-            flush: true,
-            barrier: true,
-            discard,
-            discard_secure,
-        },
+        features,
     }
 }
 
@@ -394,8 +388,6 @@ impl Device {
         )?;
         let sectors = Self::sectors_of(img)?;
         let file = Self::open_for_io(img, cfg)?;
-        let discard = file.fs.punch_hole && !img.read_only;
-        let secure = discard && file.fs.zero_range;
         let plan = Plan {
             frontend: fe,
             abi: keys.abi,
@@ -406,8 +398,7 @@ impl Device {
                 img.sector_size,
                 img.read_only,
                 cfg.max_indirect_segments,
-                discard,
-                secure,
+                super::request::ops::features(&file.fs, img.read_only),
             ),
         };
         self.prepare(plan, file, Origin::Handshake, platform, cfg)
@@ -505,8 +496,7 @@ impl Device {
             abi: plan.abi,
             persistent: plan.persistent,
             sectors: d.sectors,
-            discard: d.features.discard,
-            discard_secure: d.features.discard_secure,
+            features: d.features,
             max_indirect_segments: d.max_indirect_segments,
             limits: Some(self.limiter.limits()).filter(|l| !l.is_unlimited()),
             queues: plan.queues.clone(),
@@ -761,8 +751,7 @@ impl Device {
                 st.sector_size,
                 st.read_only,
                 st.max_indirect_segments,
-                st.discard,
-                st.discard_secure,
+                st.features,
             ),
         };
         let pending = d.prepare(plan, file, Origin::Restart(sd), platform, cfg)?;
