@@ -125,7 +125,8 @@ fn a_vbd_and_a_vbd3_of_the_same_domain_and_device_id_are_not_confused() {
     let e = rig
         .backend
         .set_limits("41/xvda", LimitsPatch::default())
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains(&old.backend_path) && e.contains(&new.backend_path),
         "{e}"
@@ -201,7 +202,8 @@ fn a_daemon_serving_vbd3_only_leaves_backend_vbd_to_blkback() {
     let e = rig
         .backend
         .attach(&vbd.backend_path, &image, Default::default())
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("does not serve vbd devices") && e.contains("backendtype=tap"),
         "{e}"

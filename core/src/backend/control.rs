@@ -325,7 +325,7 @@ fn answer_line(line: &str, backend: &BackendHandle, access: Access) -> Value {
         } => {
             // The volume's stored limits, then the line's keys on top.
             let r = crate::pool::limits::load(&pool, &vid)
-                .map_err(|e| e.to_string())
+                .map_err(super::CommandError::from)
                 .and_then(|stored| backend.attach_volume(&be, &pool, &vid, opts(&options, stored)));
             match r {
                 Ok(p) => json_of(Answer::ok(Attached {

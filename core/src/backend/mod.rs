@@ -159,6 +159,35 @@ pub(crate) fn state_dir_of(cfg: &BackendConfig, kind: Kind) -> Option<PathBuf> {
     })
 }
 
+/// Why the daemon refused a command (attach, detach, resize, limit); the
+/// control socket's `error` is its text.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The device, domain or target is not one the command can apply to.
+    #[error("{0}")]
+    Refused(String),
+    /// The pool refused (opening it, starting or stopping the volume).
+    #[error(transparent)]
+    Pool(#[from] crate::pool::PoolError),
+    /// Reading the image or talking to xenstore failed (the error says which).
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The daemon is stopping or has stopped.
+    #[error("{0}")]
+    Stopped(&'static str),
+}
+
+impl From<String> for CommandError {
+    fn from(why: String) -> CommandError {
+        CommandError::Refused(why)
+    }
+}
+
+/// A refusal, as the command's result.
+fn refuse<T>(why: String) -> Result<T, CommandError> {
+    Err(CommandError::Refused(why))
+}
+
 /// Daemon settings.
 #[derive(Debug, Clone)]
 pub struct BackendConfig {
@@ -246,7 +275,7 @@ pub(crate) enum Event {
     /// A volume's commit (or discard) is done; `result` answers its `detach`.
     Committed {
         key: commit::VolumeKey,
-        result: Result<String, String>,
+        result: Result<String, CommandError>,
     },
 }
 
@@ -255,21 +284,21 @@ enum Command {
         backend_path: String,
         image: PathBuf,
         opts: AttachOptions,
-        reply: Sender<Result<(), String>>,
+        reply: Sender<Result<(), CommandError>>,
     },
     AttachVolume {
         backend_path: String,
         pool: PathBuf,
         vid: String,
         opts: AttachOptions,
-        reply: Sender<Result<PathBuf, String>>,
+        reply: Sender<Result<PathBuf, CommandError>>,
     },
     Detach {
         backend_path: String,
-        reply: Sender<Result<String, String>>,
+        reply: Sender<Result<String, CommandError>>,
     },
     Resize {
-        reply: Sender<Result<Vec<(String, u64)>, String>>,
+        reply: Sender<Result<Vec<(String, u64)>, CommandError>>,
     },
     Status {
         reply: Sender<Vec<DeviceStatus>>,
@@ -277,7 +306,7 @@ enum Command {
     SetLimits {
         target: String,
         patch: LimitsPatch,
-        reply: Sender<Result<LimitsSet, String>>,
+        reply: Sender<Result<LimitsSet, CommandError>>,
     },
     Stop,
     /// Stop for a successor: keep devices Connected and their state.
@@ -297,7 +326,7 @@ impl BackendHandle {
         backend_path: &str,
         image: impl Into<PathBuf>,
         opts: AttachOptions,
-    ) -> Result<(), String> {
+    ) -> Result<(), CommandError> {
         let (reply, rx) = bounded(1);
         self.tx
             .send(Command::Attach {
@@ -306,9 +335,9 @@ impl BackendHandle {
                 opts,
                 reply,
             })
-            .map_err(|_| "backend is not running".to_string())?;
+            .map_err(|_| CommandError::Stopped("backend is not running"))?;
         rx.recv()
-            .map_err(|_| "backend stopped".to_string())
+            .map_err(|_| CommandError::Stopped("backend stopped"))
             .and_then(|r| r)
     }
 
@@ -322,7 +351,7 @@ impl BackendHandle {
         pool: impl Into<PathBuf>,
         vid: &str,
         opts: AttachOptions,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<PathBuf, CommandError> {
         let (reply, rx) = bounded(1);
         self.tx
             .send(Command::AttachVolume {
@@ -332,35 +361,35 @@ impl BackendHandle {
                 opts,
                 reply,
             })
-            .map_err(|_| "backend is not running".to_string())?;
+            .map_err(|_| CommandError::Stopped("backend is not running"))?;
         rx.recv()
-            .map_err(|_| "backend stopped".to_string())
+            .map_err(|_| CommandError::Stopped("backend stopped"))
             .and_then(|r| r)
     }
 
     /// The hotplug `remove` step: disconnect the device, close its image and
     /// stop its pool volume if it has one. Says what happened.
-    pub fn detach(&self, backend_path: &str) -> Result<String, String> {
+    pub fn detach(&self, backend_path: &str) -> Result<String, CommandError> {
         let (reply, rx) = bounded(1);
         self.tx
             .send(Command::Detach {
                 backend_path: backend_path.to_string(),
                 reply,
             })
-            .map_err(|_| "backend is not running".to_string())?;
+            .map_err(|_| CommandError::Stopped("backend is not running"))?;
         rx.recv()
-            .map_err(|_| "backend stopped".to_string())
+            .map_err(|_| CommandError::Stopped("backend stopped"))
             .and_then(|r| r)
     }
 
     /// Re-read every connected image's size and announce changes.
-    pub fn resize(&self) -> Result<Vec<(String, u64)>, String> {
+    pub fn resize(&self) -> Result<Vec<(String, u64)>, CommandError> {
         let (reply, rx) = bounded(1);
         self.tx
             .send(Command::Resize { reply })
-            .map_err(|_| "backend is not running".to_string())?;
+            .map_err(|_| CommandError::Stopped("backend is not running"))?;
         rx.recv()
-            .map_err(|_| "backend stopped".to_string())
+            .map_err(|_| CommandError::Stopped("backend stopped"))
             .and_then(|r| r)
     }
 
@@ -376,7 +405,7 @@ impl BackendHandle {
     /// Change the I/O limits of `target` (see [`LimitTarget`] for the
     /// syntax): the keys `patch` sets change, the others stay. Takes effect
     /// on the device's running queues within [`limiter::MAX_WAIT`].
-    pub fn set_limits(&self, target: &str, patch: LimitsPatch) -> Result<LimitsSet, String> {
+    pub fn set_limits(&self, target: &str, patch: LimitsPatch) -> Result<LimitsSet, CommandError> {
         let (reply, rx) = bounded(1);
         self.tx
             .send(Command::SetLimits {
@@ -384,9 +413,9 @@ impl BackendHandle {
                 patch,
                 reply,
             })
-            .map_err(|_| "backend is not running".to_string())?;
+            .map_err(|_| CommandError::Stopped("backend is not running"))?;
         rx.recv()
-            .map_err(|_| "backend stopped".to_string())
+            .map_err(|_| CommandError::Stopped("backend stopped"))
             .and_then(|r| r)
     }
 
@@ -752,7 +781,7 @@ impl Backend {
                             ..
                         } = c
                         {
-                            let _ = reply.send(Err(format!(
+                            let _ = reply.send(refuse(format!(
                                 "{backend_path}: volume {vid} was not attached: refblk serve \
                                  stopped while the volume was being committed (its commit is \
                                  done); attach it again once the daemon runs"
@@ -823,7 +852,7 @@ impl Backend {
                 let r = match self.key_of(&backend_path) {
                     Err(e) => Err(e),
                     Ok(k) => match self.devices.get_mut(&k) {
-                        None => Err(format!("{backend_path}: no such device")),
+                        None => refuse(format!("{backend_path}: no such device")),
                         Some(d) => {
                             match xenbus::removed(d, &self.xs) {
                                 None => Ok("released".to_string()),
@@ -851,7 +880,7 @@ impl Backend {
                 let _ = reply.send(if errs.is_empty() {
                     Ok(out)
                 } else {
-                    Err(errs.join("; "))
+                    refuse(errs.join("; "))
                 });
             }
             Command::Status { reply } => {
@@ -906,7 +935,7 @@ impl Backend {
     }
 
     /// A domain name or id → the id.
-    fn resolve_domain(&self, s: &str) -> Result<DomId, String> {
+    fn resolve_domain(&self, s: &str) -> Result<DomId, CommandError> {
         if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
             let d: DomId = s
                 .parse()
@@ -916,7 +945,7 @@ impl Backend {
             return if known {
                 Ok(d)
             } else {
-                Err(format!("domain {d} does not exist"))
+                refuse(format!("domain {d} does not exist"))
             };
         }
         for id in self.xs.directory(0, "/local/domain").unwrap_or_default() {
@@ -926,14 +955,14 @@ impl Backend {
                 return Ok(d);
             }
         }
-        Err(format!(
+        refuse(format!(
             "{s:?}: no domain of that name (no /local/domain/*/name is {s:?})"
         ))
     }
 
     /// Parse a limit target (syntax in [`LimitTarget`]).
-    fn resolve_target(&self, t: &str) -> Result<LimitTarget, String> {
-        let bad_dev = |why: String| {
+    fn resolve_target(&self, t: &str) -> Result<LimitTarget, CommandError> {
+        let bad_dev = |why: CommandError| {
             format!(
                 "{t}: {why} (a device is a backend path or DOMAIN/VDEV such as 5/xvda;                  a domain an id or a name)"
             )
@@ -942,8 +971,11 @@ impl Backend {
             self.key_of(t).map_err(bad_dev)?
         } else if let Some((dom, vdev)) = t.split_once('/') {
             let d = self.resolve_domain(dom)?;
-            let id = vdev_to_devid(vdev)
-                .ok_or_else(|| bad_dev(format!("{vdev:?} is not a device id or xvd name")))?;
+            let id = vdev_to_devid(vdev).ok_or_else(|| {
+                bad_dev(CommandError::Refused(format!(
+                    "{vdev:?} is not a device id or xvd name"
+                )))
+            })?;
             let mut found = self
                 .devices
                 .keys()
@@ -951,24 +983,24 @@ impl Backend {
             match (found.next(), found.next()) {
                 (Some(&k), None) => k,
                 (Some(a), Some(b)) => {
-                    return Err(format!(
+                    return refuse(format!(
                         "{t}: domain {d} has a vbd and a vbd3 device {id}; name one by its \
                          backend path ({} or {})",
                         self.devices[a].be, self.devices[b].be
                     ))
                 }
-                _ => return Err(format!("{t}: refblk serves no device {d}/{id}")),
+                _ => return refuse(format!("{t}: refblk serves no device {d}/{id}")),
             }
         } else {
             return Ok(LimitTarget::Domain(self.resolve_domain(t)?));
         };
         if !self.devices.contains_key(&key) {
-            return Err(format!("{t}: refblk serves no device {key}"));
+            return refuse(format!("{t}: refblk serves no device {key}"));
         }
         Ok(LimitTarget::Device(key))
     }
 
-    fn set_limits(&mut self, target: &str, patch: &LimitsPatch) -> Result<LimitsSet, String> {
+    fn set_limits(&mut self, target: &str, patch: &LimitsPatch) -> Result<LimitsSet, CommandError> {
         let t = self.resolve_target(target)?;
         let (lim, describe) = match t {
             LimitTarget::Domain(d) => {
@@ -1000,26 +1032,31 @@ impl Backend {
 
     /// The device at backend path `be` for a hotplug `add`: claimed now if
     /// the backend has not seen it yet.
-    fn device_to_attach(&mut self, be: &str) -> Result<DevKey, String> {
+    fn device_to_attach(&mut self, be: &str) -> Result<DevKey, CommandError> {
         let key = self.key_of(be)?;
         if !self.devices.contains_key(&key) {
             self.reconcile(key);
         }
         if !self.devices.contains_key(&key) {
-            return Err(format!(
+            return refuse(format!(
                 "{be}: no such device, or its script is not refblk's"
             ));
         }
         Ok(key)
     }
 
-    fn attach(&mut self, be: &str, image: PathBuf, opts: &AttachOptions) -> Result<(), String> {
+    fn attach(
+        &mut self,
+        be: &str,
+        image: PathBuf,
+        opts: &AttachOptions,
+    ) -> Result<(), CommandError> {
         let key = self.device_to_attach(be)?;
         let d = self
             .devices
             .get_mut(&key)
             .expect("checked by device_to_attach");
-        d.attach(&self.xs, image, opts).map_err(|e| e.to_string())?;
+        d.attach(&self.xs, image, opts)?;
         self.reconcile(key);
         Ok(())
     }
@@ -1030,20 +1067,20 @@ impl Backend {
         pool: &std::path::Path,
         vid: &str,
         opts: &AttachOptions,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<PathBuf, CommandError> {
         let key = self.device_to_attach(be)?;
         let d = self
             .devices
             .get_mut(&key)
             .expect("checked by device_to_attach");
         if d.image.is_some() {
-            return Err(format!("{be}: already has an image"));
+            return refuse(format!("{be}: already has an image"));
         }
-        let pool = crate::pool::Pool::open(pool).map_err(|e| e.to_string())?;
-        let vol = pool.volume(vid).map_err(|e| e.to_string())?;
+        let pool = crate::pool::Pool::open(pool)?;
+        let vol = pool.volume(vid)?;
         let fresh = vol.state() == crate::pool::VolumeState::Stopped;
         let owner = volume_claim(&self.cfg, key, be);
-        let path = vol.start_owned(&owner).map_err(|e| e.to_string())?;
+        let path = vol.start_owned(&owner)?;
         if let Err(e) = d.attach(&self.xs, path.clone(), opts) {
             if fresh {
                 // Leave the pool as it was: the new dirty image is an unused clone.
@@ -1057,7 +1094,7 @@ impl Backend {
                      `refblk volume stop` commits it"
                 );
             }
-            return Err(e.to_string());
+            return Err(e.into());
         }
         d.volume = Some(vol);
         self.reconcile(key);
@@ -1067,10 +1104,10 @@ impl Backend {
     /// The device served at backend path `path`
     /// (`/local/domain/<be>/backend/<kind>/<domid>/<devid>[/...]`), or why
     /// there is none.
-    fn key_of(&self, path: &str) -> Result<DevKey, String> {
+    fn key_of(&self, path: &str) -> Result<DevKey, CommandError> {
         let bd = self.cfg.backend_domid;
         let Some(key) = DevKey::of_backend_path(bd, path) else {
-            return Err(format!(
+            return refuse(format!(
                 "{path}: not a backend path under {}",
                 self.cfg
                     .kinds
@@ -1081,7 +1118,7 @@ impl Backend {
             ));
         };
         if !self.cfg.kinds.contains(&key.kind) {
-            return Err(format!(
+            return refuse(format!(
                 "{path}: this refblk serve does not serve {} devices (it leaves them to \
                  kernel blkback, which is loaded, or was started with --only-vbd3): give \
                  the disk line backendtype=tap,script=block-refblk for a vbd3 device",

@@ -289,12 +289,13 @@ impl Toolstack {
     pub fn hotplug_add(&self, vbd: &Vbd, spec: &VbdSpec) -> io::Result<()> {
         let volume = pool_target(&spec.image);
         let r = match (&self.hotplug, volume) {
-            (Hotplug::Handle(h), None) => {
-                h.attach(&vbd.backend_path, &spec.image, spec.attach.clone())
-            }
+            (Hotplug::Handle(h), None) => h
+                .attach(&vbd.backend_path, &spec.image, spec.attach.clone())
+                .map_err(|e| e.to_string()),
             (Hotplug::Handle(h), Some((pool, vid))) => h
                 .attach_volume(&vbd.backend_path, pool, vid, spec.attach.clone())
-                .map(|_| ()),
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
             (Hotplug::Socket(sock), volume) => {
                 let what = match volume {
                     None => format!("attach {} {}", vbd.backend_path, spec.image.display()),
