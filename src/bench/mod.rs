@@ -92,8 +92,10 @@ pub struct Sample {
     pub iops: f64,
     pub mbps: f64,
     pub lat_mean_us: f64,
+    /// Median latency (half the operations took less).
+    pub lat_p50_us: f64,
     pub lat_p99_us: f64,
-    /// Serving-side CPU per operation (see [`BlockTarget::serving_cpu_ns`]).
+    /// Serving-side CPU per operation (see [`BlockTarget::serving_threads`]).
     pub cpu_us_per_io: f64,
     /// Busy CPU of the whole machine per operation (includes kernel workers such as
     /// the loop device's, and other processes: context only).
@@ -661,6 +663,7 @@ fn one_run(
             iops: r.iops(),
             mbps: r.mbps(),
             lat_mean_us: r.lat_mean_us,
+            lat_p50_us: r.lat_p50_us,
             lat_p99_us: r.lat_p99_us,
             cpu_us_per_io: r.cpu_us_per_io(),
             host_cpu_us_per_io: host,
