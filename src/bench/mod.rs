@@ -51,11 +51,65 @@ impl Place {
     }
 }
 
+/// What the scratch file systems sit on: the "disk" under btrfs, XFS or ext4.
+/// Either way each is made with mkfs in a file attached to a loop device
+/// (switched to direct I/O), so the file systems and their code paths are
+/// the same; only the storage under them differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// A sparse file in `$REFBLK_SCRATCH_DIR` or the temp directory: the
+    /// machine's disk (on this VM a virtual disk, with its noise).
+    #[default]
+    Disk,
+    /// A file in [`RAM_DIR`] (tmpfs): memory, no disk, so what remains is each
+    /// path's software cost.
+    Ram,
+}
+
+/// Where `--backing ram` puts the scratch file systems' images.
+pub const RAM_DIR: &str = "/dev/shm";
+
+impl Backing {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backing::Disk => "disk",
+            Backing::Ram => "ram",
+        }
+    }
+
+    /// The directory the scratch file systems' images go to.
+    pub fn root(self) -> PathBuf {
+        match self {
+            Backing::Disk => std::env::var_os("REFBLK_SCRATCH_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir),
+            Backing::Ram => PathBuf::from(RAM_DIR),
+        }
+    }
+
+    /// One line for the reports: the regime and what it means.
+    pub fn detail(self) -> String {
+        let root = self.root();
+        match self {
+            Backing::Disk => format!(
+                "scratch file systems on a loop device (direct I/O) over a sparse file in {} — the machine's disk",
+                root.display()
+            ),
+            Backing::Ram => format!(
+                "scratch file systems on a loop device (direct I/O) over a file in {} (tmpfs) — no disk: what remains is each path's software cost",
+                root.display()
+            ),
+        }
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
     pub profiles: Vec<Profile>,
     pub places: Vec<Place>,
+    /// What the scratch file systems of [`Place::Fs`] sit on.
+    pub backing: Backing,
     pub paths: Vec<PathKind>,
     /// Time per timed run.
     pub runtime: Duration,
@@ -75,6 +129,7 @@ impl Default for BenchConfig {
         BenchConfig {
             profiles: profile::ALL.to_vec(),
             places: vec![Place::Fs(FsKind::Btrfs), Place::Fs(FsKind::Xfs)],
+            backing: Backing::Disk,
             paths: PathKind::ALL.to_vec(),
             runtime: Duration::from_secs(1),
             size: 1 << 30,
@@ -152,6 +207,12 @@ pub struct Calibration {
 pub struct BenchReport {
     pub started_utc: String,
     pub host: String,
+    /// The storage regime: `disk` or `ram` ([`Backing`]), or `dir` (an
+    /// existing directory, `--dir`); empty when not recorded (a JSON file of
+    /// an older version).
+    pub backing: String,
+    /// What that regime is, in a line.
+    pub backing_detail: String,
     pub runtime_s: f64,
     pub size: u64,
     pub reps: usize,
@@ -267,9 +328,15 @@ fn meta_steps(cfg: &BenchConfig, snap: bool, commit: bool) -> u64 {
 /// scratch file system, mkfs failing) are returned; a path that cannot run is
 /// recorded in the report and the others go on.
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
+    let (backing, backing_detail) = regime(cfg);
+    if cfg.backing == Backing::Ram && backing == Backing::Ram.name() {
+        ram_check(cfg)?;
+    }
     let mut rep = BenchReport {
         started_utc: utc_now(),
         host: host_description(),
+        backing,
+        backing_detail,
         runtime_s: cfg.runtime.as_secs_f64(),
         size: cfg.size,
         reps: cfg.reps,
@@ -294,18 +361,132 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
     Ok(rep)
 }
 
+/// The report's regime: (`disk` | `ram` | `dir`, what it is).
+fn regime(cfg: &BenchConfig) -> (String, String) {
+    let dirs: Vec<&PathBuf> = cfg
+        .places
+        .iter()
+        .filter_map(|p| match p {
+            Place::Dir(d) => Some(d),
+            Place::Fs(_) => None,
+        })
+        .collect();
+    if !dirs.is_empty() && dirs.len() == cfg.places.len() {
+        let what: Vec<String> = dirs
+            .iter()
+            .map(|d| format!("{} ({})", d.display(), refblk_core::pool::fs_type_name(d)))
+            .collect();
+        return (
+            "dir".into(),
+            format!(
+                "an existing directory, no scratch file system: {}",
+                what.join(", ")
+            ),
+        );
+    }
+    (cfg.backing.name().into(), cfg.backing.detail())
+}
+
+/// The size of the scratch file system of `kind` for `cfg`: four images (the
+/// dense one, a run's clone or sparse file, room to spare), twice the
+/// largest snapshot/commit image when those run, and 1 GiB for the file
+/// system itself. The same in both regimes, so the file systems are the same.
+pub fn scratch_size(cfg: &BenchConfig, kind: FsKind) -> u64 {
+    let has_meta = cfg
+        .profiles
+        .iter()
+        .any(|p| matches!(p.kind, Kind::Snapshot | Kind::Commit));
+    let meta: u64 = if has_meta {
+        cfg.snapshot_sizes
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or(0)
+            .saturating_mul(2)
+    } else {
+        0
+    };
+    cfg.size
+        .saturating_mul(4)
+        .saturating_add(meta)
+        .saturating_add(1 << 30)
+        .max(kind.min_size())
+}
+
+/// Bytes of memory the machine can still give (`MemAvailable`), if known.
+fn mem_available() -> Option<u64> {
+    let s = fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = s
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// `--backing ram`: refuse, before anything is made, when the scratch file
+/// systems may not fit in memory. The image file in /dev/shm is sparse, but
+/// the file systems write new blocks as they go (btrfs never overwrites in
+/// place, freed blocks are not given back to tmpfs), so one may grow to its
+/// full size; they run one after the other, so the largest is what is needed.
+/// It must fit in /dev/shm's free space and in the memory the machine has
+/// available (tmpfs pages are memory; without swap they cannot go out).
+pub fn ram_check(cfg: &BenchConfig) -> Result<(), String> {
+    let Some((kind, needed)) = cfg
+        .places
+        .iter()
+        .filter_map(|p| match p {
+            Place::Fs(k) => Some((*k, scratch_size(cfg, *k))),
+            Place::Dir(_) => None,
+        })
+        .max_by_key(|(_, n)| *n)
+    else {
+        return Ok(());
+    };
+    let dir = Path::new(RAM_DIR);
+    let st = nix::sys::statfs::statfs(dir).map_err(|e| format!("--backing ram: {RAM_DIR}: {e}"))?;
+    if st.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+        return Err(format!(
+            "--backing ram: {RAM_DIR} is not a tmpfs ({}); use --backing disk",
+            refblk_core::pool::fs_type_name(dir)
+        ));
+    }
+    let vfs =
+        nix::sys::statvfs::statvfs(dir).map_err(|e| format!("--backing ram: {RAM_DIR}: {e}"))?;
+    let shm_free = (vfs.blocks_available() as u64).saturating_mul(vfs.fragment_size() as u64);
+    let mem = mem_available().unwrap_or(u64::MAX);
+    if needed > shm_free.min(mem) {
+        let gib = |n: u64| format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64);
+        let mem = if mem == u64::MAX {
+            "unknown".to_string()
+        } else {
+            gib(mem)
+        };
+        return Err(format!(
+            "--backing ram: the scratch {kind} file system needs up to {} of memory \
+             (4 × the {} image, twice the largest snapshot/commit image when those run, \
+             1 GiB for the file system), but {RAM_DIR} has {} free and the machine {mem} \
+             available; lower --size or --snapshot-sizes, or use --backing disk",
+            gib(needed),
+            fmt_bytes(cfg.size),
+            gib(shm_free),
+        ));
+    }
+    Ok(())
+}
+
 /// A directory to work in, with the scratch file system that holds it (if any).
 struct Workspace {
     dir: PathBuf,
     _fs: Option<ScratchFs>,
     reflink: bool,
+    /// What the report should say about this workspace.
+    note: Option<String>,
 }
 
 fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
-    let has_meta = cfg
-        .profiles
-        .iter()
-        .any(|p| matches!(p.kind, Kind::Snapshot | Kind::Commit));
     match place {
         Place::Fs(kind) => {
             if !nix::unistd::geteuid().is_root() {
@@ -314,21 +495,25 @@ fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
                      run as root or pass --dir DIR to benchmark in an existing directory"
                 ));
             }
-            let meta: u64 = if has_meta {
-                cfg.snapshot_sizes.iter().max().copied().unwrap_or(0) * 2
-            } else {
-                0
-            };
-            let fs_size = cfg.size * 4 + meta + (1 << 30);
-            let fs = ScratchFs::new(*kind, fs_size)
-                .map_err(|e| format!("cannot make a scratch {kind} file system: {e}"))?;
+            let fs = ScratchFs::new_in(*kind, scratch_size(cfg, *kind), &cfg.backing.root())
+                .map_err(|e| {
+                    format!(
+                        "cannot make a scratch {kind} file system ({} backing): {e}",
+                        cfg.backing.name()
+                    )
+                })?;
             // The scratch file system sits on a loop device over a file on the root
-            // file system. Switch that loop device to direct I/O so the root's page
-            // cache does not serve our "cold" reads (storage-measurements.md does the
-            // same); a failure is reported, not fatal.
+            // file system (disk) or in /dev/shm (ram). Switch that loop device to
+            // direct I/O so the root's page cache does not serve our "cold" reads
+            // (storage-measurements.md does the same), and so both regimes take
+            // the same path; a failure is reported, not fatal.
+            let mut note = None;
             if let Some(dev) = fs.loop_device() {
                 if let Err(e) = loopdev::set_direct_io(dev) {
                     log::warn!("{dev} (scratch {kind}): cannot switch to direct I/O: {e}");
+                    note = Some(format!(
+                        "{kind}: the scratch file system's loop device {dev} runs buffered (direct I/O refused: {e})"
+                    ));
                 }
             }
             let dir = fs.path().join("refblk-bench");
@@ -337,6 +522,7 @@ fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
                 dir,
                 reflink: kind.supports_reflink(),
                 _fs: Some(fs),
+                note,
             })
         }
         Place::Dir(d) => {
@@ -351,6 +537,7 @@ fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
                 dir,
                 _fs: None,
                 reflink,
+                note: None,
             })
         }
     }
@@ -373,6 +560,7 @@ fn run_place(
     let label = place.label();
     progress.show(&format!("{label}: setting up"));
     let ws = workspace(cfg, place)?;
+    rep.notes.extend(ws.note.clone());
     let io_profiles: Vec<&Profile> = cfg
         .profiles
         .iter()

@@ -125,18 +125,35 @@ fn fmt_num(x: f64) -> String {
     }
 }
 
+/// The regime in a few words: `backing ram`, or that it was not recorded.
+pub fn backing_label(rep: &BenchReport) -> String {
+    if rep.backing.is_empty() {
+        "backing not recorded".into()
+    } else {
+        format!("backing {}", rep.backing)
+    }
+}
+
 /// Markdown tables: one per place for the I/O profiles, one for snapshot/commit.
 pub fn markdown(rep: &BenchReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "refblk bench, {} — {}; image {}, {:.1} s per run, median of {} reps (± = half the range, % of the median)\n",
+        "refblk bench, {} — {}; {}; image {}, {:.1} s per run, median of {} reps (± = half the range, % of the median)\n",
         rep.started_utc,
         rep.host,
+        backing_label(rep),
         fmt_bytes(rep.size),
         rep.runtime_s,
         rep.reps
     );
+    if !rep.backing.is_empty() {
+        let _ = writeln!(
+            s,
+            "Regime: backing **{}** ({}); cache: every run starts with the image out of dom0's page cache, each path's regime at the end.\n",
+            rep.backing, rep.backing_detail
+        );
+    }
     for place in places(rep) {
         let rows: Vec<&IoResult> = rep.io.iter().filter(|r| r.place == place).collect();
         if !rows.is_empty() {
@@ -231,8 +248,9 @@ pub fn markdown(rep: &BenchReport) -> String {
         if !cal.is_empty() {
             let _ = writeln!(
                 s,
-                "Calibration of the ceiling: our `file` path ÷ fio ({}) on the same image, same profile, interleaved; median of the per-rep ratios (range)\n",
-                rep.fio.as_deref().unwrap_or("fio")
+                "Calibration of the ceiling: our `file` path ÷ fio ({}) on the same image, same profile, interleaved, {}; median of the per-rep ratios (range)\n",
+                rep.fio.as_deref().unwrap_or("fio"),
+                backing_label(rep)
             );
             let _ = writeln!(
                 s,
@@ -315,7 +333,12 @@ pub fn markdown(rep: &BenchReport) -> String {
         }
     }
     if !modes.is_empty() {
-        let _ = writeln!(s, "I/O modes: {}\n", modes.join("; "));
+        let _ = writeln!(
+            s,
+            "I/O modes and cache regimes ({}): {}\n",
+            backing_label(rep),
+            modes.join("; ")
+        );
     }
     for n in &rep.notes {
         let _ = writeln!(s, "Note: {n}");
@@ -405,6 +428,8 @@ pub fn to_json(rep: &BenchReport) -> Value {
     json!({
         "started_utc": rep.started_utc,
         "host": rep.host,
+        "backing": rep.backing,
+        "backing_detail": rep.backing_detail,
         "runtime_s": rep.runtime_s,
         "image_bytes": rep.size,
         "reps": rep.reps,
@@ -476,6 +501,8 @@ pub fn from_json(v: &Value) -> Result<BenchReport, String> {
     Ok(BenchReport {
         started_utc: v["started_utc"].as_str().unwrap_or("").to_string(),
         host: v["host"].as_str().unwrap_or("").to_string(),
+        backing: v["backing"].as_str().unwrap_or("").to_string(),
+        backing_detail: v["backing_detail"].as_str().unwrap_or("").to_string(),
         runtime_s: f(v, "runtime_s"),
         size: v["image_bytes"].as_u64().unwrap_or(0),
         reps: v["reps"].as_u64().unwrap_or(0) as usize,
@@ -674,7 +701,10 @@ pub fn svg(rep: &BenchReport) -> String {
         true,
         "start",
         "#000",
-        "refblk bench: throughput of each path, relative to the raw file",
+        &format!(
+            "refblk bench ({}): throughput of each path, relative to the raw file",
+            backing_label(rep)
+        ),
     );
     y += 18.0;
     g.text(

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::bench::{self, profile, BenchConfig, Place};
+use crate::bench::{self, profile, Backing, BenchConfig, Place};
 use refblk_core::util::size::parse_size;
 use refblk_sim::scratchfs::FsKind;
 
@@ -22,6 +22,11 @@ pub struct BenchArgs {
     /// Benchmark in this existing directory instead of scratch file systems.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// What the scratch file systems sit on: disk (a sparse file in the temp
+    /// directory: the machine's disk) or ram (a file in /dev/shm: no disk, each
+    /// path's software cost). A loop device and the same mkfs either way.
+    #[arg(long, value_enum, default_value_t = BackingArg::Disk, conflicts_with = "dir")]
+    pub backing: BackingArg,
     /// Paths: file, loop (= loop-dio,loop-buf), loop-dio, loop-buf, refblk, all.
     #[arg(long, default_value = "all")]
     pub paths: String,
@@ -52,6 +57,24 @@ pub struct BenchArgs {
     /// No progress line on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// `--backing`: what the scratch file systems sit on.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackingArg {
+    /// A sparse file in $REFBLK_SCRATCH_DIR or the temp directory (the disk).
+    Disk,
+    /// A file in /dev/shm (tmpfs): memory, no disk.
+    Ram,
+}
+
+impl From<BackingArg> for Backing {
+    fn from(b: BackingArg) -> Backing {
+        match b {
+            BackingArg::Disk => Backing::Disk,
+            BackingArg::Ram => Backing::Ram,
+        }
+    }
 }
 
 impl BenchArgs {
@@ -109,6 +132,7 @@ impl BenchArgs {
         Ok(BenchConfig {
             profiles,
             places,
+            backing: self.backing.into(),
             paths,
             runtime: Duration::from_secs_f64(self.runtime),
             size,
