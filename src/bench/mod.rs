@@ -27,6 +27,7 @@ use std::io::{self, IsTerminal, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use loopdev::LoopDev;
@@ -225,6 +226,32 @@ pub struct BenchReport {
     pub notes: Vec<String>,
 }
 
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// What a run stopped by [`request_stop`] returns as its error.
+pub const INTERRUPTED: &str = "interrupted";
+
+/// Ask a running bench to stop: the timed run in progress ends early, and the
+/// next step returns the error [`INTERRUPTED`], so the run unwinds as on any
+/// error and its scratch file systems, loop devices and images are removed
+/// (`refblk bench` calls this on SIGINT and SIGTERM).
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Whether [`request_stop`] was called.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+fn check_stop() -> Result<(), String> {
+    if stop_requested() {
+        Err(INTERRUPTED.into())
+    } else {
+        Ok(())
+    }
+}
+
 /// The progress line on stderr: elapsed time, the step (a timed run, a fio
 /// run, a snapshot or commit measurement) out of how many, and an estimate of
 /// the time left (the mean time of the steps done so far times the steps
@@ -260,10 +287,13 @@ impl Progress {
         self.total
             .set(self.total.get().saturating_sub(n).max(self.started.get()));
     }
-    /// A step starts: show it with the step count and the time left.
-    pub fn step(&self, msg: &str) {
+    /// A step starts: show it with the step count and the time left; or,
+    /// when the run was asked to stop ([`request_stop`]), [`INTERRUPTED`].
+    pub fn step(&self, msg: &str) -> Result<(), String> {
+        check_stop()?;
         self.started.set(self.started.get() + 1);
         self.show(msg);
+        Ok(())
     }
     pub fn show(&self, msg: &str) {
         if !self.on {
@@ -355,6 +385,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
     let progress = Progress::new(cfg.progress);
     progress.plan(planned_steps(cfg, rep.fio.is_some()));
     for place in &cfg.places {
+        check_stop()?;
         run_place(cfg, place, &mut rep, &progress)?;
     }
     progress.done();
@@ -654,7 +685,7 @@ fn run_place(
                             p.name,
                             r + 1,
                             cfg.reps
-                        ));
+                        ))?;
                         match fio_run(cfg, &ws, &dense, &spec, prep, direct) {
                             Ok((s, command)) => {
                                 cal.samples.push(s);
@@ -678,7 +709,7 @@ fn run_place(
                         r + 1,
                         cfg.reps,
                         res.path
-                    ));
+                    ))?;
                     match one_run(cfg, &ws, &dense, res.path, &spec, prep, r as u64) {
                         Ok((s, mode)) => {
                             res.samples.push(s);

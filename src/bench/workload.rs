@@ -252,7 +252,7 @@ pub fn run_until(
     let mut now = t0;
     loop {
         // Refill the queue.
-        if deadline.is_none_or(|d| now < d) && !exhausted {
+        if deadline.is_none_or(|d| now < d) && !exhausted && !super::stop_requested() {
             while let Some(&tag) = free.last() {
                 if result.issued.ops() >= max_ops {
                     exhausted = true;

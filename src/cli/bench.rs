@@ -144,6 +144,37 @@ impl BenchArgs {
     }
 }
 
+/// On SIGINT or SIGTERM, stop the run at its next step, so that it unwinds
+/// and removes its scratch file systems, their loop devices and images (with
+/// `--backing ram` the images hold memory until then); a second signal quits
+/// at once, leaving them for the next `refblk bench` to clean up (it removes
+/// the scratch mounts of processes that are gone). Called before the bench
+/// starts a thread: the signals are blocked in every thread and taken here.
+fn stop_on_signals() -> std::io::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    super::signals::block_terminate()?;
+    std::thread::Builder::new()
+        .name("refblk-signals".into())
+        .spawn(|| {
+            let mut set = SigSet::empty();
+            set.add(Signal::SIGINT);
+            set.add(Signal::SIGTERM);
+            while let Ok(sig) = set.wait() {
+                if bench::stop_requested() {
+                    eprintln!(
+                        "\nrefblk bench: {sig:?} again: quitting now; the next refblk bench removes the scratch file systems left behind"
+                    );
+                    std::process::exit(130);
+                }
+                eprintln!(
+                    "\nrefblk bench: {sig:?}: stopping after this step and removing the scratch file systems ({sig:?} again to quit at once)"
+                );
+                bench::request_stop();
+            }
+        })?;
+    Ok(())
+}
+
 /// Run `refblk bench`.
 pub fn run(args: BenchArgs) -> CliResult {
     if let (Some(from), Some(to)) = (&args.replot, &args.svg) {
@@ -166,7 +197,20 @@ pub fn run(args: BenchArgs) -> CliResult {
         return Ok(());
     }
     let cfg = args.config()?;
-    let rep = bench::run(&cfg).map_err(CliError::failed)?;
+    stop_on_signals().map_err(|e| CliError::failed(format!("handling signals: {e}")))?;
+    let rep = bench::run(&cfg).map_err(|e| {
+        if bench::stop_requested() {
+            CliError {
+                code: 130,
+                msg: format!(
+                    "{}: stopped by a signal; the scratch file systems, loop devices and images were removed",
+                    bench::INTERRUPTED
+                ),
+            }
+        } else {
+            CliError::failed(e)
+        }
+    })?;
     print!("{}", bench::report::markdown(&rep));
     if let Some(p) = &args.json {
         let text = serde_json::to_string_pretty(&bench::report::to_json(&rep))
