@@ -514,7 +514,7 @@ struct Workspace {
     _fs: Option<ScratchFs>,
     reflink: bool,
     /// What the report should say about this workspace.
-    note: Option<String>,
+    notes: Vec<String>,
 }
 
 fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
@@ -538,11 +538,18 @@ fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
             // direct I/O so the root's page cache does not serve our "cold" reads
             // (storage-measurements.md does the same), and so both regimes take
             // the same path; a failure is reported, not fatal.
-            let mut note = None;
+            let dev = fs.loop_device().unwrap_or("no loop device").to_string();
+            let under = fs.image().parent().unwrap_or(Path::new("/"));
+            let mut notes = vec![format!(
+                "{kind}: scratch file system on {dev} over {} ({}, {} backing)",
+                fs.image().display(),
+                refblk_core::pool::fs_type_name(under),
+                cfg.backing.name()
+            )];
             if let Some(dev) = fs.loop_device() {
                 if let Err(e) = loopdev::set_direct_io(dev) {
                     log::warn!("{dev} (scratch {kind}): cannot switch to direct I/O: {e}");
-                    note = Some(format!(
+                    notes.push(format!(
                         "{kind}: the scratch file system's loop device {dev} runs buffered (direct I/O refused: {e})"
                     ));
                 }
@@ -553,7 +560,7 @@ fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
                 dir,
                 reflink: kind.supports_reflink(),
                 _fs: Some(fs),
-                note,
+                notes,
             })
         }
         Place::Dir(d) => {
@@ -568,7 +575,7 @@ fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
                 dir,
                 _fs: None,
                 reflink,
-                note: None,
+                notes: Vec::new(),
             })
         }
     }
@@ -591,7 +598,7 @@ fn run_place(
     let label = place.label();
     progress.show(&format!("{label}: setting up"));
     let ws = workspace(cfg, place)?;
-    rep.notes.extend(ws.note.clone());
+    rep.notes.extend(ws.notes.iter().cloned());
     let io_profiles: Vec<&Profile> = cfg
         .profiles
         .iter()
