@@ -322,7 +322,8 @@ fn sigterm_midway_through_a_ram_run_removes_its_scratch_file_system() {
 fn a_bad_backing_is_a_usage_error_that_changes_nothing() {
     let out = tempfile::tempdir().unwrap();
     let json = out.path().join("never.json");
-    let mut c = bench(&["--backing", "nvme", "--fs", "xfs", "--size", "64M"]);
+    let mut c = bench(&["--backing", "nvme", "--profiles", "rnd4k_q1t1_read"]);
+    c.args(&TINY[2..]);
     c.arg("--json").arg(&json);
     let (o, pid) = run(c);
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
