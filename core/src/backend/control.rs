@@ -34,6 +34,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde_json::{json, Value};
 use std::os::fd::AsFd;
 
+pub mod messages;
+
 use super::{AttachOptions, BackendHandle, DeviceStatus, LimitTarget};
 use crate::limits::{LimitsPatch, KEYS};
 

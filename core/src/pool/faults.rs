@@ -13,13 +13,15 @@
 //! The CLI arms it from the environment variable `REFBLK_FAULT` (`fail:N[:ERRNO]`,
 //! `crash:N`, `abort:N`); this is a testing hook and documented as such.
 //!
-//! [`hold_next_commit`] makes a commit as slow as a test needs: the next stop of a
+//! `hold_next_commit` (with the `test-hooks` feature, test builds only) makes a commit as slow as a test needs: the next stop of a
 //! volume that commits waits, holding the volume's lock, until the test lets it go
 //! (the daemon's commits run off its control thread; docs/datapath.md).
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
+#[cfg(feature = "test-hooks")]
+use std::sync::{atomic::AtomicBool, mpsc};
 
 /// What happens at the armed step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,14 +143,18 @@ impl Faults {
     }
 }
 
+#[cfg(feature = "test-hooks")]
 static HOLD_ARMED: AtomicBool = AtomicBool::new(false);
 /// Armed holds: the vid, where to say "held", what to wait on.
+#[cfg(feature = "test-hooks")]
 type Armed = (String, mpsc::Sender<()>, mpsc::Receiver<()>);
+#[cfg(feature = "test-hooks")]
 static HOLDS: Mutex<Vec<Armed>> = Mutex::new(Vec::new());
 
 /// Testing only: a commit held at its start (see [`hold_next_commit`]). Dropping it
 /// (or [`release`](Self::release)) lets the commit go on, so a failing test never
 /// leaves a commit hanging.
+#[cfg(feature = "test-hooks")]
 pub struct CommitHold {
     vid: String,
     held: mpsc::Receiver<()>,
@@ -160,6 +166,7 @@ pub struct CommitHold {
 /// its start record removed, just before the commit's first step, until the returned
 /// hold is released or dropped. One-shot. Stands in for a commit that takes seconds
 /// (a fragmented image's FICLONE) without depending on speed.
+#[cfg(feature = "test-hooks")]
 pub fn hold_next_commit(vid: &str) -> CommitHold {
     let (held_tx, held) = mpsc::channel();
     let (release, release_rx) = mpsc::channel();
@@ -175,6 +182,7 @@ pub fn hold_next_commit(vid: &str) -> CommitHold {
     }
 }
 
+#[cfg(feature = "test-hooks")]
 impl CommitHold {
     /// Wait up to `bound` until the commit has reached the hold; whether it did.
     pub fn wait_held(&self, bound: std::time::Duration) -> bool {
@@ -187,7 +195,13 @@ impl CommitHold {
     }
 }
 
+/// Without the `test-hooks` feature: nothing.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub(crate) fn maybe_hold_commit(_vid: &str) {}
+
 /// Called by a commit before its first step: wait if a test holds it.
+#[cfg(feature = "test-hooks")]
 pub(crate) fn maybe_hold_commit(vid: &str) {
     if !HOLD_ARMED.load(Ordering::Acquire) {
         return;

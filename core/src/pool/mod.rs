@@ -41,7 +41,9 @@ mod volume;
 
 pub use config::{ConfigError, PoolConfig, VolumeConfig, VolumeKind};
 pub use error::{ErrorKind, PoolError, Result};
-pub use faults::{hold_next_commit, CommitHold, FaultMode, Faults};
+#[cfg(feature = "test-hooks")]
+pub use faults::{hold_next_commit, CommitHold};
+pub use faults::{FaultMode, Faults};
 pub use layout::Revision;
 pub use owner::{Liveness, Owner};
 pub use qubes::{QubesView, QubesXmlSetting};
