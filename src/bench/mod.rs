@@ -156,6 +156,9 @@ pub struct Sample {
     /// Busy CPU of the whole machine per operation (includes kernel workers such as
     /// the loop device's, and other processes: context only).
     pub host_cpu_us_per_io: f64,
+    /// CPU of the kernel's worker threads per operation (loop devices' I/O,
+    /// deferred completions; machine-wide, so other tenants' too: context).
+    pub kworker_us_per_io: f64,
     /// Bytes of the image in dom0's page cache after the run.
     pub cache_bytes: u64,
     pub ops: u64,
@@ -865,6 +868,7 @@ fn one_run(
     let image = image.as_path();
     let (mut opened, mode) = open_path(ws, path, image, spec)?;
     let h0 = stats::machine_busy_ns();
+    let k0 = stats::kworker_snapshot();
     let r = workload::run(
         opened.target.as_mut(),
         spec,
@@ -874,6 +878,7 @@ fn one_run(
     )
     .map_err(|e| format!("{path} on {}: {e}", image.display()))?;
     let h1 = stats::machine_busy_ns();
+    let kworker_ns = stats::cpu_since(&k0, &stats::kworker_snapshot());
     drop(opened);
     let cache_bytes = fincore(image).unwrap_or(0);
     if image != dense {
@@ -893,6 +898,11 @@ fn one_run(
             lat_p99_us: r.lat_p99_us,
             cpu_us_per_io: r.cpu_us_per_io(),
             host_cpu_us_per_io: host,
+            kworker_us_per_io: if r.ops > 0 {
+                kworker_ns as f64 / 1000.0 / r.ops as f64
+            } else {
+                0.0
+            },
             cache_bytes,
             ops: r.ops,
             secs: r.secs,

@@ -160,17 +160,17 @@ pub fn markdown(rep: &BenchReport) -> String {
             let _ = writeln!(s, "### {place}\n");
             let _ = writeln!(
                 s,
-                "| profile | path | IOPS | MB/s | mean µs | p50 µs | p99 µs | QD1 p50 − file µs | CPU µs/IO | host CPU µs/IO | cache MiB | ×file | ×loop-dio | ×loop-buf |"
+                "| profile | path | IOPS | MB/s | mean µs | p50 µs | p99 µs | QD1 p50 − file µs | CPU µs/IO | kworker µs/IO | host CPU µs/IO | cache MiB | ×file | ×loop-dio | ×loop-buf |"
             );
             let _ = writeln!(
                 s,
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
             );
             for r in &rows {
                 if r.samples.is_empty() {
                     let _ = writeln!(
                         s,
-                        "| {} | {} | — | | | | | | | | | | | | {}",
+                        "| {} | {} | — | | | | | | | | | | | | | {}",
                         r.profile,
                         r.path,
                         r.error.as_deref().unwrap_or("not measured")
@@ -187,6 +187,7 @@ pub fn markdown(rep: &BenchReport) -> String {
                 let p99 = spread(r, |x| x.lat_p99_us).median;
                 let cpu = spread(r, |x| x.cpu_us_per_io).median;
                 let host = spread(r, |x| x.host_cpu_us_per_io).median;
+                let kw = spread(r, |x| x.kworker_us_per_io).median;
                 let cache = r.samples.iter().map(|x| x.cache_bytes).max().unwrap_or(0);
                 let rt = |b: PathKind| {
                     if b == r.path || (b != PathKind::File && r.path != PathKind::Refblk) {
@@ -199,7 +200,7 @@ pub fn markdown(rep: &BenchReport) -> String {
                 };
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} ±{:.0}% | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                    "| {} | {} | {} ±{:.0}% | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
                     r.profile,
                     r.path,
                     fmt_num(iops.median),
@@ -210,6 +211,7 @@ pub fn markdown(rep: &BenchReport) -> String {
                     fmt_num(p99),
                     added,
                     fmt_num(cpu),
+                    fmt_num(kw),
                     fmt_num(host),
                     cache as f64 / (1 << 20) as f64,
                     rt(PathKind::File),
@@ -371,6 +373,7 @@ pub fn to_json(rep: &BenchReport) -> Value {
                 "added_p50_us_over_file": added_p50_us(rep, &r.place, r.profile, r.path),
                 "cpu_us_per_io": spread_json(spread(r, |x| x.cpu_us_per_io)),
                 "host_cpu_us_per_io": spread_json(spread(r, |x| x.host_cpu_us_per_io)),
+                "kworker_us_per_io": spread_json(spread(r, |x| x.kworker_us_per_io)),
                 "ratio_to_file": ratio(rep, &r.place, r.profile, r.path, PathKind::File),
                 "ratio_to_loop_dio": ratio(rep, &r.place, r.profile, r.path, PathKind::LoopDio),
                 "ratio_to_loop_buf": ratio(rep, &r.place, r.profile, r.path, PathKind::LoopBuf),
@@ -378,7 +381,8 @@ pub fn to_json(rep: &BenchReport) -> Value {
                     "iops": x.iops, "mbps": x.mbps, "lat_mean_us": x.lat_mean_us,
                     "lat_p50_us": x.lat_p50_us,
                     "lat_p99_us": x.lat_p99_us, "cpu_us_per_io": x.cpu_us_per_io,
-                    "host_cpu_us_per_io": x.host_cpu_us_per_io, "cache_bytes": x.cache_bytes,
+                    "host_cpu_us_per_io": x.host_cpu_us_per_io,
+                    "kworker_us_per_io": x.kworker_us_per_io, "cache_bytes": x.cache_bytes,
                     "ops": x.ops, "secs": x.secs,
                 })).collect::<Vec<_>>(),
             })
@@ -483,6 +487,7 @@ pub fn from_json(v: &Value) -> Result<BenchReport, String> {
                 lat_p99_us: f(s, "lat_p99_us"),
                 cpu_us_per_io: f(s, "cpu_us_per_io"),
                 host_cpu_us_per_io: f(s, "host_cpu_us_per_io"),
+                kworker_us_per_io: f(s, "kworker_us_per_io"),
                 cache_bytes: s["cache_bytes"].as_u64().unwrap_or(0),
                 ops: s["ops"].as_u64().unwrap_or(0),
                 secs: f(s, "secs"),

@@ -111,6 +111,37 @@ pub fn iowq_cpu_ns() -> u64 {
     cpu_snapshot(&iowq_tids()).iter().map(|(_, ns)| ns).sum()
 }
 
+/// The kernel's worker threads (`kworker/*`) and their CPU time, `(pid, ns)`,
+/// from `/proc/<pid>/schedstat` (a kernel thread is a process of one
+/// thread). Loop devices do their I/O in them (the `loopN` workqueues), and so
+/// do deferred direct-I/O completions (`dio/loopN`): the part of the `loop-*`
+/// paths' serving cost, and of the scratch file system's loop device under
+/// every path, that no thread of this process shows. Other tenants'
+/// kernel work is in them too.
+pub fn kworker_snapshot() -> Vec<(u32, u64)> {
+    let mut v = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return v;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let p = e.path();
+        let is_kworker = fs::read_to_string(p.join("comm")).is_ok_and(|c| c.starts_with("kworker"));
+        if !is_kworker {
+            continue;
+        }
+        if let Some(ns) = fs::read_to_string(p.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        {
+            v.push((pid, ns));
+        }
+    }
+    v
+}
+
 /// Busy CPU time of the whole machine (all CPUs, everything but idle and iowait), in
 /// nanoseconds, from `/proc/stat`. Includes other processes: use only as context.
 pub fn machine_busy_ns() -> u64 {
@@ -261,6 +292,23 @@ mod tests {
         assert_eq!(cpu_since(&before, &after), 57_000);
         // A tid reused by a new thread counts that thread's time only.
         assert_eq!(cpu_since(&[(4, 900)], &[(4, 30)]), 30);
+    }
+
+    #[test]
+    fn the_kernel_workers_loop_devices_use_are_found_with_their_cpu() {
+        // Every Linux runs kworker threads, and the ones that have run show
+        // CPU time; a thread of this process is none of them.
+        let k = kworker_snapshot();
+        assert!(!k.is_empty(), "no kworker found in /proc");
+        for (pid, _) in &k {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            assert!(
+                comm.is_empty() || comm.starts_with("kworker"),
+                "{pid}: {comm}"
+            );
+        }
+        assert!(k.iter().any(|(_, ns)| *ns > 0), "{k:?}");
+        assert!(!k.iter().any(|(pid, _)| *pid == std::process::id()));
     }
 
     #[test]

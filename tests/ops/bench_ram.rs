@@ -141,7 +141,7 @@ fn a_ram_run_names_its_regime_in_every_report_with_p50_p99_cpu_and_added_latency
         "; backing ram; image 64M",
         "Regime: backing **ram** (scratch file systems on a loop device (direct I/O) over a file in /dev/shm (tmpfs)",
         "I/O modes and cache regimes (backing ram): file: O_DIRECT (cold: O_DIRECT)",
-        "| QD1 p50 − file µs |",
+        "| QD1 p50 − file µs | CPU µs/IO | kworker µs/IO |",
         "refblk's added latency at queue depth 1 (median p50, refblk − file; file → refblk µs): rnd4k_q1t1_read ",
     ] {
         assert!(md.contains(want), "{want:?} missing from:\n{md}");
@@ -191,6 +191,8 @@ fn a_ram_run_names_its_regime_in_every_report_with_p50_p99_cpu_and_added_latency
             assert!(p50 > 0.0 && p99 >= p50, "{what}: p50 {p50}, p99 {p99}");
             assert!(f(&s["iops"]) > 0.0, "{what}: {s}");
             assert!(f(&s["cpu_us_per_io"]) > 0.0, "{what}: no serving CPU: {s}");
+            // The kernel workers' share (loop devices): context, maybe 0.
+            assert!(f(&s["kworker_us_per_io"]) >= 0.0, "{what}: {s}");
         }
         assert!(f(&r["lat_p99_us"]["median"]) >= f(&r["lat_p50_us"]["median"]));
     }
