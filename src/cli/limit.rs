@@ -100,21 +100,12 @@ pub fn run(a: LimitCmdArgs) -> CliResult {
         return Err(CliError::usage(format!("{:?}: bad target", a.target)));
     }
     // No flags: an empty change, the daemon answers with the current limits.
-    let mut line = format!("limit {}", a.target);
-    for p in patch.to_pairs() {
-        line.push(' ');
-        line.push_str(&p);
-    }
-    let v = control::request(&socket_of(&a.control, a.sim.as_deref()), &line)?;
-    if v["ok"] != serde_json::Value::Bool(true) {
-        return Err(CliError::failed(
-            v["error"].as_str().unwrap_or("unknown error").to_string(),
-        ));
-    }
-    println!(
-        "{}: {}",
-        v["describe"].as_str().unwrap_or(&a.target),
-        v["summary"].as_str().unwrap_or("?")
-    );
+    let req = control::Request::Limit {
+        target: a.target.clone(),
+        patch,
+    };
+    let now: control::LimitsNow = control::call(&socket_of(&a.control, a.sim.as_deref()), &req)
+        .map_err(|e| CliError::failed(e.to_string()))?;
+    println!("{}: {}", now.describe, now.summary);
     Ok(())
 }

@@ -8,9 +8,10 @@ use log::info;
 use super::instance::{dir_lock, instance_lock, lock_path_for, INSTANCE_BUSY};
 use super::metrics::MetricsServer;
 use super::{socket_of, CliError, CliResult};
-use refblk_core::backend::control::{self, Access, ControlServer};
-use refblk_core::backend::{Backend, BackendConfig};
+use refblk_core::backend::control::{self, Access, ControlServer, Request};
+use refblk_core::backend::{Backend, BackendConfig, Kind};
 use refblk_core::engine::DirectPolicy;
+use refblk_core::limits::LimitsPatch;
 use refblk_core::platform::real::RealXen;
 use refblk_core::platform::Platform;
 
@@ -53,9 +54,18 @@ pub struct ServeArgs {
     /// microseconds before sleeping (0: never; costs CPU, saves wake-ups).
     #[arg(long, default_value_t = 0)]
     pub poll_us: u32,
-    /// Start even if the kernel's xen-blkback is loaded (it claims every vbd).
+    /// Serve backend/vbd devices even though the kernel's xen-blkback is
+    /// loaded (it claims every backend/vbd device too): only if you know the
+    /// toolstack gives blkback none of refblk's. Without it, a loaded blkback
+    /// makes the daemon serve backend/vbd3 only.
     #[arg(long)]
     pub allow_blkback: bool,
+    /// Serve only backend/vbd3 devices (disk lines with
+    /// backendtype=tap,script=block-refblk, Xen >= 4.19) and leave every
+    /// backend/vbd device to kernel blkback, whether it is loaded yet or not
+    /// (udev loads it on the first vbd device).
+    #[arg(long, conflicts_with = "allow_blkback")]
+    pub only_vbd3: bool,
     /// Keep restart state (per device and per queue journal) in DIR, and on
     /// start take over the devices a previous daemon left Connected (see
     /// docs/restart.md). Default: /run/refblk/state, or DIR/state with --sim.
@@ -105,20 +115,14 @@ pub fn run(a: ServeArgs) -> CliResult {
         .map_err(|e| CliError::failed(format!("blocking signals: {e}")))?;
     raise_fd_limit();
     let group = a.status_group.as_deref().map(lookup_group).transpose()?;
+    let blkback = a.sim.is_none() && Path::new("/sys/module/xen_blkback").exists();
+    let (kinds, why) = kinds_to_serve(blkback, a.allow_blkback, a.only_vbd3);
+    if let Some(why) = why {
+        info!("{why}");
+    }
     let platform: Arc<dyn Platform> = match &a.sim {
         Some(dir) => super::sim::backend_platform(dir)?,
-        None => {
-            if !a.allow_blkback && Path::new("/sys/module/xen_blkback").exists() {
-                return Err(CliError::failed(
-                    "the kernel's xen-blkback module is loaded and would claim every \
-                     backend/vbd device: unload it (`modprobe -r xen-blkback`, and \
-                     blacklist it), run refblk in a storage driver domain, or pass \
-                     --allow-blkback if you know the toolstack only gives refblk's \
-                     devices to this domain",
-                ));
-            }
-            Arc::new(RealXen::open().map_err(|e| CliError::failed(format!("real Xen: {e}")))?)
-        }
+        None => Arc::new(RealXen::open().map_err(|e| CliError::failed(format!("real Xen: {e}")))?),
     };
     let control = a.control.clone().unwrap_or_else(|| match &a.sim {
         Some(dir) => dir.join("refblk.sock"),
@@ -154,6 +158,7 @@ pub fn run(a: ServeArgs) -> CliResult {
     }
     let mut cfg = BackendConfig {
         state_dir,
+        kinds,
         backend_domid: a.backend_domid,
         max_queues: a.max_queues.max(1),
         max_ring_page_order: a.max_ring_page_order,
@@ -226,6 +231,56 @@ pub fn run(a: ServeArgs) -> CliResult {
     Ok(())
 }
 
+/// The kinds of device to serve, and why some are left out (for the log).
+///
+/// Kernel xen-blkback probes every `backend/vbd` device of its domain, and two
+/// backends on one device would fight over its `state` node; it never looks
+/// at `backend/vbd3`. So with blkback loaded (`blkback_loaded`) the daemon
+/// serves vbd3 only, unless told that blkback gets none of refblk's vbd
+/// devices (`--allow-blkback`); `--only-vbd3` asks for vbd3 only in any case.
+pub fn kinds_to_serve(
+    blkback_loaded: bool,
+    allow_blkback: bool,
+    only_vbd3: bool,
+) -> (Vec<Kind>, Option<String>) {
+    if only_vbd3 {
+        return (
+            vec![Kind::Vbd3],
+            Some(
+                "serving backend/vbd3 devices only (--only-vbd3); backend/vbd is left to \
+                 kernel blkback"
+                    .into(),
+            ),
+        );
+    }
+    if blkback_loaded && !allow_blkback {
+        return (
+            vec![Kind::Vbd3],
+            Some(
+                "the kernel's xen-blkback module is loaded and claims every backend/vbd \
+                 device: serving backend/vbd3 devices only (disk lines with \
+                 backendtype=tap,script=block-refblk, Xen >= 4.19) and leaving backend/vbd \
+                 to blkback. To serve vbd disk lines (script=block-refblk without \
+                 backendtype) as well, unload and blacklist xen-blkback (docs/xen.md), \
+                 or pass --allow-blkback if the toolstack gives blkback none of refblk's \
+                 devices"
+                    .into(),
+            ),
+        );
+    }
+    if blkback_loaded {
+        return (
+            Kind::ALL.to_vec(),
+            Some(
+                "the kernel's xen-blkback module is loaded; serving backend/vbd anyway \
+                 (--allow-blkback)"
+                    .into(),
+            ),
+        );
+    }
+    (Kind::ALL.to_vec(), None)
+}
+
 /// Arguments of `refblk ctl`.
 #[derive(clap::Args, Debug)]
 pub struct CtlArgs {
@@ -245,7 +300,8 @@ pub struct CtlArgs {
 pub enum CtlCommand {
     /// Give a claimed device its image (the hotplug script's `add`).
     Attach {
-        /// xenstore backend path, e.g. /local/domain/0/backend/vbd/5/51712.
+        /// xenstore backend path, e.g. /local/domain/0/backend/vbd/5/51712
+        /// or /local/domain/0/backend/vbd3/5/51728.
         backend_path: String,
         /// The image file to serve.
         image: PathBuf,
@@ -296,37 +352,46 @@ pub enum CtlCommand {
     },
 }
 
-/// ` key=value ...` of `--limit` flags, checked here so that a bad value is a
+/// The `--limit` flags as a patch, checked here so that a bad value is a
 /// usage error naming the key.
-fn limit_words(limits: &[String]) -> Result<String, CliError> {
-    let p = refblk_core::limits::LimitsPatch::parse_pairs(limits.iter().map(String::as_str))
-        .map_err(|e| CliError::usage(format!("--limit {e}")))?;
-    Ok(p.to_pairs().iter().map(|w| format!(" {w}")).collect())
+fn limit_patch(limits: &[String]) -> Result<LimitsPatch, CliError> {
+    LimitsPatch::parse_pairs(limits.iter().map(String::as_str))
+        .map_err(|e| CliError::usage(format!("--limit {e}")))
+}
+
+/// A daemon's answer, or its refusal as the command's failure.
+fn answer_of<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, CliError> {
+    let a: control::Answer<T> = serde_json::from_value(v)
+        .map_err(|e| CliError::failed(format!("unreadable answer from the daemon: {e}")))?;
+    match (a.ok, a.body) {
+        (true, Some(b)) => Ok(b),
+        _ => Err(CliError::failed(
+            a.error.unwrap_or_else(|| "unknown error".into()),
+        )),
+    }
 }
 
 /// Run `refblk ctl`.
 pub fn run_ctl(a: CtlArgs) -> CliResult {
-    let line = match &a.cmd {
+    let attach_line = |ro: bool, sector_size: u32, limits: &[String]| -> Result<_, CliError> {
+        Ok(control::AttachLine {
+            read_only: ro,
+            sector_size: Some(sector_size),
+            limits: limit_patch(limits)?,
+        })
+    };
+    let req = match &a.cmd {
         CtlCommand::Attach {
             backend_path,
             image,
             ro,
             sector_size,
             limits,
-        } => {
-            let img = image.to_str().filter(|s| !s.contains(char::is_whitespace));
-            let Some(img) = img else {
-                return Err(CliError::usage(format!(
-                    "{}: image paths with white space are not supported",
-                    image.display()
-                )));
-            };
-            format!(
-                "attach {backend_path} {img}{} sector-size={sector_size}{}",
-                if *ro { " ro" } else { "" },
-                limit_words(limits)?
-            )
-        }
+        } => Request::Attach {
+            backend: backend_path.clone(),
+            image: image.clone(),
+            options: attach_line(*ro, *sector_size, limits)?,
+        },
         CtlCommand::AttachVolume {
             backend_path,
             pool,
@@ -334,69 +399,63 @@ pub fn run_ctl(a: CtlArgs) -> CliResult {
             ro,
             sector_size,
             limits,
-        } => {
-            let pool_s = pool.to_str().filter(|s| !s.contains(char::is_whitespace));
-            let Some(pool_s) = pool_s else {
-                return Err(CliError::usage(format!(
-                    "{}: pool paths with white space are not supported",
-                    pool.display()
-                )));
-            };
-            if vid.contains(char::is_whitespace) {
-                return Err(CliError::usage(format!("{vid:?}: bad volume id")));
-            }
-            format!(
-                "attach-volume {backend_path} {pool_s} {vid}{} sector-size={sector_size}{}",
-                if *ro { " ro" } else { "" },
-                limit_words(limits)?
-            )
-        }
-        CtlCommand::Detach { backend_path } => format!("detach {backend_path}"),
-        CtlCommand::Resize => "resize".into(),
-        CtlCommand::Status { .. } => "status".into(),
+        } => Request::AttachVolume {
+            backend: backend_path.clone(),
+            pool: pool.clone(),
+            vid: vid.clone(),
+            options: attach_line(*ro, *sector_size, limits)?,
+        },
+        CtlCommand::Detach { backend_path } => Request::Detach {
+            backend: backend_path.clone(),
+        },
+        CtlCommand::Resize => Request::Resize,
+        CtlCommand::Status { .. } => Request::Status,
     };
+    // A path or id with white space cannot travel on the line: a usage error.
+    let line = req
+        .to_line()
+        .map_err(|e| CliError::usage(format!("{e} (not supported)")))?;
     let v = control::request(&socket_of(&a.control, a.sim.as_deref()), &line)?;
-    if v["ok"] != serde_json::Value::Bool(true) {
-        return Err(CliError::failed(
-            v["error"].as_str().unwrap_or("unknown error").to_string(),
-        ));
-    }
     match a.cmd {
-        CtlCommand::Status { json: true } => println!("{v}"),
+        CtlCommand::Status { json: true } => {
+            answer_of::<control::Status>(v.clone())?;
+            println!("{v}");
+        }
         CtlCommand::Status { json: false } => {
+            let st: control::Status = answer_of(v)?;
             println!(
-                "{:>5} {:>6} {:<12} {:>9} {:>9} {:>7} {:>7} IMAGE",
-                "DOMID", "DEVID", "STATE", "READS", "WRITES", "FLUSH", "ERRORS"
+                "{:>5} {:<4} {:>9} {:<12} {:>9} {:>9} {:>7} {:>7} IMAGE",
+                "DOMID", "KIND", "DEVID", "STATE", "READS", "WRITES", "FLUSH", "ERRORS"
             );
-            for d in v["devices"].as_array().into_iter().flatten() {
+            for d in &st.devices {
                 println!(
-                    "{:>5} {:>6} {:<12} {:>9} {:>9} {:>7} {:>7} {}",
-                    d["domid"],
-                    d["devid"],
-                    d["state"].as_str().unwrap_or("?"),
-                    d["reads"],
-                    d["writes"],
-                    d["flushes"],
-                    d["errors"],
-                    d["image"].as_str().unwrap_or("-")
+                    "{:>5} {:<4} {:>9} {:<12} {:>9} {:>9} {:>7} {:>7} {}",
+                    d.domid,
+                    d.kind,
+                    d.devid,
+                    d.state,
+                    d.reads,
+                    d.writes,
+                    d.flushes,
+                    d.errors,
+                    d.image.as_deref().unwrap_or("-")
                 );
             }
         }
         CtlCommand::Resize => {
-            for r in v["resized"].as_array().into_iter().flatten() {
-                println!(
-                    "{}: {} sectors",
-                    r["backend"].as_str().unwrap_or("?"),
-                    r["sectors"]
-                );
+            let r: control::Resized = answer_of(v)?;
+            for d in r.resized {
+                println!("{}: {} sectors", d.backend, d.sectors);
             }
         }
-        CtlCommand::Attach { .. } => {}
+        CtlCommand::Attach { .. } => {
+            answer_of::<control::Attached>(v)?;
+        }
         CtlCommand::AttachVolume { .. } => {
-            println!("{}", v["image"].as_str().unwrap_or(""));
+            println!("{}", answer_of::<control::Attached>(v)?.image);
         }
         CtlCommand::Detach { .. } => {
-            println!("{}", v["result"].as_str().unwrap_or(""));
+            println!("{}", answer_of::<control::Detached>(v)?.result);
         }
     }
     Ok(())
@@ -414,5 +473,27 @@ fn raise_fd_limit() {
         },
         Ok(_) => {}
         Err(e) => log::warn!("getrlimit(RLIMIT_NOFILE): {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loaded_blkback_leaves_backend_vbd_to_it() {
+        assert_eq!(
+            kinds_to_serve(false, false, false),
+            (Kind::ALL.to_vec(), None)
+        );
+        let (k, why) = kinds_to_serve(true, false, false);
+        assert_eq!(k, [Kind::Vbd3]);
+        assert!(why.unwrap().contains("xen-blkback"));
+        let (k, why) = kinds_to_serve(true, true, false);
+        assert_eq!(k, Kind::ALL);
+        assert!(why.unwrap().contains("--allow-blkback"));
+        for blkback in [false, true] {
+            assert_eq!(kinds_to_serve(blkback, false, true).0, [Kind::Vbd3]);
+        }
     }
 }

@@ -21,4 +21,5 @@ mod panic;
 mod persistent;
 mod power_loss;
 mod rw;
+mod vbd3;
 mod volume;

@@ -121,6 +121,12 @@ fn run_on(pool_dir: &Path, setup_check: bool) {
         .backend
         .attach_volume(&other.backend_path, pool_dir, vid, AttachOptions::default())
         .expect_err("second start of a running volume");
+    // The pool's refusal, typed as such.
+    assert!(
+        matches!(err, refblk_core::backend::CommandError::Pool(_)),
+        "{err:?}"
+    );
+    let err = err.to_string();
     assert!(err.contains("running") || err.contains("busy"), "{err}");
     rig.ts.force_remove_vbd(&other).unwrap();
 

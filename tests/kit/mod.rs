@@ -26,6 +26,8 @@ use refblk_sim::frontend::{Frontend, FrontendOptions, Toolstack, Vbd, VbdSpec};
 use refblk_sim::{SimGuest, SimXen};
 
 pub const XVDA: u32 = 51712;
+/// xvdb (202 << 8 | 1 << 4), the device id libxl gives a second disk.
+pub const XVDB: u32 = 51728;
 pub const LONG: Duration = Duration::from_secs(20);
 
 /// A simulated machine running a refblk backend, with a toolstack.
@@ -122,6 +124,15 @@ impl Rig {
             .into_iter()
             .find(|s| s.domid == domid && s.devid == devid)
             .expect("device known to the backend")
+    }
+
+    /// The backend's status of the device at `backend_path` (any kind), if
+    /// it has it.
+    pub fn status_at(&self, backend_path: &str) -> Option<DeviceStatus> {
+        self.backend
+            .status()
+            .into_iter()
+            .find(|s| s.backend_path == backend_path)
     }
 
     /// Stop the backend and check that its thread ended cleanly.

@@ -83,6 +83,22 @@ impl Daemon {
     }
 }
 
+/// A daemon still running when its test ends (an assertion failed) is
+/// killed, so that it does not outlive the test.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The refblk binary, for tests that run it (or a script that runs it).
+pub fn exe() -> &'static str {
+    refblk_exe()
+}
+
 /// The daemon's status of device (domid, XVDA-like devid), if it knows it.
 pub fn device_status(sock: &Path, domid: u16, devid: u32) -> Option<serde_json::Value> {
     let v = control::request(sock, "status").ok()?;

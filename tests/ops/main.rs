@@ -20,3 +20,4 @@ mod sim_guest;
 mod stats;
 mod status_table;
 mod unit;
+mod vbd3;

@@ -48,7 +48,7 @@ fn the_unit_hands_over_on_restart_notifies_and_lets_the_refusal_through() {
         !unit()
             .lines()
             .any(|l| l.starts_with("Condition") && l.contains("blkback")),
-        "a Condition on xen_blkback hides the daemon's refusal from the journal"
+        "a Condition on xen_blkback would keep the daemon from serving vbd3 devices beside blkback"
     );
     assert_eq!(values("RuntimeDirectoryPreserve"), ["yes"]);
     // Documentation= points at things the package installs.

@@ -463,9 +463,15 @@ fn grants_and_revokes_race_safely_with_the_backend() {
                         assert_eq!(b, want);
                         ok_maps += 1;
                     }
-                    Err(e) => assert_eq!(
-                        GrantMapError::status_of(&e),
-                        Some(GrantStatus::BadGntref),
+                    // Ended (BadGntref), or refused because the guest sat
+                    // in its end_access longer than the simulation lets a
+                    // map wait (about 50 ms: a guest must not be able to
+                    // block a backend) — a guest process descheduled there
+                    // on a loaded machine. Either way nothing is mapped.
+                    Err(e) => assert!(
+                        GrantMapError::status_of(&e) == Some(GrantStatus::BadGntref)
+                            || (GrantMapError::status_of(&e) == Some(GrantStatus::GeneralError)
+                                && e.to_string().contains("locked by the guest")),
                         "{e}"
                     ),
                 }

@@ -41,7 +41,7 @@ struct InFlight {
     /// The device released, for log lines (`vbd 5/51712`).
     device: String,
     /// The `detach` that released the device, answered when the commit is done.
-    reply: Option<Sender<Result<String, String>>>,
+    reply: Option<Sender<Result<String, super::CommandError>>>,
     /// Commands that wait for this commit (an `attach-volume` of the volume).
     waiting: Vec<Command>,
 }
@@ -94,7 +94,7 @@ impl Commits {
         &mut self,
         device: String,
         vol: Volume,
-        reply: Option<Sender<Result<String, String>>>,
+        reply: Option<Sender<Result<String, super::CommandError>>>,
     ) {
         let key = (vol.pool().dir().to_path_buf(), vol.vid().to_string());
         // A volume is served by one device at a time, and its attach waits
@@ -161,7 +161,7 @@ impl Commits {
     pub(super) fn finish(
         &mut self,
         key: &VolumeKey,
-        result: Result<String, String>,
+        result: Result<String, super::CommandError>,
     ) -> Vec<Command> {
         let Some(mut c) = self.running.remove(key) else {
             return Vec::new();
@@ -181,10 +181,10 @@ impl Commits {
 
 /// Stop (commit or discard, by its kind) the volume a device served; the
 /// answer of its `detach`.
-fn stop_volume(device: &str, v: &Volume) -> Result<String, String> {
+fn stop_volume(device: &str, v: &Volume) -> Result<String, super::CommandError> {
     let vid = v.vid();
     match v.stop() {
-        Ok(StopOutcome::NotRunning) => Err(format!(
+        Ok(StopOutcome::NotRunning) => super::refuse(format!(
             "volume {vid} was not running when the device was released: its dirty \
              image {} was gone (stopped or removed behind the daemon's back); \
              nothing was committed",
@@ -194,6 +194,6 @@ fn stop_volume(device: &str, v: &Volume) -> Result<String, String> {
             info!("{device}: volume {vid}: {o:?}");
             Ok(format!("volume {vid}: {o:?}"))
         }
-        Err(e) => Err(format!("volume {vid}: stop: {e}")),
+        Err(e) => super::refuse(format!("volume {vid}: stop: {e}")),
     }
 }

@@ -13,10 +13,14 @@
 //!   path or DOMAIN/VDEV; see `docs/operations.md`)
 //!
 //! LIMIT is one of `read-iops`, `write-iops`, `read-bps`, `write-bps`,
-//! `iops`, `bps`, `burst` (see [`super::limits`]).
+//! `iops`, `bps`, `burst` (see [`crate::limits`]).
 //!
 //! Answers: `{"version":1,"ok":true, ...}` or `{"version":1,"ok":false,"error":"..."}`
 //! (`version`: [`JSON_VERSION`], the shape convention in docs/operations.md).
+//!
+//! Both are types ([`messages`]): the daemon parses a line into a [`Request`]
+//! and answers with serde-derived structs; clients send a [`Request`] and read
+//! the typed answer with [`call`].
 //!
 //! A second, read-only socket ([`Access::StatusOnly`]) answers `status` only,
 //! for a non-root exporter (`refblk serve --status-group GROUP`).
@@ -31,20 +35,21 @@ use std::time::Duration;
 
 use log::{info, warn};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use std::os::fd::AsFd;
 
 pub mod messages;
 
 use super::{AttachOptions, BackendHandle, DeviceStatus, LimitTarget};
-use crate::limits::{LimitsPatch, KEYS};
+use crate::limits::Limits;
+pub use messages::{
+    Answer, AttachLine, Attached, DaemonStatus, Detached, DeviceStatusJson, LimitsNow, Request,
+    RequestError, Resized, ResizedDevice, Status, JSON_VERSION,
+};
 
 /// Longest request line accepted.
 const MAX_LINE: usize = 8192;
-
-/// The version of every JSON answer's shape (the `version` field). It grows
-/// when a field changes meaning or goes away; new fields do not change it.
-pub const JSON_VERSION: u64 = 1;
 
 /// What a socket's clients may ask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,53 +211,45 @@ fn serve_conn(s: UnixStream, backend: BackendHandle, access: Access) {
         match r.read_line(&mut line) {
             Ok(0) | Err(_) => return,
             Ok(n) if n > MAX_LINE => {
-                let _ = writeln!(w, "{}", json!({"ok": false, "error": "request too long"}));
+                let _ = writeln!(w, "{}", refused("request too long"));
                 return;
             }
             Ok(_) => {}
         }
-        let line = line.trim_end();
-        let answer = if access == Access::StatusOnly
-            && line.split_whitespace().next() != Some("status")
-        {
-            versioned(
-                json!({"ok": false, "error": "this is the read-only status socket: only `status` is answered"}),
-            )
-        } else {
-            handle_line(line, &backend)
-        };
+        let answer = answer_line(line.trim_end(), &backend, access);
         if writeln!(w, "{answer}").is_err() {
             return;
         }
     }
 }
 
-fn status_json(s: &DeviceStatus) -> Value {
-    json!({
-        "domid": s.domid,
-        "devid": s.devid,
-        "backend": s.backend_path,
-        "image": s.image.as_ref().map(|p| p.display().to_string()),
-        "state": format!("{:?}", s.state),
-        "queues": s.queues,
-        "protocol": s.protocol,
-        "requests": s.requests,
-        "reads": s.reads,
-        "writes": s.writes,
-        "flushes": s.flushes,
-        "discards": s.discards,
-        "errors": s.errors,
-        "fdatasyncs": s.fdatasyncs,
-        "bytes_read": s.bytes_read,
-        "bytes_written": s.bytes_written,
-        "replayed": s.replayed,
-        "domain_name": s.domain_name,
-        "vdev": s.vdev,
-        "waiting_for_commit": s.waiting_for_commit,
-        "stats": s.stats.to_json(),
-        "limits": s.limits.to_json(),
-        "domain_limits": s.domain_limits.to_json(),
-    })
+fn status_of(s: &DeviceStatus) -> DeviceStatusJson {
+    DeviceStatusJson {
+        kind: s.kind.name().into(),
+        domid: u32::from(s.domid),
+        devid: s.devid,
+        backend: s.backend_path.clone(),
+        image: s.image.as_ref().map(|p| p.display().to_string()),
+        state: format!("{:?}", s.state),
+        queues: s.queues,
+        protocol: s.protocol.map(str::to_string),
+        requests: s.requests,
+        reads: s.reads,
+        writes: s.writes,
+        flushes: s.flushes,
+        discards: s.discards,
+        errors: s.errors,
+        fdatasyncs: s.fdatasyncs,
+        bytes_read: s.bytes_read,
+        bytes_written: s.bytes_written,
+        replayed: s.replayed,
+        domain_name: s.domain_name.clone(),
+        vdev: s.vdev.clone(),
+        waiting_for_commit: s.waiting_for_commit.clone(),
+        stats: s.stats.clone(),
+        limits: s.limits,
+        domain_limits: s.domain_limits,
+    }
 }
 
 /// Microseconds since the daemon's first status answer (monotonic).
@@ -264,139 +261,162 @@ fn sampled_us() -> u64 {
         .as_micros() as u64
 }
 
-/// `v` with `"version": JSON_VERSION` first.
-fn versioned(v: Value) -> Value {
-    let mut m = serde_json::Map::new();
-    m.insert("version".into(), json!(JSON_VERSION));
-    if let Value::Object(o) = v {
-        m.extend(o);
-    }
-    Value::Object(m)
-}
-
 /// The `daemon` object of a `status` answer.
-fn daemon_json(devices: usize) -> Value {
+fn daemon_status(devices: usize) -> DaemonStatus {
     let d = DAEMON.get();
-    json!({
-        "version": BUILD_VERSION,
-        "commit": BUILD_COMMIT,
-        "pid": std::process::id(),
-        "workers": d.map(|d| d.workers),
-        "devices": devices,
-        "uptime_seconds": d.map(|d| d.started.elapsed().as_secs_f64()),
-        "start_time_seconds": d.map(|d| d.started_unix),
-    })
+    DaemonStatus {
+        version: BUILD_VERSION.into(),
+        commit: BUILD_COMMIT.into(),
+        pid: std::process::id(),
+        workers: d.map(|d| d.workers),
+        devices,
+        uptime_seconds: d.map(|d| d.started.elapsed().as_secs_f64()),
+        start_time_seconds: d.map(|d| d.started_unix),
+    }
 }
 
-/// Answer one request line.
+/// An answer as JSON.
+fn json_of<T: Serialize>(a: Answer<T>) -> Value {
+    serde_json::to_value(a).expect("answers are plain data")
+}
+
+/// A refusal as JSON.
+fn refused(e: impl std::fmt::Display) -> Value {
+    json_of(Answer::<Attached>::refused(e))
+}
+
+/// Answer one request line (on the full-access socket).
 pub fn handle_line(line: &str, backend: &BackendHandle) -> Value {
-    versioned(answer_line(line, backend))
+    answer_line(line, backend, Access::Full)
 }
 
-fn answer_line(line: &str, backend: &BackendHandle) -> Value {
-    let mut words = line.split_whitespace();
-    let fail = |e: String| json!({"ok": false, "error": e});
-    let options =
-        |words: std::str::SplitWhitespace<'_>| -> Result<(AttachOptions, LimitsPatch), String> {
-            let mut opts = AttachOptions::default();
-            let mut limits = LimitsPatch::default();
-            for w in words {
-                match w {
-                    "ro" => opts.read_only = true,
-                    _ => match w.strip_prefix("sector-size=").map(str::parse::<u32>) {
-                        Some(Ok(n)) => opts.sector_size = n,
-                        _ => match w.split_once('=') {
-                            Some((k, v)) if KEYS.contains(&k) => {
-                                limits.set(k, v).map_err(|e| e.to_string())?
-                            }
-                            _ => return Err(format!("unknown option {w:?}")),
-                        },
-                    },
-                }
-            }
-            opts.limits = opts.limits.patched(&limits);
-            Ok((opts, limits))
-        };
-    match words.next() {
-        Some("attach") => {
-            let (Some(be), Some(img)) = (words.next(), words.next()) else {
-                return fail("usage: attach <backend-path> <image> [ro] [sector-size=N]".into());
-            };
-            let r = options(words).and_then(|(opts, _)| backend.attach(be, img, opts));
-            match r {
-                Ok(()) => json!({"ok": true, "image": img}),
-                Err(e) => fail(e),
+fn answer_line(line: &str, backend: &BackendHandle, access: Access) -> Value {
+    let req = match Request::parse(line) {
+        Ok(r) => r,
+        Err(e) => return refused(e),
+    };
+    if access == Access::StatusOnly && !req.is_read_only() {
+        return refused("this is the read-only status socket: only `status` is answered");
+    }
+    let opts = |o: &AttachLine, stored: Limits| AttachOptions {
+        read_only: o.read_only,
+        sector_size: o
+            .sector_size
+            .unwrap_or(AttachOptions::default().sector_size),
+        limits: stored.patched(&o.limits),
+    };
+    match req {
+        Request::Attach {
+            backend: be,
+            image,
+            options,
+        } => {
+            let shown = image.display().to_string();
+            match backend.attach(&be, image, opts(&options, Limits::UNLIMITED)) {
+                Ok(()) => json_of(Answer::ok(Attached { image: shown })),
+                Err(e) => refused(e),
             }
         }
-        Some("attach-volume") => {
-            let (Some(be), Some(pool), Some(vid)) = (words.next(), words.next(), words.next())
-            else {
-                return fail(
-                    "usage: attach-volume <backend-path> <pool-dir> <vid> [ro] [sector-size=N]"
-                        .into(),
-                );
-            };
+        Request::AttachVolume {
+            backend: be,
+            pool,
+            vid,
+            options,
+        } => {
             // The volume's stored limits, then the line's keys on top.
-            let r = options(words).and_then(|(mut opts, line)| {
-                let stored =
-                    crate::pool::limits::load(Path::new(pool), vid).map_err(|e| e.to_string())?;
-                opts.limits = stored.patched(&line);
-                backend.attach_volume(be, pool, vid, opts)
-            });
+            let r = crate::pool::limits::load(&pool, &vid)
+                .map_err(super::CommandError::from)
+                .and_then(|stored| backend.attach_volume(&be, &pool, &vid, opts(&options, stored)));
             match r {
-                Ok(p) => json!({"ok": true, "image": p.display().to_string()}),
-                Err(e) => fail(e),
+                Ok(p) => json_of(Answer::ok(Attached {
+                    image: p.display().to_string(),
+                })),
+                Err(e) => refused(e),
             }
         }
-        Some("detach") => {
-            let Some(be) = words.next() else {
-                return fail("usage: detach <backend-path>".into());
-            };
-            match backend.detach(be) {
-                Ok(what) => json!({"ok": true, "result": what}),
-                Err(e) => fail(e),
-            }
-        }
-        Some("resize") => match backend.resize() {
-            Ok(v) => {
-                json!({"ok": true, "resized": v.iter().map(|(p, s)| json!({"backend": p, "sectors": s})).collect::<Vec<_>>()})
-            }
-            Err(e) => fail(e),
+        Request::Detach { backend: be } => match backend.detach(&be) {
+            Ok(result) => json_of(Answer::ok(Detached { result })),
+            Err(e) => refused(e),
         },
-        Some("limit") => {
-            let Some(target) = words.next() else {
-                return fail(format!(
-                    "usage: limit <domain|backend-path|DOMAIN/VDEV> KEY=VALUE ... (keys: {})",
-                    KEYS.join(", ")
-                ));
-            };
+        Request::Resize => match backend.resize() {
+            Ok(v) => json_of(Answer::ok(Resized {
+                resized: v
+                    .into_iter()
+                    .map(|(backend, sectors)| ResizedDevice { backend, sectors })
+                    .collect(),
+            })),
+            Err(e) => refused(e),
+        },
+        Request::Limit { target, patch } => {
             // No pairs: nothing changes, the answer shows the current limits.
-            let patch = match LimitsPatch::parse_pairs(words) {
-                Ok(p) => p,
-                Err(e) => return fail(format!("limit {target}: {e}")),
-            };
-            match backend.set_limits(target, patch) {
+            match backend.set_limits(&target, patch) {
                 Ok(set) => {
-                    let (kind, domid, devid) = match set.target {
-                        LimitTarget::Domain(d) => ("domain", d, None),
-                        LimitTarget::Device((d, v)) => ("device", d, Some(v)),
+                    let (what, domid, devid, kind) = match set.target {
+                        LimitTarget::Domain(d) => ("domain", d, None, None),
+                        LimitTarget::Device(k) => (
+                            "device",
+                            k.domid,
+                            Some(k.devid),
+                            Some(k.kind.name().to_string()),
+                        ),
                     };
-                    json!({"ok": true, "target": kind, "domid": domid, "devid": devid,
-                           "describe": set.describe, "limits": set.limits.to_json(),
-                           "summary": set.limits.to_string()})
+                    json_of(Answer::ok(LimitsNow {
+                        target: what.into(),
+                        domid: u32::from(domid),
+                        devid,
+                        kind,
+                        describe: set.describe,
+                        summary: set.limits.to_string(),
+                        limits: set.limits,
+                    }))
                 }
-                Err(e) => fail(e),
+                Err(e) => refused(e),
             }
         }
-        Some("status") => {
-            let devs: Vec<Value> = backend.status().iter().map(status_json).collect();
-            // When the counters were read (µs of the daemon's monotonic clock),
-            // so that rates from two answers do not depend on the reader's timing.
-            let daemon = daemon_json(devs.len());
-            json!({"ok": true, "sampled_us": sampled_us(), "daemon": daemon, "devices": devs})
+        Request::Status => {
+            let devices: Vec<DeviceStatusJson> = backend.status().iter().map(status_of).collect();
+            json_of(Answer::ok(Status {
+                sampled_us: sampled_us(),
+                daemon: daemon_status(devices.len()),
+                devices,
+            }))
         }
-        Some(other) => fail(format!("unknown request {other:?}")),
-        None => fail("empty request".into()),
+    }
+}
+
+/// Why a typed call to the daemon did not get its answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// Talking to the socket failed (no daemon, a timeout).
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The request cannot be written as a line.
+    #[error("{0}")]
+    Request(#[from] RequestError),
+    /// The daemon answered something this refblk does not read.
+    #[error("{socket}: unreadable answer: {why}")]
+    BadAnswer { socket: PathBuf, why: String },
+    /// The daemon refused the request; its reason.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Send a request to the daemon on `socket` and read its typed answer.
+pub fn call<T: serde::de::DeserializeOwned>(socket: &Path, req: &Request) -> Result<T, CallError> {
+    let v = request(socket, &req.to_line()?)?;
+    let a: Answer<T> = serde_json::from_value(v).map_err(|e| CallError::BadAnswer {
+        socket: socket.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    match (a.ok, a.body) {
+        (true, Some(body)) => Ok(body),
+        (true, None) => Err(CallError::BadAnswer {
+            socket: socket.to_path_buf(),
+            why: "ok without an answer".into(),
+        }),
+        (false, _) => Err(CallError::Refused(
+            a.error.unwrap_or_else(|| "refused without a reason".into()),
+        )),
     }
 }
 
@@ -447,14 +467,8 @@ impl crate::pool::ResizeNotifier for DaemonNotifier {
             );
             return Ok(());
         }
-        let v = request(&self.socket, "resize")?;
-        if v["ok"] != Value::Bool(true) {
-            return Err(io::Error::other(format!(
-                "{}: resize: {}",
-                self.socket.display(),
-                v["error"].as_str().unwrap_or("unknown error")
-            )));
-        }
+        call::<Resized>(&self.socket, &Request::Resize)
+            .map_err(|e| io::Error::other(format!("{}: resize: {e}", self.socket.display())))?;
         info!("volume {vid}: daemon announced the new size {new_size}");
         Ok(())
     }

@@ -1,6 +1,13 @@
-//! One vbd device: the xenbus state machine of the backend side, as Linux
-//! blkback runs it, driven level-triggered: every watch event re-reads the
-//! relevant keys and moves the device one step towards where it should be.
+//! One device's resources (a vbd or a vbd3, [`super::Kind`]): its image, and its connection (the guest's
+//! rings mapped, event channels bound, the queues on the io workers, the
+//! restart state). When to build or tear them down, and every `state` write,
+//! is [`super::xenbus`]'s.
+//!
+//! A connection is built one way, whether negotiated now or taken over from
+//! a previous daemon: a [`Plan`] (rings, channels, protocol, the disk as
+//! advertised) is prepared — rings mapped, journals created or recovered,
+//! channels bound — into a [`Pending`] connection, which [`Device::start`]
+//! hands to the io workers.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -16,7 +23,9 @@ use super::request::{QueueCtx, QueueStats};
 use super::restart::{DeviceState, Journal, QueueState, Replay, StateDir, VolumeRef};
 use super::stats::StatsSnapshot;
 use super::worker::{Runtime, Ticket, Workers};
-use super::{BackendConfig, DevKey, Event};
+use super::xenbus::{self, read_opt, Bus};
+use super::{state_dir_of, BackendConfig, DevKey, Event, Kind};
+use crate::blkif::frontend_keys::{parse_frontend_keys, Advertised, FrontendKeys};
 use crate::blkif::{Abi, BackRing, DiskInfo, Features};
 use crate::engine::ImageFile;
 use crate::limits::Limits;
@@ -97,6 +106,8 @@ struct Prepared {
 /// A snapshot of a device for `status`.
 #[derive(Debug, Clone)]
 pub struct DeviceStatus {
+    /// `vbd` or `vbd3`.
+    pub kind: Kind,
     pub domid: DomId,
     pub devid: u32,
     pub backend_path: String,
@@ -134,12 +145,10 @@ pub struct DeviceStatus {
 pub(crate) struct Device {
     pub key: DevKey,
     pub be: String,
-    pub fe: Option<String>,
-    pub state: XenbusState,
+    /// The xenbus side: the backend's state, the frontend watched.
+    pub bus: Bus,
     pub image: Option<Image>,
     conn: Option<Connection>,
-    /// Token of our watch on the frontend's state, if set.
-    pub fe_watch: Option<(String, String)>,
     /// Counters of queues of earlier connections, so status survives reconnects.
     retired: Vec<Arc<QueueStats>>,
     /// The pool volume whose dirty image is served, if the disk line named one:
@@ -154,30 +163,8 @@ pub(crate) struct Device {
     pub dom_limiter: Arc<Limiter>,
 }
 
-fn parse_uint(s: &str) -> Option<u64> {
-    let s = s.trim_end_matches('\0');
-    if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
-}
-
 fn err(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
-}
-
-/// Read a key; `Ok(None)` if it does not exist.
-pub(crate) fn read_opt(xs: &XsClient, path: &str) -> io::Result<Option<String>> {
-    xs.try_read_string(0, path)
-        .map_err(|e| io::Error::other(format!("xenstore read {path}: {e}")))
-}
-
-fn state_of(xs: &XsClient, path: &str) -> io::Result<XenbusState> {
-    Ok(read_opt(xs, path)?
-        .and_then(|s| parse_uint(&s))
-        .and_then(|v| u32::try_from(v).ok())
-        .and_then(XenbusState::from_u32)
-        .unwrap_or(XenbusState::Unknown))
 }
 
 fn write(xs: &XsClient, tx: u32, path: &str, v: &str) -> io::Result<()> {
@@ -185,16 +172,109 @@ fn write(xs: &XsClient, tx: u32, path: &str, v: &str) -> io::Result<()> {
         .map_err(|e| io::Error::other(format!("xenstore write {path}: {e}")))
 }
 
+/// What a connection is made of, whether negotiated with the frontend now or
+/// recorded by a previous daemon.
+struct Plan {
+    frontend: String,
+    abi: Abi,
+    persistent: bool,
+    queues: Vec<QueueState>,
+    disk: DiskInfo,
+}
+
+/// How a connection's queues start.
+#[derive(Clone, Copy)]
+enum Origin<'a> {
+    /// A new handshake: fresh rings; journals (and the restart state) are
+    /// created if the daemon keeps restart state.
+    Handshake,
+    /// Taking over a previous daemon's rings: each queue's journal says where
+    /// the ring stands and which requests to execute again.
+    Restart(&'a StateDir),
+}
+
+/// A connection prepared (rings mapped, channels bound, restart state saved)
+/// but not started: [`Device::start`] or [`Device::abandon`].
+pub(crate) struct Pending {
+    plan: Plan,
+    prepared: Vec<Prepared>,
+    file: Arc<ImageFile>,
+    state_dir: Option<StateDir>,
+    /// Requests the journals hold for re-execution.
+    replayed: usize,
+}
+
+impl Pending {
+    /// The disk as the frontend is told.
+    pub fn disk(&self) -> &DiskInfo {
+        &self.plan.disk
+    }
+
+    /// Whether the queues use persistent grants.
+    pub fn persistent(&self) -> bool {
+        self.plan.persistent
+    }
+
+    /// For the log: queues, protocol, size, features.
+    pub fn summary(&self) -> String {
+        let d = &self.plan.disk;
+        format!(
+            "{} queue(s), {}, {} sectors of {} bytes{}{}{}",
+            self.plan.queues.len(),
+            self.plan.abi.protocol_name(),
+            d.sectors,
+            d.logical_sector_size,
+            if d.read_only { ", read-only" } else { "" },
+            if d.features.discard { ", discard" } else { "" },
+            if self.plan.persistent {
+                ", persistent grants"
+            } else {
+                ""
+            },
+        )
+    }
+}
+
+/// The disk a connection serves, as advertised.
+fn disk_info(
+    sectors: u64,
+    sector_size: u32,
+    read_only: bool,
+    max_indirect_segments: u32,
+    features: Features,
+) -> DiskInfo {
+    DiskInfo {
+        sectors,
+        logical_sector_size: sector_size,
+        read_only,
+        max_indirect_segments,
+        features,
+    }
+}
+
+/// The frontend's rings and channels, validated, within what was advertised.
+fn frontend_keys(xs: &XsClient, fe: &str, adv: Advertised) -> io::Result<FrontendKeys> {
+    Ok(parse_frontend_keys(fe, &adv, |k| read_opt(xs, k))?)
+}
+
+fn queue_states(keys: &FrontendKeys) -> Vec<QueueState> {
+    keys.queues
+        .iter()
+        .map(|q| QueueState {
+            ring_refs: q.ring_refs.clone(),
+            port: q.event_channel,
+        })
+        .collect()
+}
+
 impl Device {
     pub fn new(key: DevKey, be: String) -> Device {
         Device {
             key,
             be,
-            fe: None,
-            state: XenbusState::Unknown,
+            bus: Bus::new(),
             image: None,
             conn: None,
-            fe_watch: None,
             retired: Vec::new(),
             volume: None,
             detached: false,
@@ -203,42 +283,8 @@ impl Device {
         }
     }
 
-    fn name(&self) -> String {
-        format!("vbd {}/{}", self.key.0, self.key.1)
-    }
-
-    pub fn switch_state(&mut self, xs: &XsClient, s: XenbusState) -> io::Result<()> {
-        if self.state != s {
-            info!("{}: state {:?} -> {:?}", self.name(), self.state, s);
-        }
-        self.state = s;
-        write(
-            xs,
-            0,
-            &format!("{}/state", self.be),
-            &(s as u32).to_string(),
-        )
-    }
-
-    /// Claim the device: publish what we support and move to InitWait.
-    pub fn probe(&mut self, xs: &XsClient, cfg: &BackendConfig) -> io::Result<()> {
-        let be = &self.be;
-        xs.transaction(|tx| {
-            let w = |k: &str, v: String| xs.write(tx, &format!("{be}/{k}"), v.as_bytes());
-            w(
-                "feature-max-indirect-segments",
-                cfg.max_indirect_segments.to_string(),
-            )?;
-            w("multi-queue-max-queues", cfg.max_queues.to_string())?;
-            w("max-ring-page-order", cfg.max_ring_page_order.to_string())?;
-            w("feature-flush-cache", "1".into())?;
-            w("feature-barrier", "1".into())?;
-            w("state", (XenbusState::InitWait as u32).to_string())
-        })
-        .map_err(|e| io::Error::other(format!("{be}: probe: {e}")))?;
-        info!("{}: claimed, state InitWait", self.name());
-        self.state = XenbusState::InitWait;
-        Ok(())
+    pub fn name(&self) -> String {
+        self.key.to_string()
     }
 
     /// Open the image the hotplug script resolved.
@@ -314,161 +360,156 @@ impl Device {
             .is_some_and(|c| c.queues.iter().any(|q| q.finished.load(Ordering::Acquire)))
     }
 
-    /// Map the rings, bind the channels, advertise the disk, go Connected.
-    pub fn connect(
+    /// Build a connection from the frontend's keys (rings mapped, channels
+    /// bound, restart state saved before the guest can see Connected), not
+    /// started yet.
+    pub fn negotiate(
         &mut self,
         xs: &XsClient,
         platform: &Arc<dyn Platform>,
         cfg: &BackendConfig,
-        rt: &Runtime,
-    ) -> io::Result<()> {
+    ) -> io::Result<Pending> {
         let fe = self
-            .fe
-            .clone()
-            .ok_or_else(|| err("no frontend path".to_string()))?;
+            .bus
+            .frontend()
+            .ok_or_else(|| err("no frontend path".to_string()))?
+            .to_string();
         let img = self
             .image
             .as_ref()
             .ok_or_else(|| err("no image attached".to_string()))?;
-        let domid = self.key.0;
-        let keys = super::fekeys::parse_frontend_keys(
+        let keys = frontend_keys(
+            xs,
             &fe,
-            &super::fekeys::Limits {
+            Advertised {
                 max_ring_page_order: cfg.max_ring_page_order,
                 max_queues: cfg.max_queues,
             },
-            |k| read_opt(xs, k),
         )?;
-        let abi = keys.abi;
-        let persistent = cfg.persistent_grants && keys.persistent;
         let sectors = Self::sectors_of(img)?;
         let file = Self::open_for_io(img, cfg)?;
+        let plan = Plan {
+            frontend: fe,
+            abi: keys.abi,
+            persistent: cfg.persistent_grants && keys.persistent,
+            queues: queue_states(&keys),
+            disk: disk_info(
+                sectors,
+                img.sector_size,
+                img.read_only,
+                cfg.max_indirect_segments,
+                super::request::ops::features(&file.fs, img.read_only),
+            ),
+        };
+        self.prepare(plan, file, Origin::Handshake, platform, cfg)
+    }
 
-        let nq = keys.queues.len();
+    /// Map every queue's ring and bind its channel (and, by `origin`, create
+    /// or recover its journal); for a handshake, save the restart state.
+    fn prepare(
+        &self,
+        plan: Plan,
+        file: Arc<ImageFile>,
+        origin: Origin<'_>,
+        platform: &Arc<dyn Platform>,
+        cfg: &BackendConfig,
+    ) -> io::Result<Pending> {
+        let (domid, devid) = (self.key.domid, self.key.devid);
         let mut prepared = Vec::new();
-        for qk in &keys.queues {
-            let (refs, port) = (&qk.ring_refs, qk.event_channel);
+        let mut replayed = 0;
+        for (i, q) in plan.queues.iter().enumerate() {
+            let refs = &q.ring_refs;
             let map = platform.map_grant_refs(domid, refs, true).map_err(|e| {
                 io::Error::new(e.kind(), format!("map ring {refs:?} of dom{domid}: {e}"))
             })?;
-            let ring = BackRing::new(map, abi).map_err(|e| err(format!("ring: {e:?}")))?;
-            let evtchn = platform.bind_interdomain(domid, port).map_err(|e| {
-                io::Error::new(e.kind(), format!("bind port {port} of dom{domid}: {e}"))
-            })?;
-            prepared.push(Prepared {
-                ring,
-                evtchn,
-                journal: None,
-                replay: Vec::new(),
-            });
-        }
-        let caps = file.fs.clone();
-        let discard = caps.punch_hole && !img.read_only;
-        let secure = discard && caps.zero_range;
-        let disk = DiskInfo {
-            sectors,
-            logical_sector_size: img.sector_size,
-            read_only: img.read_only,
-            max_indirect_segments: cfg.max_indirect_segments,
-            features: Features {
-                flush: true,
-                barrier: true,
-                discard,
-                discard_secure: secure,
-            },
-        };
-        // The restart state is on disk before the guest can see Connected: a
-        // crash in between leaves a state whose backend is not Connected,
-        // which the next daemon discards.
-        let state_dir = match &cfg.state_dir {
-            None => None,
-            Some(dir) => {
-                let sd = StateDir::open(dir)?;
-                for (i, p) in prepared.iter_mut().enumerate() {
-                    let jp = sd.journal_path(domid, self.key.1, i);
-                    p.journal = Some(Journal::create(&jp, abi, p.ring.size(), 0)?);
+            let mut ring = BackRing::new(map, plan.abi).map_err(|e| err(format!("ring: {e:?}")))?;
+            let p = match origin {
+                Origin::Handshake => Prepared {
+                    evtchn: platform.bind_interdomain(domid, q.port).map_err(|e| {
+                        io::Error::new(e.kind(), format!("bind port {} of dom{domid}: {e}", q.port))
+                    })?,
+                    ring,
+                    journal: None,
+                    replay: Vec::new(),
+                },
+                Origin::Restart(sd) => {
+                    let jp = sd.journal_path(domid, devid, i);
+                    let (journal, rec) =
+                        Journal::recover(&jp, plan.abi, ring.size(), ring.shared_rsp_prod())?;
+                    ring.resume_at(rec.req_cons, rec.rsp_prod)
+                        .map_err(|e| err(format!("ring: {e}")))?;
+                    replayed += rec.replay.len();
+                    Prepared {
+                        evtchn: bind_again(platform, domid, q.port)?,
+                        ring,
+                        journal: Some(journal),
+                        replay: rec.replay,
+                    }
                 }
-                let st = DeviceState {
-                    domid,
-                    devid: self.key.1,
-                    backend: self.be.clone(),
-                    frontend: fe.clone(),
-                    image: img.path.clone(),
-                    read_only: img.read_only,
-                    sector_size: img.sector_size,
-                    volume: self.volume.as_ref().map(|v| VolumeRef {
-                        pool: v.pool().dir().to_path_buf(),
-                        vid: v.vid().to_string(),
-                    }),
-                    abi,
-                    persistent,
-                    sectors,
-                    discard,
-                    discard_secure: secure,
-                    max_indirect_segments: cfg.max_indirect_segments,
-                    limits: Some(self.limiter.limits()).filter(|l| !l.is_unlimited()),
-                    queues: keys
-                        .queues
-                        .iter()
-                        .map(|q| QueueState {
-                            ring_refs: q.ring_refs.clone(),
-                            port: q.event_channel,
-                        })
-                        .collect(),
-                };
-                sd.save(&st)?;
+            };
+            prepared.push(p);
+        }
+        let state_dir = match (origin, state_dir_of(cfg, self.key.kind)) {
+            (Origin::Restart(sd), _) => Some(sd.clone()),
+            (Origin::Handshake, None) => None,
+            (Origin::Handshake, Some(dir)) => {
+                // On disk before the guest can see Connected: a crash in
+                // between leaves a state whose backend is not Connected,
+                // which the next daemon discards.
+                let sd = StateDir::open(&dir)?;
+                for (i, p) in prepared.iter_mut().enumerate() {
+                    let jp = sd.journal_path(domid, devid, i);
+                    p.journal = Some(Journal::create(&jp, plan.abi, p.ring.size(), 0)?);
+                }
+                sd.save(&self.restart_state(&plan)?)?;
                 Some(sd)
             }
         };
-        let be = self.be.clone();
-        let info = if img.read_only {
-            xen_sys::blkif::VDISK_READONLY
-        } else {
-            0
-        };
-        xs.transaction(|tx| {
-            let w = |k: &str, v: String| xs.write(tx, &format!("{be}/{k}"), v.as_bytes());
-            w("sectors", sectors.to_string())?;
-            w("sector-size", img.sector_size.to_string())?;
-            w("physical-sector-size", "4096".into())?;
-            w("info", info.to_string())?;
-            w("feature-flush-cache", "1".into())?;
-            w("feature-barrier", "1".into())?;
-            w("feature-discard", u8::from(discard).to_string())?;
-            if discard {
-                w("discard-granularity", "4096".into())?;
-                w("discard-alignment", "0".into())?;
-                w("discard-secure", u8::from(secure).to_string())?;
-            }
-            w("feature-persistent", u8::from(persistent).to_string())?;
-            w("state", (XenbusState::Connected as u32).to_string())
+        Ok(Pending {
+            plan,
+            prepared,
+            file,
+            state_dir,
+            replayed,
         })
-        .map_err(|e| {
-            if let Some(sd) = &state_dir {
-                sd.remove(domid, self.key.1);
-            }
-            io::Error::other(format!("{be}: connect: {e}"))
-        })?;
-        let (sector_size, img_ro) = (img.sector_size, img.read_only);
-        self.start_queues(
-            platform, cfg, rt, &file, prepared, disk, persistent, abi, state_dir,
-        )?;
-        info!(
-            "{}: connected ({} queue(s), {}, {} sectors of {} bytes{}{}{})",
-            self.name(),
-            nq,
-            abi.protocol_name(),
-            sectors,
-            sector_size,
-            if img_ro { ", read-only" } else { "" },
-            if discard { ", discard" } else { "" },
-            if persistent {
-                ", persistent grants"
-            } else {
-                ""
-            },
-        );
-        Ok(())
+    }
+
+    /// What a successor needs to take the connection `plan` over.
+    fn restart_state(&self, plan: &Plan) -> io::Result<DeviceState> {
+        let img = self
+            .image
+            .as_ref()
+            .ok_or_else(|| err("no image attached".to_string()))?;
+        let d = &plan.disk;
+        Ok(DeviceState {
+            domid: self.key.domid,
+            devid: self.key.devid,
+            backend: self.be.clone(),
+            frontend: plan.frontend.clone(),
+            image: img.path.clone(),
+            read_only: d.read_only,
+            sector_size: d.logical_sector_size,
+            volume: self.volume.as_ref().map(|v| VolumeRef {
+                pool: v.pool().dir().to_path_buf(),
+                vid: v.vid().to_string(),
+            }),
+            abi: plan.abi,
+            persistent: plan.persistent,
+            sectors: d.sectors,
+            features: d.features,
+            max_indirect_segments: d.max_indirect_segments,
+            limits: Some(self.limiter.limits()).filter(|l| !l.is_unlimited()),
+            queues: plan.queues.clone(),
+        })
+    }
+
+    /// Give up a prepared connection (the guest was not told about it): its
+    /// rings and channels are released, its restart state removed.
+    pub fn abandon(&self, p: Pending) {
+        if let Some(sd) = &p.state_dir {
+            sd.remove(self.key.domid, self.key.devid);
+        }
+        drop(p);
     }
 
     /// Open the image for the engines: O_DIRECT (per the configuration) through
@@ -481,21 +522,23 @@ impl Device {
         Ok(Arc::new(f))
     }
 
-    /// Hand every prepared queue to the io workers and become Connected.
-    #[allow(clippy::too_many_arguments)]
-    fn start_queues(
+    /// Hand every queue of a prepared connection to the io workers.
+    pub fn start(
         &mut self,
+        p: Pending,
         platform: &Arc<dyn Platform>,
         cfg: &BackendConfig,
         rt: &Runtime,
-        file: &Arc<ImageFile>,
-        prepared: Vec<Prepared>,
-        disk: DiskInfo,
-        persistent: bool,
-        abi: Abi,
-        state_dir: Option<StateDir>,
     ) -> io::Result<()> {
-        let domid = self.key.0;
+        let domid = self.key.domid;
+        let Pending {
+            plan,
+            prepared,
+            file,
+            state_dir,
+            replayed: _,
+        } = p;
+        let (disk, persistent, abi) = (plan.disk, plan.persistent, plan.abi);
         let sectors_shared = Arc::new(AtomicU64::new(disk.sectors));
         let mut queues: Vec<QueueHandle> = Vec::new();
         for (i, p) in prepared.into_iter().enumerate() {
@@ -550,6 +593,9 @@ impl Device {
                 Ok(t) => t,
                 Err(e) => {
                     stop_queues(&rt.workers, &queues);
+                    if let Some(sd) = &state_dir {
+                        sd.remove(domid, self.key.devid);
+                    }
                     return Err(e);
                 }
             };
@@ -559,7 +605,6 @@ impl Device {
                 finished,
             });
         }
-        self.state = XenbusState::Connected;
         self.conn = Some(Connection {
             queues,
             workers: rt.workers.clone(),
@@ -582,7 +627,7 @@ impl Device {
                 let vol = pool
                     .volume(&v.vid)
                     .map_err(|e| io::Error::other(e.to_string()))?;
-                let owner = super::volume_claim(cfg, (st.domid, st.devid), &st.backend);
+                let owner = super::volume_claim(cfg, d.key, &st.backend);
                 let p = vol
                     .resume_owned(&owner)
                     .map_err(|e| io::Error::other(format!("volume {}: resume: {e}", v.vid)))?;
@@ -618,19 +663,17 @@ impl Device {
     /// a frontend that closes is followed to Closed, one still Connected on
     /// rings we cannot map is closed.
     pub fn adopt(
+        key: DevKey,
         st: &DeviceState,
         xs: &XsClient,
         cfg: &BackendConfig,
         dom_limiter: Arc<Limiter>,
     ) -> io::Result<Device> {
-        let be = format!(
-            "/local/domain/{}/backend/vbd/{}/{}",
-            cfg.backend_domid, st.domid, st.devid
-        );
+        let be = key.backend_path(cfg.backend_domid);
         if be != st.backend {
             return Err(err(format!("state is for {}, not {be}", st.backend)));
         }
-        let mut d = Device::new((st.domid, st.devid), be);
+        let mut d = Device::new(key, be);
         d.dom_limiter = dom_limiter;
         let path = d.reopen_image(st, cfg)?;
         if let Some(l) = st.limits {
@@ -638,7 +681,7 @@ impl Device {
         }
         // Start the handshake over, as for a new device (InitWait): the old
         // rings are not ours, and xenstore must not keep saying Connected.
-        d.probe(xs, cfg)?;
+        xenbus::probe(&mut d, xs, cfg)?;
         info!(
             "{}: kept {}{} from the previous daemon",
             d.name(),
@@ -659,7 +702,9 @@ impl Device {
     /// starts by re-executing what its journal holds. `Err` means the state
     /// is stale or unusable: the caller removes it and handles the device as
     /// any other.
+    #[allow(clippy::too_many_arguments)]
     pub fn resume(
+        key: DevKey,
         st: &DeviceState,
         sd: &StateDir,
         xs: &XsClient,
@@ -668,52 +713,24 @@ impl Device {
         rt: &Runtime,
         dom_limiter: Arc<Limiter>,
     ) -> io::Result<Device> {
-        let key = (st.domid, st.devid);
-        let be = format!(
-            "/local/domain/{}/backend/vbd/{}/{}",
-            cfg.backend_domid, st.domid, st.devid
-        );
+        let be = key.backend_path(cfg.backend_domid);
         if be != st.backend {
             return Err(err(format!("state is for {}, not {be}", st.backend)));
         }
         let mut d = Device::new(key, be.clone());
         d.dom_limiter = dom_limiter;
-        if !platform.domain_exists(st.domid)? {
-            return Err(err(format!("domain {} is gone", st.domid)));
-        }
-        let bstate = state_of(xs, &format!("{be}/state"))?;
-        let fe = read_opt(xs, &format!("{be}/frontend"))?;
-        if fe.as_deref() != Some(st.frontend.as_str()) {
-            return Err(err(format!("{be}/frontend is now {fe:?}")));
-        }
-        let fstate = frontend_state(xs, &st.frontend)?;
-        if bstate != XenbusState::Connected || fstate != XenbusState::Connected {
-            return Err(err(format!(
-                "backend is {bstate:?}, frontend {fstate:?} (both must still be Connected)"
-            )));
-        }
-        if !online(xs, &be)? {
-            return Err(err(format!("{be}/online is 0")));
-        }
+        xenbus::check_resumable(xs, platform, key, &be, &st.frontend)?;
         // The ring references and the channel must be the ones the frontend
         // still advertises (it did not reconnect behind our back).
-        let keys = super::fekeys::parse_frontend_keys(
+        let keys = frontend_keys(
+            xs,
             &st.frontend,
-            &super::fekeys::Limits {
+            Advertised {
                 max_ring_page_order: cfg.max_ring_page_order.max(4),
                 max_queues: cfg.max_queues.max(st.queues.len() as u32),
             },
-            |k| read_opt(xs, k),
         )?;
-        let now: Vec<QueueState> = keys
-            .queues
-            .iter()
-            .map(|q| QueueState {
-                ring_refs: q.ring_refs.clone(),
-                port: q.event_channel,
-            })
-            .collect();
-        if now != st.queues || keys.abi != st.abi {
+        if queue_states(&keys) != st.queues || keys.abi != st.abi {
             return Err(err(
                 "the frontend's ring references, channels or protocol changed".to_string(),
             ));
@@ -724,60 +741,26 @@ impl Device {
         }
         let img = d.image.as_ref().expect("set above");
         let file = Self::open_for_io(img, cfg)?;
-        let domid = st.domid;
-        let mut prepared = Vec::new();
-        let mut replayed = 0;
-        for (i, q) in st.queues.iter().enumerate() {
-            let map = platform
-                .map_grant_refs(domid, &q.ring_refs, true)
-                .map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!("map ring {:?} of dom{domid}: {e}", q.ring_refs),
-                    )
-                })?;
-            let mut ring = BackRing::new(map, st.abi).map_err(|e| err(format!("ring: {e:?}")))?;
-            let jp = sd.journal_path(domid, st.devid, i);
-            let (journal, rec) =
-                Journal::recover(&jp, st.abi, ring.size(), ring.shared_rsp_prod())?;
-            ring.resume_at(rec.req_cons, rec.rsp_prod)
-                .map_err(|e| err(format!("ring: {e}")))?;
-            let evtchn = bind_again(platform, domid, q.port)?;
-            replayed += rec.replay.len();
-            prepared.push(Prepared {
-                ring,
-                evtchn,
-                journal: Some(journal),
-                replay: rec.replay,
-            });
-        }
-        let disk = DiskInfo {
-            sectors: st.sectors,
-            logical_sector_size: st.sector_size,
-            read_only: st.read_only,
-            max_indirect_segments: st.max_indirect_segments,
-            features: Features {
-                flush: true,
-                barrier: true,
-                discard: st.discard,
-                discard_secure: st.discard_secure,
-            },
+        let plan = Plan {
+            frontend: st.frontend.clone(),
+            abi: st.abi,
+            persistent: st.persistent,
+            queues: st.queues.clone(),
+            disk: disk_info(
+                st.sectors,
+                st.sector_size,
+                st.read_only,
+                st.max_indirect_segments,
+                st.features,
+            ),
         };
-        d.start_queues(
-            platform,
-            cfg,
-            rt,
-            &file,
-            prepared,
-            disk,
-            st.persistent,
-            st.abi,
-            Some(sd.clone()),
-        )?;
+        let pending = d.prepare(plan, file, Origin::Restart(sd), platform, cfg)?;
+        let (nq, replayed) = (st.queues.len(), pending.replayed);
+        d.start(pending, platform, cfg, rt)?;
+        d.bus = Bus::resumed();
         info!(
-            "{}: resumed after a restart ({} queue(s), {}, {replayed} request(s) to re-execute)",
+            "{}: resumed after a restart ({nq} queue(s), {}, {replayed} request(s) to re-execute)",
             d.name(),
-            st.queues.len(),
             path.display()
         );
         Ok(d)
@@ -792,7 +775,7 @@ impl Device {
         self.retired
             .extend(c.queues.iter().map(|q| q.stats.clone()));
         if let Some(sd) = &c.state_dir {
-            sd.remove(self.key.0, self.key.1);
+            sd.remove(self.key.domid, self.key.devid);
         }
         info!("{}: disconnected", self.name());
     }
@@ -818,38 +801,31 @@ impl Device {
         self.volume.take()
     }
 
-    /// Re-read the image size; if it changed, announce it (sectors + state in
-    /// one transaction, as blkback does). Returns the new size in sectors.
-    pub fn resize(&mut self, xs: &XsClient) -> io::Result<Option<u64>> {
+    /// The image's size in sectors if it differs from what the connection
+    /// serves (`None` without a connection).
+    pub fn size_changed(&self) -> io::Result<Option<u64>> {
         let (Some(c), Some(img)) = (self.conn.as_ref(), self.image.as_ref()) else {
             return Ok(None);
         };
         let sectors = Self::sectors_of(img)?;
-        if sectors == c.sectors.load(Ordering::Acquire) {
-            return Ok(None);
+        Ok((sectors != c.sectors.load(Ordering::Acquire)).then_some(sectors))
+    }
+
+    /// Serve `sectors` from now on (after the frontend was told).
+    pub fn set_sectors(&self, sectors: u64) {
+        if let Some(c) = &self.conn {
+            c.sectors.store(sectors, Ordering::Release);
         }
-        let be = self.be.clone();
-        xs.transaction(|tx| {
-            xs.write(tx, &format!("{be}/sectors"), sectors.to_string().as_bytes())?;
-            xs.write(
-                tx,
-                &format!("{be}/state"),
-                (XenbusState::Connected as u32).to_string().as_bytes(),
-            )
-        })
-        .map_err(|e| io::Error::other(format!("{be}: resize: {e}")))?;
-        c.sectors.store(sectors, Ordering::Release);
-        info!("{}: resized to {sectors} sectors", self.name());
-        Ok(Some(sectors))
     }
 
     pub fn status(&self) -> DeviceStatus {
         let mut st = DeviceStatus {
-            domid: self.key.0,
-            devid: self.key.1,
+            kind: self.key.kind,
+            domid: self.key.domid,
+            devid: self.key.devid,
             backend_path: self.be.clone(),
             image: self.image.as_ref().map(|i| i.path.clone()),
-            state: self.state,
+            state: self.bus.state(),
             queues: self.conn.as_ref().map_or(0, |c| c.queues.len()),
             protocol: self.conn.as_ref().map(|c| c.abi.protocol_name()),
             requests: 0,
@@ -920,40 +896,5 @@ fn bind_again(
 impl Drop for Device {
     fn drop(&mut self) {
         self.disconnect();
-    }
-}
-
-/// The frontend state for a device, `Unknown` if the key or the frontend is gone.
-pub(crate) fn frontend_state(xs: &XsClient, fe: &str) -> io::Result<XenbusState> {
-    state_of(xs, &format!("{fe}/state"))
-}
-
-/// Whether the toolstack wants the device (`online` missing counts as 1).
-pub(crate) fn online(xs: &XsClient, be: &str) -> io::Result<bool> {
-    Ok(read_opt(xs, &format!("{be}/online"))?
-        .map(|s| s.trim_end_matches('\0') != "0")
-        .unwrap_or(true))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_uint;
-
-    #[test]
-    fn frontend_numbers_are_parsed_strictly() {
-        assert_eq!(parse_uint("0"), Some(0));
-        assert_eq!(parse_uint("4294967295"), Some(u32::MAX as u64));
-        for bad in [
-            "",
-            "-1",
-            "+1",
-            " 1",
-            "1 ",
-            "0x10",
-            "1e3",
-            "99999999999999999999999",
-        ] {
-            assert_eq!(parse_uint(bad), None, "{bad:?}");
-        }
     }
 }

@@ -1,6 +1,8 @@
-//! The backend daemon: watches `backend/vbd` in xenstore, claims the devices
-//! whose hotplug script is refblk's, runs each device's xenbus state machine and
-//! serves its rings (see [`request`] for the request path).
+//! The backend daemon: watches `backend/vbd` and `backend/vbd3` in xenstore
+//! ([`Kind`]), claims the devices whose hotplug script is refblk's, runs each
+//! device's xenbus state machine ([`xenbus`]: every transition and every
+//! `state` write) and serves its rings ([`device`]: image, rings, queues; see
+//! [`request`] for the request path).
 //!
 //! Threading: one control thread (this module's [`Backend::run`]) owns the
 //! xenstore connection and every [`device::Device`]; each connected queue has
@@ -13,7 +15,6 @@
 mod commit;
 pub mod control;
 pub mod device;
-pub mod fekeys;
 pub mod limiter;
 pub mod pgrants;
 pub mod request;
@@ -22,6 +23,7 @@ pub mod stats;
 #[doc(hidden)]
 pub mod testing;
 pub(crate) mod worker;
+pub(crate) mod xenbus;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -41,10 +43,150 @@ use crate::platform::{DomId, Platform};
 use crate::xenstore::XsClient;
 use device::Device;
 use limiter::Limiter;
-use xen_sys::xenbus::XenbusState;
 
-/// A device: (frontend domain, device id).
-pub type DevKey = (DomId, u32);
+/// Which backend directory a device is in: the kind libxl gives it.
+///
+/// - `vbd`: `backend/vbd/<domid>/<devid>`, libxl's `phy` backend (every
+///   version). Kernel xen-blkback probes every device of this kind, so refblk
+///   serves it only where blkback is not loaded (or in a driver domain).
+/// - `vbd3`: `backend/vbd3/<domid>/<devid>`, libxl >= 4.19's
+///   `backendtype=tap` (a userspace backend; blkback never looks at it), with
+///   `params` = `<format>:<target>`.
+///
+/// The frontend is `device/vbd/<devid>` for both, and libxl numbers both from
+/// one device-id space per guest; refblk still keys every device by kind too,
+/// so that two directories of different kinds are never confused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Vbd,
+    Vbd3,
+}
+
+impl Kind {
+    /// Every kind refblk can serve.
+    pub const ALL: [Kind; 2] = [Kind::Vbd, Kind::Vbd3];
+
+    /// The directory name under `backend/` (and the name in logs and status).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Vbd => "vbd",
+            Kind::Vbd3 => "vbd3",
+        }
+    }
+
+    /// `vbd` or `vbd3`.
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A device: its kind, frontend domain and device id. Shown as
+/// `vbd 5/51712` or `vbd3 5/51712`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DevKey {
+    pub kind: Kind,
+    pub domid: DomId,
+    pub devid: u32,
+}
+
+impl DevKey {
+    pub fn new(kind: Kind, domid: DomId, devid: u32) -> DevKey {
+        DevKey { kind, domid, devid }
+    }
+
+    /// The device's backend directory in backend domain `backend_domid`.
+    pub fn backend_path(&self, backend_domid: DomId) -> String {
+        format!(
+            "{}/{}/{}",
+            kind_dir(backend_domid, self.kind),
+            self.domid,
+            self.devid
+        )
+    }
+
+    /// The device whose backend directory (or a node in it) is `path`, if
+    /// it is one in backend domain `backend_domid`:
+    /// `/local/domain/<be>/backend/<kind>/<domid>/<devid>[/...]`.
+    pub fn of_backend_path(backend_domid: DomId, path: &str) -> Option<DevKey> {
+        Kind::ALL.into_iter().find_map(|kind| {
+            let rest = path
+                .strip_prefix(&kind_dir(backend_domid, kind))?
+                .strip_prefix('/')?;
+            let mut it = rest.split('/');
+            let domid = strict_number(it.next()?)?;
+            let devid = strict_number(it.next()?)?;
+            Some(DevKey::new(kind, domid, devid))
+        })
+    }
+}
+
+impl std::fmt::Display for DevKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.domid, self.devid)
+    }
+}
+
+/// `/local/domain/<backend_domid>/backend/<kind>`: where the toolstack puts
+/// the devices of `kind`.
+pub fn kind_dir(backend_domid: DomId, kind: Kind) -> String {
+    format!("/local/domain/{backend_domid}/backend/{kind}")
+}
+
+/// A decimal number as xenstore directory names carry them (digits only:
+/// `parse` alone would take `+5`).
+fn strict_number<T: std::str::FromStr>(s: &str) -> Option<T> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Where the restart state of devices of `kind` lives: the state directory
+/// itself for `vbd` (as before vbd3 existed), its `vbd3/` subdirectory for
+/// `vbd3`, so that a vbd and a vbd3 device of the same domain and device id
+/// never share a state file or a journal.
+pub(crate) fn state_dir_of(cfg: &BackendConfig, kind: Kind) -> Option<PathBuf> {
+    let dir = cfg.state_dir.as_ref()?;
+    Some(match kind {
+        Kind::Vbd => dir.clone(),
+        Kind::Vbd3 => dir.join(Kind::Vbd3.name()),
+    })
+}
+
+/// Why the daemon refused a command (attach, detach, resize, limit); the
+/// control socket's `error` is its text.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The device, domain or target is not one the command can apply to.
+    #[error("{0}")]
+    Refused(String),
+    /// The pool refused (opening it, starting or stopping the volume).
+    #[error(transparent)]
+    Pool(#[from] crate::pool::PoolError),
+    /// Reading the image or talking to xenstore failed (the error says which).
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The daemon is stopping or has stopped.
+    #[error("{0}")]
+    Stopped(&'static str),
+}
+
+impl From<String> for CommandError {
+    fn from(why: String) -> CommandError {
+        CommandError::Refused(why)
+    }
+}
+
+/// A refusal, as the command's result.
+fn refuse<T>(why: String) -> Result<T, CommandError> {
+    Err(CommandError::Refused(why))
+}
 
 /// Daemon settings.
 #[derive(Debug, Clone)]
@@ -53,6 +195,10 @@ pub struct BackendConfig {
     pub backend_domid: DomId,
     /// Claim devices whose `script` node ends with this.
     pub script_match: String,
+    /// The kinds of device to serve (watch `backend/<kind>`); both by
+    /// default. `refblk serve` leaves out `vbd` where kernel blkback is
+    /// loaded (it would claim those devices too).
+    pub kinds: Vec<Kind>,
     /// Largest `ring-page-order` we accept (0..=4).
     pub max_ring_page_order: u32,
     /// Most queues a frontend may use.
@@ -90,6 +236,7 @@ impl Default for BackendConfig {
         BackendConfig {
             backend_domid: 0,
             script_match: "block-refblk".into(),
+            kinds: Kind::ALL.to_vec(),
             max_ring_page_order: 4,
             max_queues: 4,
             max_indirect_segments: 256,
@@ -128,7 +275,7 @@ pub(crate) enum Event {
     /// A volume's commit (or discard) is done; `result` answers its `detach`.
     Committed {
         key: commit::VolumeKey,
-        result: Result<String, String>,
+        result: Result<String, CommandError>,
     },
 }
 
@@ -137,21 +284,21 @@ enum Command {
         backend_path: String,
         image: PathBuf,
         opts: AttachOptions,
-        reply: Sender<Result<(), String>>,
+        reply: Sender<Result<(), CommandError>>,
     },
     AttachVolume {
         backend_path: String,
         pool: PathBuf,
         vid: String,
         opts: AttachOptions,
-        reply: Sender<Result<PathBuf, String>>,
+        reply: Sender<Result<PathBuf, CommandError>>,
     },
     Detach {
         backend_path: String,
-        reply: Sender<Result<String, String>>,
+        reply: Sender<Result<String, CommandError>>,
     },
     Resize {
-        reply: Sender<Result<Vec<(String, u64)>, String>>,
+        reply: Sender<Result<Vec<(String, u64)>, CommandError>>,
     },
     Status {
         reply: Sender<Vec<DeviceStatus>>,
@@ -159,7 +306,7 @@ enum Command {
     SetLimits {
         target: String,
         patch: LimitsPatch,
-        reply: Sender<Result<LimitsSet, String>>,
+        reply: Sender<Result<LimitsSet, CommandError>>,
     },
     Stop,
     /// Stop for a successor: keep devices Connected and their state.
@@ -179,7 +326,7 @@ impl BackendHandle {
         backend_path: &str,
         image: impl Into<PathBuf>,
         opts: AttachOptions,
-    ) -> Result<(), String> {
+    ) -> Result<(), CommandError> {
         let (reply, rx) = bounded(1);
         self.tx
             .send(Command::Attach {
@@ -188,9 +335,9 @@ impl BackendHandle {
                 opts,
                 reply,
             })
-            .map_err(|_| "backend is not running".to_string())?;
+            .map_err(|_| CommandError::Stopped("backend is not running"))?;
         rx.recv()
-            .map_err(|_| "backend stopped".to_string())
+            .map_err(|_| CommandError::Stopped("backend stopped"))
             .and_then(|r| r)
     }
 
@@ -204,7 +351,7 @@ impl BackendHandle {
         pool: impl Into<PathBuf>,
         vid: &str,
         opts: AttachOptions,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<PathBuf, CommandError> {
         let (reply, rx) = bounded(1);
         self.tx
             .send(Command::AttachVolume {
@@ -214,35 +361,35 @@ impl BackendHandle {
                 opts,
                 reply,
             })
-            .map_err(|_| "backend is not running".to_string())?;
+            .map_err(|_| CommandError::Stopped("backend is not running"))?;
         rx.recv()
-            .map_err(|_| "backend stopped".to_string())
+            .map_err(|_| CommandError::Stopped("backend stopped"))
             .and_then(|r| r)
     }
 
     /// The hotplug `remove` step: disconnect the device, close its image and
     /// stop its pool volume if it has one. Says what happened.
-    pub fn detach(&self, backend_path: &str) -> Result<String, String> {
+    pub fn detach(&self, backend_path: &str) -> Result<String, CommandError> {
         let (reply, rx) = bounded(1);
         self.tx
             .send(Command::Detach {
                 backend_path: backend_path.to_string(),
                 reply,
             })
-            .map_err(|_| "backend is not running".to_string())?;
+            .map_err(|_| CommandError::Stopped("backend is not running"))?;
         rx.recv()
-            .map_err(|_| "backend stopped".to_string())
+            .map_err(|_| CommandError::Stopped("backend stopped"))
             .and_then(|r| r)
     }
 
     /// Re-read every connected image's size and announce changes.
-    pub fn resize(&self) -> Result<Vec<(String, u64)>, String> {
+    pub fn resize(&self) -> Result<Vec<(String, u64)>, CommandError> {
         let (reply, rx) = bounded(1);
         self.tx
             .send(Command::Resize { reply })
-            .map_err(|_| "backend is not running".to_string())?;
+            .map_err(|_| CommandError::Stopped("backend is not running"))?;
         rx.recv()
-            .map_err(|_| "backend stopped".to_string())
+            .map_err(|_| CommandError::Stopped("backend stopped"))
             .and_then(|r| r)
     }
 
@@ -258,7 +405,7 @@ impl BackendHandle {
     /// Change the I/O limits of `target` (see [`LimitTarget`] for the
     /// syntax): the keys `patch` sets change, the others stay. Takes effect
     /// on the device's running queues within [`limiter::MAX_WAIT`].
-    pub fn set_limits(&self, target: &str, patch: LimitsPatch) -> Result<LimitsSet, String> {
+    pub fn set_limits(&self, target: &str, patch: LimitsPatch) -> Result<LimitsSet, CommandError> {
         let (reply, rx) = bounded(1);
         self.tx
             .send(Command::SetLimits {
@@ -266,9 +413,9 @@ impl BackendHandle {
                 patch,
                 reply,
             })
-            .map_err(|_| "backend is not running".to_string())?;
+            .map_err(|_| CommandError::Stopped("backend is not running"))?;
         rx.recv()
-            .map_err(|_| "backend stopped".to_string())
+            .map_err(|_| CommandError::Stopped("backend stopped"))
             .and_then(|r| r)
     }
 
@@ -290,7 +437,7 @@ impl BackendHandle {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitsSet {
     pub target: LimitTarget,
-    /// e.g. `domain 5 (work)` or `vbd 5/51712`.
+    /// e.g. `domain 5 (work)`, `vbd 5/51712` or `vbd3 5/51728`.
     pub describe: String,
     pub limits: Limits,
 }
@@ -299,9 +446,10 @@ pub struct LimitsSet {
 ///
 /// Syntax of a target: a domain is its id (`5`) or its name (`work`, from
 /// `/local/domain/<id>/name`); a device is a backend path
-/// (`/local/domain/0/backend/vbd/5/51712`) or `DOMAIN/VDEV` where DOMAIN is
-/// an id or a name and VDEV the device id (`51712`) or its Linux name
-/// (`xvda`).
+/// (`/local/domain/0/backend/vbd/5/51712`, `/local/domain/0/backend/vbd3/5/51728`)
+/// or `DOMAIN/VDEV` where DOMAIN is an id or a name and VDEV the device id
+/// (`51712`) or its Linux name (`xvda`); `DOMAIN/VDEV` is refused when the
+/// domain has devices of both kinds with that id (name the backend path).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitTarget {
     Domain(DomId),
@@ -357,7 +505,6 @@ pub struct Backend {
     platform: Arc<dyn Platform>,
     cfg: BackendConfig,
     xs: XsClient,
-    base: String,
     devices: BTreeMap<DevKey, Device>,
     /// limits: one limiter per domain, shared by its devices.
     dom_limiters: BTreeMap<DomId, Arc<Limiter>>,
@@ -369,7 +516,8 @@ pub struct Backend {
     commits: commit::Commits,
 }
 
-const TOKEN_BACKEND: &str = "refblk:be";
+/// Watch tokens: `refblk:be:<kind>` for a kind's backend directory.
+const TOKEN_BACKEND: &str = "refblk:be:";
 const TOKEN_RELEASE: &str = "refblk:release";
 
 impl Backend {
@@ -388,9 +536,19 @@ impl Backend {
             cfg.engine.slab_bytes = largest;
         }
         let xs = platform.xenstore()?;
-        let base = format!("/local/domain/{}/backend/vbd", cfg.backend_domid);
-        xs.watch(&base, TOKEN_BACKEND)
-            .map_err(|e| io::Error::other(format!("xenstore watch {base}: {e}")))?;
+        cfg.kinds.sort();
+        cfg.kinds.dedup();
+        if cfg.kinds.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no kind of device to serve (vbd, vbd3)",
+            ));
+        }
+        for &kind in &cfg.kinds {
+            let dir = kind_dir(cfg.backend_domid, kind);
+            xs.watch(&dir, &format!("{TOKEN_BACKEND}{kind}"))
+                .map_err(|e| io::Error::other(format!("xenstore watch {dir}: {e}")))?;
+        }
         xs.watch("@releaseDomain", TOKEN_RELEASE)
             .map_err(|e| io::Error::other(format!("xenstore watch @releaseDomain: {e}")))?;
         let (cmd_tx, cmd_rx) = unbounded();
@@ -400,13 +558,17 @@ impl Backend {
             &cfg.engine,
             Duration::from_micros(u64::from(cfg.poll_us)),
         )?);
-        info!("watching {base} on {} xen", platform.name());
+        let dirs: Vec<String> = cfg
+            .kinds
+            .iter()
+            .map(|&k| kind_dir(cfg.backend_domid, k))
+            .collect();
+        info!("watching {} on {} xen", dirs.join(" and "), platform.name());
         let commits = commit::Commits::new(ev_tx.clone());
         let mut b = Backend {
             platform,
             cfg,
             xs,
-            base,
             devices: BTreeMap::new(),
             dom_limiters: BTreeMap::new(),
             cmd_tx,
@@ -424,51 +586,77 @@ impl Backend {
         Ok(b)
     }
 
-    /// Take over the devices a previous daemon left Connected (`state_dir`).
+    /// Take over the devices a previous daemon left Connected (`state_dir`:
+    /// one directory per kind, see [`state_dir_of`]).
     fn resume_devices(&mut self) -> io::Result<()> {
-        let Some(dir) = self.cfg.state_dir.clone() else {
-            return Ok(());
-        };
-        let sd = restart::StateDir::open(&dir)?;
-        for (path, st) in sd.list() {
-            let st = match st {
-                Ok(st) => st,
-                Err(e) => {
-                    warn!("{e}: removing the stale state");
-                    let _ = std::fs::remove_file(&path);
-                    continue;
-                }
+        for kind in Kind::ALL {
+            let Some(dir) = state_dir_of(&self.cfg, kind) else {
+                return Ok(());
             };
-            let key = (st.domid, st.devid);
-            let dl = self.domain_limiter(st.domid);
-            match Device::resume(&st, &sd, &self.xs, &self.platform, &self.cfg, &self.rt, dl) {
-                Ok(d) => {
-                    self.devices.insert(key, d);
-                }
-                Err(e) => {
+            if kind != Kind::Vbd && !dir.exists() {
+                continue; // no vbd3 device was ever connected
+            }
+            if !self.cfg.kinds.contains(&kind) {
+                let left = restart::StateDir::open(&dir).map(|sd| sd.list().len());
+                if left.is_ok_and(|n| n > 0) {
                     warn!(
-                        "vbd {}/{}: cannot take the device over ({e}); removing its state, \
-                         handling it as a new device that keeps its image",
-                        key.0, key.1
+                        "{}: restart state of {kind} devices, which this daemon does not serve; \
+                         left alone",
+                        dir.display()
                     );
-                    sd.remove(key.0, key.1);
-                    // Keep the image and volume: the hotplug `add` already ran
-                    // for this device and will not run again, and a volume must
-                    // still be committed when the device goes.
-                    let dl = self.domain_limiter(st.domid);
-                    match Device::adopt(&st, &self.xs, &self.cfg, dl) {
-                        Ok(d) => {
-                            self.devices.insert(key, d);
-                        }
-                        Err(e) => warn!(
-                            "vbd {}/{}: cannot reopen its image either ({e})",
-                            key.0, key.1
-                        ),
+                }
+                continue;
+            }
+            let sd = restart::StateDir::open(&dir)?;
+            for (path, st) in sd.list() {
+                match st {
+                    Ok(st) => self.resume_device(kind, &sd, &st),
+                    Err(e) => {
+                        warn!("{e}: removing the stale state");
+                        let _ = std::fs::remove_file(&path);
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Take over one device of a previous daemon, or, if its rings cannot be
+    /// taken over, keep its image and volume and start its handshake over.
+    fn resume_device(&mut self, kind: Kind, sd: &restart::StateDir, st: &restart::DeviceState) {
+        let key = DevKey::new(kind, st.domid, st.devid);
+        let dl = self.domain_limiter(st.domid);
+        let e = match Device::resume(
+            key,
+            st,
+            sd,
+            &self.xs,
+            &self.platform,
+            &self.cfg,
+            &self.rt,
+            dl,
+        ) {
+            Ok(d) => {
+                self.devices.insert(key, d);
+                return;
+            }
+            Err(e) => e,
+        };
+        warn!(
+            "{key}: cannot take the device over ({e}); removing its state, \
+             handling it as a new device that keeps its image"
+        );
+        sd.remove(st.domid, st.devid);
+        // Keep the image and volume: the hotplug `add` already ran for this
+        // device and will not run again, and a volume must still be committed
+        // when the device goes.
+        let dl = self.domain_limiter(st.domid);
+        match Device::adopt(key, st, &self.xs, &self.cfg, dl) {
+            Ok(d) => {
+                self.devices.insert(key, d);
+            }
+            Err(e) => warn!("{key}: cannot reopen its image either ({e})"),
+        }
     }
 
     /// A handle for commands (attach, resize, status, stop).
@@ -518,7 +706,7 @@ impl Backend {
                 recv(self.ev_rx) -> ev => match ev {
                     Ok(Event::QueueExit { key, result }) => {
                         if let Err(e) = result {
-                            warn!("vbd {}/{}: {e}; disconnecting the device", key.0, key.1);
+                            warn!("{key}: {e}; disconnecting the device");
                         }
                         self.reconcile(key);
                     }
@@ -554,12 +742,19 @@ impl Backend {
                 } else {
                     d.disconnect();
                 }
-                if let Some((p, t)) = d.fe_watch.take() {
-                    let _ = self.xs.unwatch(&p, &t);
-                }
+                d.bus.unwatch(&self.xs);
             }
         }
         self.wait_for_commits();
+        if !handover {
+            // Every device let go of its restart state: leave no empty
+            // per-kind directory behind either.
+            for kind in [Kind::Vbd3] {
+                if let Some(dir) = state_dir_of(&self.cfg, kind) {
+                    let _ = std::fs::remove_dir(dir);
+                }
+            }
+        }
         lost.map_or(Ok(()), Err)
     }
 
@@ -586,7 +781,7 @@ impl Backend {
                             ..
                         } = c
                         {
-                            let _ = reply.send(Err(format!(
+                            let _ = reply.send(refuse(format!(
                                 "{backend_path}: volume {vid} was not attached: refblk serve \
                                  stopped while the volume was being committed (its commit is \
                                  done); attach it again once the daemon runs"
@@ -655,21 +850,15 @@ impl Backend {
                 reply,
             } => {
                 let r = match self.key_of(&backend_path) {
-                    None => Err(format!("{backend_path}: not a vbd backend path")),
-                    Some(k) => match self.devices.get_mut(&k) {
-                        None => Err(format!("{backend_path}: no such device")),
+                    Err(e) => Err(e),
+                    Ok(k) => match self.devices.get_mut(&k) {
+                        None => refuse(format!("{backend_path}: no such device")),
                         Some(d) => {
-                            d.detached = true;
-                            let vol = d.release();
-                            if d.state != XenbusState::Closed {
-                                let _ = d.switch_state(&self.xs, XenbusState::Closed);
-                            }
-                            match vol {
+                            match xenbus::removed(d, &self.xs) {
                                 None => Ok("released".to_string()),
                                 Some(v) => {
                                     // Answered when the commit is done.
-                                    let dev = format!("vbd {}/{}", k.0, k.1);
-                                    self.commits.start(dev, v, Some(reply));
+                                    self.commits.start(k.to_string(), v, Some(reply));
                                     return;
                                 }
                             }
@@ -682,7 +871,7 @@ impl Backend {
                 let mut out = Vec::new();
                 let mut errs = Vec::new();
                 for d in self.devices.values_mut() {
-                    match d.resize(&self.xs) {
+                    match xenbus::resize(d, &self.xs) {
                         Ok(Some(s)) => out.push((d.be.clone(), s)),
                         Ok(None) => {}
                         Err(e) => errs.push(e.to_string()),
@@ -691,16 +880,16 @@ impl Backend {
                 let _ = reply.send(if errs.is_empty() {
                     Ok(out)
                 } else {
-                    Err(errs.join("; "))
+                    refuse(errs.join("; "))
                 });
             }
             Command::Status { reply } => {
                 let mut v: Vec<DeviceStatus> = self.devices.values().map(|d| d.status()).collect();
                 for s in &mut v {
                     let name = format!("/local/domain/{}/name", s.domid);
-                    s.domain_name = device::read_opt(&self.xs, &name).ok().flatten();
+                    s.domain_name = xenbus::read_opt(&self.xs, &name).ok().flatten();
                     let dev = format!("{}/dev", s.backend_path);
-                    s.vdev = device::read_opt(&self.xs, &dev)
+                    s.vdev = xenbus::read_opt(&self.xs, &dev)
                         .ok()
                         .flatten()
                         .or_else(|| devid_to_vdev(s.devid));
@@ -735,7 +924,7 @@ impl Backend {
             .keys()
             .copied()
             .filter(|&d| {
-                !self.devices.keys().any(|k| k.0 == d)
+                !self.devices.keys().any(|k| k.domid == d)
                     && !self.platform.domain_exists(d).unwrap_or(true)
             })
             .collect();
@@ -746,60 +935,76 @@ impl Backend {
     }
 
     /// A domain name or id → the id.
-    fn resolve_domain(&self, s: &str) -> Result<DomId, String> {
+    fn resolve_domain(&self, s: &str) -> Result<DomId, CommandError> {
         if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
             let d: DomId = s
                 .parse()
                 .map_err(|_| format!("{s}: not a domain id (0..65535)"))?;
-            let known = self.devices.keys().any(|k| k.0 == d)
+            let known = self.devices.keys().any(|k| k.domid == d)
                 || self.platform.domain_exists(d).unwrap_or(false);
             return if known {
                 Ok(d)
             } else {
-                Err(format!("domain {d} does not exist"))
+                refuse(format!("domain {d} does not exist"))
             };
         }
         for id in self.xs.directory(0, "/local/domain").unwrap_or_default() {
             let Ok(d) = id.parse::<DomId>() else { continue };
-            let name = device::read_opt(&self.xs, &format!("/local/domain/{id}/name"));
+            let name = xenbus::read_opt(&self.xs, &format!("/local/domain/{id}/name"));
             if name.ok().flatten().as_deref() == Some(s) {
                 return Ok(d);
             }
         }
-        Err(format!(
+        refuse(format!(
             "{s:?}: no domain of that name (no /local/domain/*/name is {s:?})"
         ))
     }
 
     /// Parse a limit target (syntax in [`LimitTarget`]).
-    fn resolve_target(&self, t: &str) -> Result<LimitTarget, String> {
-        let bad_dev = |why: String| {
+    fn resolve_target(&self, t: &str) -> Result<LimitTarget, CommandError> {
+        let bad_dev = |why: CommandError| {
             format!(
                 "{t}: {why} (a device is a backend path or DOMAIN/VDEV such as 5/xvda;                  a domain an id or a name)"
             )
         };
         let key = if t.starts_with('/') {
-            self.key_of(t)
-                .ok_or_else(|| bad_dev(format!("not a vbd backend path under {}", self.base)))?
+            self.key_of(t).map_err(bad_dev)?
         } else if let Some((dom, vdev)) = t.split_once('/') {
             let d = self.resolve_domain(dom)?;
-            let id = vdev_to_devid(vdev)
-                .ok_or_else(|| bad_dev(format!("{vdev:?} is not a device id or xvd name")))?;
-            (d, id)
+            let id = vdev_to_devid(vdev).ok_or_else(|| {
+                bad_dev(CommandError::Refused(format!(
+                    "{vdev:?} is not a device id or xvd name"
+                )))
+            })?;
+            let mut found = self
+                .devices
+                .keys()
+                .filter(|k| k.domid == d && k.devid == id);
+            match (found.next(), found.next()) {
+                (Some(&k), None) => k,
+                (Some(a), Some(b)) => {
+                    return refuse(format!(
+                        "{t}: domain {d} has a vbd and a vbd3 device {id}; name one by its \
+                         backend path ({} or {})",
+                        self.devices[a].be, self.devices[b].be
+                    ))
+                }
+                _ => return refuse(format!("{t}: refblk serves no device {d}/{id}")),
+            }
         } else {
             return Ok(LimitTarget::Domain(self.resolve_domain(t)?));
         };
         if !self.devices.contains_key(&key) {
-            return Err(format!("{t}: refblk serves no device {}/{}", key.0, key.1));
+            return refuse(format!("{t}: refblk serves no device {key}"));
         }
         Ok(LimitTarget::Device(key))
     }
 
-    fn set_limits(&mut self, target: &str, patch: &LimitsPatch) -> Result<LimitsSet, String> {
+    fn set_limits(&mut self, target: &str, patch: &LimitsPatch) -> Result<LimitsSet, CommandError> {
         let t = self.resolve_target(target)?;
         let (lim, describe) = match t {
             LimitTarget::Domain(d) => {
-                let name = device::read_opt(&self.xs, &format!("/local/domain/{d}/name"))
+                let name = xenbus::read_opt(&self.xs, &format!("/local/domain/{d}/name"))
                     .ok()
                     .flatten();
                 let desc = match name {
@@ -810,7 +1015,7 @@ impl Backend {
             }
             LimitTarget::Device(k) => {
                 let d = self.devices.get(&k).expect("resolved above");
-                (d.limiter.clone(), format!("vbd {}/{}", k.0, k.1))
+                (d.limiter.clone(), k.to_string())
             }
         };
         let limits = lim.limits().patched(patch);
@@ -827,28 +1032,31 @@ impl Backend {
 
     /// The device at backend path `be` for a hotplug `add`: claimed now if
     /// the backend has not seen it yet.
-    fn device_to_attach(&mut self, be: &str) -> Result<DevKey, String> {
-        let key = self
-            .key_of(be)
-            .ok_or_else(|| format!("{be}: not a vbd backend path under {}", self.base))?;
+    fn device_to_attach(&mut self, be: &str) -> Result<DevKey, CommandError> {
+        let key = self.key_of(be)?;
         if !self.devices.contains_key(&key) {
             self.reconcile(key);
         }
         if !self.devices.contains_key(&key) {
-            return Err(format!(
+            return refuse(format!(
                 "{be}: no such device, or its script is not refblk's"
             ));
         }
         Ok(key)
     }
 
-    fn attach(&mut self, be: &str, image: PathBuf, opts: &AttachOptions) -> Result<(), String> {
+    fn attach(
+        &mut self,
+        be: &str,
+        image: PathBuf,
+        opts: &AttachOptions,
+    ) -> Result<(), CommandError> {
         let key = self.device_to_attach(be)?;
         let d = self
             .devices
             .get_mut(&key)
             .expect("checked by device_to_attach");
-        d.attach(&self.xs, image, opts).map_err(|e| e.to_string())?;
+        d.attach(&self.xs, image, opts)?;
         self.reconcile(key);
         Ok(())
     }
@@ -859,20 +1067,20 @@ impl Backend {
         pool: &std::path::Path,
         vid: &str,
         opts: &AttachOptions,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<PathBuf, CommandError> {
         let key = self.device_to_attach(be)?;
         let d = self
             .devices
             .get_mut(&key)
             .expect("checked by device_to_attach");
         if d.image.is_some() {
-            return Err(format!("{be}: already has an image"));
+            return refuse(format!("{be}: already has an image"));
         }
-        let pool = crate::pool::Pool::open(pool).map_err(|e| e.to_string())?;
-        let vol = pool.volume(vid).map_err(|e| e.to_string())?;
+        let pool = crate::pool::Pool::open(pool)?;
+        let vol = pool.volume(vid)?;
         let fresh = vol.state() == crate::pool::VolumeState::Stopped;
         let owner = volume_claim(&self.cfg, key, be);
-        let path = vol.start_owned(&owner).map_err(|e| e.to_string())?;
+        let path = vol.start_owned(&owner)?;
         if let Err(e) = d.attach(&self.xs, path.clone(), opts) {
             if fresh {
                 // Leave the pool as it was: the new dirty image is an unused clone.
@@ -886,28 +1094,46 @@ impl Backend {
                      `refblk volume stop` commits it"
                 );
             }
-            return Err(e.to_string());
+            return Err(e.into());
         }
         d.volume = Some(vol);
         self.reconcile(key);
         Ok(path)
     }
 
-    /// `<base>/<domid>/<devid>[/...]` → key.
-    fn key_of(&self, path: &str) -> Option<DevKey> {
-        let rest = path.strip_prefix(&self.base)?.strip_prefix('/')?;
-        let mut it = rest.split('/');
-        let domid = it.next()?.parse().ok()?;
-        let devid = it.next()?.parse().ok()?;
-        Some((domid, devid))
+    /// The device served at backend path `path`
+    /// (`/local/domain/<be>/backend/<kind>/<domid>/<devid>[/...]`), or why
+    /// there is none.
+    fn key_of(&self, path: &str) -> Result<DevKey, CommandError> {
+        let bd = self.cfg.backend_domid;
+        let Some(key) = DevKey::of_backend_path(bd, path) else {
+            return refuse(format!(
+                "{path}: not a backend path under {}",
+                self.cfg
+                    .kinds
+                    .iter()
+                    .map(|&k| kind_dir(bd, k))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ));
+        };
+        if !self.cfg.kinds.contains(&key.kind) {
+            return refuse(format!(
+                "{path}: this refblk serve does not serve {} devices (it leaves them to \
+                 kernel blkback, which is loaded, or was started with --only-vbd3): give \
+                 the disk line backendtype=tap,script=block-refblk for a vbd3 device",
+                key.kind
+            ));
+        }
+        Ok(key)
     }
 
     fn on_watch(&mut self, path: &str, token: &str) {
         debug!("watch {token}: {path}");
         match token {
-            TOKEN_BACKEND => match self.key_of(path) {
-                Some(k) => self.reconcile(k),
-                None => self.scan(),
+            t if t.starts_with(TOKEN_BACKEND) => match self.key_of(path) {
+                Ok(k) => self.reconcile(k),
+                Err(_) => self.scan(),
             },
             TOKEN_RELEASE => {
                 let keys: Vec<DevKey> = self.devices.keys().copied().collect();
@@ -916,28 +1142,30 @@ impl Backend {
                 }
             }
             t => {
-                if let Some(k) = t.strip_prefix("refblk:fe:").and_then(parse_key) {
+                if let Some(k) = xenbus::key_of_token(t) {
                     self.reconcile(k);
                 }
             }
         }
     }
 
-    /// Look at every device under the base path.
+    /// Look at every device in the backend directories of the kinds served.
     fn scan(&mut self) {
-        let doms = self.xs.directory(0, &self.base).unwrap_or_default();
         let mut keys: Vec<DevKey> = Vec::new();
-        for d in doms {
-            let Ok(domid) = d.parse::<DomId>() else {
-                continue;
-            };
-            for dev in self
-                .xs
-                .directory(0, &format!("{}/{d}", self.base))
-                .unwrap_or_default()
-            {
-                if let Ok(devid) = dev.parse::<u32>() {
-                    keys.push((domid, devid));
+        for &kind in &self.cfg.kinds {
+            let dir = kind_dir(self.cfg.backend_domid, kind);
+            for d in self.xs.directory(0, &dir).unwrap_or_default() {
+                let Some(domid) = strict_number::<DomId>(&d) else {
+                    continue;
+                };
+                for dev in self
+                    .xs
+                    .directory(0, &format!("{dir}/{d}"))
+                    .unwrap_or_default()
+                {
+                    if let Some(devid) = strict_number::<u32>(&dev) {
+                        keys.push(DevKey::new(kind, domid, devid));
+                    }
                 }
             }
         }
@@ -952,131 +1180,60 @@ impl Backend {
     /// Move one device a step towards what xenstore says it should be.
     fn reconcile(&mut self, key: DevKey) {
         if let Err(e) = self.reconcile_inner(key) {
-            warn!("vbd {}/{}: {e}", key.0, key.1);
-            // A device we cannot drive is closed, so the toolstack and the guest see it.
+            warn!("{key}: {e}");
             if let Some(d) = self.devices.get_mut(&key) {
-                d.disconnect();
-                if d.state != XenbusState::Closed {
-                    let _ = d.switch_state(&self.xs, XenbusState::Closing);
-                }
+                xenbus::failed(d, &self.xs);
             }
         }
     }
 
+    /// Claim a new device of ours, forget one whose directory is gone, and
+    /// let [`xenbus::step`] move the others.
     fn reconcile_inner(&mut self, key: DevKey) -> io::Result<()> {
-        let be = format!("{}/{}/{}", self.base, key.0, key.1);
+        let be = key.backend_path(self.cfg.backend_domid);
         let xs = &self.xs;
-        let exists = device::read_opt(xs, &format!("{be}/frontend-id"))?.is_some()
-            || device::read_opt(xs, &format!("{be}/script"))?.is_some();
-        if !exists {
+        if !xenbus::backend_present(xs, &be)? {
             if let Some(mut d) = self.devices.remove(&key) {
-                info!("vbd {}/{}: backend removed", key.0, key.1);
+                info!("{key}: backend removed");
                 if d.volume.is_some() {
                     // No hotplug `remove` came (toolstack crash): commit anyway.
                     if let Some(v) = d.release() {
-                        let dev = format!("vbd {}/{}", key.0, key.1);
-                        self.commits.start(dev, v, None);
+                        self.commits.start(key.to_string(), v, None);
                     }
                 }
                 d.disconnect();
-                if let Some((p, t)) = d.fe_watch.take() {
-                    let _ = xs.unwatch(&p, &t);
-                }
+                d.bus.unwatch(xs);
             }
             return Ok(());
         }
         if !self.devices.contains_key(&key) {
-            let script = device::read_opt(xs, &format!("{be}/script"))?.unwrap_or_default();
+            let script = xenbus::read_opt(xs, &format!("{be}/script"))?.unwrap_or_default();
             if !script.ends_with(&self.cfg.script_match) {
                 return Ok(()); // someone else's device
             }
             let mut d = Device::new(key, be.clone());
-            d.probe(xs, &self.cfg)?;
+            xenbus::probe(&mut d, xs, &self.cfg)?;
             // limits: the domain's shared limiter.
-            d.dom_limiter = self.dom_limiters.entry(key.0).or_default().clone();
+            d.dom_limiter = self.dom_limiters.entry(key.domid).or_default().clone();
             self.devices.insert(key, d);
         }
         let d = self.devices.get_mut(&key).expect("inserted above");
-        if d.detached {
-            return Ok(());
-        }
-        if d.fe.is_none() {
-            if let Some(fe) = device::read_opt(xs, &format!("{be}/frontend"))? {
-                let token = format!("refblk:fe:{}:{}", key.0, key.1);
-                let p = format!("{fe}/state");
-                xs.watch(&p, &token)
-                    .map_err(|e| io::Error::other(format!("watch {p}: {e}")))?;
-                d.fe_watch = Some((p, token));
-                d.fe = Some(fe);
-            }
-        }
-        let online = device::online(xs, &be)?;
-        let alive = self.platform.domain_exists(key.0)?;
-        let fe_state = match &d.fe {
-            Some(fe) if alive => device::frontend_state(xs, fe)?,
-            _ => XenbusState::Unknown,
+        let env = xenbus::Env {
+            platform: &self.platform,
+            cfg: &self.cfg,
+            rt: &self.rt,
         };
-        use XenbusState as S;
-        match d.state {
-            S::InitWait => {
-                if !online || !alive || fe_state == S::Closed {
-                    d.switch_state(xs, S::Closed)?;
-                } else if fe_state == S::Closing {
-                    // As Linux blkback: follow a frontend that gives up.
-                    d.switch_state(xs, S::Closing)?;
-                } else if d.image.is_some() && matches!(fe_state, S::Initialised | S::Connected) {
-                    if let Err(e) = d.connect(xs, &self.platform, &self.cfg, &self.rt) {
-                        warn!("vbd {}/{}: cannot connect: {e}", key.0, key.1);
-                        d.switch_state(xs, S::Closing)?;
-                    }
-                }
-            }
-            S::Connected => {
-                let failed = d.queue_failed();
-                if failed
-                    || !online
-                    || !alive
-                    || matches!(fe_state, S::Closing | S::Closed | S::Unknown)
-                {
-                    d.disconnect();
-                    let next = if !alive || matches!(fe_state, S::Closed | S::Unknown) {
-                        S::Closed
-                    } else {
-                        S::Closing
-                    };
-                    d.switch_state(xs, next)?;
-                }
-            }
-            S::Closing => {
-                d.disconnect();
-                if !alive || matches!(fe_state, S::Closed | S::Unknown) {
-                    d.switch_state(xs, S::Closed)?;
-                }
-            }
-            S::Closed if online && alive && fe_state == S::Initialising => {
-                info!("vbd {}/{}: frontend reconnecting", key.0, key.1);
-                d.switch_state(xs, S::InitWait)?;
-            }
-            _ => {}
-        }
-        Ok(())
+        xenbus::step(d, xs, &env)
     }
-}
-
-fn parse_key(s: &str) -> Option<DevKey> {
-    let (a, b) = s.split_once(':')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
 }
 
 /// The claim this daemon puts on a pool volume it serves on device `key` at
 /// backend path `be`: its pid and the device's restart-state file (see
 /// `crate::pool::owner`; the file name is `StateDir::state_path`'s).
 pub(crate) fn volume_claim(cfg: &BackendConfig, key: DevKey, be: &str) -> crate::pool::Owner {
-    let state_file = cfg
-        .state_dir
-        .as_ref()
-        .map(|d| d.join(format!("vbd-{}-{}.json", key.0, key.1)));
-    crate::pool::Owner::this_process(u32::from(key.0), key.1, be, state_file)
+    let state_file = state_dir_of(cfg, key.kind)
+        .map(|d| d.join(format!("vbd-{}-{}.json", key.domid, key.devid)));
+    crate::pool::Owner::this_process(u32::from(key.domid), key.devid, be, state_file)
 }
 
 #[cfg(test)]

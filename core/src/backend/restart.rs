@@ -19,7 +19,7 @@ use log::warn;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::blkif::Abi;
+use crate::blkif::{Abi, Features};
 use crate::platform::DomId;
 
 /// Default state directory on a real dom0 (tmpfs: it must not survive a reboot).
@@ -81,8 +81,10 @@ pub struct DeviceState {
     pub abi: Abi,
     pub persistent: bool,
     pub sectors: u64,
-    pub discard: bool,
-    pub discard_secure: bool,
+    /// What the device advertised (written as `flush`, `barrier`,
+    /// `discard`, `discard_secure`).
+    #[serde(flatten)]
+    pub features: Features,
     pub max_indirect_segments: u32,
     pub queues: Vec<QueueState>,
     /// The device's I/O limits when it connected (from the disk line, a
@@ -636,8 +638,12 @@ mod tests {
             abi: Abi::X86_32,
             persistent: true,
             sectors: 2048,
-            discard: true,
-            discard_secure: false,
+            features: Features {
+                flush: true,
+                barrier: true,
+                discard: true,
+                discard_secure: false,
+            },
             max_indirect_segments: 256,
             queues: vec![QueueState {
                 ring_refs: vec![8, 9],
@@ -660,7 +666,8 @@ mod tests {
     }
 
     /// A file written by the hand-written codec this replaced (a daemon
-    /// before the upgrade) still reads, and the format written is the same.
+    /// before the upgrade) still reads, and the format written is the same
+    /// but for the two features it now names.
     #[test]
     fn state_file_format_is_unchanged() {
         let text = r#"{"kind":"refblk-vbd-state","version":1,"domid":5,"devid":51712,
@@ -677,7 +684,13 @@ mod tests {
         assert_eq!(st.abi, Abi::X86_32);
         assert_eq!(st.volume.as_ref().unwrap().vid, "appvms/work/private");
         assert_eq!(st.limits.unwrap().read_iops, 500);
-        assert_eq!(st.to_json(), v);
+        // Written back the same, plus the features flush and barrier (an
+        // older file lacks them: they read as on, as refblk always had them).
+        assert!(st.features.flush && st.features.barrier);
+        let mut want = v.clone();
+        want["flush"] = serde_json::json!(true);
+        want["barrier"] = serde_json::json!(true);
+        assert_eq!(st.to_json(), want);
         // No queues, or a wrong type, is refused with the file's name.
         let mut bad = v.clone();
         bad["queues"] = serde_json::json!([]);

@@ -1,11 +1,18 @@
-//! blkif: the backend's side of one blkif ring — ring handling, request parsing
-//! and validation. No I/O happens here.
+//! blkif: the backend's side of one blkif device — ring handling, request
+//! parsing and validation, and the frontend's xenstore keys. No I/O happens
+//! here.
 //!
-//! The guest is untrusted; this module is where its bytes enter the backend.
+//! The guest is untrusted; this module is where everything it writes enters
+//! the backend, as typed and validated values: the ring slots ([`BackRing`],
+//! [`parse_request`]) and the xenstore keys of its frontend directory
+//! ([`frontend_keys`]: rings, event channels, protocol, queues, persistent
+//! grants, its xenbus state).
 //!
 //! # Use
 //!
-//! 1. [`Abi::from_protocol`] on the frontend's `protocol` key (absent = x86_32).
+//! 1. [`frontend_keys::parse_frontend_keys`] on the frontend's directory: the
+//!    [`Abi`] (from `protocol`, absent = x86_32), and per queue its `ring-ref`s
+//!    and event channel, within what the backend advertised.
 //! 2. [`BackRing::new`] with the mapping of the `ring-ref`s (1..16 pages).
 //! 3. Loop: [`BackRing::next_request`] copies one slot out **once** into a
 //!    [`RawRequest`]. An `Err` means the frontend's producer index is bogus
@@ -38,6 +45,7 @@
 //! The validation rules and where Linux blkback applies the same ones are in
 //! `docs/protocol.md`.
 
+pub mod frontend_keys;
 mod request;
 mod ring;
 

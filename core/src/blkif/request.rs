@@ -280,17 +280,25 @@ impl Piece {
     }
 }
 
-/// What the features the backend advertised allow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What the features the backend advertised allow. Kept in a device's
+/// restart state (flush and barrier read as on when a state file lacks them:
+/// refblk has always advertised both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Features {
     /// `feature-flush-cache`: FLUSH_DISKCACHE accepted.
+    #[serde(default = "on")]
     pub flush: bool,
     /// `feature-barrier`: WRITE_BARRIER accepted.
+    #[serde(default = "on")]
     pub barrier: bool,
     /// `feature-discard`: DISCARD accepted.
     pub discard: bool,
     /// `discard-secure`: the secure flag is honoured (else ignored, as blkif.h says).
     pub discard_secure: bool,
+}
+
+fn on() -> bool {
+    true
 }
 
 impl Features {

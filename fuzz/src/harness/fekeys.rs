@@ -1,7 +1,8 @@
 //! Target `fekeys`: the xenstore values a frontend controls (`protocol`,
 //! `multi-queue-num-queues`, `ring-page-order`, `ring-ref*`, `event-channel`,
 //! `feature-persistent`) — garbage, huge, negative, missing, not UTF-8 —
-//! through `refblk_core::backend::fekeys::parse_frontend_keys`.
+//! through `refblk_core::blkif::frontend_keys::parse_frontend_keys`, and every
+//! generated value through `parse_state` (the frontend's `state` node).
 //!
 //! Checked: no panic; lookups stay under the frontend's directory and are
 //! bounded in number; an accepted result respects the advertised limits and
@@ -10,8 +11,9 @@
 
 use std::collections::HashMap;
 
-use refblk_core::backend::fekeys::{parse_frontend_keys, FeKeyError, Limits};
+use refblk_core::blkif::frontend_keys::{parse_frontend_keys, parse_state, Advertised, FeKeyError};
 use refblk_core::blkif::Abi;
+use xen_sys::xenbus::XenbusState;
 
 use super::input::Input;
 
@@ -98,7 +100,7 @@ fn value(inp: &mut Input) -> Result<String, String> {
 
 pub fn run(data: &[u8]) {
     let mut inp = Input::new(data);
-    let limits = Limits {
+    let limits = Advertised {
         max_ring_page_order: inp.pick(&[0, 1, 2, 4, 4, 5, 31, 32, u32::MAX]),
         max_queues: inp.pick(&[0, 1, 2, 4, 4, 16, 255, u32::MAX]),
     };
@@ -116,6 +118,14 @@ pub fn run(data: &[u8]) {
         let key = inp.pick(KEYS);
         let v = value(&mut inp);
         map.insert(format!("{FE}/{dir}{key}"), v);
+    }
+    // Any value as the frontend's `state`: a state only for a strict decimal 0..=8.
+    for v in map.values().flatten() {
+        let want = reference_uint(v)
+            .and_then(|n| u32::try_from(n).ok())
+            .and_then(XenbusState::from_u32)
+            .unwrap_or(XenbusState::Unknown);
+        assert_eq!(parse_state(v), want, "state {v:?}");
     }
     let mut lookups = 0usize;
     let res = parse_frontend_keys(FE, &limits, |k: &str| {

@@ -4,6 +4,12 @@
 //! image to refblk with [`BackendHandle::attach`]), and remove the device
 //! (`online` = 0 and backend state Closing, wait for Closed, remove the
 //! directories).
+//!
+//! Both kinds of backend directory libxl writes for a disk ([`Kind`]): `vbd`
+//! (the `phy` backend, `params` = the target as given) and, as libxl 4.19+
+//! does for `backendtype=tap`, `vbd3` (`backend/vbd3/<domid>/<devid>`,
+//! `params` = `aio:<target>` for a raw image, `type` = `vbd3`,
+//! `specification` = `xen`). The frontend is `device/vbd/<devid>` for both.
 
 use std::io;
 use std::path::PathBuf;
@@ -11,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use xen_sys::xenbus::XenbusState;
 
-use refblk_core::backend::{AttachOptions, BackendHandle};
+use refblk_core::backend::{AttachOptions, BackendHandle, DevKey, Kind};
 use refblk_core::platform::DomId;
 use refblk_core::xenstore::{Access, Perm, Permissions, XsClient};
 
@@ -32,6 +38,14 @@ pub struct VbdSpec {
     pub vdev: String,
     /// What the hotplug step passes to the backend.
     pub attach: AttachOptions,
+    /// The backend directory's kind: `vbd` (libxl's phy backend) or `vbd3`
+    /// (libxl >= 4.19 with `backendtype=tap`).
+    pub kind: Kind,
+    /// The `params` node, as libxl writes the disk line's target: `None` =
+    /// the image (`aio:` and the image for a vbd3, libxl's prefix for a raw
+    /// image). Set it for what only a hotplug script reads (a format prefix,
+    /// `,KEY=VALUE` items).
+    pub params: Option<String>,
 }
 
 impl VbdSpec {
@@ -45,6 +59,30 @@ impl VbdSpec {
             script: "/etc/xen/scripts/block-refblk".into(),
             vdev: "xvda".into(),
             attach: AttachOptions::default(),
+            kind: Kind::Vbd,
+            params: None,
+        }
+    }
+
+    /// A writable refblk disk as libxl 4.19+ creates it for
+    /// `backendtype=tap,script=block-refblk`: a vbd3 device.
+    pub fn vbd3(domid: DomId, devid: u32, image: impl Into<PathBuf>) -> VbdSpec {
+        VbdSpec {
+            kind: Kind::Vbd3,
+            ..VbdSpec::new(domid, devid, image)
+        }
+    }
+
+    /// The `params` node libxl writes.
+    pub fn params(&self) -> String {
+        if let Some(p) = &self.params {
+            return p.clone();
+        }
+        let target = self.image.to_string_lossy();
+        match self.kind {
+            Kind::Vbd => target.into_owned(),
+            // libxl__device_disk_string_of_format(RAW) is "aio".
+            Kind::Vbd3 => format!("aio:{target}"),
         }
     }
 }
@@ -60,6 +98,7 @@ pub fn pool_target(target: &std::path::Path) -> Option<(&str, &str)> {
 /// A created vbd.
 #[derive(Debug, Clone)]
 pub struct Vbd {
+    pub kind: Kind,
     pub domid: DomId,
     pub devid: u32,
     pub backend_path: String,
@@ -155,11 +194,8 @@ impl Toolstack {
             .map_err(|e| xs_err(&format!("rm {dom}"), e))
     }
 
-    fn backend_path(&self, domid: DomId, devid: u32) -> String {
-        format!(
-            "/local/domain/{}/backend/vbd/{domid}/{devid}",
-            self.backend_domid
-        )
+    fn backend_path(&self, kind: Kind, domid: DomId, devid: u32) -> String {
+        DevKey::new(kind, domid, devid).backend_path(self.backend_domid)
     }
 
     /// Create the vbd (libxl's `device_disk_add`), wait for the backend's
@@ -175,7 +211,7 @@ impl Toolstack {
     /// Only the xenstore part of [`add_vbd`](Self::add_vbd).
     pub fn create_vbd_nodes(&self, spec: &VbdSpec) -> io::Result<Vbd> {
         let (domid, devid) = (spec.domid, spec.devid);
-        let be = self.backend_path(domid, devid);
+        let be = self.backend_path(spec.kind, domid, devid);
         let fe = format!("/local/domain/{domid}/device/vbd/{devid}");
         let bd = self.backend_domid;
         let be_perms = Permissions {
@@ -194,7 +230,7 @@ impl Toolstack {
                 access: Access::Read,
             }],
         };
-        let image = spec.image.to_string_lossy().into_owned();
+        let params = spec.params();
         self.xs
             .transaction(|tx| {
                 let xs = &self.xs;
@@ -214,11 +250,20 @@ impl Toolstack {
                 wb("bootable", "1")?;
                 wb("state", &(XenbusState::Initialising as u32).to_string())?;
                 wb("dev", &spec.vdev)?;
-                wb("type", "phy")?;
+                wb(
+                    "type",
+                    match spec.kind {
+                        Kind::Vbd => "phy",
+                        Kind::Vbd3 => "vbd3",
+                    },
+                )?;
+                if spec.kind == Kind::Vbd3 {
+                    wb("specification", "xen")?;
+                }
                 wb("mode", &spec.mode)?;
                 wb("device-type", "disk")?;
                 wb("discard-enable", "1")?;
-                wb("params", &image)?;
+                wb("params", &params)?;
                 wb("script", &spec.script)?;
                 let wf = |k: &str, v: &str| xs.write(tx, &format!("{fe}/{k}"), v.as_bytes());
                 wf("backend", &be)?;
@@ -230,6 +275,7 @@ impl Toolstack {
             })
             .map_err(|e| xs_err(&format!("create vbd {be}"), e))?;
         Ok(Vbd {
+            kind: spec.kind,
             domid,
             devid,
             backend_path: be,
@@ -243,12 +289,13 @@ impl Toolstack {
     pub fn hotplug_add(&self, vbd: &Vbd, spec: &VbdSpec) -> io::Result<()> {
         let volume = pool_target(&spec.image);
         let r = match (&self.hotplug, volume) {
-            (Hotplug::Handle(h), None) => {
-                h.attach(&vbd.backend_path, &spec.image, spec.attach.clone())
-            }
+            (Hotplug::Handle(h), None) => h
+                .attach(&vbd.backend_path, &spec.image, spec.attach.clone())
+                .map_err(|e| e.to_string()),
             (Hotplug::Handle(h), Some((pool, vid))) => h
                 .attach_volume(&vbd.backend_path, pool, vid, spec.attach.clone())
-                .map(|_| ()),
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
             (Hotplug::Socket(sock), volume) => {
                 let what = match volume {
                     None => format!("attach {} {}", vbd.backend_path, spec.image.display()),

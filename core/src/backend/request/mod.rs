@@ -31,7 +31,7 @@ mod complete;
 mod data;
 mod hooks;
 mod lifecycle;
-mod ops;
+pub(crate) mod ops;
 mod parse;
 mod respond;
 mod submit;

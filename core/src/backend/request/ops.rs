@@ -18,8 +18,8 @@
 use log::debug;
 
 use super::{Queue, Req, Shared, Stage};
-use crate::blkif::{Request, RwOp, RwRequest};
-use crate::engine::{BufRegion, Op};
+use crate::blkif::{Features, Request, RwOp, RwRequest};
+use crate::engine::{BufRegion, FsCaps, Op};
 use xen_sys::blkif::{BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY};
 
 /// What a started request waits for.
@@ -43,6 +43,19 @@ impl Io {
         } else {
             BLKIF_RSP_ERROR
         }
+    }
+}
+
+/// The operations a device advertises for an image: FLUSH and WRITE_BARRIER
+/// always (fdatasync), DISCARD where the file system punches holes and the
+/// device is writable, secure DISCARD where it also zeroes ranges.
+pub(crate) fn features(fs: &FsCaps, read_only: bool) -> Features {
+    let discard = fs.punch_hole && !read_only;
+    Features {
+        flush: true,
+        barrier: true,
+        discard,
+        discard_secure: discard && fs.zero_range,
     }
 }
 

@@ -3,11 +3,13 @@
 //! Everything under the frontend's directory is written by the guest and is
 //! hostile input: `protocol`, `multi-queue-num-queues`, `ring-page-order`,
 //! `ring-ref`/`ring-ref<N>`, `event-channel` (per queue under `queue-<N>` when
-//! there are several queues) and `feature-persistent`. This module turns them
-//! into a [`FrontendKeys`] or a [`FeKeyError`] naming the key and the value,
-//! given a `lookup` closure that reads one key (`Ok(None)` = missing). Being a
-//! pure function of what `lookup` returns, it is fuzzed directly
-//! (`fuzz/fuzz_targets/fekeys.rs`).
+//! there are several queues), `feature-persistent` and `state`. This module
+//! (beside the ring parser: together they are everything the guest writes)
+//! turns them into typed values: [`parse_frontend_keys`] gives a
+//! [`FrontendKeys`] or a [`FeKeyError`] naming the key and the value, given a
+//! `lookup` closure that reads one key (`Ok(None)` = missing);
+//! [`parse_state`] gives the frontend's xenbus state. Being pure functions of
+//! their input, they are fuzzed directly (`fuzz/fuzz_targets/fekeys.rs`).
 //!
 //! Rules (Linux `xen-blkback/xenbus.c` `connect_ring`/`read_per_ring_refs`,
 //! stricter where Linux uses `sscanf`):
@@ -23,13 +25,22 @@
 //!   most what we advertised (never more than 4, ring.h
 //!   `XENBUS_MAX_RING_GRANT_ORDER`) and `ring-ref0` .. `ring-ref<2^order-1>`
 //!   must all be there; grant refs and the event channel are `u32`;
-//! - `feature-persistent`: an offer we never take (refblk copies); missing,
-//!   `0` or garbage = false, any other number = true.
+//! - `feature-persistent`: the frontend's offer; missing, `0` or garbage =
+//!   false, any other number = true. The backend takes it only when it is
+//!   configured to (`refblk serve --persistent-grants`,
+//!   `BackendConfig::persistent_grants`), and then maps data pages once
+//!   instead of a grant copy per request;
+//! - `state`: a decimal xenbus state (0..=8); missing or anything else is
+//!   `Unknown`, which the backend treats as a frontend that is gone;
+//! - `backend`: the toolstack writes the backend's directory there, but the
+//!   directory is the guest's: it only ever decides whether a backend
+//!   connects to this frontend ([`names_backend`]: exactly its own path).
 
 use std::fmt;
 
-use crate::blkif::Abi;
+use super::Abi;
 use crate::platform::{GrantRef, Port};
+use xen_sys::xenbus::XenbusState;
 
 /// Largest `ring-page-order` any backend may accept (16 pages).
 pub const MAX_RING_PAGE_ORDER: u32 = 4;
@@ -38,7 +49,7 @@ const QUOTE_MAX: usize = 32;
 
 /// What the backend advertised, i.e. the bounds for the frontend's choices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub struct Advertised {
     /// `max-ring-page-order` we wrote (clamped to [`MAX_RING_PAGE_ORDER`]).
     pub max_ring_page_order: u32,
     /// `multi-queue-max-queues` we wrote.
@@ -60,9 +71,10 @@ pub struct QueueKeys {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrontendKeys {
     pub abi: Abi,
-    /// At least one, at most `Limits::max_queues`.
+    /// At least one, at most `Advertised::max_queues`.
     pub queues: Vec<QueueKeys>,
-    /// `feature-persistent` as the frontend offered it (refblk never uses it).
+    /// `feature-persistent` as the frontend offered it (used only if the
+    /// backend is configured for persistent grants).
     pub persistent: bool,
 }
 
@@ -110,6 +122,21 @@ pub fn parse_uint(s: &str) -> Option<u64> {
         return None;
     }
     s.parse().ok()
+}
+
+/// The xenbus state in a `state` node's value (the frontend's is the
+/// guest's): a strict decimal naming a state, else `Unknown`.
+pub fn parse_state(value: &str) -> XenbusState {
+    parse_uint(value)
+        .and_then(|v| u32::try_from(v).ok())
+        .and_then(XenbusState::from_u32)
+        .unwrap_or(XenbusState::Unknown)
+}
+
+/// Whether a frontend's `backend` node (`None`: missing) names the backend
+/// directory `be`, exactly (trailing NUL bytes ignored).
+pub fn names_backend(value: Option<&str>, be: &str) -> bool {
+    value.is_some_and(|v| v.trim_end_matches('\0') == be)
 }
 
 fn quote(s: &str) -> String {
@@ -160,7 +187,7 @@ where
 /// slash). `lookup` gets full paths (`<fe>/protocol`, ...).
 pub fn parse_frontend_keys<F, E>(
     fe: &str,
-    limits: &Limits,
+    limits: &Advertised,
     lookup: F,
 ) -> Result<FrontendKeys, FeKeyError>
 where
@@ -237,7 +264,7 @@ mod tests {
     use std::collections::HashMap;
 
     const FE: &str = "/local/domain/5/device/vbd/51712";
-    const LIMITS: Limits = Limits {
+    const LIMITS: Advertised = Advertised {
         max_ring_page_order: 4,
         max_queues: 4,
     };
@@ -343,7 +370,7 @@ mod tests {
             parse_frontend_keys(FE, &LIMITS, |_| Err::<Option<String>, _>("EACCES")).unwrap_err();
         assert!(matches!(e, FeKeyError::Lookup { .. }));
         // A backend configured with an order above 4 still never accepts 5.
-        let limits = Limits {
+        let limits = Advertised {
             max_ring_page_order: 40,
             max_queues: 0,
         };
@@ -354,5 +381,41 @@ mod tests {
         let e =
             parse_frontend_keys(FE, &limits, |k| Ok::<_, String>(m.get(k).cloned())).unwrap_err();
         assert!(matches!(e, FeKeyError::BadValue { .. }), "{e}");
+    }
+
+    #[test]
+    fn numbers_and_states_are_parsed_strictly() {
+        assert_eq!(parse_uint("0"), Some(0));
+        assert_eq!(parse_uint("4294967295"), Some(u64::from(u32::MAX)));
+        assert_eq!(parse_uint("7\0"), Some(7));
+        for bad in [
+            "",
+            "-1",
+            "+1",
+            " 1",
+            "1 ",
+            "0x10",
+            "1e3",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(parse_uint(bad), None, "{bad:?}");
+            assert_eq!(parse_state(bad), XenbusState::Unknown, "{bad:?}");
+        }
+        assert_eq!(parse_state("4"), XenbusState::Connected);
+        let be = "/local/domain/0/backend/vbd3/5/51712";
+        assert!(names_backend(Some(be), be));
+        assert!(names_backend(Some(&format!("{be}\0")), be));
+        for other in [
+            "/local/domain/0/backend/vbd/5/51712",
+            "",
+            " /local/domain/0/backend/vbd3/5/51712",
+        ] {
+            assert!(!names_backend(Some(other), be), "{other:?}");
+        }
+        assert!(!names_backend(None, be));
+        assert_eq!(parse_state("6\0"), XenbusState::Closed);
+        for bad in ["9", "4294967296", "18446744073709551615", "Connected"] {
+            assert_eq!(parse_state(bad), XenbusState::Unknown, "{bad:?}");
+        }
     }
 }
