@@ -11,6 +11,20 @@ use super::{CliError, CliResult};
 
 /// Arguments of `refblk bench`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = "\
+Examples:\n  \
+sudo refblk bench --fs xfs --profiles rnd --paths file,refblk --runtime 2 --reps 5\n  \
+sudo refblk bench --backing ram --fs xfs,btrfs --json ram.json   # no disk: each path's software cost\n  \
+refblk bench --dir /var/tmp --paths file,refblk                  # no root: an existing directory\n\n\
+--backing ram puts each scratch file system's image in /dev/shm (tmpfs): it may grow to \
+4 x --size + 2 x the largest --snapshot-sizes (when snapshot or commit run) + 1 GiB, \
+7 GiB with the defaults. A run that may not fit in /dev/shm's free space or the machine's \
+available memory is refused before anything is made, the message naming both; lower --size \
+or --snapshot-sizes, or use --backing disk.\n\n\
+The report (Markdown) goes to stdout, naming its regime (backing, file system, cache regime); \
+progress and logs go to stderr. SIGINT or SIGTERM stops the run at its next step and removes \
+its scratch file systems (a second one quits at once).\n\n\
+Exit codes: 0 ok, 1 failed or refused (the message says why), 2 bad usage, 130 stopped by a signal.")]
 pub struct BenchArgs {
     /// Profiles (comma-separated): all, io, seq, rnd, discard, or names such as
     /// seq1m_q8t1_read, rnd4k_q1t1_write, alloc, overwrite, discard_64k, snapshot, commit.

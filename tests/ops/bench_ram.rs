@@ -137,6 +137,15 @@ fn a_ram_run_names_its_regime_in_every_report_with_p50_p99_cpu_and_added_latency
     let (o, pid) = run(c);
     assert!(o.status.success(), "{}", show(&o));
     let md = text(&o.stdout);
+    // The results go to stdout once; stderr (logs, progress) holds none.
+    assert_eq!(md.matches("refblk bench, ").count(), 1, "{}", show(&o));
+    assert_eq!(md.matches("### xfs").count(), 1, "{}", show(&o));
+    let err = text(&o.stderr);
+    assert!(
+        !err.contains("| profile |") && !err.contains("Regime:"),
+        "results on stderr: {}",
+        show(&o)
+    );
     for want in [
         "; backing ram; image 64M",
         "Regime: backing **ram** (scratch file systems on a loop device (direct I/O) over a file in /dev/shm (tmpfs)",
@@ -393,9 +402,18 @@ fn a_ram_run_that_cannot_fit_is_refused_naming_the_memory_needed_and_available()
         "--reps",
         "1",
     ]);
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("never.json");
+    c.arg("--json").arg(&json);
     c.env("RUST_LOG", "warn");
     let (o, pid) = run(c);
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        o.stdout.is_empty(),
+        "a refused run printed results: {}",
+        show(&o)
+    );
+    assert!(!json.exists(), "a refused run wrote {}", json.display());
     let err = text(&o.stderr);
     for want in [
         "--backing ram: the scratch xfs file system needs up to ",
@@ -411,4 +429,22 @@ fn a_ram_run_that_cannot_fit_is_refused_naming_the_memory_needed_and_available()
         "refused only after starting: {err}"
     );
     assert_eq!(leftovers(pid), Vec::<String>::new(), "left behind");
+}
+
+#[test]
+fn bench_help_documents_the_ram_backing_with_an_example_and_the_refusal() {
+    let o = bench(&["--help"]).output().expect("refblk bench --help");
+    assert!(o.status.success(), "{}", show(&o));
+    let help = text(&o.stdout);
+    for want in [
+        "--backing <BACKING>",
+        "ram:  A file in /dev/shm (tmpfs)",
+        "Examples:",
+        "sudo refblk bench --backing ram --fs xfs,btrfs",
+        "is refused before anything is made",
+        "or use --backing disk",
+        "130 stopped by a signal",
+    ] {
+        assert!(help.contains(want), "{want:?} missing from:\n{help}");
+    }
 }
