@@ -385,6 +385,17 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
             )),
         }
     }
+    if cfg.profiles.iter().any(|p| matches!(p.kind, Kind::Io(..)))
+        && stats::kworker_snapshot().is_empty()
+    {
+        // In a PID namespace (a container) the kernel's threads are not in
+        // /proc: a 0 in the column would read as "no kernel work".
+        rep.notes.push(
+            "kworker µs/IO: no kernel worker thread is visible in /proc (a PID namespace?): \
+             the column shows 0, not measured"
+                .into(),
+        );
+    }
     let progress = Progress::new(cfg.progress);
     progress.plan(planned_steps(cfg, rep.fio.is_some()));
     for place in &cfg.places {
