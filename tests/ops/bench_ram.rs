@@ -8,10 +8,11 @@
 //! refuses. Nothing here is timed: the numbers' sizes are the bench's
 //! business, their presence and consistency are this test's.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use refblk_sim::scratchfs::{require_root_or_skip, require_tools_or_skip};
 use serde_json::Value;
@@ -98,15 +99,43 @@ fn show(o: &Output) -> String {
     )
 }
 
-/// Spawn `c`, collect its output, and return it with the child's pid.
+/// The bound on one of these runs (seconds each when the machine is idle): a
+/// hung bench fails the test instead of hanging it; not a speed target.
+const RUN_BOUND: Duration = Duration::from_secs(300);
+
+/// Spawn `c`, collect its output, and return it with the child's pid. A run
+/// still going after [`RUN_BOUND`] is killed (it then leaves its scratch file
+/// system for the next bench to remove) and fails the test.
 fn run(mut c: Command) -> (Output, u32) {
-    let child = c
+    let mut child = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start refblk bench");
     let pid = child.id();
-    (child.wait_with_output().expect("refblk bench output"), pid)
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let out = drain(child.stdout.take().map(|r| Box::new(r) as _));
+    let err = drain(child.stderr.take().map(|r| Box::new(r) as _));
+    let exited = wait_until(RUN_BOUND, || matches!(child.try_wait(), Ok(Some(_))));
+    if !exited {
+        let _ = child.kill();
+    }
+    let status = child.wait().expect("refblk bench status");
+    let o = Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    };
+    assert!(exited, "still running after {RUN_BOUND:?}: {}", show(&o));
+    (o, pid)
 }
 
 fn f(v: &Value) -> f64 {
@@ -299,8 +328,14 @@ fn sigterm_midway_through_a_ram_run_removes_its_scratch_file_system() {
         }
         all
     });
-    let started = std::iter::from_fn(|| rx.recv_timeout(HANG).ok())
-        .any(|l| l.contains("rnd4k_q1t1_read rep 1/100"));
+    // The first timed run's line, within HANG (a run that never gets there
+    // fails below; one that keeps printing other lines does not wait longer).
+    let deadline = Instant::now() + HANG;
+    let started = std::iter::from_fn(|| {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        rx.recv_timeout(left).ok()
+    })
+    .any(|l| l.contains("rnd4k_q1t1_read rep 1/100"));
     let running = leftovers(pid);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
