@@ -573,6 +573,7 @@ impl Device {
                         cfg.max_persistent_grants,
                     )
                 }),
+                zero_copy_reads: cfg.zero_copy_reads,
                 journal,
                 replay,
                 observer: cfg.observer.clone(),
