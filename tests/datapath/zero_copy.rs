@@ -1,11 +1,14 @@
 //! Zero-copy reads (issue 21): with persistent grants, a read whose segments
 //! are all mapped (and fit the image's direct-I/O alignment) goes straight
 //! from io_uring into the guest's mapped pages. The data must be exactly what
-//! the copy path gives — on tmpfs, btrfs, XFS and ext4, for full pages,
-//! partial segments, EOF and indirect requests — the `zero_copy_reads`
+//! the copy path gives — on tmpfs, btrfs (NOCOW), XFS and ext4, for full
+//! pages, partial segments, EOF and indirect requests — the `zero_copy_reads`
 //! counter must say which path a read took, a page must never be unmapped
-//! while a read into it is in flight, and writes must keep copying (a guest
-//! changing its page during a write on btrfs cannot break a data checksum).
+//! while a read into it is in flight, writes must keep copying (a guest
+//! changing its page during a write on btrfs cannot break a data checksum),
+//! and a btrfs file with data checksums is read through the copy path (a
+//! guest changing its page during a read cannot make btrfs report
+//! corruption).
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -66,6 +69,29 @@ fn fits_direct_io(mode: &IoMode, sector: u64, len: usize) -> bool {
     true
 }
 
+/// How a test makes its image file, and so which path its reads must take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ImageKind {
+    /// An ordinary file: zero-copy where the alignment allows, except on
+    /// btrfs, whose data checksums mean the copy path for every read.
+    Plain,
+    /// A NOCOW file (`chattr +C` while empty; on btrfs: no data checksums).
+    Nocow,
+}
+
+/// Create `path` as `kind` with `data` in it.
+fn write_image(path: &Path, kind: ImageKind, data: &[u8]) {
+    let f = std::fs::File::create(path).unwrap();
+    if kind == ImageKind::Nocow {
+        run("chattr", &["+C", &path.to_string_lossy()]).expect("chattr +C");
+        let attrs = run("lsattr", &[&path.to_string_lossy()]).expect("lsattr");
+        let flags = attrs.split_whitespace().next().unwrap_or_default();
+        assert!(flags.contains('C'), "not NOCOW: {attrs}");
+    }
+    std::os::unix::fs::FileExt::write_all_at(&f, data, 0).unwrap();
+    f.sync_all().unwrap();
+}
+
 /// One read on queue 0, checked against `want`; returns how many of its
 /// ring requests went zero-copy (by the counter).
 fn checked_read(rig: &Rig, fe: &mut Frontend, domid: u16, sector: u64, want: &[u8]) -> u64 {
@@ -92,20 +118,34 @@ fn checked_read(rig: &Rig, fe: &mut Frontend, domid: u16, sector: u64, want: &[u
     zero_copy_reads(rig, domid) - before
 }
 
-/// Verified reads of every shape on an image in `dir`: full pages, partial
-/// segments, 11 direct segments, indirect (16 and 256 segments), a random
-/// verified workload with up to 16 requests in flight, then reads across and
-/// past the end of a file truncated under the device. Each read's path is
-/// checked against the rule. Returns the image's I/O mode (None: skipped).
-fn verified_reads_on(dir: &Path, domid: u16, label: &str) -> Option<IoMode> {
+/// Verified reads of every shape on an image of `kind` in `dir`: full pages,
+/// partial segments, 11 direct segments, indirect (16 and 256 segments), a
+/// random verified workload with up to 16 requests in flight, then reads
+/// across and past the end of a file truncated under the device. Each read's
+/// path is checked against the rule: with `zero_copy` false (a btrfs file
+/// with data checksums) every read must take the copy path. Returns the
+/// image's I/O mode (None: skipped).
+fn verified_reads_on(
+    dir: &Path,
+    domid: u16,
+    label: &str,
+    kind: ImageKind,
+    zero_copy: bool,
+) -> Option<IoMode> {
     let rig = Rig::with_config(zero_copy_config())?;
     let image = dir.join(format!("zc{domid}.img"));
-    std::fs::write(&image, pattern(u64::from(domid), DISK as usize)).unwrap();
-    let mode = ImageFile::open(&image, true, DirectPolicy::Auto)
-        .expect("open the image as the backend does")
-        .io_mode
-        .clone();
-    eprintln!("{label}: image I/O mode {mode:?}");
+    write_image(&image, kind, &pattern(u64::from(domid), DISK as usize));
+    let opened = ImageFile::open(&image, true, DirectPolicy::Auto)
+        .expect("open the image as the backend does");
+    let mode = opened.io_mode.clone();
+    eprintln!(
+        "{label} ({kind:?}): image I/O mode {mode:?}, data checksums {}",
+        opened.fs.data_checksums
+    );
+    assert_eq!(
+        opened.fs.data_checksums, !zero_copy,
+        "{label} ({kind:?}): what the backend finds out about the file"
+    );
     let guest = rig.guest(domid, 16384);
     let vbd = rig.attach(domid, XVDA, &image, "w", AttachOptions::default());
     let mut fe = rig.connect(
@@ -137,11 +177,11 @@ fn verified_reads_on(dir: &Path, domid: u16, label: &str) -> Option<IoMode> {
     for (sector, len) in cases {
         let at = (sector * 512) as usize;
         let took = checked_read(&rig, &mut fe, domid, sector, &content[at..at + len]);
-        let want = fits_direct_io(&mode, sector, len);
+        let want = zero_copy && fits_direct_io(&mode, sector, len);
         assert_eq!(
             took,
             u64::from(want),
-            "{label}: read of {len} bytes at sector {sector} ({mode:?}): zero-copy expected {want}"
+            "{label} ({kind:?}): read of {len} bytes at sector {sector} ({mode:?}): zero-copy expected {want}"
         );
         if want {
             zc += 1;
@@ -149,7 +189,11 @@ fn verified_reads_on(dir: &Path, domid: u16, label: &str) -> Option<IoMode> {
             copied += 1;
         }
     }
-    assert!(zc >= 5, "{label}: page-aligned reads went zero-copy");
+    if zero_copy {
+        assert!(zc >= 5, "{label}: page-aligned reads went zero-copy");
+    } else {
+        assert_eq!(zc, 0, "{label}: every read copied");
+    }
     if let IoMode::Direct { offset_align, .. } = mode {
         if offset_align > 512 {
             assert!(
@@ -165,9 +209,10 @@ fn verified_reads_on(dir: &Path, domid: u16, label: &str) -> Option<IoMode> {
         std::fs::read(&image).unwrap() == model,
         "{label}: image differs from the model"
     );
-    assert!(
+    assert_eq!(
         zero_copy_reads(&rig, domid) > before,
-        "{label}: no zero-copy read under load"
+        zero_copy,
+        "{label} ({kind:?}): zero-copy reads under load: expected {zero_copy}"
     );
     // End of file: truncated (not on a sector boundary) under the device,
     // which keeps its size; what lies past the end reads as zeros.
@@ -183,13 +228,17 @@ fn verified_reads_on(dir: &Path, domid: u16, label: &str) -> Option<IoMode> {
         let at = (sector * 512) as usize;
         let took = checked_read(&rig, &mut fe, domid, sector, &model[at..at + len]);
         assert_eq!(
-            took, 1,
-            "{label}: EOF read at sector {sector} went zero-copy"
+            took,
+            u64::from(zero_copy),
+            "{label} ({kind:?}): EOF read at sector {sector}: zero-copy expected {zero_copy}"
         );
     }
     let st = rig.status(domid, XVDA);
     assert_eq!(st.stats.errors, 0, "{st:?}");
     assert_eq!(st.stats.stalls, 0, "{st:?}");
+    if !zero_copy {
+        assert_eq!(st.stats.zero_copy_reads, 0, "{label}: {st:?}");
+    }
     assert!(fe.anomalies().is_clean(), "{:?}", fe.anomalies());
     eprintln!(
         "{label}: {} zero-copy reads of {} reads",
@@ -208,19 +257,37 @@ fn verified_reads_on(dir: &Path, domid: u16, label: &str) -> Option<IoMode> {
 #[test]
 fn zero_copy_reads_verified_on_tmpfs() {
     let dir = machine_dir();
-    verified_reads_on(dir.path(), 61, "tmpfs");
+    verified_reads_on(dir.path(), 61, "tmpfs", ImageKind::Plain, true);
 }
 
 fn on_fs(kind: FsKind, domid: u16) {
     let Some(fs) = ScratchFs::new_or_skip(kind, kind.min_size().max(64 * MIB)) else {
         return;
     };
-    verified_reads_on(fs.path(), domid, &format!("{kind:?}"));
+    verified_reads_on(
+        fs.path(),
+        domid,
+        &format!("{kind:?}"),
+        ImageKind::Plain,
+        true,
+    );
 }
 
+/// On btrfs an ordinary file has data checksums: every read takes the copy
+/// path (`guest_changing_pages_during_reads_cannot_make_btrfs_report_corruption`
+/// says why). A NOCOW file has none, and its reads go zero-copy where the
+/// alignment allows.
 #[test]
 fn zero_copy_reads_verified_on_btrfs() {
-    on_fs(FsKind::Btrfs, 62);
+    if !have_tool("chattr") && !skip_or_fail("chattr (e2fsprogs) is not installed") {
+        return;
+    }
+    let Some(fs) = ScratchFs::new_or_skip(FsKind::Btrfs, FsKind::Btrfs.min_size().max(64 * MIB))
+    else {
+        return;
+    };
+    verified_reads_on(fs.path(), 62, "Btrfs", ImageKind::Plain, false);
+    verified_reads_on(fs.path(), 66, "Btrfs", ImageKind::Nocow, true);
 }
 
 #[test]
@@ -243,7 +310,7 @@ fn zero_copy_reads_verified_on_xfs_with_4k_sectors() {
     else {
         return;
     };
-    let mode = verified_reads_on(fs.path(), 65, "Xfs-4k");
+    let mode = verified_reads_on(fs.path(), 65, "Xfs-4k", ImageKind::Plain, true);
     assert!(
         mode.is_none()
             || matches!(
@@ -554,4 +621,203 @@ fn guest_changing_pages_during_writes_cannot_break_btrfs_checksums() {
     fe.disconnect().unwrap();
     drop(fe);
     rig.shutdown();
+}
+
+/// `btrfs device stats` of the file system mounted at `mnt`: every counter
+/// (`[/dev/loopN].corruption_errs 0`, ...) by its name after the dot.
+fn btrfs_device_stats(mnt: &str) -> Vec<(String, u64)> {
+    let out = run("btrfs", &["device", "stats", mnt])
+        .unwrap_or_else(|e| panic!("btrfs device stats: {e}"));
+    out.lines()
+        .filter_map(|l| {
+            let (name, value) = l.trim().split_once(char::is_whitespace)?;
+            let field = name.rsplit('.').next()?;
+            Some((field.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// What [`scribbled_reads`] saw.
+struct Scribbled {
+    reads: u64,
+    zero_copy: u64,
+    /// (round, id, status) of every read that failed.
+    failed: Vec<(u64, u64, i16)>,
+    /// How many times the guest rewrote all its pages.
+    scribbles: u64,
+}
+
+/// `rounds` rounds of 8 reads of 8 pages each, in flight at once, from an
+/// image of `kind` on the btrfs `fs`, while two threads (two vCPUs, so that
+/// one runs beside whichever CPU verifies a read) change all 64 pages as fast
+/// as they can: a new 8-byte value in each page per pass, so that every page
+/// changes again within microseconds (any changed byte breaks a page's
+/// checksum). Then an undisturbed read must equal the image.
+fn scribbled_reads(fs: &ScratchFs, domid: u16, kind: ImageKind, rounds: u64) -> Scribbled {
+    const PAGES: u32 = 8;
+    const IN_FLIGHT: u32 = 8;
+    let rig = Rig::with_config(zero_copy_config()).expect("rig");
+    // Data on the disk (with checksums unless NOCOW), synced before the reads.
+    let image = fs.path().join(format!("scribbled-{domid}.img"));
+    write_image(&image, kind, &pattern(u64::from(domid), DISK as usize));
+    let guest = rig.guest(domid, 4096);
+    rig.attach(domid, XVDA, &image, "w", AttachOptions::default());
+    let mut fe = rig.connect(
+        &guest,
+        XVDA,
+        FrontendOptions {
+            persistent: true,
+            ..FrontendOptions::default()
+        },
+    );
+    assert!(fe.info().expect("connected").persistent);
+    let abi = fe.info().unwrap().abi;
+    let mut frames = Vec::new();
+    let mut segs = Vec::new();
+    for i in 0..PAGES * IN_FLIGHT {
+        let (frame, gref) = fe
+            .raw_grant_page(&pattern(u64::from(i), 4096), false)
+            .unwrap();
+        frames.push(frame);
+        segs.push(wire::Seg {
+            gref,
+            first_sect: 0,
+            last_sect: 7,
+        });
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let scribblers: Vec<_> = (0..2usize)
+        .map(|t| {
+            let (stop, guest, frames) = (stop.clone(), guest.clone(), frames.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for &f in &frames {
+                        guest.write_page(f, 8 * t, &n.to_le_bytes()).unwrap();
+                    }
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    let mut reads = 0u64;
+    let span = DISK / 512 / u64::from(8 * PAGES);
+    for round in 0..rounds {
+        let mut ids = Vec::new();
+        for r in 0..IN_FLIGHT {
+            let n = round * u64::from(IN_FLIGHT) + u64::from(r);
+            let id = (1 << 60) + n;
+            let mine = &segs[(r * PAGES) as usize..((r + 1) * PAGES) as usize];
+            let mut slot = fe.raw_slot();
+            let sector = (n % span) * 8 * u64::from(PAGES);
+            wire::encode_rw(
+                abi,
+                &mut slot,
+                wire::OP_READ,
+                PAGES as u8,
+                0,
+                id,
+                sector,
+                mine,
+            );
+            fe.raw_push(0, id, &slot).unwrap();
+            ids.push(id);
+        }
+        fe.raw_publish(0).unwrap();
+        let got = fe
+            .wait_raw_responses(ids.len(), LONG)
+            .expect("reads answered");
+        assert_eq!(got.len(), ids.len(), "round {round}");
+        for r in got {
+            assert!(ids.contains(&r.id), "round {round}: unknown id {}", r.id);
+            reads += 1;
+            if r.status != 0 {
+                failed.push((round, r.id, r.status));
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let scribbles = scribblers.into_iter().map(|s| s.join().unwrap()).sum();
+    let zero_copy = zero_copy_reads(&rig, domid);
+    // With its pages left alone the guest reads what the image holds.
+    let len = PAGES as usize * 4096;
+    let via_device = fe.read(0, len).expect("read");
+    assert!(
+        via_device == read_direct(&image, 0, len),
+        "{kind:?}: data differs"
+    );
+    fe.disconnect().unwrap();
+    drop(fe);
+    rig.shutdown();
+    Scribbled {
+        reads,
+        zero_copy,
+        failed,
+        scribbles,
+    }
+}
+
+/// Reads, the other way round: a guest that keeps rewriting the pages its
+/// reads fill, on btrfs with data checksums (the default; no `chattr +C`).
+/// An O_DIRECT read on btrfs verifies the checksum on the destination pages
+/// after the device filled them; were those the guest's own pages, the guest
+/// could change them in between and make the administrator's file system
+/// report corruption that is not there (EIO, "csum failed" in the kernel
+/// log, `corruption_errs` rising). 8192 reads of 8 pages under scribbling:
+/// none may fail and `btrfs device stats` must stay at 0. With zero-copy
+/// reads allowed on this file (the rule removed), most runs here failed
+/// hundreds to thousands of them and every run of 8192 some. A NOCOW file
+/// (no checksums) stays zero-copy under the same scribbling, with no error.
+#[test]
+fn guest_changing_pages_during_reads_cannot_make_btrfs_report_corruption() {
+    for tool in ["btrfs", "chattr", "lsattr"] {
+        if !have_tool(tool) && !skip_or_fail(&format!("{tool} is not installed")) {
+            return;
+        }
+    }
+    let Some(fs) = ScratchFs::new_or_skip(FsKind::Btrfs, FsKind::Btrfs.min_size()) else {
+        return;
+    };
+    if !require_memlock_or_skip() {
+        return;
+    }
+    let mnt = fs.path().to_string_lossy().into_owned();
+    let stats = || btrfs_device_stats(&mnt);
+    let before = stats();
+    assert!(
+        before.iter().any(|(f, _)| f == "corruption_errs"),
+        "btrfs device stats shows no corruption_errs: {before:?}"
+    );
+    assert!(before.iter().all(|(_, v)| *v == 0), "{before:?}");
+    for (domid, kind, rounds) in [(77, ImageKind::Plain, 1024), (78, ImageKind::Nocow, 128)] {
+        let s = scribbled_reads(&fs, domid, kind, rounds);
+        let after = stats();
+        eprintln!(
+            "{kind:?}: {} reads ({} zero-copy) under {} passes of scribbling: {} failed; \
+             btrfs device stats {after:?}",
+            s.reads,
+            s.zero_copy,
+            s.scribbles,
+            s.failed.len()
+        );
+        assert!(s.scribbles > 0, "the guest never scribbled");
+        assert!(
+            after.iter().all(|(_, v)| *v == 0),
+            "{kind:?}: btrfs reports errors the guest made up: {after:?} ({} of {} reads failed)",
+            s.failed.len(),
+            s.reads
+        );
+        assert!(
+            s.failed.is_empty(),
+            "{kind:?}: {} reads failed, the first {:?}",
+            s.failed.len(),
+            &s.failed[..s.failed.len().min(8)]
+        );
+        match kind {
+            ImageKind::Plain => assert_eq!(s.zero_copy, 0, "checksummed: copy path"),
+            ImageKind::Nocow => assert_eq!(s.zero_copy, s.reads, "NOCOW: zero-copy"),
+        }
+    }
 }

@@ -13,8 +13,14 @@
 //! hold ([`zero_copy_read`]):
 //!
 //! 1. persistent grants were negotiated for the device (`serve
-//!    --persistent-grants` and the frontend's `feature-persistent`) and zero-copy
-//!    reads are on (`BackendConfig::zero_copy_reads`, the default);
+//!    --persistent-grants` and the frontend's `feature-persistent`), zero-copy
+//!    reads are on (`BackendConfig::zero_copy_reads`, the default) and the
+//!    image's file has no data checksums (`FsCaps::data_checksums`: not on
+//!    btrfs, or NOCOW there) — decided once per device when it starts, in
+//!    `QueueCtx::zero_copy_reads`. btrfs verifies an O_DIRECT read's checksum
+//!    on the destination pages after the device filled them: in the guest's
+//!    pages, the guest could change them in between and make dom0's file
+//!    system report corruption (EIO, "csum failed", `corruption_errs`);
 //! 2. every segment's page is mapped: already cached, or mapped now into a
 //!    cache that has room or an unpinned page to evict; a cache full of pages
 //!    pinned by reads in flight means the copy path;

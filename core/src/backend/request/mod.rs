@@ -107,7 +107,9 @@ pub(crate) struct QueueCtx {
     /// memcpy instead of a grant copy per request ([`data`]).
     pub persistent: Option<PersistentGrants>,
     /// With persistent grants, reads whose segments are all mapped and aligned
-    /// go straight into the guest's pages ([`data`]).
+    /// go straight into the guest's pages ([`data`]). Off for an image whose
+    /// file has data checksums (btrfs without NOCOW), decided when the device
+    /// starts.
     pub zero_copy_reads: bool,
     /// The restart journal (`--state-dir`): consumed requests are recorded
     /// until their response is published ([`hooks`]).
