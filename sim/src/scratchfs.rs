@@ -175,10 +175,17 @@ impl ScratchFs {
     /// The image lives in `$REFBLK_SCRATCH_DIR` if set, else the system temp dir.
     /// Errors name the failing command and its stderr.
     pub fn new(kind: FsKind, size: u64) -> io::Result<ScratchFs> {
+        ScratchFs::with_sector_size(kind, size, None)
+    }
+
+    /// [`ScratchFs::new`] on a loop device with `sector` bytes logical sectors
+    /// (`losetup --sector-size`; XFS is made with that sector size): a
+    /// 4096 makes O_DIRECT need 4 KiB alignment. None: the loop default, 512.
+    pub fn with_sector_size(kind: FsKind, size: u64, sector: Option<u32>) -> io::Result<ScratchFs> {
         let root = std::env::var_os("REFBLK_SCRATCH_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
-        ScratchFs::new_in(kind, size, &root)
+        ScratchFs::make(kind, size, &root, sector)
     }
 
     /// Like [`ScratchFs::new`] with the image in `root` (e.g. `/dev/shm`, for a
@@ -186,6 +193,12 @@ impl ScratchFs {
     /// image and its directory are named as `new` names them, so a leaked
     /// mount is found and removed the same way.
     pub fn new_in(kind: FsKind, size: u64, root: &Path) -> io::Result<ScratchFs> {
+        ScratchFs::make(kind, size, root, None)
+    }
+
+    /// The image in `root`, the loop device with `sector` bytes sectors
+    /// (None: the loop default).
+    fn make(kind: FsKind, size: u64, root: &Path, sector: Option<u32>) -> io::Result<ScratchFs> {
         cleanup_leaked();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let base = root.join(format!("{PREFIX}{}.{n}", std::process::id()));
@@ -207,9 +220,18 @@ impl ScratchFs {
         drop(f);
         let img = me.image.to_string_lossy().into_owned();
         let mut args: Vec<&str> = kind.mkfs_args().to_vec();
+        let sector_arg = sector.map(|s| s.to_string());
+        let xfs_sector = sector.map(|s| format!("size={s}"));
+        if let (FsKind::Xfs, Some(s)) = (kind, &xfs_sector) {
+            args.extend(["-s", s.as_str()]);
+        }
         args.push(&img);
         run(kind.mkfs_program(), &args)?;
-        me.loopdev = Some(attach_loop(&img, &[])?);
+        let loop_opts: Vec<&str> = match &sector_arg {
+            Some(s) => vec!["--sector-size", s.as_str()],
+            None => vec![],
+        };
+        me.loopdev = Some(attach_loop(&img, &loop_opts)?);
         let dev = me.loopdev.clone().unwrap_or_default();
         let mnt = me.mountpoint.to_string_lossy().into_owned();
         run("mount", &["-t", &kind.to_string(), &dev, &mnt])?;
@@ -222,6 +244,15 @@ impl ScratchFs {
     /// losetup and mount tools; a failure to create the file system also fails the
     /// test (or skips with `REFBLK_ALLOW_SKIP=1`). Returns `None` when skipping.
     pub fn new_or_skip(kind: FsKind, size: u64) -> Option<ScratchFs> {
+        ScratchFs::with_sector_size_or_skip(kind, size, None)
+    }
+
+    /// [`ScratchFs::with_sector_size`] with the skip rule of [`ScratchFs::new_or_skip`].
+    pub fn with_sector_size_or_skip(
+        kind: FsKind,
+        size: u64,
+        sector: Option<u32>,
+    ) -> Option<ScratchFs> {
         let why = format!("a loop-mounted {kind} file system");
         if !require_root_or_skip(&why) {
             return None;
@@ -229,7 +260,7 @@ impl ScratchFs {
         if !require_tools_or_skip(&[kind.mkfs_program(), "losetup", "mount", "umount"], &why) {
             return None;
         }
-        match ScratchFs::new(kind, size) {
+        match ScratchFs::with_sector_size(kind, size, sector) {
             Ok(fs) => Some(fs),
             Err(e) => {
                 skip_or_fail(&format!("cannot set up {why}: {e}"));

@@ -96,6 +96,14 @@ pub fn connect_with(
     {
         cfg.poll_us = us;
     }
+    // Persistent grants (both ends), and with them zero-copy reads unless
+    // REFBLK_BENCH_ZERO_COPY=0: for A/B runs of the read path
+    // (docs/benchmarks.md, "What each change bought").
+    let env_on = |k: &str| std::env::var(k).is_ok_and(|v| v != "0" && !v.is_empty());
+    let persistent = env_on("REFBLK_BENCH_PERSISTENT");
+    cfg.persistent_grants = persistent;
+    cfg.zero_copy_reads = std::env::var("REFBLK_BENCH_ZERO_COPY").map_or(true, |v| v != "0");
+    let cfg_zero_copy = cfg.zero_copy_reads;
     let (backend, join) = Backend::spawn(platform, cfg)?;
     let xs = XsClient::connect_unix(&sim.xenstored_path())
         .map_err(|e| io::Error::other(format!("toolstack xenstore: {e}")))?;
@@ -107,6 +115,7 @@ pub fn connect_with(
     ts.add_vbd(&VbdSpec::new(DOMID, XVDA, image))?;
     let opts = FrontendOptions {
         scribble: false,
+        persistent,
         max_indirect_segments: INDIRECT_SEGMENTS,
         ..Default::default()
     };
@@ -125,10 +134,17 @@ pub fn connect_with(
             "refblk bench: no backend worker thread {QUEUE_THREAD_PREFIX}*; serving CPU will read 0"
         );
     }
-    let mode = format!(
+    let mut mode = format!(
         "blkif ring {} slots, {} segs/request, {} queue(s) -> refblk io_uring",
         info.ring_size, info.segments_per_request, info.queues
     );
+    if info.persistent {
+        mode += if cfg_zero_copy {
+            ", persistent grants, zero-copy reads"
+        } else {
+            ", persistent grants, reads copied"
+        };
+    }
     Ok(RefblkTarget {
         fe: Some(fe),
         ts,
@@ -262,6 +278,17 @@ impl Drop for RefblkTarget {
             }
         }
         let _ = &self.ts;
+        if self.mode.contains("persistent grants") {
+            let (mut zc, mut reads) = (0, 0);
+            for d in self.backend.status() {
+                zc += d.stats.zero_copy_reads;
+                reads += d
+                    .stats
+                    .op(refblk_core::backend::stats::OpClass::Read)
+                    .requests;
+            }
+            log::info!("refblk bench: {zc} of {reads} reads went zero-copy");
+        }
         self.backend.stop();
         if let Some(j) = self.join.take() {
             match j.join() {

@@ -240,7 +240,7 @@ pub fn render(status: &Value) -> String {
             );
         }
     }
-    let counters: [Simple; 6] = [
+    let counters: [Simple; 7] = [
         (
             "refblk_device_rejected_requests_total",
             "Requests refused by validation (malformed, out of range).",
@@ -270,6 +270,11 @@ pub fn render(status: &Value) -> String {
             "refblk_device_replayed_requests_total",
             "Requests re-executed after a daemon restart.",
             |s| s.replayed,
+        ),
+        (
+            "refblk_device_zero_copy_reads_total",
+            "Reads done straight into the guest's persistently mapped pages (no backend buffer, no copy).",
+            |s| s.zero_copy_reads,
         ),
     ];
     for (name, help, get) in counters {

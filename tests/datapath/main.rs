@@ -23,3 +23,4 @@ mod power_loss;
 mod rw;
 mod vbd3;
 mod volume;
+mod zero_copy;

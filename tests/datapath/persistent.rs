@@ -76,19 +76,19 @@ fn no_persistent_grants_unless_the_backend_allows_them() {
 /// it: counted where maps are made and dropped, whatever the backend's own
 /// bookkeeping says.
 #[derive(Default)]
-struct MapCount {
+pub(crate) struct MapCount {
     /// Pages mapped right now.
-    live: AtomicUsize,
+    pub(crate) live: AtomicUsize,
     /// The most pages ever mapped at once.
-    peak: AtomicUsize,
+    pub(crate) peak: AtomicUsize,
     /// Mappings dropped.
-    unmapped: AtomicUsize,
+    pub(crate) unmapped: AtomicUsize,
 }
 
 /// The simulated platform, with every grant map counted in a [`MapCount`].
-struct Counting {
-    inner: SimPlatform,
-    count: Arc<MapCount>,
+pub(crate) struct Counting {
+    pub(crate) inner: SimPlatform,
+    pub(crate) count: Arc<MapCount>,
 }
 
 struct CountedMap {
@@ -162,9 +162,9 @@ impl Platform for Counting {
 }
 
 /// Stops the backend even when the test fails half-way.
-struct Running(
-    refblk_core::backend::BackendHandle,
-    Option<std::thread::JoinHandle<io::Result<()>>>,
+pub(crate) struct Running(
+    pub(crate) refblk_core::backend::BackendHandle,
+    pub(crate) Option<std::thread::JoinHandle<io::Result<()>>>,
 );
 
 impl Drop for Running {

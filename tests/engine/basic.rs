@@ -287,6 +287,7 @@ fn tmpfs_has_punch_hole_but_no_zero_range() {
     let fs = e.info().fs.clone();
     assert_eq!(fs.fs_name, "tmpfs");
     assert!(fs.punch_hole && !fs.zero_range, "{fs:?}");
+    assert!(!fs.data_checksums, "{fs:?}");
     let c = run_one(
         &mut e,
         1,

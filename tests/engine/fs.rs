@@ -31,6 +31,11 @@ fn exercise(fs: &ScratchFs, punch: u64) {
     let mut e = Engine::open(&p, &EngineConfig::default()).unwrap();
     println!("{}: {:?}", fs.fstype, e.info());
     assert_eq!(e.info().fs.fs_name, fs.fstype);
+    assert_eq!(
+        e.info().fs.data_checksums,
+        fs.fstype == "btrfs",
+        "data checksums: on btrfs (no chattr +C) only"
+    );
     assert!(
         matches!(e.info().io_mode, IoMode::Direct { .. }),
         "{} should take O_DIRECT: {:?}",
@@ -110,6 +115,18 @@ fn btrfs_direct_io_discard_zero_range() {
     // btrfs frees space only when a whole extent goes (storage-measurements.md):
     // 1 MiB punches.
     exercise(&fs, 1 << 20);
+    // A NOCOW file (set while empty, as btrfs requires) has no data checksums.
+    let p = fs.mnt.join("nocow.img");
+    std::fs::File::create(&p).unwrap();
+    let out = std::process::Command::new("chattr")
+        .arg("+C")
+        .arg(&p)
+        .output()
+        .expect("run chattr");
+    assert!(out.status.success(), "chattr +C: {out:?}");
+    std::fs::write(&p, vec![0x3cu8; 1 << 20]).unwrap();
+    let e = Engine::open(&p, &EngineConfig::default()).unwrap();
+    assert!(!e.info().fs.data_checksums, "{:?}", e.info().fs);
 }
 
 #[test]

@@ -539,6 +539,20 @@ impl Device {
             replayed: _,
         } = p;
         let (disk, persistent, abi) = (plan.disk, plan.persistent, plan.abi);
+        // Zero-copy reads, decided once for the opened image: never from a
+        // file whose data the file system checksums (btrfs without NOCOW). Its
+        // O_DIRECT read verifies the checksum on the destination pages after
+        // the device filled them; in the guest's own pages the guest could
+        // change them in between and make dom0's file system report
+        // corruption that is not there (docs/security.md, "Zero-copy reads").
+        let zero_copy_reads = cfg.zero_copy_reads && !file.fs.data_checksums;
+        if persistent && cfg.zero_copy_reads && !zero_copy_reads {
+            log::info!(
+                "{}: reads take the copy path: {} checksums the image's data (a NOCOW file, chattr +C, has none)",
+                self.name(),
+                file.fs.fs_name
+            );
+        }
         let sectors_shared = Arc::new(AtomicU64::new(disk.sectors));
         let mut queues: Vec<QueueHandle> = Vec::new();
         for (i, p) in prepared.into_iter().enumerate() {
@@ -573,6 +587,7 @@ impl Device {
                         cfg.max_persistent_grants,
                     )
                 }),
+                zero_copy_reads,
                 journal,
                 replay,
                 observer: cfg.observer.clone(),

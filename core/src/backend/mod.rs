@@ -210,6 +210,11 @@ pub struct BackendConfig {
     pub persistent_grants: bool,
     /// Most persistently mapped pages per queue (LRU beyond that).
     pub max_persistent_grants: usize,
+    /// With persistent grants, read straight into the guest's mapped pages
+    /// when every segment of a read is mapped and fits the image's direct-I/O
+    /// alignment (zero-copy reads, `request::data`); otherwise, and when off,
+    /// reads are copied out of the worker's buffer. On by default.
+    pub zero_copy_reads: bool,
     /// io_uring workers serving all queues (0: one per CPU).
     pub workers: usize,
     /// After a busy pass, a worker polls its rings and completions for this
@@ -242,6 +247,7 @@ impl Default for BackendConfig {
             max_indirect_segments: 256,
             persistent_grants: false,
             max_persistent_grants: pgrants::DEFAULT_MAX_PERSISTENT,
+            zero_copy_reads: true,
             workers: 0,
             poll_us: 0,
             engine: EngineConfig {

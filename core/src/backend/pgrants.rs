@@ -1,9 +1,20 @@
 //! Persistent grants (`feature-persistent`): when both ends agree, the frontend
 //! keeps reusing a pool of granted pages and the backend maps each of them once
 //! and keeps the mapping, so a request costs a memcpy instead of a grant-copy
-//! hypercall. The cache is bounded; the least recently used mapping is dropped
-//! when it is full (the frontend may reuse that page later: it is simply mapped
-//! again).
+//! hypercall — or, for a read, nothing: io_uring reads straight into the
+//! mapped pages (zero-copy reads, `request::data`). The cache is bounded; the
+//! least recently used mapping is dropped when it is full (the frontend may
+//! reuse that page later: it is simply mapped again).
+//!
+//! **Pins.** A page a zero-copy read is filling is *pinned* ([`PersistentGrants::pin`]):
+//! the read's engine op holds a [`Pin`] (a reference to the mapping) until its
+//! completion is reaped. Eviction skips pinned pages, and dropping the cache
+//! (disconnect, a queue that stops or panics, a restart handover) only drops
+//! the cache's reference: a mapping is unmapped when its last holder lets go,
+//! so never while the kernel may still write into it. When every cached page
+//! is pinned, [`pin`](PersistentGrants::pin) refuses (the read takes the copy
+//! path) and a copy to or from a page that is not cached is one grant copy,
+//! so a full cache never fails a request and never exceeds its bound.
 //!
 //! Mappings are always writable, as in Linux blkback: the same persistent page
 //! carries write data one time and read data the next.
@@ -12,10 +23,27 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 
-use crate::platform::{DomId, ForeignMapping, GrantRef, GrantStatus, Platform, PAGE_SIZE};
+use crate::platform::{CopySeg, DomId, ForeignMapping, GrantRef, GrantStatus, Platform, PAGE_SIZE};
 
 /// Default bound, as Linux blkback's `max_persistent_grants`.
 pub const DEFAULT_MAX_PERSISTENT: usize = 1056;
+
+/// One mapped guest page, shared by the cache and the reads that pin it.
+struct Mapped(Box<dyn ForeignMapping>);
+
+// SAFETY: Sync is needed only so that an `Arc<Mapped>` is Send (a queue, its
+// cache and its engine ops move to their worker thread together). A `Mapped`
+// is never used from two threads at once: the cache and every engine op
+// holding a pin of it belong to one queue on one worker thread; the engine
+// never calls the mapping's methods (it only keeps the pin until the
+// completion), and the methods themselves are volatile copies through a
+// pointer to memory another domain writes concurrently anyway.
+unsafe impl Sync for Mapped {}
+
+/// A page kept mapped while a read into it is in flight: the mapping is not
+/// unmapped before every pin of it (and the cache) let go. Hand a request's
+/// pins to its engine op; they drop with its completion.
+pub struct Pin(#[allow(dead_code)] Arc<Mapped>);
 
 /// A bounded cache of persistently mapped guest pages of one queue.
 pub struct PersistentGrants {
@@ -23,10 +51,12 @@ pub struct PersistentGrants {
     domid: DomId,
     max: usize,
     clock: u64,
-    maps: HashMap<GrantRef, (Box<dyn ForeignMapping>, u64)>,
+    maps: HashMap<GrantRef, (Arc<Mapped>, u64)>,
     /// Maps made and dropped, for stats and tests.
     pub mapped: u64,
     pub evicted: u64,
+    /// Copies done with a grant copy because every cached page was pinned.
+    pub grant_copies: u64,
 }
 
 impl PersistentGrants {
@@ -40,6 +70,7 @@ impl PersistentGrants {
             maps: HashMap::new(),
             mapped: 0,
             evicted: 0,
+            grant_copies: 0,
         }
     }
 
@@ -53,33 +84,81 @@ impl PersistentGrants {
         self.maps.is_empty()
     }
 
-    fn get(&mut self, gref: GrantRef) -> Result<&dyn ForeignMapping, GrantStatus> {
-        self.clock += 1;
-        let now = self.clock;
-        if !self.maps.contains_key(&gref) {
-            if self.maps.len() >= self.max {
-                self.evict_lru();
-            }
-            let m = self
-                .platform
-                .map_grant_refs(self.domid, &[gref], true)
-                .map_err(|e| {
-                    crate::platform::GrantMapError::status_of(&e)
-                        .unwrap_or(GrantStatus::GeneralError)
-                })?;
-            self.mapped += 1;
-            self.maps.insert(gref, (m, now));
-        }
-        let e = self.maps.get_mut(&gref).expect("present");
-        e.1 = now;
-        Ok(&*e.0)
+    /// Cached pages pinned by reads in flight right now.
+    pub fn pinned(&self) -> usize {
+        self.maps.values().filter(|(m, _)| is_pinned(m)).count()
     }
 
-    fn evict_lru(&mut self) {
-        if let Some((&g, _)) = self.maps.iter().min_by_key(|(_, (_, t))| *t) {
-            self.maps.remove(&g);
-            self.evicted += 1;
+    fn map(&mut self, gref: GrantRef) -> Result<Arc<Mapped>, GrantStatus> {
+        let m = self
+            .platform
+            .map_grant_refs(self.domid, &[gref], true)
+            .map_err(|e| {
+                crate::platform::GrantMapError::status_of(&e).unwrap_or(GrantStatus::GeneralError)
+            })?;
+        self.mapped += 1;
+        Ok(Arc::new(Mapped(m)))
+    }
+
+    /// The cached mapping of `gref`, mapped and cached now if need be; None
+    /// (nothing mapped) when the cache is full of pinned pages.
+    fn cached(&mut self, gref: GrantRef) -> Result<Option<Arc<Mapped>>, GrantStatus> {
+        self.clock += 1;
+        let now = self.clock;
+        if let Some(e) = self.maps.get_mut(&gref) {
+            e.1 = now;
+            return Ok(Some(e.0.clone()));
         }
+        if self.maps.len() >= self.max && !self.evict_lru() {
+            return Ok(None);
+        }
+        let m = self.map(gref)?;
+        self.maps.insert(gref, (m.clone(), now));
+        Ok(Some(m))
+    }
+
+    /// One grant copy (for a page that cannot be cached now).
+    fn grant_copy(&mut self, mut seg: CopySeg<'_>) -> Result<(), GrantStatus> {
+        self.grant_copies += 1;
+        let mut status = [GrantStatus::GeneralError];
+        self.platform
+            .grant_copy(self.domid, std::slice::from_mut(&mut seg), &mut status)
+            .map_err(|_| GrantStatus::GeneralError)?;
+        match status[0] {
+            GrantStatus::Okay => Ok(()),
+            bad => Err(bad),
+        }
+    }
+
+    /// Drop the least recently used page that no read pins; false if every
+    /// page is pinned.
+    fn evict_lru(&mut self) -> bool {
+        let victim = self
+            .maps
+            .iter()
+            .filter(|(_, (m, _))| !is_pinned(m))
+            .min_by_key(|(_, (_, t))| *t)
+            .map(|(&g, _)| g);
+        match victim {
+            Some(g) => {
+                self.maps.remove(&g);
+                self.evicted += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Pin the writable mapping of `gref` (mapping and caching it if need be)
+    /// for a read straight into it: its address and the pin that keeps it
+    /// mapped. None if it cannot be mapped or the cache is full of pinned
+    /// pages: the read then takes the copy path.
+    pub fn pin(&mut self, gref: GrantRef) -> Option<(*mut u8, Pin)> {
+        let m = self.cached(gref).ok()??;
+        if !m.0.is_writable() || m.0.len() < PAGE_SIZE {
+            return None;
+        }
+        Some((m.0.as_ptr(), Pin(m)))
     }
 
     /// Copy `dst.len()` bytes at `offset` of the guest page `gref` into `dst`.
@@ -90,24 +169,38 @@ impl PersistentGrants {
         dst: &mut [u8],
     ) -> Result<(), GrantStatus> {
         check(offset, dst.len())?;
-        let m = self.get(gref)?;
-        m.copy_out(usize::from(offset), dst)
-            .map_err(|_| GrantStatus::BadCopyArg)
+        match self.cached(gref)? {
+            Some(m) => {
+                m.0.copy_out(usize::from(offset), dst)
+                    .map_err(|_| GrantStatus::BadCopyArg)
+            }
+            None => self.grant_copy(CopySeg::FromGuest { gref, offset, dst }),
+        }
     }
 
     /// Copy `src` into the guest page `gref` at `offset`.
     pub fn copy_to(&mut self, gref: GrantRef, offset: u16, src: &[u8]) -> Result<(), GrantStatus> {
         check(offset, src.len())?;
-        let m = self.get(gref)?;
-        m.copy_in(usize::from(offset), src)
-            .map_err(|_| GrantStatus::PermissionDenied)
+        match self.cached(gref)? {
+            Some(m) => {
+                m.0.copy_in(usize::from(offset), src)
+                    .map_err(|_| GrantStatus::PermissionDenied)
+            }
+            None => self.grant_copy(CopySeg::ToGuest { gref, offset, src }),
+        }
     }
 
-    /// Drop every mapping (disconnect).
+    /// Drop every mapping (disconnect). Pinned pages stay mapped until their
+    /// reads complete.
     pub fn clear(&mut self) -> io::Result<()> {
         self.maps.clear();
         Ok(())
     }
+}
+
+/// Does a read in flight hold this mapping (besides the cache)?
+fn is_pinned(m: &Arc<Mapped>) -> bool {
+    Arc::strong_count(m) > 1
 }
 
 fn check(offset: u16, len: usize) -> Result<(), GrantStatus> {
@@ -133,6 +226,7 @@ mod tests {
     struct Counting {
         live: Arc<Mutex<HashSet<GrantRef>>>,
         peak: Mutex<usize>,
+        copies: Mutex<usize>,
     }
 
     struct Page {
@@ -189,10 +283,14 @@ mod tests {
         fn grant_copy(
             &self,
             _domid: DomId,
-            _segs: &mut [CopySeg<'_>],
-            _status: &mut [GrantStatus],
+            segs: &mut [CopySeg<'_>],
+            status: &mut [GrantStatus],
         ) -> io::Result<()> {
-            Err(io::Error::other("persistent grants never grant-copy"))
+            // Only when the cache is full of pinned pages; the data is not
+            // modelled here.
+            *self.copies.lock().unwrap() += segs.len();
+            status.fill(GrantStatus::Okay);
+            Ok(())
         }
         fn bind_interdomain(
             &self,
@@ -245,5 +343,48 @@ mod tests {
         pg.clear().unwrap();
         assert!(pg.is_empty());
         assert!(platform.live.lock().unwrap().is_empty(), "clear unmaps");
+    }
+
+    /// A page pinned by a read in flight is never evicted, and never unmapped
+    /// before its pin is dropped, even when the cache is cleared (disconnect);
+    /// a cache full of pinned pages refuses new pins and copies with a grant
+    /// copy, so it stays within its bound and fails nothing.
+    #[test]
+    fn pinned_pages_are_neither_evicted_nor_unmapped() {
+        const MAX: usize = 4;
+        let platform = Arc::new(Counting::default());
+        let live = || platform.live.lock().unwrap().clone();
+        let mut pg = PersistentGrants::new(platform.clone(), 7, MAX);
+        let mut pins: Vec<Pin> = (0..MAX as u32)
+            .map(|g| pg.pin(g).expect("room in the cache").1)
+            .collect();
+        assert_eq!(pg.pinned(), MAX);
+        assert!(
+            pg.pin(100).is_none(),
+            "pinned a page into a cache full of pins"
+        );
+        pg.copy_to(101, 0, b"copied").unwrap();
+        let mut buf = [0u8; 6];
+        pg.copy_from(102, 0, &mut buf).unwrap();
+        assert_eq!((pg.grant_copies, *platform.copies.lock().unwrap()), (2, 2));
+        assert_eq!(pg.evicted, 0, "evicted a pinned page");
+        assert_eq!(live(), (0..MAX as u32).collect::<HashSet<_>>());
+        assert_eq!(*platform.peak.lock().unwrap(), MAX, "went past the bound");
+        // Page 0, used last (so the newest), is unpinned (its read
+        // completed): the only page that may go; the older 1..3 are pinned.
+        pg.copy_to(0, 0, b"x").unwrap();
+        pins.remove(0);
+        let (_, p100) = pg.pin(100).expect("an unpinned page to evict");
+        assert_eq!(pg.evicted, 1);
+        assert_eq!(live(), [1, 2, 3, 100].into_iter().collect::<HashSet<_>>());
+        // Disconnect with reads in flight: the cache lets go, the pinned
+        // pages stay mapped until their reads complete.
+        pg.clear().unwrap();
+        assert!(pg.is_empty());
+        assert_eq!(live(), [1, 2, 3, 100].into_iter().collect::<HashSet<_>>());
+        drop(pins);
+        assert_eq!(live(), [100].into_iter().collect::<HashSet<_>>());
+        drop(p100);
+        assert!(live().is_empty(), "a pin outlived its mapping");
     }
 }

@@ -150,6 +150,9 @@ pub struct QueueStats {
     /// own in flight, no timer, no worker I/O it waits for). Always 0 unless
     /// the backend has a bug; tests and the fuzz target assert it.
     pub stalls: AtomicU64,
+    /// Reads io_uring did straight into the guest's persistently mapped pages
+    /// (no backend buffer, no copy; `request::data`).
+    pub zero_copy_reads: AtomicU64,
 }
 
 impl Default for QueueStats {
@@ -180,6 +183,7 @@ impl QueueStats {
             throttled: AtomicU64::new(0),
             buffer_waits: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
+            zero_copy_reads: AtomicU64::new(0),
         }
     }
 
@@ -252,6 +256,7 @@ impl QueueStats {
             throttled: g(&self.throttled),
             buffer_waits: g(&self.buffer_waits),
             stalls: g(&self.stalls),
+            zero_copy_reads: g(&self.zero_copy_reads),
             ..StatsSnapshot::default()
         };
         for (o, c) in s.ops.iter_mut().zip(&self.ops) {
@@ -428,6 +433,9 @@ pub struct StatsSnapshot {
     pub buffer_waits: u64,
     /// Liveness violations (see [`QueueStats`]); 0 unless there is a bug.
     pub stalls: u64,
+    /// Reads done straight into the guest's persistently mapped pages (see
+    /// [`QueueStats`]).
+    pub zero_copy_reads: u64,
     /// Indexed by `OpClass as usize`.
     #[serde(with = "ops_codec")]
     pub ops: [OpSnapshot; 4],
@@ -449,6 +457,7 @@ impl StatsSnapshot {
         self.throttled += o.throttled;
         self.buffer_waits += o.buffer_waits;
         self.stalls += o.stalls;
+        self.zero_copy_reads += o.zero_copy_reads;
         for (a, b) in self.ops.iter_mut().zip(&o.ops) {
             a.merge(b);
         }
@@ -475,6 +484,7 @@ impl StatsSnapshot {
             throttled: self.throttled.saturating_sub(earlier.throttled),
             buffer_waits: self.buffer_waits.saturating_sub(earlier.buffer_waits),
             stalls: self.stalls.saturating_sub(earlier.stalls),
+            zero_copy_reads: self.zero_copy_reads.saturating_sub(earlier.zero_copy_reads),
             ops,
         }
     }

@@ -246,7 +246,7 @@ pub(crate) fn image_size(path: &Path, f: &File) -> io::Result<u64> {
         .map_err(|e| ctx_err(path, "seek to end (size)", e))
 }
 
-/// File system facts relevant to discard support.
+/// File system facts relevant to discard support and to zero-copy reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FsCaps {
     /// statfs f_type magic of the file system holding the image.
@@ -260,6 +260,15 @@ pub struct FsCaps {
     /// How the two booleans were found: "tmpfile probe", "file system type", or why
     /// nothing was probed ("read-only image", "not a regular file": both false).
     pub probed_by: &'static str,
+    /// The file system checks this file's data against checksums when it reads
+    /// it: a file on btrfs without the NOCOW attribute (`chattr +C`), or one
+    /// whose attributes cannot be read. An O_DIRECT read of such a file
+    /// verifies the checksum on the destination memory after the device
+    /// filled it, so that memory must not be writable by a guest
+    /// (`docs/security.md`, "Zero-copy reads"). Known when the image is
+    /// opened: btrfs changes NOCOW only while a file is empty (`chattr +C`
+    /// or `-C` on a file with data succeeds and changes nothing).
+    pub data_checksums: bool,
 }
 
 const EXT4_MAGIC: u64 = 0xEF53;
@@ -267,6 +276,40 @@ const XFS_MAGIC: u64 = 0x5846_5342;
 const BTRFS_MAGIC: u64 = 0x9123_683E;
 const TMPFS_MAGIC: u64 = 0x0102_1994;
 const RAMFS_MAGIC: u64 = 0x8584_58f6;
+/// `FS_NOCOW_FL` of linux/fs.h (not in the libc crate): btrfs's NOCOW file,
+/// which also has no data checksums.
+const FS_NOCOW_FL: libc::c_int = 0x0080_0000;
+
+/// The inode flags of `f` (`FS_IOC_GETFLAGS`, as `lsattr` reads them).
+fn inode_flags(f: &File) -> io::Result<libc::c_int> {
+    // The kernel reads and writes an int for FS_IOC_GETFLAGS, whatever the
+    // size its request number encodes (linux/fs.h's `long` is historical).
+    nix::ioctl_read_bad!(fs_ioc_getflags, libc::FS_IOC_GETFLAGS, libc::c_int);
+    let mut flags: libc::c_int = 0;
+    // SAFETY: a valid open fd, and a pointer to an int we own for the call,
+    // which is all FS_IOC_GETFLAGS writes.
+    unsafe { fs_ioc_getflags(f.as_raw_fd(), &mut flags) }.map_err(io::Error::from)?;
+    Ok(flags)
+}
+
+/// Whether the file system verifies `f`'s data against checksums on reads
+/// ([`FsCaps::data_checksums`]): on btrfs, unless the file is NOCOW; if its
+/// flags cannot be read, assumed so.
+fn has_data_checksums(path: &Path, f: &File, magic: u64) -> bool {
+    if magic != BTRFS_MAGIC {
+        return false;
+    }
+    match inode_flags(f) {
+        Ok(flags) => flags & FS_NOCOW_FL == 0,
+        Err(e) => {
+            log::info!(
+                "{}: cannot read the file's attributes on btrfs ({e}); assuming data checksums",
+                path.display()
+            );
+            true
+        }
+    }
+}
 
 fn fs_name(magic: u64) -> &'static str {
     match magic {
@@ -325,6 +368,7 @@ fn tmpfile_probe(dir: &Path) -> Option<(bool, bool)> {
 pub(crate) fn probe_fs_caps(path: &Path, f: &File, read_only: bool) -> io::Result<FsCaps> {
     let st = nix::sys::statfs::fstatfs(f).map_err(|e| ctx_err(path, "fstatfs", e.into()))?;
     let magic = st.filesystem_type().0 as u64;
+    let data_checksums = has_data_checksums(path, f, magic);
     let is_file = f
         .metadata()
         .map_err(|e| ctx_err(path, "fstat", e))?
@@ -344,6 +388,7 @@ pub(crate) fn probe_fs_caps(path: &Path, f: &File, read_only: bool) -> io::Resul
             punch_hole: false,
             zero_range: false,
             probed_by: why,
+            data_checksums,
         });
     }
     let dir = match path.parent() {
@@ -363,5 +408,6 @@ pub(crate) fn probe_fs_caps(path: &Path, f: &File, read_only: bool) -> io::Resul
         punch_hole,
         zero_range,
         probed_by,
+        data_checksums,
     })
 }

@@ -23,9 +23,11 @@
 //! # }
 //! ```
 
+mod foreign;
 mod image;
 mod slab;
 
+pub use foreign::{ForeignBufs, MAX_PIECES};
 pub use image::{DirectPolicy, FsCaps, ImageFile, IoMode};
 pub use slab::{BufRegion, PAGE_SIZE};
 
@@ -127,6 +129,11 @@ pub enum Op {
     /// full length and the part past EOF zero-filled (the disk is its advertised size
     /// even if the file is shorter; data past EOF reads as a hole would).
     Read { offset: u64, region: BufRegion },
+    /// Read `bufs.len()` bytes at `offset` straight into memory outside the slab
+    /// (READV; zero-copy reads into a guest's mapped pages). Short reads and end of
+    /// file as for `Read`. The engine keeps `bufs` (and so what keeps its memory
+    /// mapped) until the completion, which hands it back.
+    ReadInto { offset: u64, bufs: ForeignBufs },
     /// Write the region's bytes at `offset` (WRITE_FIXED). Short writes are continued
     /// internally; a write that makes no progress completes with -EIO.
     Write { offset: u64, region: BufRegion },
@@ -168,7 +175,7 @@ impl OpKind {
 impl Op {
     pub fn kind(&self) -> OpKind {
         match self {
-            Op::Read { .. } => OpKind::Read,
+            Op::Read { .. } | Op::ReadInto { .. } => OpKind::Read,
             Op::Write { .. } => OpKind::Write,
             Op::Fdatasync => OpKind::Fdatasync,
             Op::Discard { .. } => OpKind::Discard,
@@ -197,6 +204,9 @@ pub struct Completion {
     pub result: i32,
     /// The buffer region of a Read/Write, handed back to the caller.
     pub region: Option<BufRegion>,
+    /// The memory of a ReadInto, handed back to the caller (dropping it releases
+    /// what kept the memory mapped).
+    pub foreign: Option<ForeignBufs>,
 }
 
 /// Per-kind operation counts.
@@ -341,6 +351,8 @@ struct Slot {
     /// Bytes already transferred (Read/Write).
     done: usize,
     region: Option<BufRegion>,
+    /// The memory of a ReadInto (instead of `region`).
+    foreign: Option<ForeignBufs>,
     poll_fd: RawFd,
     /// Timeout duration; the kernel reads it while the SQE is submitted, so it lives in
     /// the slot (slots never move: the Vec is allocated once).
@@ -358,6 +370,7 @@ impl Slot {
             len: 0,
             done: 0,
             region: None,
+            foreign: None,
             poll_fd: -1,
             ts: types::Timespec::new(),
         }
@@ -771,6 +784,7 @@ impl Engine {
         slot.img = img.0;
         slot.done = 0;
         slot.region = None;
+        slot.foreign = None;
         slot.poll_fd = -1;
         slot.offset = 0;
         slot.len = 0;
@@ -779,6 +793,11 @@ impl Engine {
                 slot.offset = offset;
                 slot.len = region.len() as u64;
                 slot.region = Some(region);
+            }
+            Op::ReadInto { offset, bufs } => {
+                slot.offset = offset;
+                slot.len = bufs.len() as u64;
+                slot.foreign = Some(bufs);
             }
             Op::Discard { offset, len } | Op::ZeroRange { offset, len } => {
                 slot.offset = offset;
@@ -848,9 +867,15 @@ impl Engine {
         let s = &mut self.slots[idx as usize];
         s.active = false;
         let op = match s.kind {
-            OpKind::Read => Op::Read {
-                offset: s.offset,
-                region: s.region.take().expect("read slot has a region"),
+            OpKind::Read => match s.foreign.take() {
+                Some(bufs) => Op::ReadInto {
+                    offset: s.offset,
+                    bufs,
+                },
+                None => Op::Read {
+                    offset: s.offset,
+                    region: s.region.take().expect("read slot has a region"),
+                },
             },
             OpKind::Write => Op::Write {
                 offset: s.offset,
@@ -898,6 +923,33 @@ impl Engine {
             };
         }
         let e = match s.kind {
+            OpKind::Read if s.foreign.is_some() => {
+                let bufs = s.foreign.as_ref().expect("checked");
+                let pos = s.offset + s.done as u64;
+                let iov = bufs.remaining();
+                let file = match (io_mode, buffered) {
+                    (
+                        IoMode::Direct {
+                            offset_align,
+                            mem_align,
+                        },
+                        Some(buffered),
+                    ) => {
+                        if pos.is_multiple_of(u64::from(*offset_align))
+                            && bufs.aligned(*mem_align as usize, *offset_align as usize)
+                        {
+                            primary
+                        } else {
+                            self.stats.buffered_routed += 1;
+                            buffered
+                        }
+                    }
+                    _ => primary,
+                };
+                // At most MAX_PIECES iovecs (ForeignBufs::new).
+                let (ptr, n) = (iov.as_ptr(), iov.len() as u32);
+                with_file!(file, |f| opcode::Readv::new(f, ptr, n).offset(pos).build())
+            }
             OpKind::Read | OpKind::Write => {
                 let r = s.region.as_ref().expect("read/write slot has a region");
                 let pos = s.offset + s.done as u64;
@@ -979,7 +1031,10 @@ impl Engine {
         // SAFETY: every SQE built by this engine references only (a) fixed files
         // registered for the ring's lifetime, (b) memory inside the registered slab, which
         // outlives the ring (field drop order) and belongs to the op's region until its
-        // CQE is reaped, (c) a slot's Timespec, which lives in the never-reallocated slot
+        // CQE is reaped, (b') memory a slot's ForeignBufs keeps valid until its CQE is
+        // reaped (ForeignBufs::new's contract; leaked if the engine drops first, see
+        // Drop) and that ForeignBufs' iovec array (its own heap allocation, not moved
+        // or changed until the CQE), (c) a slot's Timespec, which lives in the never-reallocated slot
         // table, or (d) a caller fd that the kernel resolves at submission.
         unsafe { self.ring.submission().push(sqe) }.is_ok()
     }
@@ -1142,13 +1197,20 @@ impl Engine {
                     self.stats.bytes_written += got as u64;
                 }
                 s.done += got;
+                if let Some(bufs) = s.foreign.as_mut() {
+                    bufs.advance(got);
+                }
                 if s.done < total {
                     if got == 0 {
                         if kind == OpKind::Read {
                             // End of file: the rest reads as zeros.
-                            let r = s.region.as_ref().expect("read slot has a region");
-                            let from = s.done;
-                            self.slab.buf_mut(r)[from..].fill(0);
+                            if let Some(bufs) = s.foreign.as_mut() {
+                                bufs.zero_rest();
+                            } else {
+                                let r = s.region.as_ref().expect("read slot has a region");
+                                let from = s.done;
+                                self.slab.buf_mut(r)[from..].fill(0);
+                            }
                             self.stats.eof_zero_fills += 1;
                             result = total as i32;
                         } else {
@@ -1182,10 +1244,12 @@ impl Engine {
         let s = &mut self.slots[idx];
         s.active = false;
         let region = s.region.take();
+        let foreign = s.foreign.take();
         out.push(Completion {
             user_data: s.user_data,
             result,
             region,
+            foreign,
         });
         let img = s.img as usize;
         self.free_slots.push(idx as u32);
@@ -1226,6 +1290,7 @@ impl Drop for Engine {
             return;
         }
         if self.ensure_enabled().is_err() {
+            self.leak_foreign_in_flight();
             return;
         }
         let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
@@ -1243,6 +1308,7 @@ impl Drop for Engine {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
                 Err(e) => {
                     log::debug!("{}: draining at drop: {e}", ENGINE);
+                    self.leak_foreign_in_flight();
                     return;
                 }
             }
@@ -1264,6 +1330,21 @@ impl Drop for Engine {
             ENGINE,
             self.in_flight
         );
+        self.leak_foreign_in_flight();
+    }
+}
+
+impl Engine {
+    /// The engine goes away while ops may still run: what keeps their foreign
+    /// memory mapped (a guest's pages) is leaked, never released under the kernel.
+    fn leak_foreign_in_flight(&mut self) {
+        for s in &mut self.slots {
+            if s.active {
+                if let Some(b) = s.foreign.take() {
+                    b.leak();
+                }
+            }
+        }
     }
 }
 

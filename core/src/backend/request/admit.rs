@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::super::limiter::MAX_WAIT;
+use super::data::{self, Data};
 use super::{ops, Queue, Shared, Stage};
 use crate::engine::BufRegion;
 
@@ -103,13 +104,25 @@ impl Queue {
                 break;
             };
             let rw = ops::data_transfer(r);
-            // The buffer comes from the worker's slab, shared with its other
-            // queues. None: wait in line for it (buffers are freed as I/O
-            // completes; the slab holds the largest request a guest may send,
-            // see `Backend::new`).
-            let region = match rw {
-                Some((_, len)) if len > 0 => match sh.alloc_for(self.index, len as usize) {
-                    Some(r) => Some(r),
+            // A read whose pages are all persistently mapped (and fit the
+            // image's direct-I/O alignment) needs no buffer: it goes straight
+            // into the guest's pages ([`data`](super::data)).
+            let zero_copy = match rw {
+                Some((false, len)) if len > 0 && self.ctx.zero_copy_reads => self
+                    .ctx
+                    .persistent
+                    .as_mut()
+                    .and_then(|pg| data::zero_copy_read(pg, &self.ctx.file.io_mode, r)),
+                _ => None,
+            };
+            // Otherwise the buffer comes from the worker's slab, shared with
+            // its other queues. None: wait in line for it (buffers are freed as
+            // I/O completes; the slab holds the largest request a guest may
+            // send, see `Backend::new`).
+            let data = match (zero_copy, rw) {
+                (Some(bufs), _) => Some(Data::Guest(bufs)),
+                (None, Some((_, len))) if len > 0 => match sh.alloc_for(self.index, len as usize) {
+                    Some(r) => Some(Data::Buf(r)),
                     None => {
                         if !self.front_waited {
                             self.front_waited = true;
@@ -122,9 +135,10 @@ impl Queue {
                 },
                 _ => None,
             };
-            if let Some((write, bytes)) = rw.filter(|_| region.is_some()) {
+            if let Some((write, bytes)) = rw.filter(|_| data.is_some()) {
                 if let Err(at) = self.admit_limits(write, bytes) {
-                    if let Some(r) = region {
+                    // (A zero-copy read's pins drop here.)
+                    if let Some(Data::Buf(r)) = data {
                         sh.engine.free(r);
                     }
                     self.arm_timer(sh, at);
@@ -134,7 +148,7 @@ impl Queue {
             let req = self.pending.pop_front().expect("front exists");
             self.front_waited = false;
             self.free_slots.pop();
-            self.start(sh, slot, req, region);
+            self.start(sh, slot, req, data);
         }
         if !in_buffer_line {
             sh.buffers.leave(self.index);

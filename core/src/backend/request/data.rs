@@ -1,14 +1,113 @@
 //! Moving data between the guest's pages and the worker's buffers: one grant
 //! copy for many requests' segments, or — where persistent grants were
 //! negotiated — a copy to or from the guest's pages mapped once
-//! ([`PersistentGrants`](super::super::pgrants::PersistentGrants)). The
-//! guest's pages are guest-writable memory: the platform copies them with
-//! volatile accesses.
+//! ([`PersistentGrants`](super::super::pgrants::PersistentGrants)), or, for a
+//! read, no copy at all (zero-copy reads, below). The guest's pages are
+//! guest-writable memory: the platform copies them with volatile accesses.
+//!
+//! ## Zero-copy reads
+//!
+//! A READ (or an INDIRECT read) goes straight into the guest's pages —
+//! io_uring `READV` with one iovec per segment pointing into the
+//! persistently mapped page, no slab buffer, no memcpy — when all of these
+//! hold ([`zero_copy_read`]):
+//!
+//! 1. persistent grants were negotiated for the device (`serve
+//!    --persistent-grants` and the frontend's `feature-persistent`), zero-copy
+//!    reads are on (`BackendConfig::zero_copy_reads`, the default) and the
+//!    image's file has no data checksums (`FsCaps::data_checksums`: not on
+//!    btrfs, or NOCOW there) — decided once per device when it starts, in
+//!    `QueueCtx::zero_copy_reads`. btrfs verifies an O_DIRECT read's checksum
+//!    on the destination pages after the device filled them: in the guest's
+//!    pages, the guest could change them in between and make dom0's file
+//!    system report corruption (EIO, "csum failed", `corruption_errs`);
+//! 2. every segment's page is mapped: already cached, or mapped now into a
+//!    cache that has room or an unpinned page to evict; a cache full of pages
+//!    pinned by reads in flight means the copy path;
+//! 3. with an O_DIRECT image, the request fits its direct-I/O alignment
+//!    (`IoMode::Direct`: the file offset and every segment's length are
+//!    multiples of `offset_align`, every segment's address of `mem_align`) — a
+//!    partial segment on a file system with 4 KiB direct-I/O alignment (btrfs)
+//!    takes the copy path; a buffered image has no alignment rule;
+//! 4. at most [`MAX_PIECES`] segments (always, for what we advertise).
+//!
+//! Anything else takes the copy path, which stays the default. The pages'
+//! [`Pin`]s travel with the engine op and drop with its completion, so a page
+//! is never unmapped (LRU eviction, disconnect, a stopped or panicked queue,
+//! a restart handover) while the kernel may write into it; if the engine goes
+//! away first they are leaked. End of file is zero-filled by the engine into
+//! the guest's pages (volatile stores). Writes always copy: a guest that
+//! changes a page while the file system writes it from there could make a
+//! data checksum (btrfs) disagree with the data (`docs/security.md`).
+//! Answered zero-copy reads are counted in `zero_copy_reads`.
 
+use super::super::pgrants::{PersistentGrants, Pin};
 use super::{Queue, Req, Shared};
-use crate::blkif::Piece;
-use crate::engine::BufRegion;
+use crate::blkif::{Piece, Request, RwOp};
+use crate::engine::{BufRegion, ForeignBufs, IoMode, MAX_PIECES};
 use crate::platform::{CopySeg, DomId, GrantStatus, Platform};
+
+/// What a started read or write moves its data through.
+#[derive(Debug)]
+pub(super) enum Data {
+    /// A buffer of the worker's slab (the copy path).
+    Buf(BufRegion),
+    /// The guest's own persistently mapped pages (a zero-copy read).
+    Guest(ForeignBufs),
+}
+
+/// The guest's pages for reading `r` straight into them, pinned, or None if
+/// it takes the copy path (the rules are in the module doc).
+pub(super) fn zero_copy_read(
+    pg: &mut PersistentGrants,
+    mode: &IoMode,
+    r: &Request,
+) -> Option<ForeignBufs> {
+    let Request::Rw(rw) = r else { return None };
+    if rw.op() != RwOp::Read || rw.barrier() || rw.is_empty() {
+        return None;
+    }
+    let pieces = rw.pieces();
+    if pieces.is_empty() || pieces.len() > MAX_PIECES {
+        return None;
+    }
+    let (oa, ma) = match mode {
+        IoMode::Direct {
+            offset_align,
+            mem_align,
+        } => (*offset_align as usize, *mem_align as usize),
+        IoMode::Buffered { .. } => (1, 1),
+    };
+    // Checked on the offsets first (pages are page-aligned), so that a
+    // request that cannot fit maps nothing.
+    let fits =
+        |addr: usize, len: usize| addr.is_multiple_of(ma.max(1)) && len.is_multiple_of(oa.max(1));
+    if !(rw.offset() as usize).is_multiple_of(oa.max(1))
+        || !pieces
+            .iter()
+            .all(|p| fits(usize::from(p.offset()), usize::from(p.len())))
+    {
+        return None;
+    }
+    let mut pins: Vec<Pin> = Vec::with_capacity(pieces.len());
+    let mut iov = Vec::with_capacity(pieces.len());
+    for p in pieces {
+        let (page, pin) = pg.pin(p.gref())?;
+        // Inside the page: parse_request keeps offset + len <= PAGE_SIZE (R3),
+        // and `pin` only gives mappings of at least a page.
+        let addr = page.wrapping_add(usize::from(p.offset()));
+        if !fits(addr as usize, usize::from(p.len())) {
+            return None;
+        }
+        iov.push((addr, usize::from(p.len())));
+        pins.push(pin);
+    }
+    // SAFETY: each piece lies inside a page mapping (above) that `pins` keeps
+    // mapped and writable while the ForeignBufs lives; the pages are guest
+    // memory that this process only ever touches with volatile copies
+    // (`ForeignMapping`), never through references.
+    unsafe { ForeignBufs::new(iov, Box::new(pins)) }
+}
 
 impl Queue {
     /// Copy a write's data from the guest's persistently mapped pages into

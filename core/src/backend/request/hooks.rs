@@ -51,7 +51,7 @@ impl Queue {
         let s = &self.ctx.stats;
         s.started(); // in flight + 1
         let counter = match req.io() {
-            Some(Io::Read) => Some(&s.reads),
+            Some(Io::Read | Io::ReadZeroCopy) => Some(&s.reads),
             Some(Io::Write | Io::BarrierWrite) => Some(&s.writes),
             Some(Io::Flush) if req.op == BLKIF_OP_FLUSH_DISKCACHE => Some(&s.flushes),
             Some(Io::Discard) => Some(&s.discards),
@@ -76,6 +76,10 @@ impl Queue {
             match req.io() {
                 Some(Io::Read) => {
                     s.bytes_read.fetch_add(req.len, Ordering::Relaxed);
+                }
+                Some(Io::ReadZeroCopy) => {
+                    s.bytes_read.fetch_add(req.len, Ordering::Relaxed);
+                    s.zero_copy_reads.fetch_add(1, Ordering::Relaxed);
                 }
                 Some(Io::Write) => {
                     s.bytes_written.fetch_add(req.len, Ordering::Relaxed);

@@ -10,9 +10,9 @@
 //! | phase | file | what |
 //! |---|---|---|
 //! | parse | [`parse`] | copy each new slot out of the shared ring once ([`BackRing::next_request`]), validate it ([`parse_request`]) into a `Req`, or answer the rejection at once |
-//! | admit | [`admit`] | in ring order, start a waiting request when the ordering rules (a FLUSH or barrier waits for every earlier request), a ring slot, engine room, a buffer from the worker's slab (first come first served) and the limits allow; otherwise it waits — never failed for the backend's own reasons |
+//! | admit | [`admit`] | in ring order, start a waiting request when the ordering rules (a FLUSH or barrier waits for every earlier request), a ring slot, engine room, a buffer from the worker's slab (first come first served; a zero-copy read needs none, [`data`]) and the limits allow; otherwise it waits — never failed for the backend's own reasons |
 //! | submit | [`submit`] | fetch an indirect request's segment list; grant-copy a write's data in (one grant copy per pass); queue the file op on the engine |
-//! | complete | [`complete`] | an engine completion moves the request on: a read's data is copied out to the guest, a barrier's write is followed by its fdatasync, everything else is done |
+//! | complete | [`complete`] | an engine completion moves the request on: a read's data is copied out to the guest (a zero-copy read's is there already), a barrier's write is followed by its fdatasync, everything else is done |
 //! | respond | [`respond`] | exactly one response per request; responses are published together and the frontend is notified only if it asked (`rsp_event`); before sleeping, the ring.h final check |
 //!
 //! What each operation does at start and at completion is in [`ops`], so
@@ -106,6 +106,11 @@ pub(crate) struct QueueCtx {
     /// Persistent grants negotiated: data pages are mapped once and copied with
     /// memcpy instead of a grant copy per request ([`data`]).
     pub persistent: Option<PersistentGrants>,
+    /// With persistent grants, reads whose segments are all mapped and aligned
+    /// go straight into the guest's pages ([`data`]). Off for an image whose
+    /// file has data checksums (btrfs without NOCOW), decided when the device
+    /// starts.
+    pub zero_copy_reads: bool,
     /// The restart journal (`--state-dir`): consumed requests are recorded
     /// until their response is published ([`hooks`]).
     pub journal: Option<Journal>,

@@ -9,6 +9,7 @@
 //! | request | starts as | then | answered |
 //! |---|---|---|---|
 //! | READ | file read into a buffer | data copied out to the guest | OKAY once copied |
+//! | READ, zero-copy (see [`data`](super::data)) | file read straight into the guest's persistently mapped pages | | OKAY once read |
 //! | WRITE | data copied in from the guest, file write | | OKAY once written |
 //! | WRITE_BARRIER | (after every earlier request) data copied in, file write | fdatasync | OKAY once durable |
 //! | FLUSH_DISKCACHE | (after every earlier request) fdatasync | | OKAY once durable |
@@ -17,6 +18,7 @@
 
 use log::debug;
 
+use super::data::Data;
 use super::{Queue, Req, Shared, Stage};
 use crate::blkif::{Features, Request, RwOp, RwRequest};
 use crate::engine::{BufRegion, FsCaps, Op};
@@ -27,6 +29,8 @@ use xen_sys::blkif::{BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY};
 pub(super) enum Io {
     /// A read, whose data then goes out to the guest.
     Read,
+    /// A read straight into the guest's persistently mapped pages.
+    ReadZeroCopy,
     Write,
     /// A WRITE_BARRIER's write; its fdatasync follows.
     BarrierWrite,
@@ -79,14 +83,14 @@ pub(super) fn data_transfer(r: &Request) -> Option<(bool, u64)> {
 
 impl Queue {
     /// Start `req` (whose waiting request is `r`) in ring slot `slot`, with
-    /// its buffer if it moves data.
+    /// what its data moves through if it moves data.
     pub(super) fn start_op(
         &mut self,
         sh: &mut Shared,
         slot: usize,
         mut req: Req,
         r: Request,
-        region: Option<BufRegion>,
+        data: Option<Data>,
     ) {
         match r {
             Request::Indirect(ind) => {
@@ -104,7 +108,7 @@ impl Queue {
                     }
                 }
             }
-            Request::Rw(rw) => self.start_rw(sh, slot, req, rw, region),
+            Request::Rw(rw) => self.start_rw(sh, slot, req, rw, data),
             Request::Flush { .. } => {
                 self.run(slot, req, Io::Flush);
                 self.submit_or_fail(sh, slot, Op::Fdatasync);
@@ -137,28 +141,39 @@ impl Queue {
         slot: usize,
         mut req: Req,
         r: RwRequest,
-        region: Option<BufRegion>,
+        data: Option<Data>,
     ) {
         let (op, offset, barrier) = (r.op(), r.offset(), r.barrier());
         if barrier {
             self.barrier_active = true;
         }
         req.pieces = r.into_pieces();
-        let io = match (op, barrier) {
+        let io = match (op, barrier, &data) {
             // A barrier without data: just the flush.
-            _ if region.is_none() => Io::Flush,
-            (RwOp::Read, _) => Io::Read,
-            (RwOp::Write, false) => Io::Write,
-            (RwOp::Write, true) => Io::BarrierWrite,
+            (_, _, None) => Io::Flush,
+            (RwOp::Read, _, Some(Data::Guest(_))) => Io::ReadZeroCopy,
+            (RwOp::Read, _, _) => Io::Read,
+            (RwOp::Write, false, _) => Io::Write,
+            (RwOp::Write, true, _) => Io::BarrierWrite,
         };
         self.run(slot, req, io);
-        let Some(region) = region else {
-            self.submit_or_fail(sh, slot, Op::Fdatasync);
-            return;
-        };
-        match op {
-            RwOp::Read => self.submit_or_fail(sh, slot, Op::Read { offset, region }),
-            RwOp::Write => self.write_from_guest(sh, slot, region, offset),
+        match (op, data) {
+            (_, None) => self.submit_or_fail(sh, slot, Op::Fdatasync),
+            (RwOp::Read, Some(Data::Buf(region))) => {
+                self.submit_or_fail(sh, slot, Op::Read { offset, region })
+            }
+            (RwOp::Read, Some(Data::Guest(bufs))) => {
+                self.submit_or_fail(sh, slot, Op::ReadInto { offset, bufs })
+            }
+            (RwOp::Write, Some(Data::Buf(region))) => {
+                self.write_from_guest(sh, slot, region, offset)
+            }
+            (RwOp::Write, Some(Data::Guest(_))) => {
+                // Writes always copy (docs/security.md); `zero_copy_read` never
+                // gives a write the guest's pages.
+                log::error!("{}: a write without a buffer of its own", self.ctx.name);
+                self.finish(slot, BLKIF_RSP_ERROR);
+            }
         }
     }
 
@@ -180,6 +195,12 @@ impl Queue {
     ) {
         match (io, region) {
             (Io::Read, Some(region)) => self.read_to_guest(sh, slot, region),
+            // The data is in the guest's pages already (zero-filled past EOF
+            // by the engine); the pins drop with the completion.
+            (Io::ReadZeroCopy, region) => {
+                self.free_region(sh, region);
+                self.finish(slot, BLKIF_RSP_OKAY);
+            }
             (Io::Write, region) => {
                 self.observe_slot(slot, |id| super::IoEvent::WriteDone { id });
                 self.free_region(sh, region);

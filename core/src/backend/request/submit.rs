@@ -8,7 +8,7 @@
 
 use log::debug;
 
-use super::data::{grant_copy_all, grant_copy_batch, split_mut};
+use super::data::{grant_copy_all, grant_copy_batch, split_mut, Data};
 use super::{Io, Queue, Req, Shared, Stage, Tag};
 use crate::blkif::{IndirectRequest, RwRequest};
 use crate::engine::{BufRegion, Op};
@@ -19,21 +19,15 @@ impl Queue {
     /// Start `req` in ring slot `slot` (taken from `free_slots`), with its
     /// buffer if it moves data: what it starts as is its operation's
     /// ([`ops`](super::ops)).
-    pub(super) fn start(
-        &mut self,
-        sh: &mut Shared,
-        slot: usize,
-        mut req: Req,
-        region: Option<BufRegion>,
-    ) {
+    pub(super) fn start(&mut self, sh: &mut Shared, slot: usize, mut req: Req, data: Option<Data>) {
         match std::mem::replace(&mut req.stage, Stage::Running(Io::Flush)) {
-            Stage::Waiting(r) => self.start_op(sh, slot, req, r, region),
+            Stage::Waiting(r) => self.start_op(sh, slot, req, r, data),
             Stage::Running(io) => {
                 // Only waiting requests are in the line: a bug, answered.
                 log::error!("{}: request {} started twice", self.ctx.name, req.id);
                 req.stage = Stage::Running(io);
                 self.free_slots.push(slot);
-                if let Some(r) = region {
+                if let Some(Data::Buf(r)) = data {
                     sh.engine.free(r);
                 }
                 self.answer(req, BLKIF_RSP_ERROR, false);
