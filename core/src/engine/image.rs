@@ -261,8 +261,9 @@ pub struct FsCaps {
     /// nothing was probed ("read-only image", "not a regular file": both false).
     pub probed_by: &'static str,
     /// The file system checks this file's data against checksums when it reads
-    /// it: a file on btrfs without the NOCOW attribute (`chattr +C`), or one
-    /// whose attributes cannot be read. An O_DIRECT read of such a file
+    /// it, or may: a file on btrfs without the NOCOW attribute (`chattr +C`)
+    /// or whose attributes cannot be read, and a file on any file system other
+    /// than ext2/3/4, XFS, tmpfs and ramfs. An O_DIRECT read of such a file
     /// verifies the checksum on the destination memory after the device
     /// filled it, so that memory must not be writable by a guest
     /// (`docs/security.md`, "Zero-copy reads"). Known when the image is
@@ -293,11 +294,16 @@ fn inode_flags(f: &File) -> io::Result<libc::c_int> {
 }
 
 /// Whether the file system verifies `f`'s data against checksums on reads
-/// ([`FsCaps::data_checksums`]): on btrfs, unless the file is NOCOW; if its
-/// flags cannot be read, assumed so.
+/// ([`FsCaps::data_checksums`]), or may: only the file systems known to have
+/// no data checksums say no (ext2/3/4 and XFS checksum metadata only; tmpfs
+/// and ramfs, where a block device node also lives, have none), and btrfs
+/// for a NOCOW file. Any other (ZFS, bcachefs, a network file system, ...)
+/// counts as checksummed, and so does a btrfs file whose flags cannot be read.
 fn has_data_checksums(path: &Path, f: &File, magic: u64) -> bool {
-    if magic != BTRFS_MAGIC {
-        return false;
+    match magic {
+        EXT4_MAGIC | XFS_MAGIC | TMPFS_MAGIC | RAMFS_MAGIC => return false,
+        BTRFS_MAGIC => {}
+        _ => return true,
     }
     match inode_flags(f) {
         Ok(flags) => flags & FS_NOCOW_FL == 0,
@@ -410,4 +416,24 @@ pub(crate) fn probe_fs_caps(path: &Path, f: &File, read_only: bool) -> io::Resul
         probed_by,
         data_checksums,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only file systems known to have no data checksums let a read go
+    /// straight into a guest's page: an unknown one (ZFS's magic here, or
+    /// bcachefs's) takes the copy path, whatever the file.
+    #[test]
+    fn only_known_file_systems_count_as_without_data_checksums() {
+        let f = tempfile::tempfile().unwrap();
+        let p = Path::new("/some/image");
+        for m in [EXT4_MAGIC, XFS_MAGIC, TMPFS_MAGIC, RAMFS_MAGIC] {
+            assert!(!has_data_checksums(p, &f, m), "{}", fs_name(m));
+        }
+        for m in [0x2fc1_2fc1_u64, 0xca45_1a4e, 0x6969, 0] {
+            assert!(has_data_checksums(p, &f, m), "magic {m:#x}");
+        }
+    }
 }

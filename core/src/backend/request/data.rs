@@ -15,8 +15,9 @@
 //! 1. persistent grants were negotiated for the device (`serve
 //!    --persistent-grants` and the frontend's `feature-persistent`), zero-copy
 //!    reads are on (`BackendConfig::zero_copy_reads`, the default) and the
-//!    image's file has no data checksums (`FsCaps::data_checksums`: not on
-//!    btrfs, or NOCOW there) — decided once per device when it starts, in
+//!    image's file has no data checksums (`FsCaps::data_checksums`: on ext4,
+//!    XFS, tmpfs or ramfs, or NOCOW on btrfs; any other file system counts as
+//!    checksummed) — decided once per device when it starts, in
 //!    `QueueCtx::zero_copy_reads`. btrfs verifies an O_DIRECT read's checksum
 //!    on the destination pages after the device filled them: in the guest's
 //!    pages, the guest could change them in between and make dom0's file
