@@ -156,7 +156,13 @@ fn the_readme_walkthrough_runs_a_verified_guest_that_status_sees_and_limit_slows
             .find(|l| l.starts_with("work "))
             .unwrap_or_else(|| panic!("no row of the guest work:\n{screen}"))
             .to_string();
-        let iops: f64 = row.split_whitespace().nth(3).unwrap().parse().unwrap();
+        // The IOPS column as `status` prints it: a count, or from 100,000 on
+        // a figure with a unit (`123k`, `1.2M`).
+        let field = row.split_whitespace().nth(3).unwrap_or("").to_string();
+        let digits = field.trim_end_matches(['k', 'M', 'G', 'T']);
+        let iops: f64 = digits
+            .parse()
+            .unwrap_or_else(|_| panic!("IOPS column '{field}' is not a rate: {row}"));
         last = row;
         iops > 0.0
     });
