@@ -175,10 +175,18 @@ impl ScratchFs {
     /// The image lives in `$REFBLK_SCRATCH_DIR` if set, else the system temp dir.
     /// Errors name the failing command and its stderr.
     pub fn new(kind: FsKind, size: u64) -> io::Result<ScratchFs> {
-        cleanup_leaked();
         let root = std::env::var_os("REFBLK_SCRATCH_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
+        ScratchFs::new_in(kind, size, &root)
+    }
+
+    /// Like [`ScratchFs::new`] with the image in `root` (e.g. `/dev/shm`, for a
+    /// file system whose "disk" is memory: `refblk bench --backing ram`). The
+    /// image and its directory are named as `new` names them, so a leaked
+    /// mount is found and removed the same way.
+    pub fn new_in(kind: FsKind, size: u64, root: &Path) -> io::Result<ScratchFs> {
+        cleanup_leaked();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let base = root.join(format!("{PREFIX}{}.{n}", std::process::id()));
         let _ = fs::remove_dir_all(&base);

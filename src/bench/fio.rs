@@ -149,7 +149,7 @@ fn side(op: IoOp) -> &'static str {
 }
 
 /// One timed fio run of `spec` on `file` (its page cache dropped by the caller),
-/// as a [`Sample`]: IOPS, MB/s, mean and 99th percentile of the total latency
+/// as a [`Sample`]: IOPS, MB/s, mean, median and 99th percentile of the total latency
 /// (submission to completion, what our generator measures), operations, seconds.
 /// CPU and page-cache figures are left at 0.
 pub fn run_timed(args: &[String], file: &Path, op: IoOp) -> io::Result<Sample> {
@@ -167,6 +167,10 @@ pub fn run_timed(args: &[String], file: &Path, op: IoOp) -> io::Result<Sample> {
         iops: num(&s["iops"], "iops")?,
         mbps: num(&s["bw_bytes"], "bw_bytes")? / 1e6,
         lat_mean_us: num(&s["lat_ns"]["mean"], "lat_ns.mean")? / 1000.0,
+        lat_p50_us: s["lat_ns"]["percentile"]["50.000000"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1000.0,
         lat_p99_us: s["lat_ns"]["percentile"]["99.000000"]
             .as_f64()
             .unwrap_or(0.0)

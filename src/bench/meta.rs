@@ -86,10 +86,12 @@ impl MetaBench<'_> {
             .create_volume(&vid, VolumeConfig::origin(1), size)
             .map_err(pool_err)?;
         let clean = vol.clean_path().to_path_buf();
-        self.progress.step(&format!(
-            "{}: snapshot/commit: writing a {sz} image",
-            self.label
-        ));
+        self.progress
+            .step(&format!(
+                "{}: snapshot/commit: writing a {sz} image",
+                self.label
+            ))
+            .map_err(io::Error::other)?;
         write_dense(&clean, size)?;
         let mk = |what: &str, ms: Vec<f64>, ext: u64, note: Option<String>, profile| MetaResult {
             place: self.label.to_string(),
@@ -102,7 +104,8 @@ impl MetaBench<'_> {
         };
         if snapshot {
             self.progress
-                .step(&format!("{}: snapshot of the dense {sz} image", self.label));
+                .step(&format!("{}: snapshot of the dense {sz} image", self.label))
+                .map_err(io::Error::other)?;
             let ext = extents(&clean);
             let (ms, rl) = self.ficlone_times(&clean)?;
             let note = (!rl).then(|| "no reflink: full copy".to_string());
@@ -122,10 +125,12 @@ impl MetaBench<'_> {
         drop_cache(&clean)?;
         let ext = extents(&clean);
         if snapshot {
-            self.progress.step(&format!(
-                "{}: snapshot of the fragmented {sz} image",
-                self.label
-            ));
+            self.progress
+                .step(&format!(
+                    "{}: snapshot of the fragmented {sz} image",
+                    self.label
+                ))
+                .map_err(io::Error::other)?;
             let (ms, rl) = self.ficlone_times(&clean)?;
             let note = (!rl).then(|| "no reflink: full copy".to_string());
             out.push(mk("ficlone+fsync fragmented", ms, ext, note, "snapshot"));
@@ -134,12 +139,14 @@ impl MetaBench<'_> {
             let mut start = Vec::new();
             let mut stop = Vec::new();
             for r in 0..self.reps {
-                self.progress.step(&format!(
-                    "{}: commit of the {sz} volume rep {}/{}",
-                    self.label,
-                    r + 1,
-                    self.reps
-                ));
+                self.progress
+                    .step(&format!(
+                        "{}: commit of the {sz} volume rep {}/{}",
+                        self.label,
+                        r + 1,
+                        self.reps
+                    ))
+                    .map_err(io::Error::other)?;
                 let t = Instant::now();
                 let dirty = vol.start().map_err(pool_err)?;
                 start.push(t.elapsed().as_secs_f64() * 1000.0);

@@ -27,6 +27,7 @@ use std::io::{self, IsTerminal, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use loopdev::LoopDev;
@@ -51,11 +52,65 @@ impl Place {
     }
 }
 
+/// What the scratch file systems sit on: the "disk" under btrfs, XFS or ext4.
+/// Either way each is made with mkfs in a file attached to a loop device
+/// (switched to direct I/O), so the file systems and their code paths are
+/// the same; only the storage under them differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// A sparse file in `$REFBLK_SCRATCH_DIR` or the temp directory: the
+    /// machine's disk (on this VM a virtual disk, with its noise).
+    #[default]
+    Disk,
+    /// A file in [`RAM_DIR`] (tmpfs): memory, no disk, so what remains is each
+    /// path's software cost.
+    Ram,
+}
+
+/// Where `--backing ram` puts the scratch file systems' images.
+pub const RAM_DIR: &str = "/dev/shm";
+
+impl Backing {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backing::Disk => "disk",
+            Backing::Ram => "ram",
+        }
+    }
+
+    /// The directory the scratch file systems' images go to.
+    pub fn root(self) -> PathBuf {
+        match self {
+            Backing::Disk => std::env::var_os("REFBLK_SCRATCH_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(std::env::temp_dir),
+            Backing::Ram => PathBuf::from(RAM_DIR),
+        }
+    }
+
+    /// One line for the reports: the regime and what it means.
+    pub fn detail(self) -> String {
+        let root = self.root();
+        match self {
+            Backing::Disk => format!(
+                "scratch file systems on a loop device (direct I/O) over a sparse file in {} — the machine's disk",
+                root.display()
+            ),
+            Backing::Ram => format!(
+                "scratch file systems on a loop device (direct I/O) over a file in {} (tmpfs) — no disk: what remains is each path's software cost",
+                root.display()
+            ),
+        }
+    }
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
     pub profiles: Vec<Profile>,
     pub places: Vec<Place>,
+    /// What the scratch file systems of [`Place::Fs`] sit on.
+    pub backing: Backing,
     pub paths: Vec<PathKind>,
     /// Time per timed run.
     pub runtime: Duration,
@@ -75,6 +130,7 @@ impl Default for BenchConfig {
         BenchConfig {
             profiles: profile::ALL.to_vec(),
             places: vec![Place::Fs(FsKind::Btrfs), Place::Fs(FsKind::Xfs)],
+            backing: Backing::Disk,
             paths: PathKind::ALL.to_vec(),
             runtime: Duration::from_secs(1),
             size: 1 << 30,
@@ -92,12 +148,17 @@ pub struct Sample {
     pub iops: f64,
     pub mbps: f64,
     pub lat_mean_us: f64,
+    /// Median latency (half the operations took less).
+    pub lat_p50_us: f64,
     pub lat_p99_us: f64,
-    /// Serving-side CPU per operation (see [`BlockTarget::serving_cpu_ns`]).
+    /// Serving-side CPU per operation (see [`BlockTarget::serving_threads`]).
     pub cpu_us_per_io: f64,
     /// Busy CPU of the whole machine per operation (includes kernel workers such as
     /// the loop device's, and other processes: context only).
     pub host_cpu_us_per_io: f64,
+    /// CPU of the kernel's worker threads per operation (loop devices' I/O,
+    /// deferred completions; machine-wide, so other tenants' too: context).
+    pub kworker_us_per_io: f64,
     /// Bytes of the image in dom0's page cache after the run.
     pub cache_bytes: u64,
     pub ops: u64,
@@ -150,6 +211,12 @@ pub struct Calibration {
 pub struct BenchReport {
     pub started_utc: String,
     pub host: String,
+    /// The storage regime: `disk` or `ram` ([`Backing`]), or `dir` (an
+    /// existing directory, `--dir`); empty when not recorded (a JSON file of
+    /// an older version).
+    pub backing: String,
+    /// What that regime is, in a line.
+    pub backing_detail: String,
     pub runtime_s: f64,
     pub size: u64,
     pub reps: usize,
@@ -160,6 +227,32 @@ pub struct BenchReport {
     pub calibration: Vec<Calibration>,
     /// Things the reader should know (paths skipped and why, ...).
     pub notes: Vec<String>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// What a run stopped by [`request_stop`] returns as its error.
+pub const INTERRUPTED: &str = "interrupted";
+
+/// Ask a running bench to stop: the timed run in progress ends early, and the
+/// next step returns the error [`INTERRUPTED`], so the run unwinds as on any
+/// error and its scratch file systems, loop devices and images are removed
+/// (`refblk bench` calls this on SIGINT and SIGTERM).
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Whether [`request_stop`] was called.
+pub fn stop_requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+fn check_stop() -> Result<(), String> {
+    if stop_requested() {
+        Err(INTERRUPTED.into())
+    } else {
+        Ok(())
+    }
 }
 
 /// The progress line on stderr: elapsed time, the step (a timed run, a fio
@@ -197,10 +290,13 @@ impl Progress {
         self.total
             .set(self.total.get().saturating_sub(n).max(self.started.get()));
     }
-    /// A step starts: show it with the step count and the time left.
-    pub fn step(&self, msg: &str) {
+    /// A step starts: show it with the step count and the time left; or,
+    /// when the run was asked to stop ([`request_stop`]), [`INTERRUPTED`].
+    pub fn step(&self, msg: &str) -> Result<(), String> {
+        check_stop()?;
         self.started.set(self.started.get() + 1);
         self.show(msg);
+        Ok(())
     }
     pub fn show(&self, msg: &str) {
         if !self.on {
@@ -265,9 +361,15 @@ fn meta_steps(cfg: &BenchConfig, snap: bool, commit: bool) -> u64 {
 /// scratch file system, mkfs failing) are returned; a path that cannot run is
 /// recorded in the report and the others go on.
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
+    let (backing, backing_detail) = regime(cfg);
+    if cfg.backing == Backing::Ram && backing == Backing::Ram.name() {
+        ram_check(cfg)?;
+    }
     let mut rep = BenchReport {
         started_utc: utc_now(),
         host: host_description(),
+        backing,
+        backing_detail,
         runtime_s: cfg.runtime.as_secs_f64(),
         size: cfg.size,
         reps: cfg.reps,
@@ -283,13 +385,141 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, String> {
             )),
         }
     }
+    if cfg.profiles.iter().any(|p| matches!(p.kind, Kind::Io(..)))
+        && stats::kworker_snapshot().is_empty()
+    {
+        // In a PID namespace (a container) the kernel's threads are not in
+        // /proc: a 0 in the column would read as "no kernel work".
+        rep.notes.push(
+            "kworker µs/IO: no kernel worker thread is visible in /proc (a PID namespace?): \
+             the column shows 0, not measured"
+                .into(),
+        );
+    }
     let progress = Progress::new(cfg.progress);
     progress.plan(planned_steps(cfg, rep.fio.is_some()));
     for place in &cfg.places {
+        check_stop()?;
         run_place(cfg, place, &mut rep, &progress)?;
     }
     progress.done();
     Ok(rep)
+}
+
+/// The report's regime: (`disk` | `ram` | `dir`, what it is).
+fn regime(cfg: &BenchConfig) -> (String, String) {
+    let dirs: Vec<&PathBuf> = cfg
+        .places
+        .iter()
+        .filter_map(|p| match p {
+            Place::Dir(d) => Some(d),
+            Place::Fs(_) => None,
+        })
+        .collect();
+    if !dirs.is_empty() && dirs.len() == cfg.places.len() {
+        let what: Vec<String> = dirs
+            .iter()
+            .map(|d| format!("{} ({})", d.display(), refblk_core::pool::fs_type_name(d)))
+            .collect();
+        return (
+            "dir".into(),
+            format!(
+                "an existing directory, no scratch file system: {}",
+                what.join(", ")
+            ),
+        );
+    }
+    (cfg.backing.name().into(), cfg.backing.detail())
+}
+
+/// The size of the scratch file system of `kind` for `cfg`: four images (the
+/// dense one, a run's clone or sparse file, room to spare), twice the
+/// largest snapshot/commit image when those run, and 1 GiB for the file
+/// system itself. The same in both regimes, so the file systems are the same.
+pub fn scratch_size(cfg: &BenchConfig, kind: FsKind) -> u64 {
+    let has_meta = cfg
+        .profiles
+        .iter()
+        .any(|p| matches!(p.kind, Kind::Snapshot | Kind::Commit));
+    let meta: u64 = if has_meta {
+        cfg.snapshot_sizes
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or(0)
+            .saturating_mul(2)
+    } else {
+        0
+    };
+    cfg.size
+        .saturating_mul(4)
+        .saturating_add(meta)
+        .saturating_add(1 << 30)
+        .max(kind.min_size())
+}
+
+/// Bytes of memory the machine can still give (`MemAvailable`), if known.
+fn mem_available() -> Option<u64> {
+    let s = fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = s
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// `--backing ram`: refuse, before anything is made, when the scratch file
+/// systems may not fit in memory. The image file in /dev/shm is sparse, but
+/// the file systems write new blocks as they go (btrfs never overwrites in
+/// place, freed blocks are not given back to tmpfs), so one may grow to its
+/// full size; they run one after the other, so the largest is what is needed.
+/// It must fit in /dev/shm's free space and in the memory the machine has
+/// available (tmpfs pages are memory; without swap they cannot go out).
+pub fn ram_check(cfg: &BenchConfig) -> Result<(), String> {
+    let Some((kind, needed)) = cfg
+        .places
+        .iter()
+        .filter_map(|p| match p {
+            Place::Fs(k) => Some((*k, scratch_size(cfg, *k))),
+            Place::Dir(_) => None,
+        })
+        .max_by_key(|(_, n)| *n)
+    else {
+        return Ok(());
+    };
+    let dir = Path::new(RAM_DIR);
+    let st = nix::sys::statfs::statfs(dir).map_err(|e| format!("--backing ram: {RAM_DIR}: {e}"))?;
+    if st.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+        return Err(format!(
+            "--backing ram: {RAM_DIR} is not a tmpfs ({}); use --backing disk",
+            refblk_core::pool::fs_type_name(dir)
+        ));
+    }
+    let vfs =
+        nix::sys::statvfs::statvfs(dir).map_err(|e| format!("--backing ram: {RAM_DIR}: {e}"))?;
+    let shm_free = (vfs.blocks_available() as u64).saturating_mul(vfs.fragment_size() as u64);
+    let mem = mem_available().unwrap_or(u64::MAX);
+    if needed > shm_free.min(mem) {
+        let gib = |n: u64| format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64);
+        let mem = if mem == u64::MAX {
+            "unknown".to_string()
+        } else {
+            gib(mem)
+        };
+        return Err(format!(
+            "--backing ram: the scratch {kind} file system needs up to {} of memory \
+             (4 × the {} image, twice the largest snapshot/commit image when those run, \
+             1 GiB for the file system), but {RAM_DIR} has {} free and the machine {mem} \
+             available; lower --size or --snapshot-sizes, or use --backing disk",
+            gib(needed),
+            fmt_bytes(cfg.size),
+            gib(shm_free),
+        ));
+    }
+    Ok(())
 }
 
 /// A directory to work in, with the scratch file system that holds it (if any).
@@ -297,13 +527,11 @@ struct Workspace {
     dir: PathBuf,
     _fs: Option<ScratchFs>,
     reflink: bool,
+    /// What the report should say about this workspace.
+    notes: Vec<String>,
 }
 
 fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
-    let has_meta = cfg
-        .profiles
-        .iter()
-        .any(|p| matches!(p.kind, Kind::Snapshot | Kind::Commit));
     match place {
         Place::Fs(kind) => {
             if !nix::unistd::geteuid().is_root() {
@@ -312,21 +540,32 @@ fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
                      run as root or pass --dir DIR to benchmark in an existing directory"
                 ));
             }
-            let meta: u64 = if has_meta {
-                cfg.snapshot_sizes.iter().max().copied().unwrap_or(0) * 2
-            } else {
-                0
-            };
-            let fs_size = cfg.size * 4 + meta + (1 << 30);
-            let fs = ScratchFs::new(*kind, fs_size)
-                .map_err(|e| format!("cannot make a scratch {kind} file system: {e}"))?;
+            let fs = ScratchFs::new_in(*kind, scratch_size(cfg, *kind), &cfg.backing.root())
+                .map_err(|e| {
+                    format!(
+                        "cannot make a scratch {kind} file system ({} backing): {e}",
+                        cfg.backing.name()
+                    )
+                })?;
             // The scratch file system sits on a loop device over a file on the root
-            // file system. Switch that loop device to direct I/O so the root's page
-            // cache does not serve our "cold" reads (storage-measurements.md does the
-            // same); a failure is reported, not fatal.
+            // file system (disk) or in /dev/shm (ram). Switch that loop device to
+            // direct I/O so the root's page cache does not serve our "cold" reads
+            // (storage-measurements.md does the same), and so both regimes take
+            // the same path; a failure is reported, not fatal.
+            let dev = fs.loop_device().unwrap_or("no loop device").to_string();
+            let under = fs.image().parent().unwrap_or(Path::new("/"));
+            let mut notes = vec![format!(
+                "{kind}: scratch file system on {dev} over {} ({}, {} backing)",
+                fs.image().display(),
+                refblk_core::pool::fs_type_name(under),
+                cfg.backing.name()
+            )];
             if let Some(dev) = fs.loop_device() {
                 if let Err(e) = loopdev::set_direct_io(dev) {
                     log::warn!("{dev} (scratch {kind}): cannot switch to direct I/O: {e}");
+                    notes.push(format!(
+                        "{kind}: the scratch file system's loop device {dev} runs buffered (direct I/O refused: {e})"
+                    ));
                 }
             }
             let dir = fs.path().join("refblk-bench");
@@ -335,6 +574,7 @@ fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
                 dir,
                 reflink: kind.supports_reflink(),
                 _fs: Some(fs),
+                notes,
             })
         }
         Place::Dir(d) => {
@@ -349,6 +589,7 @@ fn workspace(cfg: &BenchConfig, place: &Place) -> Result<Workspace, String> {
                 dir,
                 _fs: None,
                 reflink,
+                notes: Vec::new(),
             })
         }
     }
@@ -371,6 +612,7 @@ fn run_place(
     let label = place.label();
     progress.show(&format!("{label}: setting up"));
     let ws = workspace(cfg, place)?;
+    rep.notes.extend(ws.notes.iter().cloned());
     let io_profiles: Vec<&Profile> = cfg
         .profiles
         .iter()
@@ -464,7 +706,7 @@ fn run_place(
                             p.name,
                             r + 1,
                             cfg.reps
-                        ));
+                        ))?;
                         match fio_run(cfg, &ws, &dense, &spec, prep, direct) {
                             Ok((s, command)) => {
                                 cal.samples.push(s);
@@ -488,7 +730,7 @@ fn run_place(
                         r + 1,
                         cfg.reps,
                         res.path
-                    ));
+                    ))?;
                     match one_run(cfg, &ws, &dense, res.path, &spec, prep, r as u64) {
                         Ok((s, mode)) => {
                             res.samples.push(s);
@@ -637,6 +879,7 @@ fn one_run(
     let image = image.as_path();
     let (mut opened, mode) = open_path(ws, path, image, spec)?;
     let h0 = stats::machine_busy_ns();
+    let k0 = stats::kworker_snapshot();
     let r = workload::run(
         opened.target.as_mut(),
         spec,
@@ -646,6 +889,7 @@ fn one_run(
     )
     .map_err(|e| format!("{path} on {}: {e}", image.display()))?;
     let h1 = stats::machine_busy_ns();
+    let kworker_ns = stats::cpu_since(&k0, &stats::kworker_snapshot());
     drop(opened);
     let cache_bytes = fincore(image).unwrap_or(0);
     if image != dense {
@@ -661,9 +905,15 @@ fn one_run(
             iops: r.iops(),
             mbps: r.mbps(),
             lat_mean_us: r.lat_mean_us,
+            lat_p50_us: r.lat_p50_us,
             lat_p99_us: r.lat_p99_us,
             cpu_us_per_io: r.cpu_us_per_io(),
             host_cpu_us_per_io: host,
+            kworker_us_per_io: if r.ops > 0 {
+                kworker_ns as f64 / 1000.0 / r.ops as f64
+            } else {
+                0.0
+            },
             cache_bytes,
             ops: r.ops,
             secs: r.secs,

@@ -21,7 +21,7 @@ use refblk_core::xenstore::XsClient;
 use refblk_sim::frontend::{Frontend, FrontendOptions, IoRequest, Toolstack, VbdSpec};
 use refblk_sim::{SimGuest, SimXen};
 
-use super::stats::{iowq_cpu_ns, task_cpu_ns, threads_named};
+use super::stats::{iowq_tids, threads_named};
 use super::target::BlockTarget;
 
 /// Serving-side threads of the backend (its io_uring workers) are named `refblk-io<N>`.
@@ -230,13 +230,11 @@ impl BlockTarget for RefblkTarget {
         Ok(())
     }
 
-    fn serving_cpu_ns(&self) -> u64 {
+    fn serving_threads(&self) -> Vec<u32> {
         // The guest side does no io_uring: every io-wq worker works for a queue.
-        self.queue_tids
-            .iter()
-            .filter_map(|&t| task_cpu_ns(t))
-            .sum::<u64>()
-            + iowq_cpu_ns()
+        let mut v = iowq_tids();
+        v.extend(&self.queue_tids);
+        v
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {

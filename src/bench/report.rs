@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
-use super::profile::PathKind;
+use super::profile::{Kind, PathKind};
 use super::stats::Spread;
 use super::{fmt_bytes, BenchReport, Calibration, IoResult, Sample};
 
@@ -35,6 +35,47 @@ pub fn ratio(
     let x = median_iops(rep, place, profile, a)?;
     let y = median_iops(rep, place, profile, b)?;
     (y > 0.0).then(|| x / y)
+}
+
+/// The median of `f` over the samples of `path` for (place, profile), if measured.
+fn median_of(
+    rep: &BenchReport,
+    place: &str,
+    profile: &str,
+    path: PathKind,
+    f: impl Fn(&Sample) -> f64,
+) -> Option<f64> {
+    rep.io
+        .iter()
+        .find(|r| {
+            r.place == place && r.profile == profile && r.path == path && !r.samples.is_empty()
+        })
+        .map(|r| spread(r, f).median)
+}
+
+/// The queue depth of a known I/O profile.
+pub fn queue_depth(profile: &str) -> Option<u32> {
+    super::profile::ALL
+        .iter()
+        .find(|p| p.name == profile)
+        .and_then(|p| match p.kind {
+            Kind::Io(spec, _) => Some(spec.qd),
+            _ => None,
+        })
+}
+
+/// The latency `path` adds over the `file` path at queue depth 1: its median
+/// p50 minus the file path's (µs; negative if it is faster). None at other
+/// depths, for `file` itself, or where either did not run. At QD1 each
+/// operation waits for nothing but itself, so the difference is what the
+/// path's software adds to a round trip.
+pub fn added_p50_us(rep: &BenchReport, place: &str, profile: &str, path: PathKind) -> Option<f64> {
+    if path == PathKind::File || queue_depth(profile) != Some(1) {
+        return None;
+    }
+    let mine = median_of(rep, place, profile, path, |s| s.lat_p50_us)?;
+    let file = median_of(rep, place, profile, PathKind::File, |s| s.lat_p50_us)?;
+    Some(mine - file)
 }
 
 /// Our `file` path's IOPS ÷ fio's, per repetition where both ran (the runs of one
@@ -84,32 +125,52 @@ fn fmt_num(x: f64) -> String {
     }
 }
 
+/// The regime in a few words: `backing ram`, or that it was not recorded.
+pub fn backing_label(rep: &BenchReport) -> String {
+    if rep.backing.is_empty() {
+        "backing not recorded".into()
+    } else {
+        format!("backing {}", rep.backing)
+    }
+}
+
 /// Markdown tables: one per place for the I/O profiles, one for snapshot/commit.
 pub fn markdown(rep: &BenchReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "refblk bench, {} — {}; image {}, {:.1} s per run, median of {} reps (± = half the range, % of the median)\n",
+        "refblk bench, {} — {}; {}; image {}, {:.1} s per run, median of {} reps (± = half the range, % of the median)\n",
         rep.started_utc,
         rep.host,
+        backing_label(rep),
         fmt_bytes(rep.size),
         rep.runtime_s,
         rep.reps
     );
+    if !rep.backing.is_empty() {
+        let _ = writeln!(
+            s,
+            "Regime: backing **{}** ({}); cache: every run starts with the image out of dom0's page cache, each path's regime at the end.\n",
+            rep.backing, rep.backing_detail
+        );
+    }
     for place in places(rep) {
         let rows: Vec<&IoResult> = rep.io.iter().filter(|r| r.place == place).collect();
         if !rows.is_empty() {
             let _ = writeln!(s, "### {place}\n");
             let _ = writeln!(
                 s,
-                "| profile | path | IOPS | MB/s | mean µs | p99 µs | CPU µs/IO | host CPU µs/IO | cache MiB | ×file | ×loop-dio | ×loop-buf |"
+                "| profile | path | IOPS | MB/s | mean µs | p50 µs | p99 µs | QD1 p50 − file µs | CPU µs/IO | kworker µs/IO | host CPU µs/IO | cache MiB | ×file | ×loop-dio | ×loop-buf |"
             );
-            let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
-            for r in rows {
+            let _ = writeln!(
+                s,
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            );
+            for r in &rows {
                 if r.samples.is_empty() {
                     let _ = writeln!(
                         s,
-                        "| {} | {} | — | | | | | | | | | | {}",
+                        "| {} | {} | — | | | | | | | | | | | | | {}",
                         r.profile,
                         r.path,
                         r.error.as_deref().unwrap_or("not measured")
@@ -119,9 +180,14 @@ pub fn markdown(rep: &BenchReport) -> String {
                 let iops = spread(r, |x| x.iops);
                 let mbps = spread(r, |x| x.mbps).median;
                 let lat = spread(r, |x| x.lat_mean_us).median;
+                let p50 = spread(r, |x| x.lat_p50_us).median;
+                let added = added_p50_us(rep, &place, r.profile, r.path)
+                    .map(|d| format!("{d:+.1}"))
+                    .unwrap_or_default();
                 let p99 = spread(r, |x| x.lat_p99_us).median;
                 let cpu = spread(r, |x| x.cpu_us_per_io).median;
                 let host = spread(r, |x| x.host_cpu_us_per_io).median;
+                let kw = spread(r, |x| x.kworker_us_per_io).median;
                 let cache = r.samples.iter().map(|x| x.cache_bytes).max().unwrap_or(0);
                 let rt = |b: PathKind| {
                     if b == r.path || (b != PathKind::File && r.path != PathKind::Refblk) {
@@ -134,15 +200,18 @@ pub fn markdown(rep: &BenchReport) -> String {
                 };
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} ±{:.0}% | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                    "| {} | {} | {} ±{:.0}% | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
                     r.profile,
                     r.path,
                     fmt_num(iops.median),
                     iops.spread_pct(),
                     fmt_num(mbps),
                     fmt_num(lat),
+                    fmt_num(p50),
                     fmt_num(p99),
+                    added,
                     fmt_num(cpu),
+                    fmt_num(kw),
                     fmt_num(host),
                     cache as f64 / (1 << 20) as f64,
                     rt(PathKind::File),
@@ -151,6 +220,27 @@ pub fn markdown(rep: &BenchReport) -> String {
                 );
             }
             let _ = writeln!(s);
+            let added: Vec<String> = rows
+                .iter()
+                .filter(|r| r.path == PathKind::Refblk)
+                .filter_map(|r| {
+                    let d = added_p50_us(rep, &place, r.profile, r.path)?;
+                    let file = median_of(rep, &place, r.profile, PathKind::File, |s| s.lat_p50_us)?;
+                    Some(format!(
+                        "{} {d:+.1} µs ({} → {})",
+                        r.profile,
+                        fmt_num(file),
+                        fmt_num(file + d)
+                    ))
+                })
+                .collect();
+            if !added.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "refblk's added latency at queue depth 1 (median p50, refblk − file; file → refblk µs): {}\n",
+                    added.join("; ")
+                );
+            }
         }
         let cal: Vec<&Calibration> = rep
             .calibration
@@ -160,14 +250,15 @@ pub fn markdown(rep: &BenchReport) -> String {
         if !cal.is_empty() {
             let _ = writeln!(
                 s,
-                "Calibration of the ceiling: our `file` path ÷ fio ({}) on the same image, same profile, interleaved; median of the per-rep ratios (range)\n",
-                rep.fio.as_deref().unwrap_or("fio")
+                "Calibration of the ceiling: our `file` path ÷ fio ({}) on the same image, same profile, interleaved, {}; median of the per-rep ratios (range)\n",
+                rep.fio.as_deref().unwrap_or("fio"),
+                backing_label(rep)
             );
             let _ = writeln!(
                 s,
-                "| profile | file IOPS | fio IOPS | fio MB/s | fio mean µs | fio p99 µs | file ÷ fio |"
+                "| profile | file IOPS | fio IOPS | fio MB/s | fio mean µs | fio p50 µs | fio p99 µs | file ÷ fio |"
             );
-            let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+            let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
             for c in cal {
                 let ours = median_iops(rep, &place, c.profile, PathKind::File)
                     .map(fmt_num)
@@ -176,7 +267,7 @@ pub fn markdown(rep: &BenchReport) -> String {
                 if c.samples.is_empty() || ratios.is_empty() {
                     let _ = writeln!(
                         s,
-                        "| {} | {ours} | — | | | | {} |",
+                        "| {} | {ours} | — | | | | | {} |",
                         c.profile,
                         c.error.as_deref().unwrap_or("not measured")
                     );
@@ -188,12 +279,13 @@ pub fn markdown(rep: &BenchReport) -> String {
                 let r = Spread::of(&ratios);
                 let _ = writeln!(
                     s,
-                    "| {} | {ours} | {} ±{:.0}% | {} | {} | {} | {:.2} ({:.2}–{:.2}) |{}",
+                    "| {} | {ours} | {} ±{:.0}% | {} | {} | {} | {} | {:.2} ({:.2}–{:.2}) |{}",
                     c.profile,
                     fmt_num(sp(|x| x.iops).median),
                     sp(|x| x.iops).spread_pct(),
                     fmt_num(sp(|x| x.mbps).median),
                     fmt_num(sp(|x| x.lat_mean_us).median),
+                    fmt_num(sp(|x| x.lat_p50_us).median),
                     fmt_num(sp(|x| x.lat_p99_us).median),
                     r.median,
                     r.min,
@@ -243,7 +335,12 @@ pub fn markdown(rep: &BenchReport) -> String {
         }
     }
     if !modes.is_empty() {
-        let _ = writeln!(s, "I/O modes: {}\n", modes.join("; "));
+        let _ = writeln!(
+            s,
+            "I/O modes and cache regimes ({}): {}\n",
+            backing_label(rep),
+            modes.join("; ")
+        );
     }
     for n in &rep.notes {
         let _ = writeln!(s, "Note: {n}");
@@ -271,16 +368,21 @@ pub fn to_json(rep: &BenchReport) -> Value {
                 "iops": spread_json(spread(r, |x| x.iops)),
                 "mbps": spread_json(spread(r, |x| x.mbps)),
                 "lat_mean_us": spread_json(spread(r, |x| x.lat_mean_us)),
+                "lat_p50_us": spread_json(spread(r, |x| x.lat_p50_us)),
                 "lat_p99_us": spread_json(spread(r, |x| x.lat_p99_us)),
+                "added_p50_us_over_file": added_p50_us(rep, &r.place, r.profile, r.path),
                 "cpu_us_per_io": spread_json(spread(r, |x| x.cpu_us_per_io)),
                 "host_cpu_us_per_io": spread_json(spread(r, |x| x.host_cpu_us_per_io)),
+                "kworker_us_per_io": spread_json(spread(r, |x| x.kworker_us_per_io)),
                 "ratio_to_file": ratio(rep, &r.place, r.profile, r.path, PathKind::File),
                 "ratio_to_loop_dio": ratio(rep, &r.place, r.profile, r.path, PathKind::LoopDio),
                 "ratio_to_loop_buf": ratio(rep, &r.place, r.profile, r.path, PathKind::LoopBuf),
                 "samples": r.samples.iter().map(|x| json!({
                     "iops": x.iops, "mbps": x.mbps, "lat_mean_us": x.lat_mean_us,
+                    "lat_p50_us": x.lat_p50_us,
                     "lat_p99_us": x.lat_p99_us, "cpu_us_per_io": x.cpu_us_per_io,
-                    "host_cpu_us_per_io": x.host_cpu_us_per_io, "cache_bytes": x.cache_bytes,
+                    "host_cpu_us_per_io": x.host_cpu_us_per_io,
+                    "kworker_us_per_io": x.kworker_us_per_io, "cache_bytes": x.cache_bytes,
                     "ops": x.ops, "secs": x.secs,
                 })).collect::<Vec<_>>(),
             })
@@ -314,11 +416,13 @@ pub fn to_json(rep: &BenchReport) -> Value {
                 "fio_iops": sp(|x| x.iops),
                 "fio_mbps": sp(|x| x.mbps),
                 "fio_lat_mean_us": sp(|x| x.lat_mean_us),
+                "fio_lat_p50_us": sp(|x| x.lat_p50_us),
                 "fio_lat_p99_us": sp(|x| x.lat_p99_us),
                 "file_over_fio": (!ratios.is_empty()).then(|| spread_json(Spread::of(&ratios))),
                 "ratios": ratios,
                 "fio_samples": c.samples.iter().map(|x| json!({
                     "iops": x.iops, "mbps": x.mbps, "lat_mean_us": x.lat_mean_us,
+                    "lat_p50_us": x.lat_p50_us,
                     "lat_p99_us": x.lat_p99_us, "cache_bytes": x.cache_bytes,
                     "ops": x.ops, "secs": x.secs,
                 })).collect::<Vec<_>>(),
@@ -328,6 +432,8 @@ pub fn to_json(rep: &BenchReport) -> Value {
     json!({
         "started_utc": rep.started_utc,
         "host": rep.host,
+        "backing": rep.backing,
+        "backing_detail": rep.backing_detail,
         "runtime_s": rep.runtime_s,
         "image_bytes": rep.size,
         "reps": rep.reps,
@@ -377,9 +483,11 @@ pub fn from_json(v: &Value) -> Result<BenchReport, String> {
                 iops: f(s, "iops"),
                 mbps: f(s, "mbps"),
                 lat_mean_us: f(s, "lat_mean_us"),
+                lat_p50_us: f(s, "lat_p50_us"),
                 lat_p99_us: f(s, "lat_p99_us"),
                 cpu_us_per_io: f(s, "cpu_us_per_io"),
                 host_cpu_us_per_io: f(s, "host_cpu_us_per_io"),
+                kworker_us_per_io: f(s, "kworker_us_per_io"),
                 cache_bytes: s["cache_bytes"].as_u64().unwrap_or(0),
                 ops: s["ops"].as_u64().unwrap_or(0),
                 secs: f(s, "secs"),
@@ -398,6 +506,8 @@ pub fn from_json(v: &Value) -> Result<BenchReport, String> {
     Ok(BenchReport {
         started_utc: v["started_utc"].as_str().unwrap_or("").to_string(),
         host: v["host"].as_str().unwrap_or("").to_string(),
+        backing: v["backing"].as_str().unwrap_or("").to_string(),
+        backing_detail: v["backing_detail"].as_str().unwrap_or("").to_string(),
         runtime_s: f(v, "runtime_s"),
         size: v["image_bytes"].as_u64().unwrap_or(0),
         reps: v["reps"].as_u64().unwrap_or(0) as usize,
@@ -596,7 +706,10 @@ pub fn svg(rep: &BenchReport) -> String {
         true,
         "start",
         "#000",
-        "refblk bench: throughput of each path, relative to the raw file",
+        &format!(
+            "refblk bench ({}): throughput of each path, relative to the raw file",
+            backing_label(rep)
+        ),
     );
     y += 18.0;
     g.text(
@@ -787,6 +900,61 @@ mod tests {
         let j = to_json(&rep);
         assert_eq!(j["io"][1]["ratio_to_file"].as_f64().unwrap(), r);
         assert!(j["fio"].is_null() && j["calibration"].as_array().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_added_latency_is_the_qd1_p50_over_the_file_paths() {
+        let lat = |path, profile, p50s: &[f64]| IoResult {
+            profile,
+            samples: p50s
+                .iter()
+                .map(|&p50| Sample {
+                    iops: 1000.0,
+                    lat_mean_us: p50 * 3.0,
+                    lat_p50_us: p50,
+                    lat_p99_us: p50 * 2.0,
+                    ..Default::default()
+                })
+                .collect(),
+            ..res(path, 1000.0)
+        };
+        let rep = BenchReport {
+            io: vec![
+                lat(PathKind::File, "rnd4k_q1t1_read", &[40.0, 38.0, 60.0]),
+                lat(PathKind::Refblk, "rnd4k_q1t1_read", &[65.0, 90.0, 64.0]),
+                lat(PathKind::LoopDio, "rnd4k_q1t1_read", &[30.0, 50.0, 45.0]),
+                lat(PathKind::File, "rnd4k_q32t1_read", &[40.0]),
+                lat(PathKind::Refblk, "rnd4k_q32t1_read", &[400.0]),
+            ],
+            reps: 3,
+            ..Default::default()
+        };
+        let q1 = "rnd4k_q1t1_read";
+        // Medians: file 40, refblk 65, loop-dio 45 (not the means, not the p99s).
+        assert_eq!(added_p50_us(&rep, "xfs", q1, PathKind::Refblk), Some(25.0));
+        assert_eq!(added_p50_us(&rep, "xfs", q1, PathKind::LoopDio), Some(5.0));
+        assert_eq!(added_p50_us(&rep, "xfs", q1, PathKind::File), None);
+        // At depth 32 a p50 holds queueing, not what the path adds.
+        let q32 = "rnd4k_q32t1_read";
+        assert_eq!(added_p50_us(&rep, "xfs", q32, PathKind::Refblk), None);
+        let md = markdown(&rep);
+        assert!(
+            md.contains(
+                "| rnd4k_q1t1_read | refblk | 1000 ±0% | 0.00 | 195 | 65.0 | 130 | +25.0 |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("refblk's added latency at queue depth 1 (median p50, refblk − file; file → refblk µs): rnd4k_q1t1_read +25.0 µs (40.0 → 65.0)\n"),
+            "{md}"
+        );
+        let j = to_json(&rep);
+        assert_eq!(j["io"][1]["added_p50_us_over_file"].as_f64(), Some(25.0));
+        assert_eq!(j["io"][1]["lat_p50_us"]["median"].as_f64(), Some(65.0));
+        assert!(j["io"][0]["added_p50_us_over_file"].is_null());
+        assert!(j["io"][4]["added_p50_us_over_file"].is_null());
+        let back = from_json(&j).unwrap();
+        assert_eq!(back.io[1].samples[1].lat_p50_us, 90.0);
     }
 
     #[test]

@@ -57,16 +57,89 @@ pub fn threads_named(prefix: &str) -> Vec<(u32, String)> {
     v
 }
 
+/// The calling thread's id (for [`cpu_snapshot`]).
+pub fn own_tid() -> u32 {
+    nix::unistd::gettid().as_raw() as u32
+}
+
+/// This process's io_uring worker threads (`iou-wrk-<tid>`), see [`iowq_cpu_ns`].
+pub fn iowq_tids() -> Vec<u32> {
+    threads_named("iou-wrk-")
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect()
+}
+
+/// The CPU time of each of `tids` now, `(tid, ns)`; threads already gone are
+/// left out.
+pub fn cpu_snapshot(tids: &[u32]) -> Vec<(u32, u64)> {
+    tids.iter()
+        .filter_map(|&t| task_cpu_ns(t).map(|ns| (t, ns)))
+        .collect()
+}
+
+/// The CPU the threads of `after` used since `before`, thread by thread: what
+/// each used since its time in `before`, all of its time for a thread born
+/// since (an io_uring worker started during the run). A thread that exited in
+/// between (io-wq workers exit after a few idle seconds) is missed, and is
+/// never counted against the others: a difference of sums would lose the
+/// exited thread's whole lifetime and could reach 0 for a run that did work.
+pub fn cpu_since(before: &[(u32, u64)], after: &[(u32, u64)]) -> u64 {
+    after
+        .iter()
+        .map(|&(t, ns)| {
+            let was = before
+                .iter()
+                .find(|(b, _)| *b == t)
+                .map_or(0, |&(_, ns)| ns);
+            // A smaller value: the tid was reused by a new thread.
+            if ns >= was {
+                ns - was
+            } else {
+                ns
+            }
+        })
+        .sum()
+}
+
 /// CPU time of this process's io_uring worker threads (`iou-wrk-<tid>`: the
 /// kernel's io-wq, which runs operations that cannot be issued without blocking,
 /// e.g. buffered writes on btrfs, O_DIRECT on tmpfs). They work for the ring's
 /// owner, so they belong to the serving side. Workers that exited during a run
 /// are missed (they live while busy and exit after seconds of idleness).
 pub fn iowq_cpu_ns() -> u64 {
-    threads_named("iou-wrk-")
-        .into_iter()
-        .filter_map(|(t, _)| task_cpu_ns(t))
-        .sum()
+    cpu_snapshot(&iowq_tids()).iter().map(|(_, ns)| ns).sum()
+}
+
+/// The kernel's worker threads (`kworker/*`) and their CPU time, `(pid, ns)`,
+/// from `/proc/<pid>/schedstat` (a kernel thread is a process of one
+/// thread). Loop devices do their I/O in them (the `loopN` workqueues), and so
+/// do deferred direct-I/O completions (`dio/loopN`): the part of the `loop-*`
+/// paths' serving cost, and of the scratch file system's loop device under
+/// every path, that no thread of this process shows. Other tenants'
+/// kernel work is in them too.
+pub fn kworker_snapshot() -> Vec<(u32, u64)> {
+    let mut v = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return v;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let p = e.path();
+        let is_kworker = fs::read_to_string(p.join("comm")).is_ok_and(|c| c.starts_with("kworker"));
+        if !is_kworker {
+            continue;
+        }
+        if let Some(ns) = fs::read_to_string(p.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        {
+            v.push((pid, ns));
+        }
+    }
+    v
 }
 
 /// Busy CPU time of the whole machine (all CPUs, everything but idle and iowait), in
@@ -129,6 +202,11 @@ impl Latencies {
             return 0.0;
         }
         self.ns.iter().map(|&x| x as f64).sum::<f64>() / self.ns.len() as f64 / 1000.0
+    }
+
+    /// The median in microseconds (0 without samples).
+    pub fn p50_us(&mut self) -> f64 {
+        self.quantile_us(0.5)
     }
 
     /// The `q` quantile (0..=1) in microseconds, nearest rank (0 without samples).
@@ -203,6 +281,34 @@ mod tests {
         assert_eq!(l.quantile_us(0.99), 99.0);
         assert_eq!(l.quantile_us(0.5), 50.0);
         assert!((l.mean_us() - 50.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn serving_cpu_stays_above_zero_when_an_io_worker_exits() {
+        // The generator's thread (1) used 50 µs; an io-wq worker (2) that had
+        // used 1 ms exited during the run; another (3) was born and used 7 µs.
+        let before = [(1, 100_000), (2, 1_000_000)];
+        let after = [(1, 150_000), (3, 7_000)];
+        assert_eq!(cpu_since(&before, &after), 57_000);
+        // A tid reused by a new thread counts that thread's time only.
+        assert_eq!(cpu_since(&[(4, 900)], &[(4, 30)]), 30);
+    }
+
+    #[test]
+    fn the_kernel_workers_loop_devices_use_are_found_with_their_cpu() {
+        // Every Linux runs kworker threads, and the ones that have run show
+        // CPU time; a thread of this process is none of them.
+        let k = kworker_snapshot();
+        assert!(!k.is_empty(), "no kworker found in /proc");
+        for (pid, _) in &k {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            assert!(
+                comm.is_empty() || comm.starts_with("kworker"),
+                "{pid}: {comm}"
+            );
+        }
+        assert!(k.iter().any(|(_, ns)| *ns > 0), "{k:?}");
+        assert!(!k.iter().any(|(pid, _)| *pid == std::process::id()));
     }
 
     #[test]

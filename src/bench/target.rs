@@ -8,7 +8,7 @@ use std::path::Path;
 
 use refblk_core::engine::{BufRegion, DirectPolicy, Engine, EngineConfig, IoMode, Op};
 
-use super::stats::{iowq_cpu_ns, thread_cpu_ns};
+use super::stats::{iowq_tids, own_tid};
 
 /// One I/O operation of a workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,11 +34,13 @@ pub trait BlockTarget {
     fn kick(&mut self) -> io::Result<()>;
     /// Wait for at least `min` completions (kicking first) and append them to `out`.
     fn wait(&mut self, min: usize, out: &mut Vec<(u64, i32)>) -> io::Result<()>;
-    /// Cumulative CPU time of whatever serves this target's I/O, in nanoseconds. For
-    /// the engine paths that is the generator's own thread (it issues and reaps), for
-    /// refblk the backend's queue threads; both plus the io_uring worker threads
-    /// (io-wq) of the process, which run punted operations for the ring's owner.
-    fn serving_cpu_ns(&self) -> u64;
+    /// The threads that serve this target's I/O now (their CPU time is the
+    /// serving CPU, see [`super::stats::cpu_since`]). For the engine paths that
+    /// is the generator's own thread (it issues and reaps; called from it), for
+    /// refblk the backend's io_uring workers; both plus the io_uring worker
+    /// threads (io-wq) of the process, which run punted operations for the
+    /// ring's owner.
+    fn serving_threads(&self) -> Vec<u32>;
     /// Synchronously write `data` at `offset` (data checks; not timed).
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Synchronously read `buf.len()` bytes at `offset` (data checks; not timed).
@@ -171,8 +173,10 @@ impl BlockTarget for EngineTarget {
         }
     }
 
-    fn serving_cpu_ns(&self) -> u64 {
-        thread_cpu_ns() + iowq_cpu_ns()
+    fn serving_threads(&self) -> Vec<u32> {
+        let mut v = iowq_tids();
+        v.push(own_tid());
+        v
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {

@@ -8,7 +8,7 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use super::stats::Latencies;
+use super::stats::{cpu_since, cpu_snapshot, Latencies};
 use super::target::{BlockTarget, IoOp};
 
 /// Where the offsets go.
@@ -110,6 +110,7 @@ pub struct RunResult {
     /// From the first submission to the last completion.
     pub secs: f64,
     pub lat_mean_us: f64,
+    pub lat_p50_us: f64,
     pub lat_p99_us: f64,
     /// CPU time of the serving side during the run, nanoseconds.
     pub serving_cpu_ns: u64,
@@ -242,7 +243,7 @@ pub fn run_until(
     let mut exhausted = false;
     let mut result = RunResult::default();
 
-    let cpu0 = target.serving_cpu_ns();
+    let cpu0 = cpu_snapshot(&target.serving_threads());
     let t0 = Instant::now();
     let (deadline, max_ops) = match stop {
         Stop::After(runtime) => (Some(t0 + runtime), u64::MAX),
@@ -251,7 +252,7 @@ pub fn run_until(
     let mut now = t0;
     loop {
         // Refill the queue.
-        if deadline.is_none_or(|d| now < d) && !exhausted {
+        if deadline.is_none_or(|d| now < d) && !exhausted && !super::stop_requested() {
             while let Some(&tag) = free.last() {
                 if result.issued.ops() >= max_ops {
                     exhausted = true;
@@ -300,8 +301,9 @@ pub fn run_until(
         }
     }
     result.secs = now.duration_since(t0).as_secs_f64();
-    result.serving_cpu_ns = target.serving_cpu_ns().saturating_sub(cpu0);
+    result.serving_cpu_ns = cpu_since(&cpu0, &cpu_snapshot(&target.serving_threads()));
     result.lat_mean_us = lat.mean_us();
+    result.lat_p50_us = lat.p50_us();
     result.lat_p99_us = lat.quantile_us(0.99);
     Ok(result)
 }
@@ -346,8 +348,8 @@ mod tests {
             out.extend(self.queued.drain(..).map(|t| (t, 0)));
             Ok(())
         }
-        fn serving_cpu_ns(&self) -> u64 {
-            0
+        fn serving_threads(&self) -> Vec<u32> {
+            Vec::new()
         }
         fn write_at(&mut self, _: u64, _: &[u8]) -> io::Result<()> {
             Ok(())

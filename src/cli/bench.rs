@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::bench::{self, profile, BenchConfig, Place};
+use crate::bench::{self, profile, Backing, BenchConfig, Place};
 use refblk_core::util::size::parse_size;
 use refblk_sim::scratchfs::FsKind;
 
@@ -11,6 +11,20 @@ use super::{CliError, CliResult};
 
 /// Arguments of `refblk bench`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = "\
+Examples:\n  \
+sudo refblk bench --fs xfs --profiles rnd --paths file,refblk --runtime 2 --reps 5\n  \
+sudo refblk bench --backing ram --fs xfs,btrfs --json ram.json   # no disk: each path's software cost\n  \
+refblk bench --dir /var/tmp --paths file,refblk                  # no root: an existing directory\n\n\
+--backing ram puts each scratch file system's image in /dev/shm (tmpfs): it may grow to \
+4 x --size + 2 x the largest --snapshot-sizes (when snapshot or commit run) + 1 GiB, \
+7 GiB with the defaults. A run that may not fit in /dev/shm's free space or the machine's \
+available memory is refused before anything is made, the message naming both; lower --size \
+or --snapshot-sizes, or use --backing disk.\n\n\
+The report (Markdown) goes to stdout, naming its regime (backing, file system, cache regime); \
+progress and logs go to stderr. SIGINT or SIGTERM stops the run at its next step and removes \
+its scratch file systems (a second one quits at once).\n\n\
+Exit codes: 0 ok, 1 failed or refused (the message says why), 2 bad usage, 130 stopped by a signal.")]
 pub struct BenchArgs {
     /// Profiles (comma-separated): all, io, seq, rnd, discard, or names such as
     /// seq1m_q8t1_read, rnd4k_q1t1_write, alloc, overwrite, discard_64k, snapshot, commit.
@@ -22,6 +36,11 @@ pub struct BenchArgs {
     /// Benchmark in this existing directory instead of scratch file systems.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// What the scratch file systems sit on: disk (a sparse file in the temp
+    /// directory: the machine's disk) or ram (a file in /dev/shm: no disk, each
+    /// path's software cost). A loop device and the same mkfs either way.
+    #[arg(long, value_enum, default_value_t = BackingArg::Disk, conflicts_with = "dir")]
+    pub backing: BackingArg,
     /// Paths: file, loop (= loop-dio,loop-buf), loop-dio, loop-buf, refblk, all.
     #[arg(long, default_value = "all")]
     pub paths: String,
@@ -52,6 +71,24 @@ pub struct BenchArgs {
     /// No progress line on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// `--backing`: what the scratch file systems sit on.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackingArg {
+    /// A sparse file in $REFBLK_SCRATCH_DIR or the temp directory (the disk).
+    Disk,
+    /// A file in /dev/shm (tmpfs): memory, no disk.
+    Ram,
+}
+
+impl From<BackingArg> for Backing {
+    fn from(b: BackingArg) -> Backing {
+        match b {
+            BackingArg::Disk => Backing::Disk,
+            BackingArg::Ram => Backing::Ram,
+        }
+    }
 }
 
 impl BenchArgs {
@@ -109,6 +146,7 @@ impl BenchArgs {
         Ok(BenchConfig {
             profiles,
             places,
+            backing: self.backing.into(),
             paths,
             runtime: Duration::from_secs_f64(self.runtime),
             size,
@@ -118,6 +156,37 @@ impl BenchArgs {
             progress: !self.quiet,
         })
     }
+}
+
+/// On SIGINT or SIGTERM, stop the run at its next step, so that it unwinds
+/// and removes its scratch file systems, their loop devices and images (with
+/// `--backing ram` the images hold memory until then); a second signal quits
+/// at once, leaving them for the next `refblk bench` to clean up (it removes
+/// the scratch mounts of processes that are gone). Called before the bench
+/// starts a thread: the signals are blocked in every thread and taken here.
+fn stop_on_signals() -> std::io::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    super::signals::block_terminate()?;
+    std::thread::Builder::new()
+        .name("refblk-signals".into())
+        .spawn(|| {
+            let mut set = SigSet::empty();
+            set.add(Signal::SIGINT);
+            set.add(Signal::SIGTERM);
+            while let Ok(sig) = set.wait() {
+                if bench::stop_requested() {
+                    eprintln!(
+                        "\nrefblk bench: {sig:?} again: quitting now; the next refblk bench removes the scratch file systems left behind"
+                    );
+                    std::process::exit(130);
+                }
+                eprintln!(
+                    "\nrefblk bench: {sig:?}: stopping after this step and removing the scratch file systems ({sig:?} again to quit at once)"
+                );
+                bench::request_stop();
+            }
+        })?;
+    Ok(())
 }
 
 /// Run `refblk bench`.
@@ -142,7 +211,20 @@ pub fn run(args: BenchArgs) -> CliResult {
         return Ok(());
     }
     let cfg = args.config()?;
-    let rep = bench::run(&cfg).map_err(CliError::failed)?;
+    stop_on_signals().map_err(|e| CliError::failed(format!("handling signals: {e}")))?;
+    let rep = bench::run(&cfg).map_err(|e| {
+        if bench::stop_requested() {
+            CliError {
+                code: 130,
+                msg: format!(
+                    "{}: stopped by a signal; the scratch file systems, loop devices and images were removed",
+                    bench::INTERRUPTED
+                ),
+            }
+        } else {
+            CliError::failed(e)
+        }
+    })?;
     print!("{}", bench::report::markdown(&rep));
     if let Some(p) = &args.json {
         let text = serde_json::to_string_pretty(&bench::report::to_json(&rep))

@@ -33,6 +33,7 @@ fn every_path_produces_sane_numbers() {
         )
         .unwrap(),
         places: vec![Place::Fs(FsKind::Xfs)],
+        backing: bench::Backing::Disk,
         paths: PathKind::ALL.to_vec(),
         runtime: Duration::from_millis(150),
         size: 64 << 20,

@@ -42,6 +42,7 @@ fn report(places: &[&str], profiles: &[&'static str], paths: &[PathKind]) -> Ben
     BenchReport {
         host: "a host with a rather long description (2 vCPU, 3.8 GiB, Linux 6.1.0-57-amd64)"
             .into(),
+        backing: "ram".into(),
         runtime_s: 1.0,
         size: 1 << 30,
         reps: 3,
@@ -132,7 +133,10 @@ fn check(name: &str, places: &[&str], profiles: &[&'static str], paths: &[PathKi
         );
     }
     let has = |s: &str| texts.iter().any(|t| t.4.contains(s));
-    assert!(has("refblk bench: throughput"), "{name}: no title");
+    assert!(
+        has("refblk bench (backing ram): throughput"),
+        "{name}: no title naming the regime"
+    );
     assert!(has("relative to the raw file"), "{name}: no title");
     assert!(has("1×"), "{name}: no axis tick at 1×");
     assert!(has("median IOPS"), "{name}: the axis' unit is not said");

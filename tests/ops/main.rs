@@ -6,6 +6,7 @@ mod kit;
 mod load;
 
 mod bench_fio;
+mod bench_ram;
 mod bench_smoke;
 mod bench_svg;
 mod layers;

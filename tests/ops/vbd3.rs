@@ -280,6 +280,46 @@ fn block_refblk_refuses_vbd3_formats_other_than_raw_and_bad_sector_sizes() {
     }
 }
 
+/// An emulated disk's name (hda, sdb): an HVM guest's device model would need
+/// a path it opens itself (`physical-device-path`), which refblk does not
+/// give, so QEMU would get no disk and the firmware nothing to boot. The
+/// script refuses it on either kind, with a reason xl prints, and attaches
+/// nothing.
+#[test]
+fn block_refblk_refuses_emulated_disk_names() {
+    let Some(m) = Machine::start() else { return };
+    let image = make_image(m.dir.path(), "disk.img", 4 * MIB);
+    for (i, vdev) in ["hda", "sdb", "hda"].iter().enumerate() {
+        let domid = 40 + i as u16;
+        let _guest = m.guest(domid);
+        let mut spec = if i == 2 {
+            VbdSpec::new(domid, XVDA, &image)
+        } else {
+            VbdSpec::vbd3(domid, XVDA, &image)
+        };
+        spec.vdev = vdev.to_string();
+        let vbd = m.nodes(&spec);
+        let be = &vbd.backend_path;
+        let (st, out) = m.hotplug("add", &vbd);
+        assert_eq!(st.code(), Some(1), "vdev {vdev} ({be}) accepted: {out}");
+        let err = m.node(&format!("{be}/hotplug-error")).unwrap_or_default();
+        assert!(
+            err.starts_with(&format!("block-refblk: vdev={vdev} names an emulated disk"))
+                && err.contains("use vdev=xvdX"),
+            "vdev {vdev}: hotplug-error {err:?}"
+        );
+        let dev = m.status(be).expect("claimed at InitWait");
+        assert_eq!(dev["image"], Value::Null, "vdev {vdev}: attached anyway");
+        m.ts.force_remove_vbd(&vbd).unwrap();
+    }
+    // The same image under an xvd name is served.
+    let _guest = m.guest(50);
+    let vbd = m.nodes(&VbdSpec::vbd3(50, XVDA, &image));
+    let (st, out) = m.hotplug("add", &vbd);
+    assert!(st.success(), "xvda refused: {out}");
+    m.remove(&vbd);
+}
+
 #[test]
 fn block_refblk_takes_a_pool_volume_and_limits_after_the_prefix() {
     let Some(m) = Machine::start() else { return };
