@@ -308,6 +308,36 @@ impl ImageId {
     pub const FIRST: ImageId = ImageId(0);
 }
 
+/// The file a read or write of an image goes to: with an O_DIRECT image that
+/// has a buffered twin, the O_DIRECT file when `aligned(offset_align,
+/// mem_align)` says the op meets its direct-I/O alignment, else the twin
+/// (counted in `buffered_routed`); otherwise the image's one file.
+fn route(
+    io_mode: &IoMode,
+    primary: FileRef,
+    buffered: Option<FileRef>,
+    stats: &mut EngineStats,
+    aligned: impl FnOnce(u64, usize) -> bool,
+) -> FileRef {
+    match (io_mode, buffered) {
+        (
+            IoMode::Direct {
+                offset_align,
+                mem_align,
+            },
+            Some(buffered),
+        ) => {
+            if aligned(u64::from(*offset_align), *mem_align as usize) {
+                primary
+            } else {
+                stats.buffered_routed += 1;
+                buffered
+            }
+        }
+        _ => primary,
+    }
+}
+
 /// How an SQE names an image's file.
 #[derive(Clone, Copy, Debug)]
 enum FileRef {
@@ -927,25 +957,9 @@ impl Engine {
                 let bufs = s.foreign.as_ref().expect("checked");
                 let pos = s.offset + s.done as u64;
                 let iov = bufs.remaining();
-                let file = match (io_mode, buffered) {
-                    (
-                        IoMode::Direct {
-                            offset_align,
-                            mem_align,
-                        },
-                        Some(buffered),
-                    ) => {
-                        if pos.is_multiple_of(u64::from(*offset_align))
-                            && bufs.aligned(*mem_align as usize, *offset_align as usize)
-                        {
-                            primary
-                        } else {
-                            self.stats.buffered_routed += 1;
-                            buffered
-                        }
-                    }
-                    _ => primary,
-                };
+                let file = route(io_mode, primary, buffered, &mut self.stats, |oa, ma| {
+                    pos.is_multiple_of(oa) && bufs.aligned(ma, oa as usize)
+                });
                 // At most MAX_PIECES iovecs (ForeignBufs::new).
                 let (ptr, n) = (iov.as_ptr(), iov.len() as u32);
                 with_file!(file, |f| opcode::Readv::new(f, ptr, n).offset(pos).build())
@@ -955,27 +969,11 @@ impl Engine {
                 let pos = s.offset + s.done as u64;
                 let len = r.len() - s.done;
                 let ptr = self.slab.ptr_at(r, s.done);
-                let file = match (io_mode, buffered) {
-                    (
-                        IoMode::Direct {
-                            offset_align,
-                            mem_align,
-                        },
-                        Some(buffered),
-                    ) => {
-                        let oa = *offset_align as u64;
-                        if pos.is_multiple_of(oa)
-                            && (len as u64).is_multiple_of(oa)
-                            && (ptr as usize).is_multiple_of(*mem_align as usize)
-                        {
-                            primary
-                        } else {
-                            self.stats.buffered_routed += 1;
-                            buffered
-                        }
-                    }
-                    _ => primary,
-                };
+                let file = route(io_mode, primary, buffered, &mut self.stats, |oa, ma| {
+                    pos.is_multiple_of(oa)
+                        && (len as u64).is_multiple_of(oa)
+                        && (ptr as usize).is_multiple_of(ma)
+                });
                 // Region lengths are bounded by the 1 GiB slab, so they fit u32.
                 let (index, read) = (r.index(), s.kind == OpKind::Read);
                 with_file!(file, |f| if read {
