@@ -92,6 +92,42 @@ fn write_image(path: &Path, kind: ImageKind, data: &[u8]) {
     f.sync_all().unwrap();
 }
 
+/// Attach `image` to `domid`, connect a frontend with persistent grants (it
+/// must get them) and grant `pages` whole pages of a known pattern: the
+/// frontend, the pages' frames and one whole-page segment per page.
+fn persistent_pages(
+    rig: &Rig,
+    guest: &Arc<refblk_sim::SimGuest>,
+    domid: u16,
+    image: &Path,
+    pages: u32,
+) -> (Frontend, Vec<u32>, Vec<wire::Seg>) {
+    rig.attach(domid, XVDA, image, "w", AttachOptions::default());
+    let mut fe = rig.connect(
+        guest,
+        XVDA,
+        FrontendOptions {
+            persistent: true,
+            ..FrontendOptions::default()
+        },
+    );
+    assert!(fe.info().expect("connected").persistent);
+    let mut frames = Vec::new();
+    let mut segs = Vec::new();
+    for i in 0..pages {
+        let (frame, gref) = fe
+            .raw_grant_page(&pattern(u64::from(i), 4096), false)
+            .unwrap();
+        frames.push(frame);
+        segs.push(wire::Seg {
+            gref,
+            first_sect: 0,
+            last_sect: 7,
+        });
+    }
+    (fe, frames, segs)
+}
+
 /// One read on queue 0, checked against `want`; returns how many of its
 /// ring requests went zero-copy (by the counter).
 fn checked_read(rig: &Rig, fe: &mut Frontend, domid: u16, sector: u64, want: &[u8]) -> u64 {
@@ -525,30 +561,8 @@ fn guest_changing_pages_during_writes_cannot_break_btrfs_checksums() {
     let domid = 76;
     let image = make_image(fs.path(), "scribbled.img", DISK);
     let guest = rig.guest(domid, 4096);
-    rig.attach(domid, XVDA, &image, "w", AttachOptions::default());
-    let mut fe = rig.connect(
-        &guest,
-        XVDA,
-        FrontendOptions {
-            persistent: true,
-            ..FrontendOptions::default()
-        },
-    );
-    assert!(fe.info().expect("connected").persistent);
+    let (mut fe, frames, segs) = persistent_pages(&rig, &guest, domid, &image, PAGES);
     let abi = fe.info().unwrap().abi;
-    let mut frames = Vec::new();
-    let mut segs = Vec::new();
-    for i in 0..PAGES {
-        let (frame, gref) = fe
-            .raw_grant_page(&pattern(u64::from(i), 4096), false)
-            .unwrap();
-        frames.push(frame);
-        segs.push(wire::Seg {
-            gref,
-            first_sect: 0,
-            last_sect: 7,
-        });
-    }
     for w in 0..WRITES {
         let sector = w * 8 * u64::from(PAGES);
         // The guest rewrites its pages as fast as it can while the write runs.
@@ -661,30 +675,8 @@ fn scribbled_reads(fs: &ScratchFs, domid: u16, kind: ImageKind, rounds: u64) -> 
     let image = fs.path().join(format!("scribbled-{domid}.img"));
     write_image(&image, kind, &pattern(u64::from(domid), DISK as usize));
     let guest = rig.guest(domid, 4096);
-    rig.attach(domid, XVDA, &image, "w", AttachOptions::default());
-    let mut fe = rig.connect(
-        &guest,
-        XVDA,
-        FrontendOptions {
-            persistent: true,
-            ..FrontendOptions::default()
-        },
-    );
-    assert!(fe.info().expect("connected").persistent);
+    let (mut fe, frames, segs) = persistent_pages(&rig, &guest, domid, &image, PAGES * IN_FLIGHT);
     let abi = fe.info().unwrap().abi;
-    let mut frames = Vec::new();
-    let mut segs = Vec::new();
-    for i in 0..PAGES * IN_FLIGHT {
-        let (frame, gref) = fe
-            .raw_grant_page(&pattern(u64::from(i), 4096), false)
-            .unwrap();
-        frames.push(frame);
-        segs.push(wire::Seg {
-            gref,
-            first_sect: 0,
-            last_sect: 7,
-        });
-    }
     let stop = Arc::new(AtomicBool::new(false));
     let scribblers: Vec<_> = (0..2usize)
         .map(|t| {
