@@ -5,6 +5,7 @@
 //! under it.
 
 use std::io;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -167,6 +168,32 @@ pub(crate) struct Running(
     pub(crate) Option<std::thread::JoinHandle<io::Result<()>>>,
 );
 
+/// A simulated Xen and a backend with `cfg` on a platform that counts the
+/// backend's grant maps, and a toolstack for it: (sim, count, backend,
+/// running, toolstack). Bind them in this order: they drop in reverse.
+pub(crate) fn counted_backend(
+    dir: &Path,
+    cfg: BackendConfig,
+) -> (
+    SimXen,
+    Arc<MapCount>,
+    refblk_core::backend::BackendHandle,
+    Running,
+    Toolstack,
+) {
+    let sim = SimXen::start(dir).expect("start the simulated Xen");
+    let count = Arc::new(MapCount::default());
+    let platform = Arc::new(Counting {
+        inner: sim.platform().expect("sim platform"),
+        count: count.clone(),
+    });
+    let (backend, join) = Backend::spawn(platform, cfg).expect("spawn the backend");
+    let running = Running(backend.clone(), Some(join));
+    let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("toolstack xenstore");
+    let ts = Toolstack::new(xs, backend.clone());
+    (sim, count, backend, running, ts)
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         self.0.stop();
@@ -191,21 +218,12 @@ fn persistent_maps_never_exceed_the_bound_and_the_lru_evicts() {
         return;
     }
     let dir = machine_dir();
-    let sim = SimXen::start(dir.path()).expect("start the simulated Xen");
-    let count = Arc::new(MapCount::default());
-    let platform = Arc::new(Counting {
-        inner: sim.platform().expect("sim platform"),
-        count: count.clone(),
-    });
     let cfg = BackendConfig {
         persistent_grants: true,
         max_persistent_grants: MAX,
         ..BackendConfig::default()
     };
-    let (backend, join) = Backend::spawn(platform, cfg).expect("spawn the backend");
-    let mut running = Running(backend.clone(), Some(join));
-    let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("toolstack xenstore");
-    let ts = Toolstack::new(xs, backend.clone());
+    let (sim, count, backend, mut running, ts) = counted_backend(dir.path(), cfg);
     let domid = 21;
     ts.create_domain(domid).expect("create domain");
     let guest = Arc::new(sim.create_guest(domid, 16384).expect("create guest"));

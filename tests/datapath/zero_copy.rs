@@ -17,13 +17,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::kit::*;
-use crate::persistent::{Counting, MapCount, Running};
-use refblk_core::backend::{AttachOptions, Backend, BackendConfig};
+use crate::persistent::counted_backend;
+use refblk_core::backend::{AttachOptions, BackendConfig};
 use refblk_core::engine::{DirectPolicy, ImageFile, IoMode};
-use refblk_core::xenstore::XsClient;
-use refblk_sim::frontend::{wire, Frontend, FrontendOptions, IoRequest, Toolstack, VbdSpec};
+use refblk_sim::frontend::{wire, Frontend, FrontendOptions, IoRequest, VbdSpec};
 use refblk_sim::scratchfs::{have_tool, run, skip_or_fail, FsKind, ScratchFs};
-use refblk_sim::SimXen;
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 8 * MIB;
@@ -446,20 +444,11 @@ fn eviction_pressure_never_unmaps_a_page_a_read_fills() {
         return;
     }
     let dir = machine_dir();
-    let sim = SimXen::start(dir.path()).expect("start the simulated Xen");
-    let count = Arc::new(MapCount::default());
-    let platform = Arc::new(Counting {
-        inner: sim.platform().expect("sim platform"),
-        count: count.clone(),
-    });
     let cfg = BackendConfig {
         max_persistent_grants: MAX,
         ..zero_copy_config()
     };
-    let (backend, join) = Backend::spawn(platform, cfg).expect("spawn the backend");
-    let mut running = Running(backend.clone(), Some(join));
-    let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("toolstack xenstore");
-    let ts = Toolstack::new(xs, backend.clone());
+    let (sim, count, backend, mut running, ts) = counted_backend(dir.path(), cfg);
     let domid = 75;
     ts.create_domain(domid).expect("create domain");
     let guest = Arc::new(sim.create_guest(domid, 16384).expect("create guest"));
