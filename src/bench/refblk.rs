@@ -103,6 +103,9 @@ pub fn connect_with(
     let persistent = env_on("REFBLK_BENCH_PERSISTENT");
     cfg.persistent_grants = persistent;
     cfg.zero_copy_reads = std::env::var("REFBLK_BENCH_ZERO_COPY").map_or(true, |v| v != "0");
+    if let Some(t) = super::target::task_run_from_env() {
+        cfg.engine.task_run = t;
+    }
     let cfg_zero_copy = cfg.zero_copy_reads;
     let (backend, join) = Backend::spawn(platform, cfg)?;
     let xs = XsClient::connect_unix(&sim.xenstored_path())

@@ -6,7 +6,7 @@
 use std::io;
 use std::path::Path;
 
-use refblk_core::engine::{BufRegion, DirectPolicy, Engine, EngineConfig, IoMode, Op};
+use refblk_core::engine::{BufRegion, DirectPolicy, Engine, EngineConfig, IoMode, Op, TaskRun};
 
 use super::stats::{iowq_tids, own_tid};
 
@@ -61,6 +61,18 @@ pub fn fill_pattern(buf: &mut [u8], seed: u64) {
     }
 }
 
+/// `REFBLK_BENCH_TASKRUN=defer|coop`: the io_uring task-run mode of every engine
+/// the bench builds (the `file` and `loop` paths' and the refblk backend's), for
+/// A/B runs (docs/benchmarks.md, "What each change bought"). Unset or anything
+/// else: the engine's default.
+pub fn task_run_from_env() -> Option<TaskRun> {
+    match std::env::var("REFBLK_BENCH_TASKRUN").ok()?.as_str() {
+        "defer" => Some(TaskRun::Defer),
+        "coop" => Some(TaskRun::Coop),
+        _ => None,
+    }
+}
+
 /// The `file` and `loop` paths: refblk's io_uring engine straight on a file or device,
 /// O_DIRECT, registered buffers and files, one enter per batch.
 pub struct EngineTarget {
@@ -78,6 +90,7 @@ impl EngineTarget {
             slab_bytes: slab,
             read_only: false,
             direct: DirectPolicy::Auto,
+            task_run: task_run_from_env().unwrap_or_default(),
             ..Default::default()
         };
         let mut engine = Engine::open(path, &cfg)?;
