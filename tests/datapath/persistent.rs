@@ -52,7 +52,8 @@ fn session(rig: &Rig, domid: u16, frontend_offers: bool, expect: bool, protocol:
 fn persistent_grants_when_both_ends_want_them() {
     let Some(rig) = Rig::with_config(BackendConfig {
         persistent_grants: true,
-        // Fewer than one batch of requests uses, so the LRU evicts and maps again.
+        // Fewer than one batch of requests uses, so pages are grant-copied,
+        // dropped and mapped again.
         max_persistent_grants: 8,
         ..BackendConfig::default()
     }) else {
@@ -210,7 +211,7 @@ impl Drop for Running {
 /// right. Counted at the platform, so a cache that forgets its bound fails
 /// here even if it counts its own entries correctly.
 #[test]
-fn persistent_maps_never_exceed_the_bound_and_the_lru_evicts() {
+fn persistent_maps_never_exceed_the_bound_and_stale_pages_are_dropped() {
     const MAX: usize = 8;
     const QUEUES: usize = 2;
     const RING_ORDER: u32 = 1;
@@ -260,7 +261,7 @@ fn persistent_maps_never_exceed_the_bound_and_the_lru_evicts() {
     );
     assert!(
         evicted > 0,
-        "no persistent mapping was dropped while connected: the LRU never evicted"
+        "no persistent mapping was dropped while connected: the cache never purged"
     );
     assert!(
         std::fs::read(&image).unwrap() == model,

@@ -208,7 +208,8 @@ pub struct BackendConfig {
     /// Accept `feature-persistent` from frontends that offer it (map data pages
     /// once and memcpy, instead of a grant copy per request).
     pub persistent_grants: bool,
-    /// Most persistently mapped pages per queue (LRU beyond that).
+    /// Most persistently mapped pages per queue (grant copies beyond that;
+    /// `pgrants`).
     pub max_persistent_grants: usize,
     /// With persistent grants, read straight into the guest's mapped pages
     /// when every segment of a read is mapped and fits the image's direct-I/O

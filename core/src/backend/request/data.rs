@@ -23,8 +23,8 @@
 //!    pages, the guest could change them in between and make dom0's file
 //!    system report corruption (EIO, "csum failed", `corruption_errs`);
 //! 2. every segment's page is mapped: already cached, or mapped now into a
-//!    cache that has room or an unpinned page to evict; a cache full of pages
-//!    pinned by reads in flight means the copy path;
+//!    cache that has room (`pgrants`: a full cache makes room only by
+//!    dropping stale pages in a purge pass); otherwise the copy path;
 //! 3. with an O_DIRECT image, the request fits its direct-I/O alignment
 //!    (`IoMode::Direct`: the file offset and every segment's length are
 //!    multiples of `offset_align`, every segment's address of `mem_align`) — a
@@ -34,7 +34,7 @@
 //!
 //! Anything else takes the copy path, which stays the default. The pages'
 //! [`Pin`]s travel with the engine op and drop with its completion, so a page
-//! is never unmapped (LRU eviction, disconnect, a stopped or panicked queue,
+//! is never unmapped (a purge pass, disconnect, a stopped or panicked queue,
 //! a restart handover) while the kernel may write into it; if the engine goes
 //! away first they are leaked. End of file is zero-filled by the engine into
 //! the guest's pages (volatile stores). Writes always copy: a guest that
