@@ -24,6 +24,16 @@ pub fn median_iops(rep: &BenchReport, place: &str, profile: &str, path: PathKind
         .map(|r| spread(r, |s| s.iops).median)
 }
 
+/// The refblk path's median IOPS ÷ fio's median IOPS for a calibration's
+/// (place, profile): refblk against the instrument, where our `file` path
+/// is not the ceiling (docs/benchmarks.md, "Why the `file` path trails fio").
+fn refblk_over_fio(rep: &BenchReport, c: &Calibration) -> Option<f64> {
+    let ours = median_iops(rep, &c.place, c.profile, PathKind::Refblk)?;
+    let iops: Vec<f64> = c.samples.iter().map(|x| x.iops).collect();
+    let fio = Spread::of(&iops).median;
+    (!iops.is_empty() && fio > 0.0).then(|| ours / fio)
+}
+
 /// Ratio of two paths' median throughput for (place, profile).
 pub fn ratio(
     rep: &BenchReport,
@@ -250,15 +260,15 @@ pub fn markdown(rep: &BenchReport) -> String {
         if !cal.is_empty() {
             let _ = writeln!(
                 s,
-                "Calibration of the ceiling: our `file` path ÷ fio ({}) on the same image, same profile, interleaved, {}; median of the per-rep ratios (range)\n",
+                "Calibration of the ceiling: our `file` path ÷ fio ({}) on the same image, same profile, interleaved, {}; median of the per-rep ratios (range). refblk ÷ fio: the ratio of the medians, refblk against fio instead of against our `file` path\n",
                 rep.fio.as_deref().unwrap_or("fio"),
                 backing_label(rep)
             );
             let _ = writeln!(
                 s,
-                "| profile | file IOPS | fio IOPS | fio MB/s | fio mean µs | fio p50 µs | fio p99 µs | file ÷ fio |"
+                "| profile | file IOPS | fio IOPS | fio MB/s | fio mean µs | fio p50 µs | fio p99 µs | file ÷ fio | refblk ÷ fio |"
             );
-            let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
             for c in cal {
                 let ours = median_iops(rep, &place, c.profile, PathKind::File)
                     .map(fmt_num)
@@ -267,7 +277,7 @@ pub fn markdown(rep: &BenchReport) -> String {
                 if c.samples.is_empty() || ratios.is_empty() {
                     let _ = writeln!(
                         s,
-                        "| {} | {ours} | — | | | | | {} |",
+                        "| {} | {ours} | — | | | | | {} | |",
                         c.profile,
                         c.error.as_deref().unwrap_or("not measured")
                     );
@@ -277,9 +287,12 @@ pub fn markdown(rep: &BenchReport) -> String {
                     Spread::of(&c.samples.iter().map(f).collect::<Vec<_>>())
                 };
                 let r = Spread::of(&ratios);
+                let refblk = refblk_over_fio(rep, c)
+                    .map(|x| format!("{x:.2}"))
+                    .unwrap_or_default();
                 let _ = writeln!(
                     s,
-                    "| {} | {ours} | {} ±{:.0}% | {} | {} | {} | {} | {:.2} ({:.2}–{:.2}) |{}",
+                    "| {} | {ours} | {} ±{:.0}% | {} | {} | {} | {} | {:.2} ({:.2}–{:.2}) | {refblk} |{}",
                     c.profile,
                     fmt_num(sp(|x| x.iops).median),
                     sp(|x| x.iops).spread_pct(),
@@ -419,6 +432,7 @@ pub fn to_json(rep: &BenchReport) -> Value {
                 "fio_lat_p50_us": sp(|x| x.lat_p50_us),
                 "fio_lat_p99_us": sp(|x| x.lat_p99_us),
                 "file_over_fio": (!ratios.is_empty()).then(|| spread_json(Spread::of(&ratios))),
+                "refblk_over_fio": refblk_over_fio(rep, c),
                 "ratios": ratios,
                 "fio_samples": c.samples.iter().map(|x| json!({
                     "iops": x.iops, "mbps": x.mbps, "lat_mean_us": x.lat_mean_us,
@@ -969,7 +983,7 @@ mod tests {
             ..Default::default()
         };
         let rep = BenchReport {
-            io: vec![file],
+            io: vec![file, res(PathKind::Refblk, 450.0)],
             reps: 2,
             fio: Some("fio-3.33".into()),
             calibration: vec![
@@ -995,7 +1009,7 @@ mod tests {
         let md = markdown(&rep);
         assert!(md.contains("Calibration of the ceiling"), "{md}");
         assert!(md.contains("| rnd4k_q1t1_read | 950 | 900 ±11% |"), "{md}");
-        assert!(md.contains("| 1.07 (0.90–1.25) |"), "{md}");
+        assert!(md.contains("| 1.07 (0.90–1.25) | 0.50 |"), "{md}");
         assert!(md.contains("fio trims only block devices"), "{md}");
         let j = to_json(&rep);
         assert_eq!(j["fio"], "fio-3.33");
@@ -1004,5 +1018,7 @@ mod tests {
         assert_eq!(c["fio_iops"]["median"].as_f64().unwrap(), 900.0);
         assert_eq!(c["fio_command"], "fio --rw=randread");
         assert!(j["calibration"][1]["file_over_fio"].is_null());
+        assert_eq!(c["refblk_over_fio"].as_f64().unwrap(), 0.5);
+        assert!(j["calibration"][1]["refblk_over_fio"].is_null());
     }
 }
