@@ -28,6 +28,27 @@ pub const XENSTORED_SOCKET: &str = "/var/run/xenstored/socket";
 
 use super::MAX_MAP_REFS;
 
+/// Attempts at a grant map whose mmap was interrupted (EINTR). Seen once in
+/// the lab (Linux 6.12 dom0, Xen 4.20): the ring map of a connecting disk
+/// failed with "gntdev mmap: Interrupted system call" and the guest never got
+/// its disk. EINTR means "try again"; each attempt undoes the last one first.
+const MAP_INTERRUPTED_TRIES: u32 = 8;
+
+/// Run `f` until it returns anything but an interrupted error (EINTR), at most
+/// `tries` times; the last interrupted error is returned as it is.
+fn retry_interrupted<T>(tries: u32, mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut left = tries.max(1);
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted && left > 1 => {
+                left -= 1;
+                log::info!("grant map interrupted ({e}); trying again");
+            }
+            r => return r,
+        }
+    }
+}
+
 /// The real Xen, as dom0 (or a driver domain) sees it.
 pub struct RealXen {
     gntdev: Arc<File>,
@@ -254,88 +275,22 @@ impl Platform for RealXen {
         refs: &[GrantRef],
         writable: bool,
     ) -> io::Result<Box<dyn ForeignMapping>> {
-        if refs.is_empty() || refs.len() > MAX_MAP_REFS {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "map of {} grant refs of domain {domid}: need 1..={MAX_MAP_REFS}",
-                    refs.len()
-                ),
-            ));
-        }
-        // struct ioctl_gntdev_map_grant_ref with `count` trailing refs, in u64s for
-        // alignment: 2 u64 of header, one u64 per ref.
-        let mut buf = vec![0u64; 2 + refs.len()];
-        let fd = self.gntdev.as_raw_fd();
-        {
-            let hdr = buf.as_mut_ptr().cast::<gd::ioctl_gntdev_map_grant_ref>();
-            // SAFETY: buf is 8-aligned and holds the header plus refs.len() refs
-            // (size_of::<ioctl_gntdev_grant_ref>() == 8, asserted in xen-sys).
-            unsafe {
-                (*hdr).count = refs.len() as u32;
-                let first =
-                    std::ptr::addr_of_mut!((*hdr).refs).cast::<gd::ioctl_gntdev_grant_ref>();
-                for (i, &r) in refs.iter().enumerate() {
-                    first.add(i).write(gd::ioctl_gntdev_grant_ref {
-                        domid: u32::from(domid),
-                        ref_: r,
-                    });
-                }
+        retry_interrupted(MAP_INTERRUPTED_TRIES, || {
+            self.map_grant_refs_once(domid, refs, writable)
+        })
+        .map_err(|e| {
+            if e.kind() != io::ErrorKind::Interrupted {
+                return e;
             }
-        }
-        // SAFETY: buf holds the header and refs.len() refs, which is what
-        // MAP_GRANT_REF reads (count refs) and writes (the header's index).
-        unsafe { ioctls::map_grant_ref(fd, buf.as_mut_ptr().cast()) }.map_err(|e| {
-            ioctl_error(
-                e,
-                &format!(
-                    "gntdev: MAP_GRANT_REF of {} refs from domain {domid}",
-                    refs.len()
-                ),
-            )
-        })?;
-        // SAFETY: reading the OUT field of the header we passed.
-        let index = unsafe { (*buf.as_ptr().cast::<gd::ioctl_gntdev_map_grant_ref>()).index };
-        let len = refs.len() * PAGE_SIZE;
-        let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
-        // SAFETY: a fresh kernel-chosen mapping of the gntdev range just set up; the
-        // grant hypercall happens here and fails the mmap if Xen refuses.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                fd,
-                index as libc::off_t,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            let e = io::Error::last_os_error();
-            unmap_grant_ref(&self.gntdev, index, refs.len() as u32);
-            return Err(GrantMapError {
+            GrantMapError {
                 domid,
-                gref: refs[0],
+                gref: refs.first().copied().unwrap_or_default(),
                 status: GrantStatus::GeneralError,
-                detail: format!("gntdev mmap: {e}"),
+                detail: format!("gntdev mmap: {e} ({MAP_INTERRUPTED_TRIES} times)"),
             }
-            .into_io());
-        }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
-        Ok(Box::new(RealMapping {
-            gntdev: self.gntdev.clone(),
-            ptr,
-            len,
-            index,
-            count: refs.len() as u32,
-            writable,
-        }))
+            .into_io()
+        })
     }
-
     fn grant_copy(
         &self,
         domid: DomId,
@@ -450,5 +405,138 @@ impl Platform for RealXen {
             *cached = None; // reconnect next time
         }
         r
+    }
+}
+
+impl RealXen {
+    /// One MAP_GRANT_REF + mmap; on failure, nothing stays mapped.
+    fn map_grant_refs_once(
+        &self,
+        domid: DomId,
+        refs: &[GrantRef],
+        writable: bool,
+    ) -> io::Result<Box<dyn ForeignMapping>> {
+        if refs.is_empty() || refs.len() > MAX_MAP_REFS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "map of {} grant refs of domain {domid}: need 1..={MAX_MAP_REFS}",
+                    refs.len()
+                ),
+            ));
+        }
+        // struct ioctl_gntdev_map_grant_ref with `count` trailing refs, in u64s for
+        // alignment: 2 u64 of header, one u64 per ref.
+        let mut buf = vec![0u64; 2 + refs.len()];
+        let fd = self.gntdev.as_raw_fd();
+        {
+            let hdr = buf.as_mut_ptr().cast::<gd::ioctl_gntdev_map_grant_ref>();
+            // SAFETY: buf is 8-aligned and holds the header plus refs.len() refs
+            // (size_of::<ioctl_gntdev_grant_ref>() == 8, asserted in xen-sys).
+            unsafe {
+                (*hdr).count = refs.len() as u32;
+                let first =
+                    std::ptr::addr_of_mut!((*hdr).refs).cast::<gd::ioctl_gntdev_grant_ref>();
+                for (i, &r) in refs.iter().enumerate() {
+                    first.add(i).write(gd::ioctl_gntdev_grant_ref {
+                        domid: u32::from(domid),
+                        ref_: r,
+                    });
+                }
+            }
+        }
+        // SAFETY: buf holds the header and refs.len() refs, which is what
+        // MAP_GRANT_REF reads (count refs) and writes (the header's index).
+        unsafe { ioctls::map_grant_ref(fd, buf.as_mut_ptr().cast()) }.map_err(|e| {
+            ioctl_error(
+                e,
+                &format!(
+                    "gntdev: MAP_GRANT_REF of {} refs from domain {domid}",
+                    refs.len()
+                ),
+            )
+        })?;
+        // SAFETY: reading the OUT field of the header we passed.
+        let index = unsafe { (*buf.as_ptr().cast::<gd::ioctl_gntdev_map_grant_ref>()).index };
+        let len = refs.len() * PAGE_SIZE;
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh kernel-chosen mapping of the gntdev range just set up; the
+        // grant hypercall happens here and fails the mmap if Xen refuses.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd,
+                index as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            unmap_grant_ref(&self.gntdev, index, refs.len() as u32);
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            return Err(GrantMapError {
+                domid,
+                gref: refs[0],
+                status: GrantStatus::GeneralError,
+                detail: format!("gntdev mmap: {e}"),
+            }
+            .into_io());
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave NULL"))?;
+        Ok(Box::new(RealMapping {
+            gntdev: self.gntdev.clone(),
+            ptr,
+            len,
+            index,
+            count: refs.len() as u32,
+            writable,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn interrupted() -> io::Error {
+        io::Error::from_raw_os_error(libc::EINTR)
+    }
+
+    /// An interrupted map is tried again, up to the bound; any other error
+    /// or a success ends it at once.
+    #[test]
+    fn an_interrupted_map_is_tried_again_a_bounded_number_of_times() {
+        let mut calls = 0;
+        let r = retry_interrupted(8, || {
+            calls += 1;
+            if calls < 3 {
+                Err(interrupted())
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(r.unwrap(), 3);
+        let mut calls = 0;
+        let r: io::Result<()> = retry_interrupted(8, || {
+            calls += 1;
+            Err(interrupted())
+        });
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::Interrupted);
+        assert_eq!(calls, 8, "gave up after {calls} attempts, not 8");
+        let mut calls = 0;
+        let r: io::Result<()> = retry_interrupted(8, || {
+            calls += 1;
+            Err(io::Error::from_raw_os_error(libc::EPERM))
+        });
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EPERM));
+        assert_eq!(calls, 1, "retried an error that was not EINTR");
     }
 }
