@@ -238,6 +238,30 @@ pub fn users_of(images: &[&Path], exclude: &[u32]) -> Vec<User> {
     out
 }
 
+/// How long a process found writing an image must go on holding it to count
+/// (see [`confirmed_users_of`]).
+pub const SETTLE: Duration = Duration::from_millis(250);
+
+/// [`users_of`], with each process it finds looked for again after `settle`
+/// has run (in use: a sleep of [`SETTLE`]); only a process found both times
+/// counts. Between fork and exec any process holds copies of its parent's
+/// descriptors, close-on-exec ones included, and on a busy machine that
+/// moment can be long: seen in the test suite, where `volume stop` found
+/// "pid 944 (refblk) has ...-dirty.img open for writing" — a sibling command
+/// forked by another test thread of the process that had just written the
+/// image, caught before its exec. Loop devices need no second look.
+pub fn confirmed_users_of(images: &[&Path], exclude: &[u32], settle: impl FnOnce()) -> Vec<User> {
+    let first = users_of(images, exclude);
+    if first.iter().all(|u| u.pid == 0) {
+        return first;
+    }
+    settle();
+    users_of(images, exclude)
+        .into_iter()
+        .filter(|u| u.pid == 0 || first.iter().any(|f| f.pid == u.pid && f.image == u.image))
+        .collect()
+}
+
 /// Whether the process at `/proc/<pid>` (`base`) is a child of ours that has
 /// not exec'd yet: between fork and exec it holds copies of all our
 /// descriptors, close-on-exec ones included — our own use, not another
@@ -290,5 +314,33 @@ mod tests {
         drop(child.stdin.take());
         child.wait().unwrap();
         assert!(users_of(&[&img], &[]).is_empty());
+    }
+
+    /// A process that lets go of the image before the second look (as a
+    /// command between fork and exec does) is not a user; one that keeps it
+    /// is.
+    #[test]
+    fn only_a_holder_found_twice_counts() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("y-dirty.img");
+        fs::write(&img, b"data").unwrap();
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec 3<>'{}'; read x", img.display()))
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while users_of(&[&img], &[]).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let kept = confirmed_users_of(&[&img], &[], || {});
+        assert_eq!(kept.len(), 1, "a holder that stays: {kept:?}");
+        assert_eq!(kept[0].pid, child.id());
+        let gone = confirmed_users_of(&[&img], &[], || {
+            drop(child.stdin.take());
+            child.wait().unwrap();
+        });
+        assert!(gone.is_empty(), "a holder that let go counted: {gone:?}");
     }
 }

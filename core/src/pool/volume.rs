@@ -13,7 +13,7 @@ use super::error::{ErrorKind, IoContext, PoolError, Result};
 use super::fsops::Ops;
 use super::layout::{self, Revision, VolPaths};
 use super::owner::{Liveness, Owner};
-use super::users::{users_of, xenstore_users, User};
+use super::users::{confirmed_users_of, xenstore_users, User, SETTLE};
 use super::{dev_ino, read_json_file, write_json, Pool};
 
 /// Command-line overrides of a volume's settings (for volumes without a sidecar,
@@ -555,7 +555,7 @@ impl Volume {
             exclude.push(o.pid);
         }
         let images = [self.paths.dirty.as_path(), self.paths.clean.as_path()];
-        let mut u = users_of(&images, &exclude);
+        let mut u = confirmed_users_of(&images, &exclude, || std::thread::sleep(SETTLE));
         let backends: Vec<&str> = claim.iter().map(|(o, _)| o.backend.as_str()).collect();
         u.extend(xenstore_users(&images, &backends, self.pool.xenstore()));
         u
