@@ -13,7 +13,7 @@ use super::error::{ErrorKind, IoContext, PoolError, Result};
 use super::fsops::Ops;
 use super::layout::{self, Revision, VolPaths};
 use super::owner::{Liveness, Owner};
-use super::users::{confirmed_users_of, xenstore_users, User, SETTLE};
+use super::users::{confirmed_users_of, users_of, xenstore_users, User, SETTLE};
 use super::{dev_ino, read_json_file, write_json, Pool};
 
 /// Command-line overrides of a volume's settings (for volumes without a sidecar,
@@ -549,13 +549,25 @@ impl Volume {
     /// that write one of the volume's images or back a loop device with it
     /// (see [`super::users`]).
     pub fn foreign_users(&self) -> Vec<User> {
+        self.foreign_users_confirmed(false)
+    }
+
+    /// [`foreign_users`](Self::foreign_users); with `confirm`, a process counts
+    /// only if it still holds the image [`SETTLE`] later (a refusal must not
+    /// rest on a command caught between fork and exec; a listing need not
+    /// wait for that).
+    fn foreign_users_confirmed(&self, confirm: bool) -> Vec<User> {
         let mut exclude = Vec::new();
         let claim = self.claim();
         if let Some((o, Liveness::Live)) = &claim {
             exclude.push(o.pid);
         }
         let images = [self.paths.dirty.as_path(), self.paths.clean.as_path()];
-        let mut u = confirmed_users_of(&images, &exclude, || std::thread::sleep(SETTLE));
+        let mut u = if confirm {
+            confirmed_users_of(&images, &exclude, || std::thread::sleep(SETTLE))
+        } else {
+            users_of(&images, &exclude)
+        };
         let backends: Vec<&str> = claim.iter().map(|(o, _)| o.backend.as_str()).collect();
         u.extend(xenstore_users(&images, &backends, self.pool.xenstore()));
         u
@@ -563,7 +575,7 @@ impl Volume {
 
     /// Refuse `what` while another program uses the volume's images.
     fn refuse_foreign(&self, what: &str) -> Result<()> {
-        let u = self.foreign_users();
+        let u = self.foreign_users_confirmed(true);
         if u.is_empty() {
             return Ok(());
         }
