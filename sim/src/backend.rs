@@ -195,15 +195,7 @@ impl Platform for SimPlatform {
         refs: &[GrantRef],
         writable: bool,
     ) -> io::Result<Box<dyn ForeignMapping>> {
-        if refs.is_empty() || refs.len() > MAX_MAP_REFS {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "map of {} grant refs of domain {domid}: need 1..={MAX_MAP_REFS}",
-                    refs.len()
-                ),
-            ));
-        }
+        refblk_core::platform::check_map_refs(domid, refs)?;
         let first = refs[0];
         let dom = self
             .domain(domid)?

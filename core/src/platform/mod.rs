@@ -217,6 +217,21 @@ pub(crate) unsafe fn volatile_write(src: &[u8], dst: *mut u8) {
     }
 }
 
+/// The argument check every [`Platform::map_grant_refs`] starts with: 1 to
+/// [`MAX_MAP_REFS`] refs.
+pub fn check_map_refs(domid: DomId, refs: &[GrantRef]) -> io::Result<()> {
+    if refs.is_empty() || refs.len() > MAX_MAP_REFS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "map of {} grant refs of domain {domid}: need 1..={MAX_MAP_REFS}",
+                refs.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The argument check every [`Platform::grant_copy`] starts with.
 pub fn check_copy_args(segs: &[CopySeg<'_>], status: &[GrantStatus]) -> io::Result<()> {
     if segs.len() != status.len() {

@@ -26,8 +26,6 @@ pub const EVTCHN_PATH: &str = "/dev/xen/evtchn";
 /// The xenstored unix socket (falls back to `/dev/xen/xenbus` in the client).
 pub const XENSTORED_SOCKET: &str = "/var/run/xenstored/socket";
 
-use super::MAX_MAP_REFS;
-
 /// Attempts at a grant map whose mmap was interrupted (EINTR). Seen once in
 /// the lab (Linux 6.12 dom0, Xen 4.20): the ring map of a connecting disk
 /// failed with "gntdev mmap: Interrupted system call" and the guest never got
@@ -275,6 +273,7 @@ impl Platform for RealXen {
         refs: &[GrantRef],
         writable: bool,
     ) -> io::Result<Box<dyn ForeignMapping>> {
+        super::check_map_refs(domid, refs)?;
         retry_interrupted(MAP_INTERRUPTED_TRIES, || {
             self.map_grant_refs_once(domid, refs, writable)
         })
@@ -284,7 +283,7 @@ impl Platform for RealXen {
             }
             GrantMapError {
                 domid,
-                gref: refs.first().copied().unwrap_or_default(),
+                gref: refs[0],
                 status: GrantStatus::GeneralError,
                 detail: format!("gntdev mmap: {e} ({MAP_INTERRUPTED_TRIES} times)"),
             }
@@ -409,22 +408,14 @@ impl Platform for RealXen {
 }
 
 impl RealXen {
-    /// One MAP_GRANT_REF + mmap; on failure, nothing stays mapped.
+    /// One MAP_GRANT_REF + mmap of 1..=MAX_MAP_REFS refs (checked by the
+    /// caller); on failure, nothing stays mapped.
     fn map_grant_refs_once(
         &self,
         domid: DomId,
         refs: &[GrantRef],
         writable: bool,
     ) -> io::Result<Box<dyn ForeignMapping>> {
-        if refs.is_empty() || refs.len() > MAX_MAP_REFS {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "map of {} grant refs of domain {domid}: need 1..={MAX_MAP_REFS}",
-                    refs.len()
-                ),
-            ));
-        }
         // struct ioctl_gntdev_map_grant_ref with `count` trailing refs, in u64s for
         // alignment: 2 u64 of header, one u64 per ref.
         let mut buf = vec![0u64; 2 + refs.len()];
