@@ -23,6 +23,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -262,6 +263,9 @@ struct State {
     conns: HashMap<u64, RawFd>,
     threads: Vec<JoinHandle<()>>,
     stopping: bool,
+    /// How long a binder's port stays bound after its connection closed
+    /// (see [`EvtchnBroker::set_release_delay`]).
+    release_delay: Duration,
 }
 
 impl State {
@@ -437,6 +441,25 @@ fn serve_conn(dir: &Path, st: &Mutex<State>, conn: OwnedFd, conn_id: u64) {
             None => break,
         }
     }
+    if let Some((k, _)) = owned {
+        let delay = {
+            let s = st.lock().unwrap_or_else(|p| p.into_inner());
+            let binder = s.chans.get(&k).is_some_and(|c| c.fds.is_none());
+            if binder && !s.stopping {
+                s.release_delay
+            } else {
+                Duration::ZERO
+            }
+        };
+        if !delay.is_zero() {
+            log::debug!(
+                "evtchn: port {} of domain {} released in {delay:?}",
+                k.1,
+                k.0
+            );
+            std::thread::sleep(delay);
+        }
+    }
     let mut s = st.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((k, uid)) = owned {
         s.close(k, uid);
@@ -506,6 +529,19 @@ impl EvtchnBroker {
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.sock
+    }
+
+    /// From now on, a port bound with `BIND` stays bound for `d` after its
+    /// owner let go of it (closed, exited, was killed), as on Linux when a
+    /// killed daemon's io_uring still holds a poll on the channel's file: the
+    /// driver closes the port only when that file's last reference goes, which
+    /// io_uring drops in its own exit work, after the process is gone. Ports
+    /// allocated with `ALLOC` (the guests') are closed at once as before.
+    pub fn set_release_delay(&self, d: Duration) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release_delay = d;
     }
 }
 

@@ -46,7 +46,7 @@ pub const EVTCHN_SOCK: &str = "evtchn.sock";
 pub struct SimXen {
     dir: PathBuf,
     // Field order = drop order: stop handing out channels first.
-    _evtchn: EvtchnBroker,
+    evtchn: EvtchnBroker,
     _xenstored: Xenstored,
 }
 
@@ -66,7 +66,7 @@ impl SimXen {
         let evtchn = EvtchnBroker::spawn(dir)?;
         Ok(SimXen {
             dir: dir.to_path_buf(),
-            _evtchn: evtchn,
+            evtchn,
             _xenstored: xenstored,
         })
     }
@@ -84,6 +84,12 @@ impl SimXen {
     /// A backend platform on this machine.
     pub fn platform(&self) -> io::Result<SimPlatform> {
         SimPlatform::new(&self.dir)
+    }
+
+    /// A backend's event channel stays bound for `d` after the backend let
+    /// go of it (see [`EvtchnBroker::set_release_delay`]).
+    pub fn set_evtchn_release_delay(&self, d: std::time::Duration) {
+        self.evtchn.set_release_delay(d);
     }
 
     /// Create a guest domain with `nr_pages` pages on this machine.

@@ -358,3 +358,65 @@ fn run_cycles(how: How, cycles: usize) {
     drop(fe);
     drop(guest);
 }
+
+/// A killed daemon's end of a guest's event channel may stay bound for a
+/// while after the process is gone (on Linux its io_uring holds a poll on
+/// the channel's file until the ring's exit work drops it). The successor
+/// must wait for it, not give up on the device after its first few seconds
+/// of retries and close it under the guest: here the simulated channel stays
+/// bound 5 s, more than one bind attempt's 3 s.
+#[test]
+fn a_channel_the_killed_daemon_still_holds_is_bound_when_it_is_released() {
+    if !require_memlock_or_skip() {
+        return;
+    }
+    let _ = env_logger::builder().is_test(true).try_init();
+    let dir = machine_dir();
+    let sim = SimXen::start(dir.path()).expect("simulated Xen");
+    let sock = dir.path().join("refblk.sock");
+    let image = make_image(dir.path(), "disk.img", DISK);
+    let mut daemon = spawn_daemon(dir.path(), 0, How::Kill9);
+    assert!(
+        wait_until(HANG, || control::request(&sock, "status").is_ok()),
+        "control socket never came up"
+    );
+    let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("toolstack xenstore");
+    let ts = Toolstack::with_control_socket(xs, &sock);
+    ts.create_domain(7).expect("domain");
+    let guest = Arc::new(sim.create_guest(7, 4096).expect("guest"));
+    ts.add_vbd(&VbdSpec::new(7, XVDA, &image))
+        .expect("add vbd through the control socket");
+    let mut fe = Frontend::connect(
+        &sim.xenstored_path(),
+        guest.clone(),
+        XVDA,
+        FrontendOptions {
+            timeout: Duration::from_secs(60),
+            ..FrontendOptions::default()
+        },
+    )
+    .expect("frontend connect");
+    wait_serving(&sock, &mut daemon);
+    let before = pattern(1, 64 * 1024);
+    fe.write(0, &before).expect("write under the first daemon");
+
+    sim.set_evtchn_release_delay(Duration::from_secs(5));
+    daemon.kill9();
+    daemon = spawn_daemon(dir.path(), 1, How::Kill9);
+    daemon.wait_control(&sock);
+    sim.set_evtchn_release_delay(Duration::ZERO);
+    let log = daemon.log_text();
+    assert!(
+        log.contains("resumed after a restart") && !log.contains("cannot take the device over"),
+        "the new daemon did not take the device over; log:\n{log}"
+    );
+    let st = status(&sock).expect("status");
+    assert_eq!(st["state"], "Connected", "{st}");
+    assert_eq!(fe.read(0, before.len()).expect("read"), before);
+    let after = pattern(2, 64 * 1024);
+    fe.write(128, &after).expect("write under the new daemon");
+    assert_eq!(fe.read(128, after.len()).expect("read back"), after);
+    assert!(daemon.term(), "daemon exit after SIGTERM");
+    drop(fe);
+    drop(guest);
+}

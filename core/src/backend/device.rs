@@ -882,18 +882,54 @@ impl Device {
     }
 }
 
+/// Why [`bind_again`] gave up: most likely the previous daemon's end of the
+/// channel is still bound. Linux closes it when the last reference to that
+/// daemon's `/dev/xen/evtchn` file goes, and a killed daemon's io_uring
+/// holds one (the poll on the channel) until the ring's exit work, which runs
+/// after the process is gone and may wait for its in-flight I/O. The caller
+/// tries the device again later ([`is_still_bound`]).
+#[derive(Debug)]
+struct StillBound(String);
+
+impl std::fmt::Display for StillBound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StillBound {}
+
+/// Whether `e` (from [`Device::resume`]) is a guest's channel that could not
+/// be bound again yet, which a later try may bind.
+pub fn is_still_bound(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<StillBound>())
+}
+
 /// Bind a guest's port again. The previous daemon's end is closed when its
 /// process dies, but the event channel driver (or the simulator's broker) may
-/// notice a moment later: retry for a short while.
+/// notice a moment later: retry for a short while, then fail with
+/// [`StillBound`].
 fn bind_again(
     platform: &Arc<dyn Platform>,
     domid: DomId,
     port: u32,
 ) -> io::Result<Box<dyn EventChannel>> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let t0 = std::time::Instant::now();
+    let deadline = t0 + std::time::Duration::from_secs(3);
+    let mut tries = 0u32;
     loop {
+        tries += 1;
         match platform.bind_interdomain(domid, port) {
-            Ok(c) => return Ok(c),
+            Ok(c) => {
+                if tries > 1 {
+                    log::info!(
+                        "bound port {port} of dom{domid} again after {tries} tries, {} ms \
+                         (the previous daemon's end was still open)",
+                        t0.elapsed().as_millis()
+                    );
+                }
+                return Ok(c);
+            }
             Err(e) if std::time::Instant::now() < deadline => {
                 log::debug!("bind port {port} of dom{domid}: {e}; retrying");
                 std::thread::sleep(std::time::Duration::from_millis(20));
@@ -901,7 +937,10 @@ fn bind_again(
             Err(e) => {
                 return Err(io::Error::new(
                     e.kind(),
-                    format!("bind port {port} of dom{domid} again: {e}"),
+                    StillBound(format!(
+                        "bind port {port} of dom{domid} again: {e} ({tries} tries in {} ms)",
+                        t0.elapsed().as_millis()
+                    )),
                 ))
             }
         }

@@ -42,6 +42,14 @@ use crate::limits::{Limits, LimitsPatch};
 use crate::platform::{DomId, Platform};
 use crate::xenstore::XsClient;
 use device::Device;
+
+/// How long a restarted daemon goes on trying to bind again the event
+/// channels of devices it takes over that its killed predecessor still holds
+/// (see `device::is_still_bound`), all such devices together, before it
+/// gives up on them and closes them. The release comes when the dead
+/// daemon's io_uring lets go of the channel's file, after the process is
+/// gone: on a loaded host that may take seconds.
+pub const REBIND_WAIT: Duration = Duration::from_secs(30);
 use limiter::Limiter;
 
 /// Which backend directory a device is in: the kind libxl gives it.
@@ -594,11 +602,15 @@ impl Backend {
     }
 
     /// Take over the devices a previous daemon left Connected (`state_dir`:
-    /// one directory per kind, see [`state_dir_of`]).
+    /// one directory per kind, see [`state_dir_of`]). A device whose event
+    /// channel is still bound by the dead predecessor is tried again after
+    /// the others, until [`REBIND_WAIT`] has passed since the first try: the
+    /// devices taken over meanwhile are already serving.
     fn resume_devices(&mut self) -> io::Result<()> {
+        let mut later = Vec::new();
         for kind in Kind::ALL {
             let Some(dir) = state_dir_of(&self.cfg, kind) else {
-                return Ok(());
+                break;
             };
             if kind != Kind::Vbd && !dir.exists() {
                 continue; // no vbd3 device was ever connected
@@ -617,7 +629,11 @@ impl Backend {
             let sd = restart::StateDir::open(&dir)?;
             for (path, st) in sd.list() {
                 match st {
-                    Ok(st) => self.resume_device(kind, &sd, &st),
+                    Ok(st) => {
+                        if !self.resume_device(kind, &sd, &st, false) {
+                            later.push((kind, sd.clone(), st));
+                        }
+                    }
                     Err(e) => {
                         warn!("{e}: removing the stale state");
                         let _ = std::fs::remove_file(&path);
@@ -625,12 +641,26 @@ impl Backend {
                 }
             }
         }
+        let deadline = std::time::Instant::now() + REBIND_WAIT;
+        while !later.is_empty() {
+            std::thread::sleep(Duration::from_millis(100));
+            let last = std::time::Instant::now() >= deadline;
+            later.retain(|(kind, sd, st)| !self.resume_device(*kind, sd, st, last));
+        }
         Ok(())
     }
 
     /// Take over one device of a previous daemon, or, if its rings cannot be
     /// taken over, keep its image and volume and start its handshake over.
-    fn resume_device(&mut self, kind: Kind, sd: &restart::StateDir, st: &restart::DeviceState) {
+    /// False when the device's channel is still bound and this is not the
+    /// `last` try: try again later.
+    fn resume_device(
+        &mut self,
+        kind: Kind,
+        sd: &restart::StateDir,
+        st: &restart::DeviceState,
+        last: bool,
+    ) -> bool {
         let key = DevKey::new(kind, st.domid, st.devid);
         let dl = self.domain_limiter(st.domid);
         let e = match Device::resume(
@@ -645,10 +675,18 @@ impl Backend {
         ) {
             Ok(d) => {
                 self.devices.insert(key, d);
-                return;
+                return true;
             }
             Err(e) => e,
         };
+        if !last && device::is_still_bound(&e) {
+            info!(
+                "{key}: {e}: the previous daemon's end of the channel is still open; \
+                 trying again after the other devices (for up to {} s)",
+                REBIND_WAIT.as_secs()
+            );
+            return false;
+        }
         warn!(
             "{key}: cannot take the device over ({e}); removing its state, \
              handling it as a new device that keeps its image"
@@ -664,6 +702,7 @@ impl Backend {
             }
             Err(e) => warn!("{key}: cannot reopen its image either ({e})"),
         }
+        true
     }
 
     /// A handle for commands (attach, resize, status, stop).
