@@ -420,7 +420,18 @@ impl Device {
         for (i, q) in plan.queues.iter().enumerate() {
             let refs = &q.ring_refs;
             let map = platform.map_grant_refs(domid, refs, true).map_err(|e| {
-                io::Error::new(e.kind(), format!("map ring {refs:?} of dom{domid}: {e}"))
+                // Xen refusing the guest's grants (a bad reference, one not
+                // granted to us, no such domain) is the guest's state:
+                // InvalidData, final for a takeover
+                // (`resume_failure_is_final`). Any other failure (an
+                // interrupted map) may pass.
+                let kind = match e.kind() {
+                    io::ErrorKind::InvalidInput
+                    | io::ErrorKind::PermissionDenied
+                    | io::ErrorKind::NotFound => io::ErrorKind::InvalidData,
+                    k => k,
+                };
+                io::Error::new(kind, format!("map ring {refs:?} of dom{domid}: {e}"))
             })?;
             let mut ring = BackRing::new(map, plan.abi).map_err(|e| err(format!("ring: {e:?}")))?;
             let p = match origin {
@@ -882,33 +893,23 @@ impl Device {
     }
 }
 
-/// Why [`bind_again`] gave up: most likely the previous daemon's end of the
-/// channel is still bound. Linux closes it when the last reference to that
-/// daemon's `/dev/xen/evtchn` file goes, and a killed daemon's io_uring
-/// holds one (the poll on the channel) until the ring's exit work, which runs
-/// after the process is gone and may wait for its in-flight I/O. The caller
-/// tries the device again later ([`is_still_bound`]).
-#[derive(Debug)]
-struct StillBound(String);
-
-impl std::fmt::Display for StillBound {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Whether a failed [`Device::resume`] is final: the guest's side no longer
+/// matches the recorded state (its domain, xenstore states, ring references,
+/// channels or protocol changed, Xen refuses its ring grants, or its ring
+/// disagrees with the journal), all of which are `InvalidData`. Anything else
+/// (a channel the dead daemon still holds, an interrupted map, a volume
+/// still busy, a xenstore hiccup) may pass: the caller tries the device
+/// again.
+pub fn resume_failure_is_final(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::InvalidData
 }
 
-impl std::error::Error for StillBound {}
-
-/// Whether `e` (from [`Device::resume`]) is a guest's channel that could not
-/// be bound again yet, which a later try may bind.
-pub fn is_still_bound(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|i| i.is::<StillBound>())
-}
-
-/// Bind a guest's port again. The previous daemon's end is closed when its
-/// process dies, but the event channel driver (or the simulator's broker) may
-/// notice a moment later: retry for a short while, then fail with
-/// [`StillBound`].
+/// Bind a guest's port again. Xen binds a guest's port only once the old
+/// binding is closed, and Linux closes the dead daemon's when the last
+/// reference to its `/dev/xen/evtchn` file goes. A killed daemon's io_uring
+/// holds one (its poll on the channel) until the ring's exit work drops it,
+/// after the process is gone; the simulator's broker may also notice a
+/// moment later. Retry for a short while; the caller tries again later.
 fn bind_again(
     platform: &Arc<dyn Platform>,
     domid: DomId,
@@ -937,10 +938,10 @@ fn bind_again(
             Err(e) => {
                 return Err(io::Error::new(
                     e.kind(),
-                    StillBound(format!(
+                    format!(
                         "bind port {port} of dom{domid} again: {e} ({tries} tries in {} ms)",
                         t0.elapsed().as_millis()
-                    )),
+                    ),
                 ))
             }
         }

@@ -43,13 +43,12 @@ use crate::platform::{DomId, Platform};
 use crate::xenstore::XsClient;
 use device::Device;
 
-/// How long a restarted daemon goes on trying to bind again the event
-/// channels of devices it takes over that its killed predecessor still holds
-/// (see `device::is_still_bound`), all such devices together, before it
-/// gives up on them and closes them. The release comes when the dead
-/// daemon's io_uring lets go of the channel's file, after the process is
-/// gone: on a loaded host that may take seconds.
-pub const REBIND_WAIT: Duration = Duration::from_secs(30);
+/// How long a restarted daemon goes on trying to take over the devices whose
+/// takeover failed for a reason that may pass (`device::resume_failure_is_final`:
+/// say, an event channel its killed predecessor still holds), all such
+/// devices together, before it gives up on them and closes them under their
+/// guests.
+pub const RESUME_WAIT: Duration = Duration::from_secs(30);
 use limiter::Limiter;
 
 /// Which backend directory a device is in: the kind libxl gives it.
@@ -602,9 +601,10 @@ impl Backend {
     }
 
     /// Take over the devices a previous daemon left Connected (`state_dir`:
-    /// one directory per kind, see [`state_dir_of`]). A device whose event
-    /// channel is still bound by the dead predecessor is tried again after
-    /// the others, until [`REBIND_WAIT`] has passed since the first try: the
+    /// one directory per kind, see [`state_dir_of`]). A device whose takeover
+    /// failed for a reason that may pass (see
+    /// `device::resume_failure_is_final`) is tried again after the others,
+    /// every 100 ms until [`RESUME_WAIT`] has passed since the first try: the
     /// devices taken over meanwhile are already serving.
     fn resume_devices(&mut self) -> io::Result<()> {
         let mut later = Vec::new();
@@ -641,7 +641,7 @@ impl Backend {
                 }
             }
         }
-        let deadline = std::time::Instant::now() + REBIND_WAIT;
+        let deadline = std::time::Instant::now() + RESUME_WAIT;
         while !later.is_empty() {
             std::thread::sleep(Duration::from_millis(100));
             let last = std::time::Instant::now() >= deadline;
@@ -652,8 +652,8 @@ impl Backend {
 
     /// Take over one device of a previous daemon, or, if its rings cannot be
     /// taken over, keep its image and volume and start its handshake over.
-    /// False when the device's channel is still bound and this is not the
-    /// `last` try: try again later.
+    /// False when the takeover failed for a reason that may pass and this is
+    /// not the `last` try: try again later.
     fn resume_device(
         &mut self,
         kind: Kind,
@@ -679,11 +679,11 @@ impl Backend {
             }
             Err(e) => e,
         };
-        if !last && device::is_still_bound(&e) {
+        if !last && !device::resume_failure_is_final(&e) {
             info!(
-                "{key}: {e}: the previous daemon's end of the channel is still open; \
+                "{key}: cannot take the device over yet ({e}); \
                  trying again after the other devices (for up to {} s)",
-                REBIND_WAIT.as_secs()
+                RESUME_WAIT.as_secs()
             );
             return false;
         }
