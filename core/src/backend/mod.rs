@@ -42,6 +42,7 @@ use crate::limits::{Limits, LimitsPatch};
 use crate::platform::{DomId, Platform};
 use crate::xenstore::XsClient;
 use device::Device;
+use limiter::Limiter;
 
 /// How long a restarted daemon goes on trying to take over the devices whose
 /// takeover failed for a reason that may pass (`device::resume_failure_is_final`:
@@ -49,7 +50,15 @@ use device::Device;
 /// devices together, before it gives up on them and closes them under their
 /// guests.
 pub const RESUME_WAIT: Duration = Duration::from_secs(30);
-use limiter::Limiter;
+
+/// Which try at taking a device over this is (see [`Backend::resume_devices`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Try {
+    First,
+    Again,
+    /// After [`RESUME_WAIT`]: a failure is final whatever it is.
+    Last,
+}
 
 /// Which backend directory a device is in: the kind libxl gives it.
 ///
@@ -604,8 +613,9 @@ impl Backend {
     /// one directory per kind, see [`state_dir_of`]). A device whose takeover
     /// failed for a reason that may pass (see
     /// `device::resume_failure_is_final`) is tried again after the others,
-    /// every 100 ms until [`RESUME_WAIT`] has passed since the first try: the
-    /// devices taken over meanwhile are already serving.
+    /// 100 ms later, then twice as long after each try (at most 2 s), until
+    /// [`RESUME_WAIT`] has passed since the first try: the devices taken over
+    /// meanwhile are already serving.
     fn resume_devices(&mut self) -> io::Result<()> {
         let mut later = Vec::new();
         for kind in Kind::ALL {
@@ -630,7 +640,7 @@ impl Backend {
             for (path, st) in sd.list() {
                 match st {
                     Ok(st) => {
-                        if !self.resume_device(kind, &sd, &st, false) {
+                        if !self.resume_device(kind, &sd, &st, Try::First) {
                             later.push((kind, sd.clone(), st));
                         }
                     }
@@ -642,10 +652,16 @@ impl Backend {
             }
         }
         let deadline = std::time::Instant::now() + RESUME_WAIT;
+        let mut pause = Duration::from_millis(100);
         while !later.is_empty() {
-            std::thread::sleep(Duration::from_millis(100));
-            let last = std::time::Instant::now() >= deadline;
-            later.retain(|(kind, sd, st)| !self.resume_device(*kind, sd, st, last));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(2));
+            let t = if std::time::Instant::now() >= deadline {
+                Try::Last
+            } else {
+                Try::Again
+            };
+            later.retain(|(kind, sd, st)| !self.resume_device(*kind, sd, st, t));
         }
         Ok(())
     }
@@ -653,13 +669,13 @@ impl Backend {
     /// Take over one device of a previous daemon, or, if its rings cannot be
     /// taken over, keep its image and volume and start its handshake over.
     /// False when the takeover failed for a reason that may pass and this is
-    /// not the `last` try: try again later.
+    /// not the last try: try again later.
     fn resume_device(
         &mut self,
         kind: Kind,
         sd: &restart::StateDir,
         st: &restart::DeviceState,
-        last: bool,
+        t: Try,
     ) -> bool {
         let key = DevKey::new(kind, st.domid, st.devid);
         let dl = self.domain_limiter(st.domid);
@@ -679,12 +695,16 @@ impl Backend {
             }
             Err(e) => e,
         };
-        if !last && !device::resume_failure_is_final(&e) {
-            info!(
-                "{key}: cannot take the device over yet ({e}); \
-                 trying again after the other devices (for up to {} s)",
-                RESUME_WAIT.as_secs()
-            );
+        if t != Try::Last && !device::resume_failure_is_final(&e) {
+            if t == Try::First {
+                info!(
+                    "{key}: cannot take the device over yet ({e}); \
+                     trying again after the other devices (for up to {} s)",
+                    RESUME_WAIT.as_secs()
+                );
+            } else {
+                debug!("{key}: cannot take the device over yet ({e})");
+            }
             return false;
         }
         warn!(
