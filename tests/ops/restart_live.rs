@@ -70,6 +70,50 @@ fn wait_serving(sock: &Path, d: &mut Daemon) -> serde_json::Value {
     }
 }
 
+/// A simulated machine whose daemon serves domain 7 a disk (`image`,
+/// [`DISK`] bytes) that its frontend has connected.
+struct Rig {
+    dir: tempfile::TempDir,
+    sim: SimXen,
+    sock: std::path::PathBuf,
+    image: std::path::PathBuf,
+    daemon: Daemon,
+    guest: Arc<refblk_sim::SimGuest>,
+}
+
+impl Rig {
+    fn start(how: How, opts: FrontendOptions) -> (Rig, Frontend) {
+        let _ = env_logger::builder().is_test(true).try_init();
+        let dir = machine_dir();
+        let sim = SimXen::start(dir.path()).expect("simulated Xen");
+        let sock = dir.path().join("refblk.sock");
+        let image = make_image(dir.path(), "disk.img", DISK);
+        let mut daemon = spawn_daemon(dir.path(), 0, how);
+        assert!(
+            wait_until(HANG, || control::request(&sock, "status").is_ok()),
+            "control socket never came up"
+        );
+        let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("toolstack xenstore");
+        let ts = Toolstack::with_control_socket(xs, &sock);
+        ts.create_domain(7).expect("domain");
+        let guest = Arc::new(sim.create_guest(7, 4096).expect("guest"));
+        ts.add_vbd(&VbdSpec::new(7, XVDA, &image))
+            .expect("add vbd through the control socket");
+        let fe = Frontend::connect(&sim.xenstored_path(), guest.clone(), XVDA, opts)
+            .expect("frontend connect");
+        wait_serving(&sock, &mut daemon);
+        let rig = Rig {
+            dir,
+            sim,
+            sock,
+            image,
+            daemon,
+            guest,
+        };
+        (rig, fe)
+    }
+}
+
 struct Shared {
     stop: AtomicBool,
     completions: AtomicU64,
@@ -168,36 +212,23 @@ fn run_cycles(how: How, cycles: usize) {
     if !require_memlock_or_skip() {
         return;
     }
-    let _ = env_logger::builder().is_test(true).try_init();
-    let dir = machine_dir();
-    let sim = SimXen::start(dir.path()).expect("simulated Xen");
-    let sock = dir.path().join("refblk.sock");
-    let image = make_image(dir.path(), "disk.img", DISK);
-    let mut daemon = spawn_daemon(dir.path(), 0, how);
-    assert!(
-        wait_until(HANG, || control::request(&sock, "status").is_ok()),
-        "control socket never came up"
-    );
-    let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("toolstack xenstore");
-    let ts = Toolstack::with_control_socket(xs, &sock);
-    ts.create_domain(7).expect("domain");
-    let guest = Arc::new(sim.create_guest(7, 4096).expect("guest"));
-    let spec = VbdSpec::new(7, XVDA, &image);
-    ts.add_vbd(&spec)
-        .expect("add vbd through the control socket");
-    let fe = Frontend::connect(
-        &sim.xenstored_path(),
-        guest.clone(),
-        XVDA,
+    let (rig, fe) = Rig::start(
+        how,
         FrontendOptions {
             queues: 2,
             ring_page_order: 1,
             timeout: Duration::from_secs(60),
             ..FrontendOptions::default()
         },
-    )
-    .expect("frontend connect");
-    wait_serving(&sock, &mut daemon);
+    );
+    let Rig {
+        dir,
+        sim: _sim,
+        sock,
+        image,
+        mut daemon,
+        guest,
+    } = rig;
 
     let shared = Arc::new(Shared {
         stop: AtomicBool::new(false),
@@ -370,33 +401,21 @@ fn a_channel_the_killed_daemon_still_holds_is_bound_when_it_is_released() {
     if !require_memlock_or_skip() {
         return;
     }
-    let _ = env_logger::builder().is_test(true).try_init();
-    let dir = machine_dir();
-    let sim = SimXen::start(dir.path()).expect("simulated Xen");
-    let sock = dir.path().join("refblk.sock");
-    let image = make_image(dir.path(), "disk.img", DISK);
-    let mut daemon = spawn_daemon(dir.path(), 0, How::Kill9);
-    assert!(
-        wait_until(HANG, || control::request(&sock, "status").is_ok()),
-        "control socket never came up"
-    );
-    let xs = XsClient::connect_unix(&sim.xenstored_path()).expect("toolstack xenstore");
-    let ts = Toolstack::with_control_socket(xs, &sock);
-    ts.create_domain(7).expect("domain");
-    let guest = Arc::new(sim.create_guest(7, 4096).expect("guest"));
-    ts.add_vbd(&VbdSpec::new(7, XVDA, &image))
-        .expect("add vbd through the control socket");
-    let mut fe = Frontend::connect(
-        &sim.xenstored_path(),
-        guest.clone(),
-        XVDA,
+    let (rig, mut fe) = Rig::start(
+        How::Kill9,
         FrontendOptions {
             timeout: Duration::from_secs(60),
             ..FrontendOptions::default()
         },
-    )
-    .expect("frontend connect");
-    wait_serving(&sock, &mut daemon);
+    );
+    let Rig {
+        dir,
+        sim,
+        sock,
+        mut daemon,
+        guest,
+        ..
+    } = rig;
     let before = pattern(1, 64 * 1024);
     fe.write(0, &before).expect("write under the first daemon");
 
