@@ -289,9 +289,13 @@ mod tests {
         assert_eq!(params_path("phy:sda"), None);
     }
 
-    /// A shell child holding `img` open for writing until its stdin closes,
-    /// and what `users_of` reports once it sees it (bounded wait: 10 s).
-    fn holder(img: &Path) -> (std::process::Child, Vec<User>) {
+    /// An image `name` in a new directory, and a shell child holding it open
+    /// for writing until its stdin closes, with what `users_of` reports once
+    /// it sees it (bounded wait: 10 s).
+    fn held_image(name: &str) -> (tempfile::TempDir, PathBuf, std::process::Child, Vec<User>) {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join(name);
+        fs::write(&img, b"data").unwrap();
         let child = std::process::Command::new("sh")
             .arg("-c")
             .arg(format!("exec 3<>'{}'; read x", img.display()))
@@ -300,21 +304,18 @@ mod tests {
             .unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let u = loop {
-            let u = users_of(&[img], &[]);
+            let u = users_of(&[&img], &[]);
             if !u.is_empty() || std::time::Instant::now() > deadline {
                 break u;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         };
-        (child, u)
+        (d, img, child, u)
     }
 
     #[test]
     fn a_child_holding_a_file_for_writing_is_found() {
-        let d = tempfile::tempdir().unwrap();
-        let img = d.path().join("x-dirty.img");
-        fs::write(&img, b"data").unwrap();
-        let (mut child, u) = holder(&img);
+        let (_d, img, mut child, u) = held_image("x-dirty.img");
         assert_eq!(u.len(), 1, "{u:?}");
         assert_eq!(u[0].pid, child.id());
         assert!(users_of(&[&img], &[child.id()]).is_empty());
@@ -328,10 +329,7 @@ mod tests {
     /// is.
     #[test]
     fn only_a_holder_found_twice_counts() {
-        let d = tempfile::tempdir().unwrap();
-        let img = d.path().join("y-dirty.img");
-        fs::write(&img, b"data").unwrap();
-        let (mut child, _) = holder(&img);
+        let (_d, img, mut child, _) = held_image("y-dirty.img");
         let kept = confirmed_users_of(&[&img], &[], || {});
         assert_eq!(kept.len(), 1, "a holder that stays: {kept:?}");
         assert_eq!(kept[0].pid, child.id());
